@@ -1,0 +1,272 @@
+"""One typed configuration for every entry point.
+
+Flower's ``run_config`` (flattened dotted keys, e.g. ``train.lr`` or ``fed.student-rounds``),
+Hydra (``conf/``) and the centralised CLI all fill the same :class:`Config`. Unknown keys and
+out-of-range values raise :class:`ConfigError` naming the key, the value and what is allowed.
+
+Key spelling: sections and fields use ``snake_case`` here; ``kebab-case`` (Flower's habit) is
+accepted and means the same key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+
+class ConfigError(ValueError):
+    """A configuration key or value is wrong; the message says which and what is allowed."""
+
+
+@dataclass
+class DataConfig:
+    num_classes: int = 3
+    image_size: int = 64
+    # Built-in synthetic federation (used when ``root`` is empty).
+    nbi_sites: int = 2
+    wli_sites: int = 2
+    train_per_site: int = 96
+    val_per_site: int = 32
+    test_per_site: int = 48
+    # Site sizes: each site's train size is train_per_site * a Pareto(size_tail) factor (0 = all equal).
+    size_tail: float = 0.0
+    # Non-IID class balance: per-site class weights ~ Dirichlet(class_alpha); 0 = balanced.
+    class_alpha: float = 0.0
+    # Largest per-site rendering shift (colour cast, brightness, blur), drawn uniformly per site.
+    render_shift: float = 0.0
+    # Real data: a folder holding one sub-folder per site and a sites.toml declaring each site's modality.
+    root: str = ""
+    num_workers: int = 0
+
+
+@dataclass
+class ModelConfig:
+    teacher: str = "resnet18"  # any timm model name
+    student: str = "resnet18"
+    embed_dim: int = 128  # D: token and prototype width
+    num_queries: int = 12  # M: lesion-aware queries
+    num_heads: int = 8
+    teacher_weights: str = ""  # local .safetensors or torch state-dict file; never a hub
+    student_weights: str = ""
+
+
+@dataclass
+class PaGKDConfig:
+    use_pro: bool = True  # GKD-Pro: group classification + query-matched contrastive
+    use_den: bool = True  # GKD-Den: relation-masked cross attention to NBI tokens/codebook
+    den_weight: float = 1.0
+    pro_weight: float = 0.001  # on (L_con + L_groupCE), as in the paper
+    temperature: float = 0.1
+    fg_threshold: float = 0.6  # normalised activation above: foreground token
+    bg_threshold: float = 0.3  # below: background token; in between: uncertain
+    warmup_epochs: int = 0  # group losses start after this many epochs
+    grouping: str = "random"  # random | adaptive
+    group_size: int = 8  # K: images per group
+    min_group_size: int = 4  # K_min: smaller groups are never summarised or used
+    subtypes: int = 1  # prototype sets kept per class in the bank (adaptive grouping: > 1)
+    codebook_size: int = 8  # foreground and background centroids per class
+    kmeans_iters: int = 2  # federated Lloyd iterations per bank refresh
+
+
+@dataclass
+class TrainConfig:
+    lr: float = 1e-3
+    weight_decay: float = 1e-8
+    batch_size: int = 24
+    epochs: int = 10  # centralised epochs
+    teacher_epochs: int = 10  # centralised teacher epochs
+    local_epochs: int = 1  # federated: local epochs per round
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    amp: bool = True  # mixed precision where CUDA is used
+    channels_last: bool = True  # on CUDA
+
+
+@dataclass
+class FederationConfig:
+    teacher_rounds: int = 3
+    student_rounds: int = 5
+    bank_refresh_every: int = 0  # T: refresh the NBI bank every T student rounds (0 = never)
+    min_nbi_sites: int = 1
+    min_wli_sites: int = 1
+    fraction_train: float = 1.0  # fraction of a modality's sites sampled per round
+    round_timeout: float = 600.0  # seconds to wait for replies
+    num_bins: int = 200  # score-histogram bins for federated evaluation
+    max_norm_ratio: float = 100.0  # a reply's update norm above this x the median is dropped
+    run_dir: str = "runs"  # where run folders are written (relative to the app directory)
+    run_name: str = ""  # empty: a timestamp
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    pagkd: PaGKDConfig = field(default_factory=PaGKDConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    fed: FederationConfig = field(default_factory=FederationConfig)
+
+    def validate(self) -> "Config":
+        """Check ranges; raise :class:`ConfigError` naming the first bad key."""
+        checks: list[tuple[str, bool, str]] = [
+            ("data.num_classes", self.data.num_classes >= 2, ">= 2"),
+            ("data.image_size", self.data.image_size >= 32, ">= 32"),
+            ("data.nbi_sites", self.data.nbi_sites >= 0, ">= 0"),
+            ("data.wli_sites", self.data.wli_sites >= 0, ">= 0"),
+            ("data.train_per_site", self.data.train_per_site >= self.data.num_classes, ">= data.num_classes"),
+            ("data.val_per_site", self.data.val_per_site >= 0, ">= 0"),
+            ("data.test_per_site", self.data.test_per_site >= 0, ">= 0"),
+            ("data.size_tail", self.data.size_tail >= 0, ">= 0"),
+            ("data.class_alpha", self.data.class_alpha >= 0, ">= 0"),
+            ("data.render_shift", 0 <= self.data.render_shift <= 1, "in [0, 1]"),
+            ("model.embed_dim", self.model.embed_dim > 0 and self.model.embed_dim % self.model.num_heads == 0,
+             "> 0 and divisible by model.num_heads"),
+            ("model.num_queries", self.model.num_queries >= 1, ">= 1"),
+            ("pagkd.den_weight", self.pagkd.den_weight >= 0, ">= 0"),
+            ("pagkd.pro_weight", self.pagkd.pro_weight >= 0, ">= 0"),
+            ("pagkd.temperature", self.pagkd.temperature > 0, "> 0"),
+            ("pagkd.bg_threshold", 0 <= self.pagkd.bg_threshold <= self.pagkd.fg_threshold <= 1,
+             "0 <= bg_threshold <= fg_threshold <= 1"),
+            ("pagkd.grouping", self.pagkd.grouping in ("random", "adaptive"), "'random' or 'adaptive'"),
+            ("pagkd.min_group_size", self.pagkd.min_group_size >= 2, ">= 2 (a group of one is a per-image statistic)"),
+            ("pagkd.group_size", self.pagkd.group_size >= self.pagkd.min_group_size, ">= pagkd.min_group_size"),
+            ("pagkd.subtypes", self.pagkd.subtypes >= 1, ">= 1"),
+            ("pagkd.codebook_size", self.pagkd.codebook_size >= 1, ">= 1"),
+            ("pagkd.kmeans_iters", self.pagkd.kmeans_iters >= 1, ">= 1"),
+            ("train.lr", self.train.lr > 0, "> 0"),
+            ("train.batch_size", self.train.batch_size >= self.data.num_classes, ">= data.num_classes"),
+            ("train.epochs", self.train.epochs >= 0, ">= 0"),
+            ("train.local_epochs", self.train.local_epochs >= 1, ">= 1"),
+            ("train.device", self.train.device == "auto" or self.train.device.split(":")[0] in ("cpu", "cuda", "mps"),
+             "auto, cpu, cuda or cuda:N"),
+            ("fed.teacher_rounds", self.fed.teacher_rounds >= 0, ">= 0"),
+            ("fed.student_rounds", self.fed.student_rounds >= 0, ">= 0"),
+            ("fed.bank_refresh_every", self.fed.bank_refresh_every >= 0, ">= 0"),
+            ("fed.min_nbi_sites", self.fed.min_nbi_sites >= 1, ">= 1"),
+            ("fed.min_wli_sites", self.fed.min_wli_sites >= 1, ">= 1"),
+            ("fed.fraction_train", 0 < self.fed.fraction_train <= 1, "in (0, 1]"),
+            ("fed.round_timeout", self.fed.round_timeout > 0, "> 0"),
+            ("fed.num_bins", self.fed.num_bins >= 10, ">= 10"),
+        ]
+        for key, ok, allowed in checks:
+            if not ok:
+                section, name = key.split(".")
+                value = getattr(getattr(self, section), name)
+                raise ConfigError(f"config key '{key}' = {value!r} is out of range: expected {allowed}")
+        return self
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _coerce(key: str, value: Any, kind: Any) -> Any:
+    """Coerce a TOML/CLI value to the declared field type, refusing lossy conversions."""
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+    elif kind is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+    elif kind is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif kind is str:
+        if isinstance(value, str):
+            return value
+    name = getattr(kind, "__name__", str(kind))
+    raise ConfigError(f"config key '{key}' = {value!r}: expected a value of type {name}")
+
+
+def _normalise(key: str) -> str:
+    return key.strip().replace("-", "_")
+
+
+def config_keys() -> list[str]:
+    """Every valid dotted key, e.g. ``train.lr``."""
+    return [f"{section}.{name}" for section, cls in _field_types(Config).items() for name in _field_types(cls)]
+
+
+def config_from_flat(values: Mapping[str, Any], base: Config | None = None) -> Config:
+    """Build a validated :class:`Config` from dotted keys (Flower run_config, CLI overrides).
+
+    Keys outside the schema raise :class:`ConfigError` listing the valid keys of that section.
+    Keys without a section prefix are refused too: every key belongs to one section.
+    """
+    cfg = dataclasses.replace(base) if base is not None else Config()
+    # Copy the sections so the base config is never mutated.
+    for section in _field_types(Config):
+        setattr(cfg, section, dataclasses.replace(getattr(cfg, section)))
+    sections = _field_types(Config)
+    for raw_key, value in values.items():
+        parts = _normalise(raw_key).split(".")
+        if len(parts) != 2 or parts[0] not in sections:
+            raise ConfigError(
+                f"unknown config key '{raw_key}': keys look like '<section>.<name>' with section one of "
+                f"{sorted(sections)}"
+            )
+        section, name = parts
+        fields = _field_types(sections[section])
+        if name not in fields:
+            raise ConfigError(
+                f"unknown config key '{raw_key}': section '{section}' has {sorted(fields)}"
+            )
+        setattr(getattr(cfg, section), name, _coerce(raw_key, value, fields[name]))
+    return cfg.validate()
+
+
+def config_to_flat(cfg: Config) -> dict[str, Any]:
+    """Inverse of :func:`config_from_flat`: dotted snake_case keys to plain values."""
+    return {
+        f"{section}.{name}": getattr(getattr(cfg, section), name)
+        for section in _field_types(Config)
+        for name in _field_types(type(getattr(cfg, section)))
+    }
+
+
+def config_from_mapping(tree: Mapping[str, Any]) -> Config:
+    """Build from a nested mapping (a Hydra/OmegaConf container or JSON)."""
+    flat: dict[str, Any] = {}
+    for section, body in tree.items():
+        if not isinstance(body, Mapping):
+            raise ConfigError(f"config section '{section}' must be a table of keys, got {body!r}")
+        for name, value in body.items():
+            flat[f"{section}.{name}"] = value
+    return config_from_flat(flat)
+
+
+def config_to_dict(cfg: Config) -> dict[str, dict[str, Any]]:
+    return dataclasses.asdict(cfg)
+
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "DataConfig",
+    "FederationConfig",
+    "ModelConfig",
+    "PaGKDConfig",
+    "TrainConfig",
+    "config_from_flat",
+    "config_from_mapping",
+    "config_keys",
+    "config_to_dict",
+    "config_to_flat",
+]
+

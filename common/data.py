@@ -1,0 +1,863 @@
+"""Site datasets for FedPaGKD: a synthetic NBI/WLI endoscopy generator, real image folders, loaders.
+
+Three pieces (DESIGN.md section 5):
+
+* :class:`SyntheticEndoscopyDataset` renders endoscopy-like images on demand from a
+  :class:`SyntheticSiteSpec`. Each image draws a latent lesion "biology" (pit and vessel
+  pattern parameters) from class-conditional distributions that overlap, then renders it as
+  NBI (high contrast, crisp) or WLI (faint, blurred, noisy, partly hidden by glare).
+  Nothing is paired: every image has its own random stream.
+* :class:`FolderSiteDataset` reads a real site: an ImageFolder tree or a CSV manifest. All
+  structural problems are reported eagerly by :class:`DataError` naming the file/folder and
+  the fix; unreadable images are reported when touched (or by :meth:`FolderSiteDataset.verify`).
+* :func:`build_transform` and :class:`ClassBalancedBatchSampler` turn either into batches
+  fit for PaGKD's class groups.
+
+Images are decoded with PIL: ``torchvision.io`` has no kernels on the CPU build used here.
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+log = logging.getLogger(__name__)
+
+MODALITIES = ("wli", "nbi")
+DEFAULT_CLASS_NAMES = ("hyperplasia", "adenoma", "adenocarcinoma")
+SPLITS = ("train", "val", "test")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+SITE_FILE = "site.json"
+MANIFEST_FILE = "manifest.csv"
+MANIFEST_COLUMNS = ("path", "label", "split")
+
+_SPLIT_ID = {name: i for i, name in enumerate(SPLITS)}
+_MODALITY_ID = {name: i for i, name in enumerate(MODALITIES)}
+# Domain tags keep the random streams of images, label lists and site looks disjoint even
+# when the other seed words coincide.
+_TAG_IMAGE, _TAG_LABELS, _TAG_SITE = 0x1A6E, 0x1AB1, 0x517E
+
+
+class DataError(ValueError):
+    """A dataset problem; the message names the offending file, folder or field and the fix."""
+
+
+def default_class_names(num_classes: int) -> tuple[str, ...]:
+    """PICCOLO's three class names, then ``class_3``, ``class_4``, ... for larger C."""
+    if num_classes < 2:
+        raise DataError(f"num_classes={num_classes}: need at least 2 classes; set num_classes >= 2")
+    extra = tuple(f"class_{i}" for i in range(len(DEFAULT_CLASS_NAMES), num_classes))
+    return (DEFAULT_CLASS_NAMES + extra)[:num_classes]
+
+
+def _check_split(split: str) -> str:
+    if split not in SPLITS:
+        raise DataError(f"split={split!r} is not one of {list(SPLITS)}; pass one of those")
+    return split
+
+
+def _check_modality(modality: str, where: str) -> str:
+    if modality not in MODALITIES:
+        raise DataError(f"{where}: modality {modality!r} is not one of {list(MODALITIES)}; use 'wli' or 'nbi'")
+    return modality
+
+
+# --------------------------------------------------------------------------------------------
+# Synthetic generator
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SyntheticSiteSpec:
+    """One synthetic site: its modality, split sizes, class balance and rendering offsets.
+
+    ``class_weights`` (length ``num_classes``) makes a site non-IID in class balance; the split
+    compositions follow them exactly up to rounding. ``render_shift`` in [0, 1] scales a
+    per-site colour cast, brightness offset and extra blur drawn from ``seed``.
+    """
+
+    modality: str
+    num_train: int = 96
+    num_val: int = 32
+    num_test: int = 48
+    num_classes: int = 3
+    class_weights: tuple[float, ...] | None = None
+    render_shift: float = 0.0
+    seed: int = 0
+    image_size: int = 64
+
+    def __post_init__(self) -> None:
+        _check_modality(self.modality, "SyntheticSiteSpec.modality")
+        for name in ("num_train", "num_val", "num_test"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, np.integer)) or value < 0:
+                raise DataError(f"SyntheticSiteSpec.{name}={value!r}: must be an int >= 0")
+        if not isinstance(self.num_classes, (int, np.integer)) or self.num_classes < 2:
+            raise DataError(f"SyntheticSiteSpec.num_classes={self.num_classes!r}: must be an int >= 2")
+        if self.class_weights is not None:
+            weights = tuple(float(w) for w in self.class_weights)
+            if len(weights) != self.num_classes:
+                raise DataError(
+                    f"SyntheticSiteSpec.class_weights has {len(weights)} entries but num_classes="
+                    f"{self.num_classes}; give one weight per class (or None for balanced)"
+                )
+            if any(not math.isfinite(w) or w < 0 for w in weights) or sum(weights) <= 0:
+                raise DataError(
+                    f"SyntheticSiteSpec.class_weights={weights}: weights must be finite, >= 0 and not all 0"
+                )
+            object.__setattr__(self, "class_weights", weights)
+        if not 0.0 <= float(self.render_shift) <= 1.0:
+            raise DataError(f"SyntheticSiteSpec.render_shift={self.render_shift!r}: must lie in [0, 1]")
+        if not isinstance(self.seed, (int, np.integer)) or self.seed < 0:
+            raise DataError(f"SyntheticSiteSpec.seed={self.seed!r}: must be an int >= 0")
+        if not isinstance(self.image_size, (int, np.integer)) or self.image_size < 16:
+            raise DataError(f"SyntheticSiteSpec.image_size={self.image_size!r}: must be an int >= 16")
+
+    def split_size(self, split: str) -> int:
+        return int(getattr(self, f"num_{_check_split(split)}"))
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        return default_class_names(self.num_classes)
+
+
+# Latent lesion biology. Every image draws a "severity" s around its class's position on [0, 1]
+# (classes spread evenly along it, any C >= 2) with a spread of _SEVERITY_SPREAD class gaps, so
+# neighbouring classes overlap and even a perfect classifier's AUC stays below 1. Each latent is
+# a saturating function of s plus its own jitter, so the pattern changes in stages, as the
+# NICE/JNET classifications describe: round regular pits -> elongated/tubular pits -> irregular,
+# fading pits; thin regular vessels -> denser -> thick, tortuous, disrupted vessels.
+LATENT_NAMES = (
+    "severity",
+    "pit_elongation",
+    "pit_irregularity",
+    "pit_visibility",
+    "vessel_density",
+    "vessel_calibre",
+    "vessel_tortuosity",
+    "vessel_disruption",
+)
+_SEVERITY_SPREAD = 0.4  # std of s in units of the gap between neighbouring class means
+_LATENT_JITTER = 0.06
+
+
+def _sat(value: float) -> float:
+    return min(max(value, 0.0), 1.0)
+
+
+def _class_position(label: int, num_classes: int) -> float:
+    return label / (num_classes - 1)
+
+
+def _draw_latents(rng: np.random.Generator, label: int, num_classes: int) -> dict[str, float]:
+    """Latent biology of one image of class ``label`` (the first draws of its random stream)."""
+    gap = 1.0 / (num_classes - 1)
+    s = _class_position(label, num_classes) + _SEVERITY_SPREAD * gap * rng.standard_normal()
+    j = s + _LATENT_JITTER * rng.standard_normal(7)
+    return {
+        "severity": float(s),
+        "pit_elongation": 1.0 + 2.5 * _sat(2.0 * j[0]),  # length/width of a pit: 1 round, 3.5 tubular
+        "pit_irregularity": _sat(2.0 * j[1] - 0.9),  # position/size disorder of pits
+        "pit_visibility": 1.0 - 0.75 * _sat(2.0 * j[2] - 1.0),  # pits fade (absent) when severe
+        "vessel_density": _sat(0.25 + 1.1 * j[3]),
+        "vessel_calibre": _sat(1.6 * j[4] - 0.45),  # 0 thin .. 1 thick
+        "vessel_tortuosity": _sat(2.0 * j[5] - 0.8),
+        "vessel_disruption": _sat(2.2 * j[6] - 1.2),
+    }
+
+
+@dataclass(frozen=True)
+class _Look:
+    """How one modality shows the biology: palette, pattern amplitude, optics."""
+
+    mucosa: tuple[float, float, float]
+    lesion: tuple[float, float, float]
+    pit: tuple[float, float, float]
+    vessel: tuple[float, float, float]
+    pit_amp: float  # pit contrast inside the lesion (background gets a fraction)
+    vessel_amp: float
+    blur: float  # Gaussian blur sigma, in image half-widths
+    noise: float  # sensor noise std
+    glare_count: tuple[int, int]  # inclusive range of specular blobs
+    glare_size: tuple[float, float]  # blob radius range, in image half-widths
+    glare_on_lesion: float  # share of blobs centred on the lesion (raised tissue reflects)
+
+
+# Registry, not if/else: a new modality look is one entry.
+_LOOKS: dict[str, _Look] = {
+    # NBI: 415/540 nm light, haemoglobin absorbs strongly -> dark brown vessels on a teal/cyan
+    # mucosa, whitish crisp pits. High contrast, little blur.
+    "nbi": _Look(
+        mucosa=(0.40, 0.55, 0.54),
+        lesion=(0.52, 0.46, 0.36),
+        pit=(0.88, 0.92, 0.86),
+        vessel=(0.20, 0.12, 0.08),
+        pit_amp=0.75,
+        vessel_amp=0.9,
+        blur=0.004,
+        noise=0.015,
+        glare_count=(0, 1),
+        glare_size=(0.012, 0.025),
+        glare_on_lesion=0.3,
+    ),
+    # WLI: pink/orange mucosa, vessels only slightly redder, pits barely visible; soft optics,
+    # more noise and large specular highlights that hide part of the lesion.
+    "wli": _Look(
+        mucosa=(0.86, 0.50, 0.42),
+        lesion=(0.88, 0.44, 0.38),
+        pit=(0.94, 0.62, 0.56),
+        vessel=(0.70, 0.24, 0.22),
+        pit_amp=0.22,
+        vessel_amp=0.22,
+        blur=0.016,
+        noise=0.035,
+        glare_count=(2, 6),
+        glare_size=(0.03, 0.08),
+        glare_on_lesion=0.6,
+    ),
+}
+
+# Normal mucosa around the lesion: regular round pits, a thin regular vessel mesh, shown at a
+# fraction of the lesion's contrast. It is the same for every class (no class cue outside).
+_BACKGROUND_BIOLOGY = {
+    "pit_elongation": 1.0,
+    "pit_irregularity": 0.1,
+    "vessel_density": 0.2,
+    "vessel_calibre": 0.0,
+    "vessel_tortuosity": 0.3,
+    "vessel_disruption": 0.0,
+}
+_BACKGROUND_AMP = 0.45
+_CALIBRE_RANGE = (0.010, 0.034)  # vessel half-width, in image half-widths, thin .. thick
+
+
+@functools.lru_cache(maxsize=32)
+def _grid(size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pixel-centre coordinates ``x, y`` [S, S] in [-1, 1]."""
+    c = ((np.arange(size, dtype=np.float32) + 0.5) / size) * 2.0 - 1.0
+    x, y = np.meshgrid(c, c)
+    x.setflags(write=False)
+    y.setflags(write=False)
+    return x, y
+
+
+@functools.lru_cache(maxsize=128)
+def _rbf_matrix(size: int, cells: int) -> np.ndarray:
+    """[S, cells] Gaussian interpolation weights, rows of unit L2 norm.
+
+    ``M @ g @ M.T`` with ``g`` i.i.d. N(0, 1) on a cells x cells lattice is a smooth field of
+    unit variance at every pixel: band-limited noise in two matrix products, no pixel loops.
+    """
+    x = ((np.arange(size) + 0.5) / size) * 2.0 - 1.0
+    centres = np.linspace(-1.2, 1.2, cells)
+    width = 0.8 * (centres[1] - centres[0])
+    w = np.exp(-0.5 * ((x[:, None] - centres[None, :]) / width) ** 2)
+    w /= np.linalg.norm(w, axis=1, keepdims=True)
+    w = w.astype(np.float32)
+    w.setflags(write=False)
+    return w
+
+
+def _smooth_noise(rng: np.random.Generator, size: int, cells: int) -> np.ndarray:
+    """[S, S] float32 smooth Gaussian noise, unit variance, feature size ~ 2/cells."""
+    m = _rbf_matrix(size, cells)
+    return m @ rng.standard_normal((cells, cells), dtype=np.float32) @ m.T
+
+
+@functools.lru_cache(maxsize=64)
+def _blur_matrix(size: int, sigma_px: float) -> np.ndarray:
+    """[S, S] row-normalised Gaussian blur operator (edges renormalised, no dark rim)."""
+    i = np.arange(size, dtype=np.float32)
+    w = np.exp(-0.5 * ((i[:, None] - i[None, :]) / sigma_px) ** 2)
+    w /= w.sum(axis=1, keepdims=True)
+    w = w.astype(np.float32)
+    w.setflags(write=False)
+    return w
+
+
+def _blur(img: np.ndarray, sigma_px: float) -> np.ndarray:
+    """Separable Gaussian blur of an [S, S, 3] image, as two matrix products."""
+    if sigma_px < 0.25:
+        return img
+    size = img.shape[0]
+    b = _blur_matrix(size, round(float(sigma_px), 2))
+    out = (b @ img.reshape(size, -1)).reshape(img.shape)  # along rows
+    return np.einsum("jk,ikc->ijc", b, out, optimize=False)  # along columns
+
+
+@dataclass(frozen=True)
+class _SiteLook:
+    """Per-site rendering offsets (scaled by ``render_shift``)."""
+
+    cast: np.ndarray  # [3] multiplicative colour cast
+    brightness: float  # additive
+    blur: float  # extra blur, in image half-widths
+
+
+def _site_look(spec: SyntheticSiteSpec) -> _SiteLook:
+    rng = np.random.default_rng(np.random.SeedSequence([_TAG_SITE, int(spec.seed), _MODALITY_ID[spec.modality]]))
+    shift = float(spec.render_shift)
+    cast = 1.0 + shift * 0.18 * rng.standard_normal(3)
+    brightness = shift * rng.uniform(-0.15, 0.15)
+    blur = shift * rng.uniform(0.004, 0.012)
+    return _SiteLook(cast=cast.astype(np.float32), brightness=float(brightness), blur=float(blur))
+
+
+def _render(rng: np.random.Generator, latents: dict[str, float], size: int, look: _Look, site: _SiteLook) -> np.ndarray:
+    """Render one image [S, S, 3] uint8 from its latents; ``rng`` supplies every nuisance draw."""
+    x, y = _grid(size)
+    px = 2.0 / size  # one pixel in image half-widths
+
+    # --- nuisance geometry (class-independent) ---
+    radius = 0.35 * math.sqrt(rng.uniform())
+    ang = rng.uniform(0.0, 2.0 * math.pi)
+    cx, cy = radius * math.cos(ang), radius * math.sin(ang)
+    a = rng.uniform(0.28, 0.5)
+    b = a * rng.uniform(0.6, 1.0)
+    theta = rng.uniform(0.0, math.pi)
+    phi = rng.uniform(0.0, math.pi)  # orientation of the pit lattice
+    freq = rng.uniform(24.0, 30.0)  # pit lattice angular frequency (period ~0.23 half-widths)
+    light_dir = rng.uniform(0.0, 2.0 * math.pi)
+    light_amp = rng.uniform(0.0, 0.15)
+    colour_jitter = (1.0 + 0.05 * rng.standard_normal(3)).astype(np.float32)
+
+    texture = _smooth_noise(rng, size, 5)
+    warp_u = _smooth_noise(rng, size, 14)
+    warp_v = _smooth_noise(rng, size, 14)
+    pit_size_noise = _smooth_noise(rng, size, 12)
+    vessel_tortuous = _smooth_noise(rng, size, 8)
+    vessel_dense = _smooth_noise(rng, size, 18)
+    breaks = _smooth_noise(rng, size, 10)
+
+    # --- lesion mask: soft ellipse with a slightly irregular border ---
+    dx, dy = x - cx, y - cy
+    ct, st = math.cos(theta), math.sin(theta)
+    ell = ((dx * ct + dy * st) / a) ** 2 + ((-dx * st + dy * ct) / b) ** 2
+    ell = ell + 0.15 * texture
+    lesion = np.clip((1.0 - ell) * 4.0, 0.0, 1.0)
+
+    def blend(key: str) -> np.ndarray:
+        """Parameter map: background value outside the lesion, the latent inside."""
+        bg = _BACKGROUND_BIOLOGY[key]
+        return bg + (latents[key] - bg) * lesion
+
+    # --- pit pattern: lattice of spots, stretched into tubes, warped into disorder ---
+    irreg = blend("pit_irregularity")
+    period = 2.0 * math.pi / freq
+    cp, sp = math.cos(phi), math.sin(phi)
+    u = dx * cp + dy * sp + irreg * (0.45 * period) * warp_u
+    v = -dx * sp + dy * cp + irreg * (0.45 * period) * warp_v
+    field = np.cos(freq * u) * np.cos(freq * v / blend("pit_elongation"))
+    threshold = 0.3 + 0.3 * irreg * pit_size_noise
+    pits = np.clip((field - threshold) * 4.0 + 0.5, 0.0, 1.0)
+
+    # --- vessels: zero set of a field; regular mesh between pits -> tortuous random network ---
+    tort = blend("vessel_tortuosity")
+    nv = (1.0 - tort) * field + tort * 0.8 * vessel_tortuous + blend("vessel_density") * 0.45 * vessel_dense
+    gy, gx = np.gradient(nv)
+    dist_px = np.abs(nv) / (np.sqrt(gx * gx + gy * gy) + 1e-6)  # distance to the zero line, pixels
+    lo, hi = _CALIBRE_RANGE
+    half_width_px = (lo + (hi - lo) * blend("vessel_calibre")) / px
+    half_width_px = np.sqrt(half_width_px * half_width_px + 0.25)  # pixel footprint (anti-alias)
+    vessels = np.exp(-((dist_px / half_width_px) ** 2))
+    disrupt = blend("vessel_disruption")
+    vessels = vessels * (1.0 - disrupt * np.clip(breaks * 2.0 + 0.5, 0.0, 1.0))
+
+    # --- compose colour ---
+    amp_map = _BACKGROUND_AMP + (1.0 - _BACKGROUND_AMP) * lesion
+    pit_alpha = (look.pit_amp * amp_map * (_BACKGROUND_AMP + (latents["pit_visibility"] - _BACKGROUND_AMP) * lesion) * pits)
+    vessel_alpha = look.vessel_amp * amp_map * vessels
+    mucosa = np.asarray(look.mucosa, np.float32) * colour_jitter
+    lesion_col = np.asarray(look.lesion, np.float32) * colour_jitter
+    img = mucosa + (0.7 * lesion)[..., None] * (lesion_col - mucosa)
+    img = img * (1.0 + 0.10 * texture)[..., None]
+    img = img + pit_alpha[..., None] * (np.asarray(look.pit, np.float32) - img)
+    img = img + vessel_alpha[..., None] * (np.asarray(look.vessel, np.float32) - img)
+
+    # --- optics: shading (vignetting, oblique light, raised lesion), blur ---
+    r2 = x * x + y * y
+    shade = (1.0 - 0.45 * r2) * (1.0 + light_amp * (x * math.cos(light_dir) + y * math.sin(light_dir)))
+    shade = shade * (1.0 + 0.08 * lesion)
+    img = img * shade[..., None]
+    img = _blur(img, (look.blur + site.blur) / px)
+
+    # --- specular glare: saturated blobs, some on the (raised) lesion ---
+    lo_n, hi_n = look.glare_count
+    n_glare = int(rng.integers(lo_n, hi_n + 1))
+    if n_glare:
+        on_lesion = rng.uniform(size=n_glare) < look.glare_on_lesion
+        gr = np.sqrt(rng.uniform(size=n_glare))
+        ga = rng.uniform(0.0, 2.0 * math.pi, size=n_glare)
+        gx0 = np.where(on_lesion, cx + 0.6 * a * gr * np.cos(ga), 0.85 * gr * np.cos(ga))
+        gy0 = np.where(on_lesion, cy + 0.6 * b * gr * np.sin(ga), 0.85 * gr * np.sin(ga))
+        gsize = rng.uniform(*look.glare_size, size=n_glare)
+        gstretch = rng.uniform(1.0, 2.5, size=n_glare)
+        gangle = rng.uniform(0.0, math.pi, size=n_glare)
+        glare = np.zeros_like(x)
+        for k in range(n_glare):  # loop over a handful of blobs, each vectorised over pixels
+            ddx, ddy = x - gx0[k], y - gy0[k]
+            c, s = math.cos(gangle[k]), math.sin(gangle[k])
+            d2 = ((ddx * c + ddy * s) / gstretch[k]) ** 2 + (-ddx * s + ddy * c) ** 2
+            np.maximum(glare, np.exp(-d2 / (2.0 * gsize[k] ** 2)), out=glare)
+        glare = np.clip(glare * 1.8, 0.0, 1.0)[..., None]
+        img = img + glare * (np.float32(0.98) - img)
+
+    # --- sensor: noise, site colour cast and brightness, circular field of view ---
+    img = img + look.noise * rng.standard_normal(img.shape, dtype=np.float32)
+    img = img * site.cast + site.brightness
+    fov = np.clip((0.985 - np.sqrt(r2)) / (1.5 * px), 0.0, 1.0)
+    img = img * fov[..., None]
+    return (np.clip(img, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+
+
+def _split_labels(spec: SyntheticSiteSpec, split: str) -> np.ndarray:
+    """Labels of a split [N] int64, exact class proportions (largest remainder), shuffled."""
+    n = spec.split_size(split)
+    c = spec.num_classes
+    weights = np.ones(c) if spec.class_weights is None else np.asarray(spec.class_weights, dtype=np.float64)
+    share = weights / weights.sum() * n
+    counts = np.floor(share).astype(np.int64)
+    rng = np.random.default_rng(
+        np.random.SeedSequence([_TAG_LABELS, int(spec.seed), _SPLIT_ID[split], _MODALITY_ID[spec.modality]])
+    )
+    remainder = n - int(counts.sum())
+    if remainder:
+        # Largest remainders first; ties broken at random so no class is always favoured.
+        order = np.lexsort((rng.permutation(c), -(share - counts)))
+        counts[order[:remainder]] += 1
+    labels = np.repeat(np.arange(c, dtype=np.int64), counts)
+    return rng.permutation(labels)
+
+
+class SyntheticEndoscopyDataset(torch.utils.data.Dataset):
+    """One split of a synthetic site. Item: (image, label).
+
+    Without ``transform`` the image is a float tensor [3, S, S] in [0, 1]; with it,
+    ``transform(PIL.Image)``. Images are rendered on access from the random stream
+    ``(seed, split, modality, index)``: same inputs, same pixels; other seeds, splits or
+    modalities never share an image. ``labels`` [N] int64 is known without rendering.
+    """
+
+    def __init__(self, spec: SyntheticSiteSpec, split: str, transform: Callable | None = None) -> None:
+        self.spec = spec
+        self.split = _check_split(split)
+        self.transform = transform
+        self.modality = spec.modality
+        self.class_names = spec.class_names
+        self.labels = _split_labels(spec, split)
+        self._look = _LOOKS[spec.modality]
+        self._site = _site_look(spec)
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def _rng(self, index: int) -> np.random.Generator:
+        n = len(self)
+        if not -n <= index < n:
+            raise IndexError(f"index {index} out of range for a split of {n} images")
+        index = index % n
+        key = [_TAG_IMAGE, int(self.spec.seed), _SPLIT_ID[self.split], _MODALITY_ID[self.modality], index]
+        return np.random.default_rng(np.random.SeedSequence(key))
+
+    def latents(self, index: int) -> dict[str, float]:
+        """The latent biology of image ``index`` (for analysis and tests; cheap, no rendering)."""
+        return _draw_latents(self._rng(index), int(self.labels[index]), self.spec.num_classes)
+
+    def render_array(self, index: int) -> np.ndarray:
+        """Image ``index`` as a uint8 array [S, S, 3]."""
+        rng = self._rng(index)
+        latents = _draw_latents(rng, int(self.labels[index]), self.spec.num_classes)
+        return _render(rng, latents, self.spec.image_size, self._look, self._site)
+
+    def render(self, index: int) -> Image.Image:
+        """Image ``index`` as an RGB PIL image of ``spec.image_size`` pixels."""
+        return Image.fromarray(self.render_array(index), mode="RGB")
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        label = int(self.labels[index])
+        if self.transform is not None:
+            return self.transform(self.render(index)), label
+        arr = self.render_array(index)
+        return torch.from_numpy(arr).permute(2, 0, 1).float().div_(255.0), label
+
+
+def _write_site_json(folder: Path, modality: str, class_names: Sequence[str], extra: dict | None = None) -> None:
+    payload = {"modality": modality, "class_names": list(class_names)}
+    if extra:
+        payload.update(extra)
+    (folder / SITE_FILE).write_text(json.dumps(payload, indent=2) + "\n")
+
+
+def write_image_folder(
+    spec: SyntheticSiteSpec,
+    root: str | os.PathLike,
+    splits: Sequence[str] = SPLITS,
+    *,
+    overwrite: bool = False,
+) -> Path:
+    """Render a synthetic site to disk as ``root/<split>/<class>/<idx:05d>.png`` + ``root/site.json``.
+
+    Written into a temporary folder next to ``root`` and renamed into place, so a reader never
+    sees a half-written site. An existing ``root`` is an error unless it is empty, or
+    ``overwrite=True`` and it holds a ``site.json`` (i.e. it is a site this function wrote).
+    Returns ``root``.
+    """
+    root = Path(root)
+    for split in splits:
+        _check_split(split)
+    if root.exists():
+        if not root.is_dir():
+            raise DataError(f"{root} exists and is not a folder; choose another root for write_image_folder")
+        if any(root.iterdir()):
+            if not overwrite:
+                raise DataError(f"{root} already exists and is not empty; delete it or pass overwrite=True")
+            if not (root / SITE_FILE).is_file():
+                raise DataError(
+                    f"{root} has no {SITE_FILE}, so it does not look like a site written by write_image_folder; "
+                    "refusing to overwrite it: choose another root"
+                )
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
+    try:
+        class_names = spec.class_names
+        for split in splits:
+            for name in class_names:
+                (tmp / split / name).mkdir(parents=True, exist_ok=True)
+            ds = SyntheticEndoscopyDataset(spec, split)
+            for idx in range(len(ds)):
+                ds.render(idx).save(tmp / split / class_names[int(ds.labels[idx])] / f"{idx:05d}.png")
+        spec_dict = asdict(spec)
+        spec_dict["class_weights"] = list(spec.class_weights) if spec.class_weights is not None else None
+        _write_site_json(tmp, spec.modality, class_names, {"synthetic_spec": spec_dict})
+        if root.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{root.name}.old-", dir=root.parent))
+            os.replace(root, old / "site")
+            os.replace(tmp, root)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return root
+
+
+# --------------------------------------------------------------------------------------------
+# Real sites
+# --------------------------------------------------------------------------------------------
+
+
+def _load_image(path: Path) -> Image.Image:
+    """Decode fully to RGB, or raise DataError naming the file."""
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")  # convert() forces the full decode: truncation shows here
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+        raise DataError(
+            f"cannot read image {path}: {err}; replace or delete this file "
+            "(FolderSiteDataset.verify() lists the first bad file of a split)"
+        ) from err
+
+
+def _is_image(path: Path) -> bool:
+    return path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".")
+
+
+class FolderSiteDataset(torch.utils.data.Dataset):
+    """One split of a real site. Item: (image, label), as :class:`SyntheticEndoscopyDataset`.
+
+    Layout, either
+      * ImageFolder: ``<root>/{train,val,test}/<class>/*.{png,jpg,jpeg}``, or
+      * manifest: ``<root>/manifest.csv`` with columns ``path,label,split`` (paths relative to
+        ``root``; ``label`` a class name or its index).
+    An optional ``<root>/site.json`` ``{"modality": ..., "class_names": [...]}`` declares the
+    modality. Structure is validated eagerly (no decoding); see :meth:`verify` for pixels.
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        split: str,
+        class_names: Sequence[str],
+        transform: Callable | None = None,
+        expected_modality: str | None = None,
+    ) -> None:
+        self.root = Path(root)
+        self.split = _check_split(split)
+        self.class_names = tuple(class_names)
+        self.transform = transform
+        if len(self.class_names) < 2 or len(set(self.class_names)) != len(self.class_names):
+            raise DataError(f"class_names={list(self.class_names)}: need at least 2 distinct class names")
+        if expected_modality is not None:
+            _check_modality(expected_modality, "expected_modality")
+        if not self.root.is_dir():
+            raise DataError(
+                f"site data folder {self.root} does not exist (or is not a folder); point data-path at the "
+                f"folder holding {'/'.join(SPLITS)}/<class>/ images or {MANIFEST_FILE}"
+            )
+        self.modality = self._read_modality(expected_modality)
+        manifest = self.root / MANIFEST_FILE
+        if manifest.is_file():
+            paths, labels = self._scan_manifest(manifest)
+        else:
+            paths, labels = self._scan_folders()
+        self.paths: list[Path] = paths
+        self.labels = np.asarray(labels, dtype=np.int64)
+
+    # -- validation helpers --
+    def _read_modality(self, expected: str | None) -> str | None:
+        site_file = self.root / SITE_FILE
+        if not site_file.is_file():
+            return expected
+        try:
+            meta = json.loads(site_file.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise DataError(f"{site_file} is not valid JSON ({err}); fix it or delete it") from err
+        if not isinstance(meta, dict) or "modality" not in meta:
+            raise DataError(f'{site_file} has no "modality" key; write {{"modality": "wli" or "nbi"}} or delete it')
+        modality = _check_modality(str(meta["modality"]).lower(), str(site_file))
+        if expected is not None and modality != expected:
+            raise DataError(
+                f"{site_file} declares modality {modality!r} but this site is configured as {expected!r}; "
+                "fix the site's modality in its node config or point data-path at the right folder"
+            )
+        return modality
+
+    def _class_error(self, what: str, where: str) -> DataError:
+        return DataError(
+            f"{where}: unknown class {what!r}; expected one of {list(self.class_names)}. Rename or remove it, "
+            "or add it to the configured class names"
+        )
+
+    def _scan_folders(self) -> tuple[list[Path], list[int]]:
+        split_dir = self.root / self.split
+        if not split_dir.is_dir():
+            present = sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
+            raise DataError(
+                f"split folder {split_dir} is missing; {self.root} has folders {present} "
+                f"(expected {list(SPLITS)}). Create {split_dir}/<class>/ or add a {MANIFEST_FILE}"
+            )
+        index = {name: i for i, name in enumerate(self.class_names)}
+        paths: list[Path] = []
+        labels: list[int] = []
+        found: dict[str, int] = {}
+        for entry in sorted(split_dir.iterdir()):
+            if entry.name.startswith("."):
+                continue
+            if not entry.is_dir():
+                log.warning("ignoring %s: images belong in %s/<class>/", entry, split_dir)
+                continue
+            if entry.name not in index:
+                raise self._class_error(entry.name, f"class folder {entry}")
+            files = sorted(p for p in entry.iterdir() if _is_image(p))
+            found[entry.name] = len(files)
+            paths.extend(files)
+            labels.extend([index[entry.name]] * len(files))
+        if not paths:
+            raise DataError(
+                f"no images in {split_dir}: expected {split_dir}/<class>/*.png|jpg with classes {list(self.class_names)}"
+            )
+        if self.split == "train":
+            for name in self.class_names:
+                if found.get(name, 0) == 0:
+                    folder = split_dir / name
+                    state = "has no .png/.jpg images" if folder.is_dir() else "is missing"
+                    raise DataError(
+                        f"class folder {folder} {state}: every class needs training images; add images "
+                        f"there or drop {name!r} from the configured class names"
+                    )
+        return paths, labels
+
+    def _scan_manifest(self, manifest: Path) -> tuple[list[Path], list[int]]:
+        index = {name: i for i, name in enumerate(self.class_names)}
+        paths: list[Path] = []
+        labels: list[int] = []
+        counts = [0] * len(self.class_names)
+        try:
+            with manifest.open(newline="") as fh:
+                reader = csv.DictReader(fh)
+                header = [h.strip() for h in (reader.fieldnames or [])]
+                missing = [c for c in MANIFEST_COLUMNS if c not in header]
+                if missing:
+                    raise DataError(
+                        f"{manifest} line 1: missing column(s) {missing}; found {header}. "
+                        f"The header must be {','.join(MANIFEST_COLUMNS)}"
+                    )
+                reader.fieldnames = header
+                for line_no, row in enumerate(reader, start=2):
+                    where = f"{manifest} line {line_no}"
+                    split = (row.get("split") or "").strip()
+                    if split not in SPLITS:
+                        raise DataError(f"{where}: split {split!r} is not one of {list(SPLITS)}; fix the split column")
+                    label_text = (row.get("label") or "").strip()
+                    if label_text in index:
+                        label = index[label_text]
+                    elif label_text.isdigit() and int(label_text) < len(self.class_names):
+                        label = int(label_text)
+                    else:
+                        raise self._class_error(label_text, where)
+                    rel = (row.get("path") or "").strip()
+                    if not rel:
+                        raise DataError(f"{where}: empty path; give the image path relative to {self.root}")
+                    if split != self.split:
+                        continue
+                    path = self.root / rel
+                    if not path.is_file():
+                        raise DataError(f"{where}: image {path} does not exist; fix the path (relative to {self.root})")
+                    paths.append(path)
+                    labels.append(label)
+                    counts[label] += 1
+        except UnicodeDecodeError as err:
+            raise DataError(f"{manifest} is not a UTF-8 text CSV ({err}); re-save it as CSV") from err
+        except csv.Error as err:
+            raise DataError(f"{manifest} is not a valid CSV ({err}); fix the file") from err
+        if not paths:
+            raise DataError(f"{manifest} lists no images for split {self.split!r}; add rows with split={self.split}")
+        if self.split == "train":
+            for name, count in zip(self.class_names, counts):
+                if count == 0:
+                    raise DataError(
+                        f"{manifest}: class {name!r} has no training images; add rows with label={name} "
+                        f"split=train or drop {name!r} from the configured class names"
+                    )
+        return paths, labels
+
+    # -- dataset protocol --
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def load(self, index: int) -> Image.Image:
+        """Image ``index`` decoded to RGB; DataError naming the file if it cannot be read."""
+        return _load_image(self.paths[index])
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        image = self.load(index)
+        label = int(self.labels[index])
+        if self.transform is not None:
+            return self.transform(image), label
+        arr = np.asarray(image, dtype=np.uint8)
+        return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255.0), label
+
+    def verify(self) -> None:
+        """Decode every image of the split; DataError naming the first unreadable file."""
+        for path in self.paths:
+            _load_image(path)
+
+    def class_counts(self) -> np.ndarray:
+        """[C] int64 number of images per class in this split."""
+        return np.bincount(self.labels, minlength=len(self.class_names)).astype(np.int64)
+
+
+# --------------------------------------------------------------------------------------------
+# Transforms and sampling
+# --------------------------------------------------------------------------------------------
+
+
+def build_transform(
+    image_size: int,
+    train: bool,
+    rotation_deg: float = 180.0,
+    flips: bool = True,
+    color_jitter: float = 0.1,
+) -> Callable[[Image.Image], torch.Tensor]:
+    """PIL image -> float tensor [3, S, S], normalised with ImageNet mean/std.
+
+    Train: resize, random rotation within +-``rotation_deg`` (endoscopes have no canonical
+    "up"; the corners are filled black, like the dark rim around an endoscope's circular field
+    of view), horizontal and vertical flips, mild colour jitter. Eval: resize only.
+    """
+    from torchvision.transforms import InterpolationMode, v2  # after `import common` (compat shim)
+
+    if image_size < 1:
+        raise DataError(f"image_size={image_size}: must be >= 1")
+    steps: list = [v2.ToImage(), v2.Resize((image_size, image_size), antialias=True)]
+    if train:
+        if rotation_deg > 0:
+            steps.append(v2.RandomRotation(rotation_deg, interpolation=InterpolationMode.BILINEAR, fill=0))
+        if flips:
+            steps += [v2.RandomHorizontalFlip(), v2.RandomVerticalFlip()]
+        if color_jitter > 0:
+            steps.append(
+                v2.ColorJitter(
+                    brightness=color_jitter,
+                    contrast=color_jitter,
+                    saturation=color_jitter,
+                    hue=min(color_jitter / 4.0, 0.5),  # hue shifts change the tissue colour fast: keep small
+                )
+            )
+    steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    return v2.Compose(steps)
+
+
+class ClassBalancedBatchSampler(torch.utils.data.Sampler[list[int]]):
+    """Batches with ~``batch_size / C`` images of each present class (PaGKD's class groups).
+
+    Each class is drawn from its own reshuffled, cycled permutation: every image is used once
+    before any repeats, and small classes repeat (sampling with replacement across passes).
+    When ``batch_size`` is not a multiple of C, the extra slots go to random classes. The
+    order depends only on ``(seed, epoch)``; call :meth:`set_epoch` each epoch.
+    ``num_batches`` defaults to ``ceil(N / batch_size)``.
+    """
+
+    def __init__(
+        self,
+        labels: Sequence[int] | np.ndarray | torch.Tensor,
+        batch_size: int,
+        seed: int = 0,
+        num_batches: int | None = None,
+    ) -> None:
+        labels_np = np.asarray(labels.cpu() if isinstance(labels, torch.Tensor) else labels, dtype=np.int64).reshape(-1)
+        if labels_np.size == 0:
+            raise DataError("ClassBalancedBatchSampler: labels is empty; the split has no images")
+        if batch_size < 1:
+            raise DataError(f"ClassBalancedBatchSampler: batch_size={batch_size} must be >= 1")
+        if num_batches is not None and num_batches < 0:
+            raise DataError(f"ClassBalancedBatchSampler: num_batches={num_batches} must be >= 0")
+        self.labels = labels_np
+        self.batch_size = int(batch_size)
+        self.seed = int(seed)
+        self.epoch = 0
+        self.classes = np.unique(labels_np)
+        self._members = [np.flatnonzero(labels_np == c) for c in self.classes]
+        self.num_batches = int(math.ceil(labels_np.size / batch_size)) if num_batches is None else int(num_batches)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def __iter__(self) -> Iterator[list[int]]:
+        rng = np.random.default_rng(np.random.SeedSequence([self.seed, self.epoch]))
+        k = len(self.classes)
+        base, extra = divmod(self.batch_size, k)
+        queues = [np.empty(0, dtype=np.int64) for _ in range(k)]
+        cursors = [0] * k
+        for _ in range(self.num_batches):
+            per_class = np.full(k, base)
+            if extra:
+                per_class[rng.choice(k, size=extra, replace=False)] += 1
+            batch = []
+            for i in range(k):
+                need = int(per_class[i])
+                while queues[i].size - cursors[i] < need:  # refill with a fresh permutation
+                    queues[i] = np.concatenate([queues[i][cursors[i]:], rng.permutation(self._members[i])])
+                    cursors[i] = 0
+                batch.append(queues[i][cursors[i]:cursors[i] + need])
+                cursors[i] += need
+            yield [int(j) for j in rng.permutation(np.concatenate(batch))]

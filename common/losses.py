@@ -1,0 +1,270 @@
+"""The PaGKD maths: activation maps, token labels, relation masks, GKD-Pro, GKD-Den, the total.
+
+The NBI side of every distillation term is a :class:`KnowledgeBank`, built either from a live
+teacher batch (centralised, :func:`bank_from_teacher_batch`) or from the federated sufficient
+statistics that NBI sites send (:func:`bank_from_statistics`). The same loss functions serve
+both, so the federated system optimises what the centralised reference does. The bank is
+always treated as a constant (stop-gradient): gradients reach only the student side.
+
+Shapes: B images, N tokens per image, D token width, C classes, M queries, G groups,
+S prototype sets per class (sub-types), K keys per class (tokens or codebook centroids).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from common.config import PaGKDConfig
+
+# Token labels of the semantic relation (DESIGN.md section 2).
+BACKGROUND, FOREGROUND, UNCERTAIN = 0, 1, 2
+
+
+# --------------------------------------------------------------------------- activation maps
+
+
+@torch.no_grad()
+def class_activation_maps(feature_map: torch.Tensor, classifier_weight: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+    """Grad-CAM of the given class on the last stage, min-max normalised per image.
+
+    For a GAP + linear head, Grad-CAM of class c is ReLU(W_c . F) up to a constant, so no
+    backward pass is needed. feature_map [B, Cf, h, w], classifier_weight [C, Cf], classes [B]
+    -> [B, h*w] in [0, 1].
+    """
+    weights = classifier_weight[classes].to(feature_map.dtype)  # [B, Cf]
+    cam = torch.relu(torch.einsum("bchw,bc->bhw", feature_map, weights)).flatten(1)
+    low = cam.amin(dim=1, keepdim=True)
+    high = cam.amax(dim=1, keepdim=True)
+    return (cam - low) / (high - low).clamp_min(1e-6)
+
+
+def label_tokens(cam: torch.Tensor, fg_threshold: float, bg_threshold: float) -> torch.Tensor:
+    """cam [B, N] in [0, 1] -> token labels [B, N]: FOREGROUND above fg_threshold,
+    BACKGROUND below bg_threshold, UNCERTAIN in between."""
+    labels = torch.full_like(cam, UNCERTAIN, dtype=torch.long)
+    labels[cam >= fg_threshold] = FOREGROUND
+    labels[cam < bg_threshold] = BACKGROUND
+    return labels
+
+
+def relation_weights(token_labels: torch.Tensor, key_labels: torch.Tensor) -> torch.Tensor:
+    """Semantic relation between tokens and keys: 1 where labels match, 0 where they differ,
+    0.5 where either is uncertain. token_labels [B, N], key_labels [B, K] -> [B, N, K]."""
+    tokens = token_labels.unsqueeze(2)
+    keys = key_labels.unsqueeze(1)
+    relation = (tokens == keys).float()
+    uncertain = (tokens == UNCERTAIN) | (keys == UNCERTAIN)
+    return torch.where(uncertain, torch.full_like(relation, 0.5), relation)
+
+
+# --------------------------------------------------------------------------- the NBI side
+
+
+@dataclass
+class KnowledgeBank:
+    """Class-wise NBI knowledge the student distils from (constant during a student step).
+
+    prototypes [C, S, M, D] with prototype_valid [C, S]: mean prototype set per class and
+    sub-type; keys [C, K, D] with key_labels [C, K] and key_valid [C, K]: NBI tokens (live
+    teacher) or foreground/background codebook centroids (federated) per class.
+    """
+
+    prototypes: torch.Tensor
+    prototype_valid: torch.Tensor
+    keys: torch.Tensor
+    key_labels: torch.Tensor
+    key_valid: torch.Tensor
+
+    def to(self, device: torch.device | str) -> "KnowledgeBank":
+        return KnowledgeBank(*(t.to(device) for t in (self.prototypes, self.prototype_valid, self.keys, self.key_labels, self.key_valid)))
+
+    @property
+    def num_classes(self) -> int:
+        return self.prototypes.shape[0]
+
+
+def _pad_rows(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack variable-length [n_i, ...] tensors into [R, max n, ...] plus a validity mask [R, max n]."""
+    longest = max([len(r) for r in rows] + [1])
+    out = rows[0].new_zeros((len(rows), longest) + tuple(rows[0].shape[1:]))
+    valid = torch.zeros(len(rows), longest, dtype=torch.bool, device=rows[0].device)
+    for i, row in enumerate(rows):
+        out[i, : len(row)] = row
+        valid[i, : len(row)] = True
+    return out, valid
+
+
+@torch.no_grad()
+def bank_from_teacher_batch(
+    prototypes: torch.Tensor,
+    group_labels: torch.Tensor,
+    tokens: torch.Tensor,
+    token_labels: torch.Tensor,
+    classes: torch.Tensor,
+    num_classes: int,
+) -> KnowledgeBank:
+    """Centralised form: the live teacher's batch is the bank.
+
+    prototypes [G, M, D] and group_labels [G] from the teacher's groups become S = (groups per
+    class) prototype sets per class; tokens [B, N, D] with token_labels [B, N] of images of class
+    classes [B] become K = (images of the class x N) keys per class.
+    """
+    proto_rows = [prototypes[group_labels == c] for c in range(num_classes)]
+    bank_protos, proto_valid = _pad_rows(proto_rows)
+    key_rows = [tokens[classes == c].flatten(0, 1) for c in range(num_classes)]
+    label_rows = [token_labels[classes == c].flatten() for c in range(num_classes)]
+    keys, key_valid = _pad_rows(key_rows)
+    key_labels, _ = _pad_rows(label_rows)
+    return KnowledgeBank(bank_protos.detach(), proto_valid, keys.detach(), key_labels, key_valid)
+
+
+def bank_from_statistics(
+    prototype_sum: torch.Tensor,
+    prototype_count: torch.Tensor,
+    foreground_sum: torch.Tensor,
+    foreground_count: torch.Tensor,
+    background_sum: torch.Tensor,
+    background_count: torch.Tensor,
+) -> KnowledgeBank:
+    """Federated form: means from summed sufficient statistics.
+
+    prototype_sum [C, S, M, D] over prototype_count [C, S] groups; foreground_/background_sum
+    [C, L, D] over *_count [C, L] tokens (L codebook centroids each). Slots with count 0 are
+    invalid. Keys are the foreground then the background centroids, labelled accordingly.
+    """
+    prototypes = prototype_sum / prototype_count.clamp_min(1)[..., None, None]
+    foreground = foreground_sum / foreground_count.clamp_min(1)[..., None]
+    background = background_sum / background_count.clamp_min(1)[..., None]
+    keys = torch.cat([foreground, background], dim=1)
+    key_labels = torch.cat(
+        [torch.full_like(foreground_count, FOREGROUND, dtype=torch.long), torch.full_like(background_count, BACKGROUND, dtype=torch.long)],
+        dim=1,
+    )
+    key_valid = torch.cat([foreground_count > 0, background_count > 0], dim=1)
+    return KnowledgeBank(prototypes.float(), prototype_count > 0, keys.float(), key_labels, key_valid)
+
+
+# --------------------------------------------------------------------------- GKD-Pro
+
+
+def prototype_similarity(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Query-matched similarity of prototype sets: mean over k of cos(a_k, b_k).
+
+    a [..., M, D], b [..., M, D] (broadcast) -> [...]. Query k is compared only with query k:
+    the queries are shared, so query k means the same lesion aspect in both modalities.
+    """
+    return (F.normalize(a, dim=-1) * F.normalize(b, dim=-1)).sum(-1).mean(-1)
+
+
+def group_classification_loss(group_logits: torch.Tensor, group_labels: torch.Tensor) -> torch.Tensor:
+    """CE of each group's class from its mean prototype. group_logits [G, C], group_labels [G]."""
+    if group_labels.numel() == 0:
+        return group_logits.sum() * 0.0
+    return F.cross_entropy(group_logits, group_labels)
+
+
+def gkd_pro_contrastive(
+    student_prototypes: torch.Tensor, group_labels: torch.Tensor, bank: KnowledgeBank, temperature: float
+) -> torch.Tensor:
+    """Query-matched InfoNCE of WLI group prototype sets against the NBI bank.
+
+    student_prototypes [G, M, D], group_labels [G]. Anchor: a WLI group's set; positive: the
+    most similar valid NBI set of its class (its sub-type); negatives: the valid NBI sets of
+    every other class and the WLI sets of other classes in the batch. Anchors whose class has
+    no NBI set are skipped. Returns a scalar (0 with gradient when nothing applies).
+    """
+    num_groups = student_prototypes.shape[0]
+    if num_groups == 0:
+        return student_prototypes.sum() * 0.0
+    bank_protos = bank.prototypes.to(student_prototypes.dtype)
+    to_bank = prototype_similarity(student_prototypes[:, None, None], bank_protos[None]) / temperature  # [G, C, S]
+    valid = bank.prototype_valid[None].expand_as(to_bank)
+    same_class = F.one_hot(group_labels, bank.num_classes).bool()[:, :, None].expand_as(to_bank)
+    positive = to_bank.masked_fill(~(valid & same_class), float("-inf")).flatten(1).amax(dim=1)  # [G]
+    bank_negatives = to_bank.masked_fill(~valid | same_class, float("-inf")).flatten(1)  # [G, C*S]
+    to_batch = prototype_similarity(student_prototypes[:, None], student_prototypes[None]) / temperature  # [G, G]
+    batch_negatives = to_batch.masked_fill(group_labels[:, None] == group_labels[None, :], float("-inf"))
+    logits = torch.cat([positive[:, None], bank_negatives, batch_negatives], dim=1)
+    has_positive = torch.isfinite(positive)
+    if not has_positive.any():
+        return student_prototypes.sum() * 0.0
+    # -log softmax of the positive (column 0).
+    losses = torch.logsumexp(logits[has_positive], dim=1) - positive[has_positive]
+    return losses.mean()
+
+
+# --------------------------------------------------------------------------- GKD-Den
+
+
+def gkd_den_loss(
+    tokens: torch.Tensor, token_labels: torch.Tensor, classes: torch.Tensor, bank: KnowledgeBank, temperature: float
+) -> torch.Tensor:
+    """Relation-guided cross attention to same-class NBI keys, then 1 - cosine.
+
+    tokens [B, N, D] (student), token_labels [B, N], classes [B]. Each token attends to the
+    keys of its image's class with logits cos(t, k) / temperature scaled by the relation
+    weight R (1 same label, 0.5 uncertain); keys with R = 0 (foreground vs background) or
+    invalid keys are masked out. The reconstruction A @ keys is compared with the token by
+    1 - cosine. Tokens with no admissible key are skipped. Cosine logits (rather than the
+    paper's raw dot products) keep the attention temperature independent of feature scale.
+    R multiplies the logits, which an additive mask cannot express, hence no SDPA here.
+    """
+    keys = bank.keys[classes].to(tokens.dtype)  # [B, K, D]
+    relation = relation_weights(token_labels, bank.key_labels[classes])  # [B, N, K]
+    relation = relation * bank.key_valid[classes][:, None, :]
+    logits = torch.einsum("bnd,bkd->bnk", F.normalize(tokens, dim=-1), F.normalize(keys, dim=-1)) / temperature
+    logits = (logits * relation).masked_fill(relation == 0, float("-inf"))
+    admissible = relation.gt(0).any(dim=-1)  # [B, N]
+    if not admissible.any():
+        return tokens.sum() * 0.0
+    attention = torch.softmax(logits[admissible], dim=-1)  # [T, K]
+    batch_index = admissible.nonzero()[:, 0]
+    reconstruction = torch.einsum("tk,tkd->td", attention, keys[batch_index])
+    return (1.0 - F.cosine_similarity(tokens[admissible], reconstruction, dim=-1)).mean()
+
+
+# --------------------------------------------------------------------------- the total
+
+
+@dataclass
+class PaGKDTerms:
+    """Inputs of the total loss for one student step."""
+
+    logits: torch.Tensor  # [B, C] student class logits
+    labels: torch.Tensor  # [B]
+    tokens: torch.Tensor  # [B, N, D] student tokens
+    token_labels: torch.Tensor  # [B, N] from the student's own activation maps
+    prototypes: torch.Tensor  # [G, M, D] student group prototype sets
+    group_labels: torch.Tensor  # [G]
+    group_logits: torch.Tensor  # [G, C]
+
+
+def pagkd_loss(
+    terms: PaGKDTerms, bank: KnowledgeBank | None, cfg: PaGKDConfig, group_losses_on: bool
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """L = CE + den_weight * L_Den + pro_weight * (L_con + L_groupCE).
+
+    GKD-Den needs the bank; GKD-Pro's contrastive term needs the bank, its group CE does not.
+    ``group_losses_on`` is False during the warm-up epochs. Returns (scalar, parts as floats).
+    """
+    ce = F.cross_entropy(terms.logits, terms.labels)
+    total = ce
+    parts = {"ce": ce.item()}
+    if cfg.use_den and bank is not None and cfg.den_weight > 0:
+        den = gkd_den_loss(terms.tokens, terms.token_labels, terms.labels, bank, cfg.temperature)
+        total = total + cfg.den_weight * den
+        parts["den"] = den.item()
+    if cfg.use_pro and group_losses_on and cfg.pro_weight > 0:
+        group_ce = group_classification_loss(terms.group_logits, terms.group_labels)
+        pro = group_ce
+        parts["group_ce"] = group_ce.item()
+        if bank is not None:
+            contrastive = gkd_pro_contrastive(terms.prototypes, terms.group_labels, bank, cfg.temperature)
+            pro = pro + contrastive
+            parts["contrastive"] = contrastive.item()
+        total = total + cfg.pro_weight * pro
+    parts["total"] = total.item()
+    return total, parts

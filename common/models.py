@@ -1,0 +1,192 @@
+"""Networks of PaGKD: a timm backbone with a classifier and a token embedding, and the shared
+lesion-aware query head (LR-QFormer) that turns a group of images into a prototype set.
+
+Shapes used throughout: B images, C classes, Cf backbone channels, h x w last feature map,
+N = h * w tokens per image, D token width (``embed_dim``), M queries, G groups, K images per group.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import common  # noqa: F401  (torchvision shim before timm)
+import timm
+import torch
+from torch import nn
+
+from common.config import ModelConfig
+from common.grouping import Group
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class NetOutput:
+    logits: torch.Tensor  # [B, C]
+    feature_map: torch.Tensor  # [B, Cf, h, w] last backbone stage
+    tokens: torch.Tensor  # [B, N, D] embedded tokens of the last stage
+
+
+class PaGKDNet(nn.Module):
+    """A timm backbone, GAP + linear classifier on the last stage, and a 1x1 token embedding.
+
+    Teacher and student are both this network, possibly with different backbones. The
+    teacher's embedding reads *detached* features (``detach_embed=True``): distillation
+    trains it without touching the frozen teacher.
+    """
+
+    def __init__(self, backbone: str, num_classes: int, embed_dim: int, detach_embed: bool = False):
+        super().__init__()
+        try:
+            self.backbone = timm.create_model(backbone, pretrained=False, features_only=True, out_indices=(-1,))
+        except RuntimeError as err:  # timm's "Unknown model" is a RuntimeError
+            raise ValueError(f"model '{backbone}' is not a timm model name ({err}); see timm.list_models()") from err
+        channels = self.backbone.feature_info.channels()[-1]
+        self.backbone_name = backbone
+        self.classifier = nn.Linear(channels, num_classes)
+        self.embed = nn.Conv2d(channels, embed_dim, kernel_size=1)
+        self.detach_embed = detach_embed
+
+    @property
+    def num_features(self) -> int:
+        return self.classifier.in_features
+
+    def forward(self, images: torch.Tensor) -> NetOutput:
+        """images [B, 3, H, W] -> logits [B, C], feature_map [B, Cf, h, w], tokens [B, h*w, D]."""
+        feature_map = self.backbone(images)[-1]
+        logits = self.classifier(feature_map.mean(dim=(2, 3)))
+        embed_input = feature_map.detach() if self.detach_embed else feature_map
+        tokens = self.embed(embed_input).flatten(2).transpose(1, 2)
+        return NetOutput(logits=logits, feature_map=feature_map, tokens=tokens)
+
+
+class LesionQueryHead(nn.Module):
+    """Shared lesion-aware queries: M learnable queries attend over all tokens of a group.
+
+    Each image's tokens get an identity encoding computed from that image's own mean token, so
+    attention can tell which tokens belong together while the prototypes stay invariant to the
+    order of images in the group (a positional per-slot embedding would not be). One attention
+    is shared by both modalities; its output for a group is a prototype set [M, D]. A linear
+    group classifier reads the mean of the M prototypes (the paper's group classification).
+    """
+
+    def __init__(self, embed_dim: int, num_queries: int, num_heads: int, num_classes: int):
+        super().__init__()
+        self.queries = nn.Parameter(torch.randn(num_queries, embed_dim) * embed_dim**-0.5)
+        self.identity = nn.Linear(embed_dim, embed_dim)
+        self.norm_kv = nn.LayerNorm(embed_dim)
+        self.attn = nn.MultiheadAttention(embed_dim, num_heads, batch_first=True)
+        self.group_classifier = nn.Linear(embed_dim, num_classes)
+
+    @property
+    def num_queries(self) -> int:
+        return self.queries.shape[0]
+
+    def forward(
+        self, tokens: torch.Tensor, image_mask: torch.Tensor | None = None, need_weights: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """tokens [G, K, N, D], image_mask [G, K] (True = real image, False = padding)
+        -> prototypes [G, M, D], attention [G, M, K*N] (only with ``need_weights``)."""
+        groups, images, per_image, dim = tokens.shape
+        if image_mask is None:
+            image_mask = torch.ones(groups, images, dtype=torch.bool, device=tokens.device)
+        identity = self.identity(tokens.mean(dim=2, keepdim=True))  # [G, K, 1, D]
+        keys = self.norm_kv(tokens + identity).reshape(groups, images * per_image, dim)
+        padding = (~image_mask).repeat_interleave(per_image, dim=1)  # [G, K*N]
+        queries = self.queries.unsqueeze(0).expand(groups, -1, -1)
+        prototypes, attention = self.attn(
+            queries, keys, keys, key_padding_mask=padding, need_weights=need_weights, average_attn_weights=True
+        )
+        return prototypes, attention
+
+    def classify(self, prototypes: torch.Tensor) -> torch.Tensor:
+        """prototypes [G, M, D] -> group logits [G, C] from the mean query."""
+        return self.group_classifier(prototypes.mean(dim=1))
+
+
+def group_prototypes(
+    head: LesionQueryHead, tokens: torch.Tensor, groups: list[Group], need_weights: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Run the query head over each group of a batch.
+
+    tokens [B, N, D]; groups index into B -> prototypes [G, M, D], group class labels [G] (long),
+    attention [G, M, Kmax*N] or None. Groups of unequal size are padded and masked.
+    """
+    if not groups:
+        empty = tokens.new_zeros(0, head.num_queries, tokens.shape[-1])
+        return empty, torch.zeros(0, dtype=torch.long, device=tokens.device), None
+    largest = max(len(g.indices) for g in groups)
+    index = torch.zeros(len(groups), largest, dtype=torch.long, device=tokens.device)
+    mask = torch.zeros(len(groups), largest, dtype=torch.bool, device=tokens.device)
+    for row, group in enumerate(groups):
+        index[row, : len(group.indices)] = group.indices.to(tokens.device)
+        mask[row, : len(group.indices)] = True
+    prototypes, attention = head(tokens[index], mask, need_weights=need_weights)
+    labels = torch.tensor([g.class_id for g in groups], dtype=torch.long, device=tokens.device)
+    return prototypes, labels, attention
+
+
+def build_teacher(cfg: ModelConfig, num_classes: int) -> PaGKDNet:
+    net = PaGKDNet(cfg.teacher, num_classes, cfg.embed_dim, detach_embed=True)
+    if cfg.teacher_weights:
+        load_weights(net, cfg.teacher_weights)
+    return net
+
+
+def build_student(cfg: ModelConfig, num_classes: int) -> PaGKDNet:
+    net = PaGKDNet(cfg.student, num_classes, cfg.embed_dim)
+    if cfg.student_weights:
+        load_weights(net, cfg.student_weights)
+    return net
+
+
+def build_query_head(cfg: ModelConfig, num_classes: int) -> LesionQueryHead:
+    return LesionQueryHead(cfg.embed_dim, cfg.num_queries, cfg.num_heads, num_classes)
+
+
+def load_weights(module: nn.Module, path: str | Path, strict: bool = False) -> None:
+    """Load local weights (``.safetensors``, or a torch state dict read with ``weights_only``).
+
+    Only the tensors whose names and shapes match are loaded (e.g. ImageNet backbone weights
+    into a network with a new classifier); what was skipped is logged. Never touches a hub.
+    A missing file or a file that matches nothing is an error naming the path.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file '{path}' does not exist; give a local .safetensors or .pt file")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(path))
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if isinstance(state, dict) and "state_dict" in state:
+            state = state["state_dict"]
+    own = module.state_dict()
+    # Accept backbone-only files (timm's plain model keys) by also matching under 'backbone.'.
+    matched = {}
+    for name, tensor in state.items():
+        for candidate in (name, f"backbone.{name}"):
+            if candidate in own and own[candidate].shape == tensor.shape:
+                matched[candidate] = tensor
+                break
+    if not matched:
+        raise ValueError(f"weights file '{path}' has no tensor matching this model's names and shapes")
+    skipped = sorted(set(own) - set(matched))
+    if strict and skipped:
+        raise ValueError(f"weights file '{path}' lacks {len(skipped)} tensors, e.g. {skipped[:3]}")
+    module.load_state_dict(matched, strict=False)
+    log.info("loaded %d/%d tensors from %s (%d left at init)", len(matched), len(own), path, len(skipped))
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """``auto`` takes CUDA when present, else CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"train.device='{name}' but no CUDA device is visible; use 'auto' or 'cpu'")
+    return device
+

@@ -1,0 +1,270 @@
+"""The wire format: every message of the FedPaGKD protocol, with a declared schema.
+
+A message's content is a :class:`Payload`: named arrays (statistics), named weight blocks
+(state dicts of ``teacher``, ``student``, ``head``) and scalar config values. Each message kind
+has a :class:`Schema` listing its keys, dtypes and *symbolic* shapes; dims resolve from the
+run's :class:`Dims` (C classes, S sub-types, M queries, D width, L codebook size, B bins).
+No schema has a per-image dimension: that is what the privacy audit checks.
+
+:func:`validate` refuses a payload with a missing, extra, mistyped, misshaped, negative-count
+or non-finite entry, naming the key. Flower is not imported here: ``client/wire.py`` maps a
+Payload to a ``RecordDict`` and back, byte for byte.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import numpy as np
+
+PROTOCOL_VERSION = 1
+
+
+class PayloadError(ValueError):
+    """A message does not match its schema; the message names the key and what was expected."""
+
+
+@dataclass(frozen=True)
+class Dims:
+    """Sizes the symbolic shapes resolve to (all fixed for a run)."""
+
+    C: int  # classes
+    S: int  # prototype sets (sub-types) per class
+    M: int  # queries per prototype set
+    D: int  # token / prototype width
+    L: int  # codebook centroids per class and label
+    B: int  # score-histogram bins
+
+    def resolve(self, shape: tuple[str | int, ...]) -> tuple[int, ...]:
+        return tuple(getattr(self, d) if isinstance(d, str) else d for d in shape)
+
+
+@dataclass(frozen=True)
+class ArrayField:
+    name: str
+    dtype: str  # numpy dtype name
+    shape: tuple[str | int, ...]  # symbolic, resolved with Dims
+    counts: bool = False  # a count: integer-valued and >= 0
+
+
+@dataclass(frozen=True)
+class Schema:
+    kind: str
+    arrays: tuple[ArrayField, ...] = ()
+    config: tuple[tuple[str, type], ...] = ()
+    weights: tuple[str, ...] = ()  # weight blocks carried, validated against reference state dicts
+
+    def array_names(self) -> list[str]:
+        return [f.name for f in self.arrays]
+
+
+@dataclass
+class Payload:
+    kind: str
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)
+    config: dict[str, Any] = field(default_factory=dict)
+    weights: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+
+    def num_bytes(self) -> int:
+        """Bytes of array data plus config values (what dominates the wire size)."""
+        size = sum(a.nbytes for a in self.arrays.values())
+        size += sum(a.nbytes for block in self.weights.values() for a in block.values())
+        size += sum(len(str(k)) + len(str(v)) for k, v in self.config.items())
+        return size
+
+
+# --------------------------------------------------------------------------- field groups
+
+_F32, _I64 = "float32", "int64"
+
+# Sufficient statistics of the NBI bank: sums and counts per class (and sub-type / centroid).
+BANK_STATISTICS = (
+    ArrayField("prototype_sum", _F32, ("C", "S", "M", "D")),
+    ArrayField("prototype_sqsum", _F32, ("C", "S", "M", "D")),
+    ArrayField("prototype_count", _I64, ("C", "S"), counts=True),  # groups summed
+    ArrayField("foreground_sum", _F32, ("C", "L", "D")),
+    ArrayField("foreground_count", _I64, ("C", "L"), counts=True),  # tokens summed
+    ArrayField("background_sum", _F32, ("C", "L", "D")),
+    ArrayField("background_count", _I64, ("C", "L"), counts=True),
+    ArrayField("image_count", _I64, ("C",), counts=True),  # images behind the sums
+)
+
+# Seeds for the federated k-means: per-site cluster sums and counts, each cluster made of
+# at least K_min images (enforced by the site, audited by the tests).
+KNOWLEDGE_SEEDS_FIELDS = (
+    ArrayField("prototype_seed_sum", _F32, ("C", "S", "M", "D")),
+    ArrayField("prototype_seed_count", _I64, ("C", "S"), counts=True),
+    ArrayField("foreground_seed_sum", _F32, ("C", "L", "D")),
+    ArrayField("foreground_seed_count", _I64, ("C", "L"), counts=True),
+    ArrayField("background_seed_sum", _F32, ("C", "L", "D")),
+    ArrayField("background_seed_count", _I64, ("C", "L"), counts=True),
+)
+
+CENTROIDS = (
+    ArrayField("prototype_centroids", _F32, ("C", "S", "M", "D")),
+    ArrayField("foreground_centroids", _F32, ("C", "L", "D")),
+    ArrayField("background_centroids", _F32, ("C", "L", "D")),
+)
+
+EVALUATION_FIELDS = (
+    ArrayField("score_positives", _I64, ("C", "B"), counts=True),
+    ArrayField("score_negatives", _I64, ("C", "B"), counts=True),
+    ArrayField("confusion", _I64, ("C", "C"), counts=True),
+)
+
+_ROUND = (("round", int), ("seed", int))
+
+# --------------------------------------------------------------------------- message kinds
+
+SCHEMAS: dict[str, Schema] = {
+    s.kind: s
+    for s in (
+        Schema("discover", config=(("protocol", int),)),
+        Schema(
+            "metadata",
+            arrays=(
+                ArrayField("train_class_counts", _I64, ("C",), counts=True),
+                ArrayField("test_class_counts", _I64, ("C",), counts=True),
+            ),
+            config=(("site-name", str), ("modality", str), ("version", str), ("protocol", int)),
+        ),
+        Schema("teacher.train", config=_ROUND + (("local-epochs", int),), weights=("teacher", "head")),
+        Schema("teacher.update", config=(("num-examples", int), ("loss", float)), weights=("teacher", "head")),
+        Schema("knowledge.seed", config=_ROUND, weights=("teacher", "head")),
+        Schema("knowledge.seeds", arrays=KNOWLEDGE_SEEDS_FIELDS, config=(("groups", int),)),
+        Schema("knowledge.stats", arrays=CENTROIDS, config=_ROUND + (("iteration", int),)),
+        Schema("knowledge.sums", arrays=BANK_STATISTICS, config=(("groups", int), ("smallest-group", int))),
+        Schema(
+            "student.train",
+            arrays=BANK_STATISTICS,
+            config=_ROUND + (("local-epochs", int), ("group-losses", bool), ("use-bank", bool)),
+            weights=("student", "head"),
+        ),
+        Schema(
+            "student.update",
+            config=(("num-examples", int), ("loss", float), ("ce", float), ("den", float), ("pro", float)),
+            weights=("student", "head"),
+        ),
+        Schema("evaluate", config=(("model", str), ("split", str)), weights=("net",)),
+        Schema("evaluation", arrays=EVALUATION_FIELDS, config=(("num-examples", int), ("loss", float))),
+    )
+}
+
+# Which reply answers which request.
+REPLY_KIND = {
+    "discover": "metadata",
+    "teacher.train": "teacher.update",
+    "knowledge.seed": "knowledge.seeds",
+    "knowledge.stats": "knowledge.sums",
+    "student.train": "student.update",
+    "evaluate": "evaluation",
+}
+
+
+def _check_array(where: str, value: Any, spec: ArrayField, dims: Dims) -> np.ndarray:
+    if not isinstance(value, np.ndarray):
+        raise PayloadError(f"{where}: '{spec.name}' must be a numpy array, got {type(value).__name__}")
+    if value.dtype != np.dtype(spec.dtype):
+        raise PayloadError(f"{where}: '{spec.name}' has dtype {value.dtype}, expected {spec.dtype}")
+    expected = dims.resolve(spec.shape)
+    if value.shape != expected:
+        raise PayloadError(
+            f"{where}: '{spec.name}' has shape {value.shape}, expected {expected} ({'x'.join(map(str, spec.shape))})"
+        )
+    if value.dtype.kind == "f" and not np.isfinite(value).all():
+        raise PayloadError(f"{where}: '{spec.name}' holds NaN or Inf")
+    if spec.counts and (value < 0).any():
+        raise PayloadError(f"{where}: '{spec.name}' holds negative counts")
+    return value
+
+
+def _check_config(where: str, config: Mapping[str, Any], schema: Schema) -> None:
+    expected = dict(schema.config)
+    missing = sorted(set(expected) - set(config))
+    if missing:
+        raise PayloadError(f"{where}: missing config keys {missing}")
+    extra = sorted(set(config) - set(expected))
+    if extra:
+        raise PayloadError(f"{where}: unexpected config keys {extra}; '{schema.kind}' has {sorted(expected)}")
+    for key, kind in expected.items():
+        value = config[key]
+        ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            ok = True
+        if not ok:
+            raise PayloadError(f"{where}: config '{key}' = {value!r} should be {kind.__name__}")
+        if kind is float and not np.isfinite(value):
+            raise PayloadError(f"{where}: config '{key}' is not finite ({value})")
+
+
+def _check_weights(
+    where: str, block: str, weights: Mapping[str, np.ndarray], reference: Mapping[str, tuple[tuple[int, ...], str]]
+) -> None:
+    missing = sorted(set(reference) - set(weights))
+    extra = sorted(set(weights) - set(reference))
+    if missing or extra:
+        raise PayloadError(
+            f"{where}: weights '{block}' do not match the model: missing {missing[:3]}{'...' if len(missing) > 3 else ''}, "
+            f"unexpected {extra[:3]}{'...' if len(extra) > 3 else ''} (same backbone and num_classes on every site?)"
+        )
+    for name, (shape, dtype) in reference.items():
+        array = weights[name]
+        if not isinstance(array, np.ndarray) or array.shape != tuple(shape) or array.dtype != np.dtype(dtype):
+            got = (getattr(array, "shape", None), getattr(array, "dtype", type(array).__name__))
+            raise PayloadError(f"{where}: weights '{block}.{name}' is {got}, expected {(tuple(shape), dtype)}")
+        if array.dtype.kind == "f" and not np.isfinite(array).all():
+            raise PayloadError(f"{where}: weights '{block}.{name}' hold NaN or Inf")
+
+
+def validate(
+    payload: Payload,
+    dims: Dims,
+    weight_shapes: Mapping[str, Mapping[str, tuple[tuple[int, ...], str]]] | None = None,
+    sender: str = "message",
+) -> Payload:
+    """Check a payload against its kind's schema; return it or raise :class:`PayloadError`.
+
+    ``weight_shapes`` maps each weight block (``teacher``, ``student``, ``head``, ``net``) to
+    ``{param: (shape, dtype)}`` of the receiver's own model; a carried block absent from it
+    is checked for finiteness only. ``sender`` names the site in error messages.
+    """
+    where = f"{sender} ({payload.kind})"
+    schema = SCHEMAS.get(payload.kind)
+    if schema is None:
+        raise PayloadError(f"{sender}: unknown message kind '{payload.kind}'; known: {sorted(SCHEMAS)}")
+    names = set(schema.array_names())
+    missing = sorted(names - set(payload.arrays))
+    if missing:
+        raise PayloadError(f"{where}: missing arrays {missing}")
+    extra = sorted(set(payload.arrays) - names)
+    if extra:
+        raise PayloadError(f"{where}: unexpected arrays {extra}; '{schema.kind}' carries {sorted(names)}")
+    for spec in schema.arrays:
+        _check_array(where, payload.arrays[spec.name], spec, dims)
+    _check_config(where, payload.config, schema)
+    blocks = set(schema.weights)
+    if set(payload.weights) != blocks:
+        raise PayloadError(f"{where}: weight blocks {sorted(payload.weights)}, expected {sorted(blocks)}")
+    for block, weights in payload.weights.items():
+        reference = (weight_shapes or {}).get(block)
+        if reference is None:
+            for name, array in weights.items():
+                if not isinstance(array, np.ndarray):
+                    raise PayloadError(f"{where}: weights '{block}.{name}' is not an array")
+                if array.dtype.kind == "f" and not np.isfinite(array).all():
+                    raise PayloadError(f"{where}: weights '{block}.{name}' hold NaN or Inf")
+        else:
+            _check_weights(where, block, weights, reference)
+    return payload
+
+
+def make(kind: str, dims: Dims, *, arrays=None, config=None, weights=None) -> Payload:
+    """Build a payload of a kind and validate it before it is sent (the sender's own check)."""
+    payload = Payload(kind, dict(arrays or {}), dict(config or {}), {k: dict(v) for k, v in (weights or {}).items()})
+    return validate(payload, dims)
+
+
+def weight_shapes(state: Mapping[str, np.ndarray]) -> dict[str, tuple[tuple[int, ...], str]]:
+    """{param: (shape, dtype)} of a numpy state dict, the reference :func:`validate` checks against."""
+    return {name: (tuple(a.shape), str(a.dtype)) for name, a in state.items()}
