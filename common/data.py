@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
+from scipy.ndimage import gaussian_filter
 
 log = logging.getLogger(__name__)
 
@@ -223,11 +224,11 @@ _LOOKS: dict[str, _Look] = {
         pit=(0.94, 0.62, 0.56),
         vessel=(0.70, 0.24, 0.22),
         pit_amp=0.22,
-        vessel_amp=0.22,
-        blur=0.016,
-        noise=0.035,
-        glare_count=(2, 6),
-        glare_size=(0.03, 0.08),
+        vessel_amp=0.26,
+        blur=0.015,
+        noise=0.022,
+        glare_count=(1, 4),
+        glare_size=(0.015, 0.045),
         glare_on_lesion=0.6,
     ),
 }
@@ -279,27 +280,6 @@ def _smooth_noise(rng: np.random.Generator, size: int, cells: int) -> np.ndarray
     return m @ rng.standard_normal((cells, cells), dtype=np.float32) @ m.T
 
 
-@functools.lru_cache(maxsize=64)
-def _blur_matrix(size: int, sigma_px: float) -> np.ndarray:
-    """[S, S] row-normalised Gaussian blur operator (edges renormalised, no dark rim)."""
-    i = np.arange(size, dtype=np.float32)
-    w = np.exp(-0.5 * ((i[:, None] - i[None, :]) / sigma_px) ** 2)
-    w /= w.sum(axis=1, keepdims=True)
-    w = w.astype(np.float32)
-    w.setflags(write=False)
-    return w
-
-
-def _blur(img: np.ndarray, sigma_px: float) -> np.ndarray:
-    """Separable Gaussian blur of an [S, S, 3] image, as two matrix products."""
-    if sigma_px < 0.25:
-        return img
-    size = img.shape[0]
-    b = _blur_matrix(size, round(float(sigma_px), 2))
-    out = (b @ img.reshape(size, -1)).reshape(img.shape)  # along rows
-    return np.einsum("jk,ikc->ijc", b, out, optimize=False)  # along columns
-
-
 @dataclass(frozen=True)
 class _SiteLook:
     """Per-site rendering offsets (scaled by ``render_shift``)."""
@@ -319,22 +299,28 @@ def _site_look(spec: SyntheticSiteSpec) -> _SiteLook:
 
 
 def _render(rng: np.random.Generator, latents: dict[str, float], size: int, look: _Look, site: _SiteLook) -> np.ndarray:
-    """Render one image [S, S, 3] uint8 from its latents; ``rng`` supplies every nuisance draw."""
+    """Render one image [S, S, 3] uint8 from its latents; ``rng`` supplies every nuisance draw.
+
+    Every step is a whole-array numpy operation on [S, S] maps; colour is only formed at the
+    end, as one [3, 4] x [4, S*S] product of a palette with four layer weights (mucosa,
+    lesion tint, pits, vessels), because each [S, S, 3] operation costs three [S, S] ones.
+    """
     x, y = _grid(size)
     px = 2.0 / size  # one pixel in image half-widths
+    f32 = np.float32
 
     # --- nuisance geometry (class-independent) ---
-    radius = 0.35 * math.sqrt(rng.uniform())
+    radius = 0.3 * math.sqrt(rng.uniform())
     ang = rng.uniform(0.0, 2.0 * math.pi)
     cx, cy = radius * math.cos(ang), radius * math.sin(ang)
-    a = rng.uniform(0.28, 0.5)
-    b = a * rng.uniform(0.6, 1.0)
+    a = rng.uniform(0.38, 0.6)
+    b = a * rng.uniform(0.65, 1.0)
     theta = rng.uniform(0.0, math.pi)
     phi = rng.uniform(0.0, math.pi)  # orientation of the pit lattice
-    freq = rng.uniform(24.0, 30.0)  # pit lattice angular frequency (period ~0.23 half-widths)
+    freq = rng.uniform(34.0, 42.0)  # pit lattice angular frequency (period ~0.17 half-widths)
     light_dir = rng.uniform(0.0, 2.0 * math.pi)
     light_amp = rng.uniform(0.0, 0.15)
-    colour_jitter = (1.0 + 0.05 * rng.standard_normal(3)).astype(np.float32)
+    colour_jitter = 1.0 + 0.05 * rng.standard_normal(3)
 
     texture = _smooth_noise(rng, size, 5)
     warp_u = _smooth_noise(rng, size, 14)
@@ -345,58 +331,65 @@ def _render(rng: np.random.Generator, latents: dict[str, float], size: int, look
     breaks = _smooth_noise(rng, size, 10)
 
     # --- lesion mask: soft ellipse with a slightly irregular border ---
-    dx, dy = x - cx, y - cy
+    dx, dy = x - f32(cx), y - f32(cy)
     ct, st = math.cos(theta), math.sin(theta)
-    ell = ((dx * ct + dy * st) / a) ** 2 + ((-dx * st + dy * ct) / b) ** 2
-    ell = ell + 0.15 * texture
-    lesion = np.clip((1.0 - ell) * 4.0, 0.0, 1.0)
+    e1 = (dx * f32(ct / a) + dy * f32(st / a)) ** 2
+    e2 = (dy * f32(ct / b) - dx * f32(st / b)) ** 2
+    lesion = np.clip(f32(2.5) - f32(2.5) * (e1 + e2 + f32(0.15) * texture), 0.0, 1.0)
 
     def blend(key: str) -> np.ndarray:
         """Parameter map: background value outside the lesion, the latent inside."""
         bg = _BACKGROUND_BIOLOGY[key]
-        return bg + (latents[key] - bg) * lesion
+        return f32(bg) + f32(latents[key] - bg) * lesion
 
     # --- pit pattern: lattice of spots, stretched into tubes, warped into disorder ---
     irreg = blend("pit_irregularity")
-    period = 2.0 * math.pi / freq
-    cp, sp = math.cos(phi), math.sin(phi)
-    u = dx * cp + dy * sp + irreg * (0.45 * period) * warp_u
-    v = -dx * sp + dy * cp + irreg * (0.45 * period) * warp_v
-    field = np.cos(freq * u) * np.cos(freq * v / blend("pit_elongation"))
-    threshold = 0.3 + 0.3 * irreg * pit_size_noise
-    pits = np.clip((field - threshold) * 4.0 + 0.5, 0.0, 1.0)
+    warp = irreg * f32(0.45 * 2.0 * math.pi)  # displacement up to ~half a pit period, in phase units
+    cp, sp = math.cos(phi) * freq, math.sin(phi) * freq
+    u = dx * f32(cp) + dy * f32(sp) + warp * warp_u
+    v = (dy * f32(cp) - dx * f32(sp) + warp * warp_v) / blend("pit_elongation")
+    field = np.cos(u) * np.cos(v)
+    pits = np.clip((field - f32(0.4) - f32(0.3) * irreg * pit_size_noise) * f32(4.0) + f32(0.5), 0.0, 1.0)
 
     # --- vessels: zero set of a field; regular mesh between pits -> tortuous random network ---
     tort = blend("vessel_tortuosity")
-    nv = (1.0 - tort) * field + tort * 0.8 * vessel_tortuous + blend("vessel_density") * 0.45 * vessel_dense
+    nv = field + tort * (f32(0.8) * vessel_tortuous - field) + blend("vessel_density") * f32(0.45) * vessel_dense
     gy, gx = np.gradient(nv)
-    dist_px = np.abs(nv) / (np.sqrt(gx * gx + gy * gy) + 1e-6)  # distance to the zero line, pixels
     lo, hi = _CALIBRE_RANGE
-    half_width_px = (lo + (hi - lo) * blend("vessel_calibre")) / px
-    half_width_px = np.sqrt(half_width_px * half_width_px + 0.25)  # pixel footprint (anti-alias)
-    vessels = np.exp(-((dist_px / half_width_px) ** 2))
-    disrupt = blend("vessel_disruption")
-    vessels = vessels * (1.0 - disrupt * np.clip(breaks * 2.0 + 0.5, 0.0, 1.0))
+    half_width_px = blend("vessel_calibre") * f32((hi - lo) / px) + f32(lo / px)
+    # Gaussian profile of the distance to the zero line (|nv| / |grad nv|, in pixels); the
+    # +0.25 px^2 is the pixel footprint (anti-aliasing); the cap keeps exp() off subnormals.
+    q = (nv * nv) / ((gx * gx + gy * gy + f32(1e-8)) * (half_width_px * half_width_px + f32(0.25)))
+    vessels = np.exp(-np.minimum(q, f32(30.0)))
+    vessels *= f32(1.0) - blend("vessel_disruption") * np.clip(breaks * f32(2.0) + f32(0.5), 0.0, 1.0)
 
-    # --- compose colour ---
-    amp_map = _BACKGROUND_AMP + (1.0 - _BACKGROUND_AMP) * lesion
-    pit_alpha = (look.pit_amp * amp_map * (_BACKGROUND_AMP + (latents["pit_visibility"] - _BACKGROUND_AMP) * lesion) * pits)
-    vessel_alpha = look.vessel_amp * amp_map * vessels
-    mucosa = np.asarray(look.mucosa, np.float32) * colour_jitter
-    lesion_col = np.asarray(look.lesion, np.float32) * colour_jitter
-    img = mucosa + (0.7 * lesion)[..., None] * (lesion_col - mucosa)
-    img = img * (1.0 + 0.10 * texture)[..., None]
-    img = img + pit_alpha[..., None] * (np.asarray(look.pit, np.float32) - img)
-    img = img + vessel_alpha[..., None] * (np.asarray(look.vessel, np.float32) - img)
-
-    # --- optics: shading (vignetting, oblique light, raised lesion), blur ---
+    # --- layer weights (alpha compositing with constant colours is linear in the colours) ---
+    amp_map = f32(_BACKGROUND_AMP) + f32(1.0 - _BACKGROUND_AMP) * lesion
+    pit_vis = f32(_BACKGROUND_AMP) + f32(latents["pit_visibility"] - _BACKGROUND_AMP) * lesion
+    pit_a = f32(look.pit_amp) * amp_map * pit_vis * pits
+    ves_a = f32(look.vessel_amp) * amp_map * vessels
     r2 = x * x + y * y
-    shade = (1.0 - 0.45 * r2) * (1.0 + light_amp * (x * math.cos(light_dir) + y * math.sin(light_dir)))
-    shade = shade * (1.0 + 0.08 * lesion)
-    img = img * shade[..., None]
-    img = _blur(img, (look.blur + site.blur) / px)
+    shade = (f32(1.0) - f32(0.45) * r2) * (
+        f32(1.0) + x * f32(light_amp * math.cos(light_dir)) + y * f32(light_amp * math.sin(light_dir))
+    )
+    shade *= f32(1.0) + f32(0.08) * lesion  # raised lesion catches more light
+    fov = np.clip((f32(0.985) - np.sqrt(r2)) * f32(1.0 / (1.5 * px)), 0.0, 1.0)  # circular field of view
+    shade *= fov
+    w_vessel = ves_a * shade
+    w_pit = pit_a * (shade - w_vessel)  # = pit_a * (1 - ves_a) * shade
+    base = (shade - w_vessel - w_pit) * (f32(1.0) + f32(0.10) * texture)  # = (1-pit_a)(1-ves_a) shade tex
+    w_lesion = base * (f32(0.7) * lesion)
+    w_mucosa = base - w_lesion
+    palette = np.array([look.mucosa, look.lesion, look.pit, look.vessel], dtype=np.float64)
+    palette[:2] *= colour_jitter
+    palette *= site.cast  # per-site white balance
+    weights = np.stack([w_mucosa, w_lesion, w_pit, w_vessel]).reshape(4, -1)
+    img = (palette.T.astype(f32) @ weights).reshape(3, size, size)  # [3, S, S]
 
-    # --- specular glare: saturated blobs, some on the (raised) lesion ---
+    # --- optics and sensor: blur, specular glare, noise, brightness ---
+    blur_px = (look.blur + site.blur) / px
+    if blur_px >= 0.25:
+        img = gaussian_filter(img, sigma=(0.0, blur_px, blur_px), mode="reflect", truncate=3.0)
     lo_n, hi_n = look.glare_count
     n_glare = int(rng.integers(lo_n, hi_n + 1))
     if n_glare:
@@ -408,21 +401,35 @@ def _render(rng: np.random.Generator, latents: dict[str, float], size: int, look
         gsize = rng.uniform(*look.glare_size, size=n_glare)
         gstretch = rng.uniform(1.0, 2.5, size=n_glare)
         gangle = rng.uniform(0.0, math.pi, size=n_glare)
-        glare = np.zeros_like(x)
-        for k in range(n_glare):  # loop over a handful of blobs, each vectorised over pixels
-            ddx, ddy = x - gx0[k], y - gy0[k]
+        glare_rgb = (f32(0.98) * site.cast).astype(f32)[:, None, None]
+        for k in range(n_glare):  # a handful of blobs, each vectorised over its bounding window
+            reach = 3.0 * gsize[k] * gstretch[k]
+            c0, c1 = _window(gx0[k], reach, size)
+            r0, r1 = _window(gy0[k], reach, size)
+            if c0 >= c1 or r0 >= r1:
+                continue
+            wx, wy = x[r0:r1, c0:c1] - f32(gx0[k]), y[r0:r1, c0:c1] - f32(gy0[k])
             c, s = math.cos(gangle[k]), math.sin(gangle[k])
-            d2 = ((ddx * c + ddy * s) / gstretch[k]) ** 2 + (-ddx * s + ddy * c) ** 2
-            np.maximum(glare, np.exp(-d2 / (2.0 * gsize[k] ** 2)), out=glare)
-        glare = np.clip(glare * 1.8, 0.0, 1.0)[..., None]
-        img = img + glare * (np.float32(0.98) - img)
+            inv = 1.0 / (math.sqrt(2.0) * gsize[k])
+            d2 = (wx * f32(c * inv / gstretch[k]) + wy * f32(s * inv / gstretch[k])) ** 2
+            d2 += (wy * f32(c * inv) - wx * f32(s * inv)) ** 2
+            alpha = np.clip(np.exp(-d2) * f32(1.8), 0.0, 1.0) * fov[r0:r1, c0:c1]
+            patch = img[:, r0:r1, c0:c1]
+            patch += alpha * (glare_rgb - patch)
+    # Sensor noise (luminance) and brightness offset, inside the field of view only.
+    lum = (rng.standard_normal((size, size), dtype=f32) * f32(look.noise) + f32(site.brightness)) * fov
+    img += lum
+    img *= f32(255.0)
+    img += f32(0.5)
+    np.clip(img, 0.0, 255.0, out=img)
+    return np.ascontiguousarray(img.astype(np.uint8).transpose(1, 2, 0))
 
-    # --- sensor: noise, site colour cast and brightness, circular field of view ---
-    img = img + look.noise * rng.standard_normal(img.shape, dtype=np.float32)
-    img = img * site.cast + site.brightness
-    fov = np.clip((0.985 - np.sqrt(r2)) / (1.5 * px), 0.0, 1.0)
-    img = img * fov[..., None]
-    return (np.clip(img, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+
+def _window(centre: float, reach: float, size: int) -> tuple[int, int]:
+    """Pixel index range [lo, hi) covering ``centre +- reach`` (image half-width units)."""
+    lo = int(math.floor((centre - reach + 1.0) * size / 2.0))
+    hi = int(math.ceil((centre + reach + 1.0) * size / 2.0))
+    return max(lo, 0), min(hi, size)
 
 
 def _split_labels(spec: SyntheticSiteSpec, split: str) -> np.ndarray:

@@ -280,3 +280,52 @@ def adaptive_groups(
         members.sort(key=lambda m: (-m.numel(), int(m[0])))
         groups.extend(Group(class_id=c, indices=m, subtype=rank) for rank, m in enumerate(members))
     return groups
+
+
+def cluster_statistics(
+    x: torch.Tensor,
+    owners: torch.Tensor,
+    k: int,
+    min_owners: int,
+    centroids: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    iters: int = 10,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-cluster sums, counts and sums of squares, suppressing clusters of too few images.
+
+    The one statistic NBI sites send for both the prototype bank and the token codebooks.
+    With ``centroids`` [k', F] (the server's), points are assigned to them (a federated Lloyd
+    step); without, a local k-means with k clusters is run first (seeding). A cluster whose
+    points come from fewer than ``min_owners`` distinct images (``owners`` [T], an image id per
+    point) is zeroed, so nothing summarises fewer than K_min images.
+
+    Args:
+        x: [T, F] points (tokens, or flattened group prototype sets).
+        owners: long [T] image (or group) id of each point.
+        k: slots in the output (centroids beyond k' or clusters beyond T stay zero).
+        min_owners: K_min.
+
+    Returns:
+        sums [k, F], counts long [k], sqsums [k, F].
+    """
+    sums = x.new_zeros(k, x.shape[1])
+    sqsums = x.new_zeros(k, x.shape[1])
+    counts = torch.zeros(k, dtype=torch.long, device=x.device)
+    if x.shape[0] == 0:
+        return sums, counts, sqsums
+    if centroids is None:
+        if generator is None:
+            raise ValueError("cluster_statistics needs a generator when it seeds its own centroids")
+        centroids, _ = kmeans(x, k, iters, generator)
+    assign = assign_nearest(x, centroids.to(x.dtype))
+    used = centroids.shape[0]
+    part_sums, part_counts = centroid_sums(x, assign, used)
+    part_sq, _ = centroid_sums(x * x, assign, used)
+    distinct = torch.tensor(
+        [owners[assign == j].unique().numel() for j in range(used)], dtype=torch.long, device=x.device
+    )
+    keep = (distinct >= min_owners)[:, None]
+    sums[:used] = torch.where(keep, part_sums, 0)
+    sqsums[:used] = torch.where(keep, part_sq, 0)
+    counts[:used] = torch.where(keep[:, 0], part_counts, 0)
+    return sums, counts, sqsums

@@ -29,6 +29,7 @@ __all__ = [
     "classification_metrics",
     "confusion_matrix",
     "histogram_metrics",
+    "histogram_roc",
     "score_histogram",
 ]
 
@@ -268,3 +269,13 @@ def histogram_metrics(hist: ScoreHistogram) -> dict:
         [_auc_from_counts(hist.positives[c], hist.negatives[c]) for c in range(hist.num_classes)]
     )
     return _summarise(hist.confusion, auc_per_class)
+
+
+def histogram_roc(hist: ScoreHistogram, class_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """One-vs-rest ROC of a class from its score histogram: (fpr [B+1], tpr [B+1]),
+    thresholds sweeping the bin edges from above 1 down to 0."""
+    positives = hist.positives[class_id][::-1].astype(np.float64)
+    negatives = hist.negatives[class_id][::-1].astype(np.float64)
+    tpr = np.concatenate([[0.0], np.cumsum(positives) / max(positives.sum(), 1.0)])
+    fpr = np.concatenate([[0.0], np.cumsum(negatives) / max(negatives.sum(), 1.0)])
+    return fpr, tpr

@@ -190,3 +190,61 @@ def pick_device(name: str = "auto") -> torch.device:
         raise RuntimeError(f"train.device='{name}' but no CUDA device is visible; use 'auto' or 'cpu'")
     return device
 
+
+
+STUDENT_CHECKPOINT = "student.safetensors"
+
+
+def save_checkpoint(path: str | Path, state: dict, cfg, class_names: tuple[str, ...]) -> None:
+    """Write a student checkpoint: weights as safetensors, with what is needed to rebuild and
+    use it (backbone, classes, image size, embed dim) in the file's metadata. Atomic."""
+    import json
+    import os
+    import tempfile
+
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    path = Path(path)
+    meta = {
+        "backbone": cfg.model.student,
+        "num_classes": str(cfg.data.num_classes),
+        "embed_dim": str(cfg.model.embed_dim),
+        "image_size": str(cfg.data.image_size),
+        "class_names": json.dumps(list(class_names)),
+    }
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
+    try:
+        save_file({k: np.ascontiguousarray(v) for k, v in state.items()}, tmp, metadata=meta)
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def load_checkpoint(path: str | Path) -> tuple[PaGKDNet, dict]:
+    """Rebuild a student from :func:`save_checkpoint`'s file -> (network in eval mode, metadata
+    with ``class_names`` a tuple and sizes as ints)."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint '{path}' does not exist; a finished run writes runs/<name>/{STUDENT_CHECKPOINT}")
+    with safe_open(str(path), framework="pt") as handle:
+        raw = handle.metadata() or {}
+    missing = {"backbone", "num_classes", "embed_dim", "image_size", "class_names"} - set(raw)
+    if missing:
+        raise ValueError(f"checkpoint '{path}' lacks metadata {sorted(missing)}; was it written by save_checkpoint?")
+    meta = {
+        "backbone": raw["backbone"],
+        "num_classes": int(raw["num_classes"]),
+        "embed_dim": int(raw["embed_dim"]),
+        "image_size": int(raw["image_size"]),
+        "class_names": tuple(json.loads(raw["class_names"])),
+    }
+    net = PaGKDNet(meta["backbone"], meta["num_classes"], meta["embed_dim"])
+    net.load_state_dict(load_file(str(path)), strict=True)
+    return net.eval(), meta

@@ -148,6 +148,8 @@ SCHEMAS: dict[str, Schema] = {
         ),
         Schema("evaluate", config=(("model", str), ("split", str)), weights=("net",)),
         Schema("evaluation", arrays=EVALUATION_FIELDS, config=(("num-examples", int), ("loss", float))),
+        # A site's refusal of any request: it names itself and the reason (bad data, wrong role...).
+        Schema("error", config=(("site-name", str), ("reason", str))),
     )
 }
 

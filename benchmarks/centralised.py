@@ -1,0 +1,158 @@
+"""Centralised PaGKD reference: the upper bound the federated system must approach.
+
+All NBI sites' training images pooled train the teacher; all WLI sites' images pooled train
+the student, distilling from the frozen teacher's live NBI batches (unpaired groups, re-drawn
+every batch). Variants: ``wli_only`` (CE only), ``pagkd`` (CE + GKD-Den + GKD-Pro),
+``pro_only``, ``den_only``, ``pagkd_adaptive`` (adaptive groups). Every variant of a seed
+starts from the same student initialisation. Reports AUC, ACC, sensitivity, specificity on the
+pooled WLI test split (and the teacher's on NBI), mean and std over seeds; writes JSON.
+
+    python -m benchmarks.centralised                      # cpu preset, 3 seeds, all variants
+    python -m benchmarks.centralised preset=paper bench.seeds=[0]
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import logging
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import ConcatDataset
+
+import common  # noqa: F401  (torchvision shim before timm)
+from client.site import _synthetic_site, synthetic_site_specs
+from client.train import balanced_loader, eval_loader, live_teacher_bank, predict, train_student, train_teacher
+from common.config import Config, config_from_mapping, config_to_dict
+from common.metrics import classification_metrics
+from common.models import build_query_head, build_student, build_teacher, pick_device
+
+log = logging.getLogger("fedpagkd.centralised")
+
+VARIANTS: dict[str, dict[str, Any]] = {
+    "wli_only": {"use_pro": False, "use_den": False},
+    "pagkd": {},
+    "pro_only": {"use_den": False},
+    "den_only": {"use_pro": False},
+    "pagkd_adaptive": {"grouping": "adaptive", "subtypes": 2},
+}
+REPORTED = ("auc", "accuracy", "sensitivity", "specificity")
+# Authors' README, PICCOLO (3 classes), AUC.
+PAPER_PICCOLO_AUC = {"pagkd": 0.901, "wli_only": 0.712, "pro_only": 0.850, "den_only": 0.835}
+
+
+def pooled_data(cfg: Config):
+    sites = [_synthetic_site(name, spec, cfg.data.image_size) for name, spec in synthetic_site_specs(cfg)]
+    def pool(modality: str, split: str):
+        parts = [getattr(s, split) for s in sites if s.modality == modality]
+        data = ConcatDataset(parts)
+        data.labels = np.concatenate([p.labels for p in parts])  # for the balanced sampler
+        return data
+    return pool("nbi", "train"), pool("nbi", "test"), pool("wli", "train"), pool("wli", "test")
+
+
+def with_variant(cfg: Config, variant: str) -> Config:
+    return dataclasses.replace(cfg, pagkd=dataclasses.replace(cfg.pagkd, **VARIANTS[variant])).validate()
+
+
+def run_seed(cfg: Config, seed: int, variants: list[str]) -> dict[str, dict[str, Any]]:
+    """Teacher once, then each student variant from the same initialisation."""
+    device = pick_device(cfg.train.device)
+    nbi_train, nbi_test, wli_train, wli_test = pooled_data(cfg)
+    c = cfg.data.num_classes
+    bs, workers = cfg.train.batch_size, cfg.data.num_workers
+    results: dict[str, dict[str, Any]] = {}
+
+    torch.manual_seed(seed)
+    teacher, teacher_head = build_teacher(cfg.model, c), build_query_head(cfg.model, c)
+    started = time.time()
+    train_teacher(teacher, teacher_head, balanced_loader(nbi_train, bs, seed, workers), cfg, device, cfg.train.teacher_epochs, seed)
+    probs, labels, _ = predict(teacher, eval_loader(nbi_test, bs, workers), device, cfg.train.amp)
+    results["nbi_teacher"] = {**classification_metrics(probs, labels), "train_s": time.time() - started}
+    log.info("seed %d nbi_teacher AUC %.4f (%.0f s)", seed, results["nbi_teacher"]["auc"], results["nbi_teacher"]["train_s"])
+    teacher.eval().requires_grad_(False)
+
+    torch.manual_seed(seed + 1)
+    student_init = build_student(cfg.model, c).state_dict()
+    for variant in variants:
+        vcfg = with_variant(cfg, variant)
+        student = build_student(cfg.model, c)
+        student.load_state_dict(student_init)
+        head = copy.deepcopy(teacher_head).requires_grad_(True)  # the shared head starts where the teacher left it
+        if vcfg.pagkd.use_pro or vcfg.pagkd.use_den:
+            bank_source = live_teacher_bank(teacher, head, balanced_loader(nbi_train, bs, seed + 2, workers), vcfg, device, seed)
+        else:
+            bank_source = lambda: None  # noqa: E731
+        started = time.time()
+        train_student(student, head, balanced_loader(wli_train, bs, seed + 3, workers), bank_source, vcfg, device,
+                      vcfg.train.epochs, seed)
+        probs, labels, _ = predict(student, eval_loader(wli_test, bs, workers), device, cfg.train.amp)
+        results[variant] = {**classification_metrics(probs, labels), "train_s": time.time() - started}
+        log.info("seed %d %s AUC %.4f (%.0f s)", seed, variant, results[variant]["auc"], results[variant]["train_s"])
+    return results
+
+
+def summarise(per_seed: list[dict[str, dict[str, Any]]]) -> dict[str, dict[str, float]]:
+    table: dict[str, dict[str, float]] = {}
+    for name in per_seed[0]:
+        row = {}
+        for key in REPORTED + ("train_s",):
+            values = np.array([r[name][key] for r in per_seed], dtype=np.float64)
+            row[f"{key}_mean"], row[f"{key}_std"] = float(values.mean()), float(values.std(ddof=1) if len(values) > 1 else 0.0)
+        table[name] = row
+    return table
+
+
+def format_table(table: dict[str, dict[str, float]], n_seeds: int) -> str:
+    head = f"{'variant':<16}" + "".join(f"{k.upper()[:4]:>16}" for k in REPORTED) + f"{'paper AUC':>11}"
+    lines = [f"centralised reference, mean +/- std over {n_seeds} seed(s)", head, "-" * len(head)]
+    for name, row in table.items():
+        cells = "".join(f"{row[f'{k}_mean']:>9.4f} +/-{row[f'{k}_std']:.3f}" for k in REPORTED)
+        paper = PAPER_PICCOLO_AUC.get(name)
+        lines.append(f"{name:<16}{cells}{'' if paper is None else f'{paper:>11.3f}'}")
+    return "\n".join(lines)
+
+
+def environment() -> dict[str, Any]:
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "machine": platform.machine(),
+        "processor": platform.processor(),
+        "cpus": torch.get_num_threads(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+
+
+@hydra.main(version_base=None, config_path="../conf", config_name="centralised")
+def main(conf: DictConfig) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    tree = OmegaConf.to_container(conf, resolve=True)
+    bench = tree.pop("bench")
+    cfg = config_from_mapping(tree)  # one typed schema: unknown keys and bad values fail here
+    unknown = set(bench["variants"]) - set(VARIANTS)
+    if unknown:
+        raise ValueError(f"bench.variants has unknown {sorted(unknown)}; choose from {sorted(VARIANTS)}")
+    per_seed = []
+    for seed in bench["seeds"]:
+        seed_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=int(seed)))
+        per_seed.append(run_seed(seed_cfg, int(seed), list(bench["variants"])))
+    table = summarise(per_seed)
+    print(format_table(table, len(per_seed)))
+    out = Path(hydra.utils.to_absolute_path(bench["out"]))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"config": config_to_dict(cfg), "bench": bench, "summary": table, "per_seed": per_seed,
+                               "paper_piccolo_auc": PAPER_PICCOLO_AUC, "environment": environment()}, indent=2))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

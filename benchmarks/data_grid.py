@@ -1,0 +1,75 @@
+"""Draw docs/synthetic_grid.png: synthetic NBI rows then WLI rows, one column block per class.
+
+    python -m benchmarks.data_grid [--out docs/synthetic_grid.png] [--per-class 3] [--size 128]
+
+Also prints the render time per image at 64 and 128 px.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import common  # noqa: F401  (compat shim before torchvision)
+import numpy as np
+from PIL import Image, ImageDraw
+
+from common.data import SyntheticEndoscopyDataset, SyntheticSiteSpec
+
+
+def render_ms(size: int, modality: str, n: int = 200) -> float:
+    """Mean milliseconds to render one image (uint8 array) of ``size`` px."""
+    ds = SyntheticEndoscopyDataset(SyntheticSiteSpec(modality, num_train=n, image_size=size), "train")
+    ds.render_array(0)  # warm caches
+    start = time.perf_counter()
+    for i in range(n):
+        ds.render_array(i)
+    return (time.perf_counter() - start) / n * 1e3
+
+
+def draw_grid(out: Path, per_class: int = 3, size: int = 128, num_classes: int = 3, seed: int = 0) -> Path:
+    pad, label_h = 4, 16
+    rows = []
+    names = None
+    for modality in ("nbi", "wli"):
+        spec = SyntheticSiteSpec(modality, num_train=60 * num_classes, num_classes=num_classes, image_size=size, seed=seed)
+        ds = SyntheticEndoscopyDataset(spec, "train")
+        names = ds.class_names
+        picks = [np.flatnonzero(ds.labels == c)[:per_class] for c in range(num_classes)]
+        rows.append((modality, [[ds.render(int(i)) for i in p] for p in picks]))
+    cols = num_classes * per_class
+    width = pad + cols * (size + pad) + pad * (num_classes - 1)
+    height = label_h + len(rows) * (size + pad + label_h) + pad
+    canvas = Image.new("RGB", (width, height), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    for c, name in enumerate(names):
+        draw.text((pad + c * (per_class * (size + pad) + pad), 2), name, fill=(0, 0, 0))
+    y = label_h
+    for modality, per_cls in rows:
+        draw.text((pad, y + 1), modality.upper(), fill=(0, 0, 0))
+        y += label_h
+        for c, images in enumerate(per_cls):
+            x0 = pad + c * (per_class * (size + pad) + pad)
+            for k, im in enumerate(images):
+                canvas.paste(im, (x0 + k * (size + pad), y))
+        y += size + pad
+    out.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(out)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("docs/synthetic_grid.png"))
+    parser.add_argument("--per-class", type=int, default=3)
+    parser.add_argument("--size", type=int, default=128)
+    args = parser.parse_args()
+    print(f"wrote {draw_grid(args.out, args.per_class, args.size)}")
+    for size in (64, 128):
+        for modality in ("nbi", "wli"):
+            print(f"render {modality} {size}px: {render_ms(size, modality):.2f} ms/image")
+
+
+if __name__ == "__main__":
+    main()

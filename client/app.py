@@ -1,0 +1,245 @@
+"""FedPaGKD ClientApp: one handler per protocol message, each a thin translation layer.
+
+Every handler parses and validates its request with :mod:`common.records`, checks that this
+site's modality fits the request (teacher and knowledge: NBI; student: WLI), runs the local
+work from :mod:`client.train` / :mod:`client.knowledge`, and answers with a validated payload.
+Any failure becomes an ``error`` reply naming the site and the reason, so the server can drop
+this site and go on.
+"""
+
+from __future__ import annotations
+
+import logging
+import zlib
+from importlib import metadata
+from typing import Callable
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message
+from flwr.clientapp import ClientApp
+
+from client.knowledge import extract_site_knowledge, knowledge_seeds, knowledge_sums
+from client.site import SiteData, resolve_site
+from client.train import balanced_loader, eval_loader, predict, train_student, train_teacher
+from client.wire import from_recorddict, load_numpy_state, state_to_numpy, to_recorddict
+from common.config import Config, config_from_flat
+from common.losses import bank_from_statistics
+from common.metrics import score_histogram
+from common.models import build_query_head, build_student, build_teacher, pick_device
+from common.records import PROTOCOL_VERSION, Dims, Payload, PayloadError, make, validate
+
+log = logging.getLogger(__name__)
+app = ClientApp()
+
+try:
+    VERSION = metadata.version("fedpagkd")
+except metadata.PackageNotFoundError:  # running from a source tree (the FAB)
+    VERSION = "0.1.0"
+
+# Local state kept between the knowledge messages of one bank refresh (never sent).
+_STATE_TEACHER, _STATE_HEAD, _STATE_KNOWLEDGE = "knowledge.teacher", "knowledge.head", "knowledge.config"
+
+
+class RoleError(ValueError):
+    """A request for the other modality's role (e.g. teacher training on a WLI site)."""
+
+
+def dims_of(cfg: Config) -> Dims:
+    return Dims(
+        C=cfg.data.num_classes,
+        S=cfg.pagkd.subtypes,
+        M=cfg.model.num_queries,
+        D=cfg.model.embed_dim,
+        L=cfg.pagkd.codebook_size,
+        B=cfg.fed.num_bins,
+    )
+
+
+def site_seed(seed: int, site_name: str) -> int:
+    """A per-site seed that is stable across processes (no Python hash randomisation)."""
+    return (seed * 1_000_003 + zlib.crc32(site_name.encode())) % 2**31
+
+
+Handler = Callable[[Payload, SiteData, Config, Dims, Context], Payload]
+
+
+def handles(kind: str, modalities: tuple[str, ...]) -> Callable[[Handler], Callable[[Message, Context], Message]]:
+    """Wrap a handler: parse + validate the request, resolve the site, check its role,
+    turn any failure into an ``error`` reply that names the site."""
+
+    def decorate(handler: Handler) -> Callable[[Message, Context], Message]:
+        def wrapped(message: Message, context: Context) -> Message:
+            site_name = str(context.node_config.get("site-name", f"partition-{context.node_config.get('partition-id', '?')}"))
+            try:
+                cfg = config_from_flat(context.run_config)
+                dims = dims_of(cfg)
+                request = validate(from_recorddict(message.content, "server"), dims, sender="server")
+                if request.kind != kind:
+                    raise PayloadError(f"expected a '{kind}' request, got '{request.kind}'")
+                site = resolve_site(context.node_config, cfg)
+                site_name = site.name
+                if site.modality not in modalities:
+                    raise RoleError(
+                        f"site '{site.name}' holds {site.modality.upper()} data but '{kind}' is for "
+                        f"{'/'.join(m.upper() for m in modalities)} sites; check its 'modality' in the node config"
+                    )
+                torch.manual_seed(site_seed(int(request.config.get("seed", 0)), site.name))
+                reply = handler(request, site, cfg, dims, context)
+                validate(reply, dims, sender=f"site '{site.name}'")
+            except Exception as err:  # noqa: BLE001 - every failure must reach the server as a reply
+                log.exception("site '%s' refused '%s'", site_name, kind)
+                reply = Payload("error", config={"site-name": site_name, "reason": f"{type(err).__name__}: {err}"})
+            return Message(to_recorddict(reply), reply_to=message)
+
+        # Not functools.wraps: Flower inspects the (message, context) signature of what it registers.
+        wrapped.__name__, wrapped.__doc__ = handler.__name__, handler.__doc__
+        return wrapped
+
+    return decorate
+
+
+def _class_counts(labels: np.ndarray, num_classes: int) -> np.ndarray:
+    return np.bincount(np.asarray(labels, dtype=np.int64), minlength=num_classes)[:num_classes].astype(np.int64)
+
+
+@app.query("discover")
+@handles("discover", ("nbi", "wli"))
+def discover(request: Payload, site: SiteData, cfg: Config, dims: Dims, context: Context) -> Payload:
+    """Metadata only: modality, class counts, software version."""
+    if len(site.class_names) != dims.C:
+        raise ValueError(f"site '{site.name}' has {len(site.class_names)} classes, the run expects {dims.C}")
+    return make(
+        "metadata",
+        dims,
+        arrays={
+            "train_class_counts": _class_counts(site.train.labels, dims.C),
+            "test_class_counts": _class_counts(site.test.labels, dims.C),
+        },
+        config={"site-name": site.name, "modality": site.modality, "version": VERSION, "protocol": PROTOCOL_VERSION},
+    )
+
+
+def _teacher_and_head(request: Payload, cfg: Config, dims: Dims):
+    teacher = build_teacher(cfg.model, dims.C)
+    head = build_query_head(cfg.model, dims.C)
+    load_numpy_state(teacher, request.weights["teacher"])
+    load_numpy_state(head, request.weights["head"])
+    return teacher, head
+
+
+@app.train("teacher")
+@handles("teacher.train", ("nbi",))
+def teacher_round(request: Payload, site: SiteData, cfg: Config, dims: Dims, context: Context) -> Payload:
+    """Local teacher epochs on NBI (FedAvg'ed by the server)."""
+    teacher, head = _teacher_and_head(request, cfg, dims)
+    seed = site_seed(request.config["seed"], site.name)
+    loader = balanced_loader(site.train, cfg.train.batch_size, seed, cfg.data.num_workers)
+    result = train_teacher(teacher, head, loader, cfg, pick_device(cfg.train.device), request.config["local-epochs"], seed)
+    return make(
+        "teacher.update",
+        dims,
+        config={"num-examples": result.num_examples, "loss": result.losses.get("total", 0.0)},
+        weights={"teacher": state_to_numpy(teacher), "head": state_to_numpy(head)},
+    )
+
+
+def _site_knowledge(site: SiteData, cfg: Config, teacher, head, seed: int):
+    loader = eval_loader(site.train_plain, cfg.train.batch_size, cfg.data.num_workers)
+    return extract_site_knowledge(teacher, head, loader, cfg, pick_device(cfg.train.device), seed)
+
+
+@app.query("knowledge_seed")
+@handles("knowledge.seed", ("nbi",))
+def knowledge_seed(request: Payload, site: SiteData, cfg: Config, dims: Dims, context: Context) -> Payload:
+    """Start a bank refresh: keep the teacher and head locally, return k-means seeds."""
+    teacher, head = _teacher_and_head(request, cfg, dims)
+    seed = site_seed(request.config["seed"], site.name)
+    context.state[_STATE_TEACHER] = ArrayRecord(teacher.state_dict())
+    context.state[_STATE_HEAD] = ArrayRecord(head.state_dict())
+    context.state[_STATE_KNOWLEDGE] = ConfigRecord({"seed": seed, "round": request.config["round"]})
+    knowledge = _site_knowledge(site, cfg, teacher, head, seed)
+    return make("knowledge.seeds", dims, arrays=knowledge_seeds(knowledge, dims, cfg, seed), config={"groups": len(knowledge.group_labels)})
+
+
+@app.query("knowledge_stats")
+@handles("knowledge.stats", ("nbi",))
+def knowledge_stats(request: Payload, site: SiteData, cfg: Config, dims: Dims, context: Context) -> Payload:
+    """One federated Lloyd step: sums and counts for the server's centroids."""
+    if _STATE_KNOWLEDGE not in context.state.config_records:
+        raise RuntimeError(f"site '{site.name}' has no teacher for this refresh (restarted?); the server must re-seed")
+    local = context.state.config_records[_STATE_KNOWLEDGE]
+    if local["round"] != request.config["round"]:
+        raise RuntimeError(f"site '{site.name}' holds the teacher of refresh {local['round']}, not {request.config['round']}")
+    teacher = build_teacher(cfg.model, dims.C)
+    head = build_query_head(cfg.model, dims.C)
+    teacher.load_state_dict(context.state.array_records[_STATE_TEACHER].to_torch_state_dict())
+    head.load_state_dict(context.state.array_records[_STATE_HEAD].to_torch_state_dict())
+    knowledge = _site_knowledge(site, cfg, teacher, head, int(local["seed"]))
+    sums = knowledge_sums(knowledge, dims, cfg, request.arrays)
+    sizes = knowledge.group_sizes
+    return make(
+        "knowledge.sums",
+        dims,
+        arrays=sums,
+        config={"groups": len(sizes), "smallest-group": int(sizes.min()) if len(sizes) else 0},
+    )
+
+
+@app.train("student")
+@handles("student.train", ("wli",))
+def student_round(request: Payload, site: SiteData, cfg: Config, dims: Dims, context: Context) -> Payload:
+    """Local WLI student epochs with CE + GKD-Pro + GKD-Den against the NBI bank."""
+    student = build_student(cfg.model, dims.C)
+    head = build_query_head(cfg.model, dims.C)
+    load_numpy_state(student, request.weights["student"])
+    load_numpy_state(head, request.weights["head"])
+    bank = None
+    if request.config["use-bank"]:
+        a = {k: torch.from_numpy(v) for k, v in request.arrays.items()}
+        bank = bank_from_statistics(
+            a["prototype_sum"], a["prototype_count"], a["foreground_sum"], a["foreground_count"],
+            a["background_sum"], a["background_count"],
+        )
+    seed = site_seed(request.config["seed"], site.name)
+    loader = balanced_loader(site.train, cfg.train.batch_size, seed, cfg.data.num_workers)
+    device = pick_device(cfg.train.device)
+    result = train_student(
+        student, head, loader, lambda: bank.to(device) if bank is not None else None, cfg, device,
+        request.config["local-epochs"], seed, group_losses=request.config["group-losses"],
+    )
+    losses = result.losses
+    return make(
+        "student.update",
+        dims,
+        config={
+            "num-examples": result.num_examples,
+            "loss": losses.get("total", 0.0),
+            "ce": losses.get("ce", 0.0),
+            "den": losses.get("den", 0.0),
+            "pro": losses.get("group_ce", 0.0) + losses.get("contrastive", 0.0),
+        },
+        weights={"student": state_to_numpy(student), "head": state_to_numpy(head)},
+    )
+
+
+@app.evaluate("score")
+@handles("evaluate", ("nbi", "wli"))
+def evaluate(request: Payload, site: SiteData, cfg: Config, dims: Dims, context: Context) -> Payload:
+    """Score histograms + confusion matrix of the held-out split (no per-image scores leave)."""
+    model = request.config["model"]
+    expected = {"student": "wli", "teacher": "nbi"}.get(model)
+    if expected is None:
+        raise PayloadError(f"evaluate: model '{model}' is not 'student' or 'teacher'")
+    if site.modality != expected:
+        raise RoleError(f"site '{site.name}' holds {site.modality.upper()} data; the {model} is evaluated on {expected.upper()} sites")
+    net = (build_student if model == "student" else build_teacher)(cfg.model, dims.C)
+    load_numpy_state(net, request.weights["net"])
+    probs, labels, loss = predict(net, eval_loader(site.test, cfg.train.batch_size, cfg.data.num_workers), pick_device(cfg.train.device), cfg.train.amp)
+    hist = score_histogram(probs, labels, num_bins=dims.B)
+    return make(
+        "evaluation",
+        dims,
+        arrays={"score_positives": hist.positives, "score_negatives": hist.negatives, "confusion": hist.confusion},
+        config={"num-examples": int(len(labels)), "loss": float(loss) if np.isfinite(loss) else 0.0},
+    )

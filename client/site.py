@@ -1,0 +1,145 @@
+"""A site's identity and local data, resolved from its node config and the run config.
+
+Three ways a SuperNode becomes a site, checked in this order:
+1. Deployment: node config ``site-name``, ``modality`` (wli|nbi) and ``data-path`` (an
+   ImageFolder tree or CSV manifest, see :class:`common.data.FolderSiteDataset`).
+2. Simulation on real data: ``partition-id`` picks the i-th ``[[site]]`` of
+   ``<data.root>/sites.toml`` (``name``, ``modality``, ``path`` relative to the root).
+3. Simulation on the embedded default: ``partition-id`` picks a built-in synthetic site;
+   the first ``data.nbi_sites`` partitions are NBI, the next ``data.wli_sites`` are WLI.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+from torch.utils.data import Dataset
+
+from common.config import Config
+from common.data import (
+    MODALITIES,
+    DataError,
+    FolderSiteDataset,
+    SyntheticEndoscopyDataset,
+    SyntheticSiteSpec,
+    build_transform,
+    default_class_names,
+)
+
+SITES_FILE = "sites.toml"
+
+
+@dataclass
+class SiteData:
+    name: str
+    modality: str
+    train: Dataset  # augmented, for training
+    train_plain: Dataset  # same images, no augmentation (knowledge extraction)
+    test: Dataset  # held-out split for evaluation
+    class_names: tuple[str, ...]
+
+
+def synthetic_site_specs(cfg: Config) -> list[tuple[str, SyntheticSiteSpec]]:
+    """The embedded federation: (site name, spec) per partition, NBI sites first.
+
+    Sizes follow a Pareto tail (``data.size_tail``), class balance a Dirichlet
+    (``data.class_alpha``) and rendering a per-site shift, all drawn from ``train.seed``.
+    """
+    d = cfg.data
+    rng = np.random.default_rng([cfg.train.seed, 104729])
+    sites = []
+    for index in range(d.nbi_sites + d.wli_sites):
+        modality = "nbi" if index < d.nbi_sites else "wli"
+        number = index if modality == "nbi" else index - d.nbi_sites
+        scale = 1.0 + (rng.pareto(d.size_tail) if d.size_tail > 0 else 0.0)
+        weights = tuple(rng.dirichlet([d.class_alpha] * d.num_classes)) if d.class_alpha > 0 else None
+        spec = SyntheticSiteSpec(
+            modality=modality,
+            num_train=max(d.num_classes * 2, int(round(d.train_per_site * min(scale, 20.0)))),
+            num_val=d.val_per_site,
+            num_test=d.test_per_site,
+            num_classes=d.num_classes,
+            class_weights=weights,
+            render_shift=float(rng.uniform(0, d.render_shift)) if d.render_shift > 0 else 0.0,
+            seed=cfg.train.seed * 1000 + index,
+            image_size=d.image_size,
+        )
+        sites.append((f"{modality}-{number}", spec))
+    return sites
+
+
+def _synthetic_site(name: str, spec: SyntheticSiteSpec, image_size: int) -> SiteData:
+    return SiteData(
+        name=name,
+        modality=spec.modality,
+        train=SyntheticEndoscopyDataset(spec, "train", build_transform(image_size, train=True)),
+        train_plain=SyntheticEndoscopyDataset(spec, "train", build_transform(image_size, train=False)),
+        test=SyntheticEndoscopyDataset(spec, "test", build_transform(image_size, train=False)),
+        class_names=spec.class_names,
+    )
+
+
+def folder_site(name: str, modality: str, data_path: str | Path, cfg: Config) -> SiteData:
+    """A real site's data; structure errors raise :class:`DataError` naming the path."""
+    if modality not in MODALITIES:
+        raise DataError(f"site '{name}': modality '{modality}' is not one of {MODALITIES}; fix the node config")
+    root = Path(data_path)
+    names = default_class_names(cfg.data.num_classes)
+    size = cfg.data.image_size
+
+    def split(split_name: str, train: bool) -> FolderSiteDataset:
+        return FolderSiteDataset(root, split_name, names, build_transform(size, train=train), expected_modality=modality)
+
+    return SiteData(name, modality, split("train", True), split("train", False), split("test", False), names)
+
+
+def read_sites_file(root: str | Path) -> list[dict[str, str]]:
+    """``<root>/sites.toml``: ``[[site]]`` tables with ``name``, ``modality`` and ``path``."""
+    path = Path(root) / SITES_FILE
+    if not path.is_file():
+        raise DataError(f"data.root '{root}' has no {SITES_FILE}; create one with a [[site]] table per site")
+    try:
+        entries = tomllib.loads(path.read_text()).get("site", [])
+    except tomllib.TOMLDecodeError as err:
+        raise DataError(f"{path}: not valid TOML ({err})") from err
+    for number, entry in enumerate(entries):
+        missing = {"name", "modality", "path"} - set(entry)
+        if missing:
+            raise DataError(f"{path}: [[site]] number {number + 1} lacks {sorted(missing)}")
+    return entries
+
+
+def resolve_site(node_config: Mapping[str, Any], cfg: Config) -> SiteData:
+    """Resolve this SuperNode's site (see the module docstring for the three ways)."""
+    if "data-path" in node_config:
+        name = str(node_config.get("site-name", "site"))
+        if "modality" not in node_config:
+            raise DataError(f"site '{name}': node config lacks 'modality' (wli or nbi)")
+        return folder_site(name, str(node_config["modality"]), str(node_config["data-path"]), cfg)
+    if "partition-id" not in node_config:
+        raise DataError(
+            "node config has neither 'data-path' (deployment) nor 'partition-id' (simulation); "
+            "start the SuperNode with --node-config \"site-name='...' modality='nbi' data-path='/data'\""
+        )
+    partition = int(node_config["partition-id"])
+    if cfg.data.root:
+        entries = read_sites_file(cfg.data.root)
+        if partition >= len(entries):
+            raise DataError(
+                f"partition {partition} has no site: {Path(cfg.data.root) / SITES_FILE} lists {len(entries)}; "
+                f"run with num-supernodes={len(entries)}"
+            )
+        entry = entries[partition]
+        return folder_site(entry["name"], entry["modality"], Path(cfg.data.root) / entry["path"], cfg)
+    specs = synthetic_site_specs(cfg)
+    if partition >= len(specs):
+        raise DataError(
+            f"partition {partition} has no site: the run config defines data.nbi_sites + data.wli_sites = {len(specs)} "
+            f"sites; set num-supernodes={len(specs)} or raise those counts"
+        )
+    name, spec = specs[partition]
+    return _synthetic_site(name, spec, cfg.data.image_size)

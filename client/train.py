@@ -1,0 +1,226 @@
+"""Local training and evaluation loops (plain PyTorch, no Flower).
+
+The federated ClientApp and the centralised reference call the same loops; the maths they
+optimise lives in :mod:`common.losses`. A ``bank_source`` supplies the NBI side of each student
+step: a fixed federated bank, or the live teacher's batch in the centralised reference.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+
+from common.config import Config
+from common.data import ClassBalancedBatchSampler
+from common.grouping import Group, adaptive_groups, random_groups
+from common.losses import (
+    KnowledgeBank,
+    PaGKDTerms,
+    bank_from_teacher_batch,
+    class_activation_maps,
+    group_classification_loss,
+    label_tokens,
+    pagkd_loss,
+)
+from common.models import LesionQueryHead, PaGKDNet, group_prototypes
+
+log = logging.getLogger(__name__)
+
+BankSource = Callable[[], "KnowledgeBank | None"]
+
+
+def balanced_loader(dataset: Dataset, batch_size: int, seed: int, num_workers: int = 0) -> DataLoader:
+    """Class-balanced batches (the paper's batches; every class forms a group in every batch)."""
+    sampler = ClassBalancedBatchSampler(dataset.labels, batch_size, seed=seed)
+    return DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, persistent_workers=num_workers > 0)
+
+
+def eval_loader(dataset: Dataset, batch_size: int, num_workers: int = 0) -> DataLoader:
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+
+
+def autocast(device: torch.device, enabled: bool):
+    """bf16 autocast on CUDA when enabled; a no-op on CPU (CPU autocast is slower here)."""
+    if device.type == "cuda" and enabled:
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def to_device(images: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
+    images = images.to(device, non_blocking=True)
+    if device.type == "cuda" and channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    return images
+
+
+def make_groups(labels: torch.Tensor, tokens: torch.Tensor, cfg: Config, generator: torch.Generator) -> list[Group]:
+    """Same-class groups of a batch: random (paper) or adaptive (k-means on mean tokens)."""
+    p = cfg.pagkd
+    if p.grouping == "adaptive":
+        features = tokens.detach().float().mean(dim=1).cpu()
+        return adaptive_groups(features, labels.cpu(), p.group_size, p.min_group_size, generator)
+    return random_groups(labels.cpu(), p.group_size, p.min_group_size, generator)
+
+
+def _epochs(loader: DataLoader, epochs: int, first_epoch: int) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+    for epoch in range(first_epoch, first_epoch + epochs):
+        if hasattr(loader.batch_sampler, "set_epoch"):
+            loader.batch_sampler.set_epoch(epoch)
+        for images, labels in loader:
+            yield epoch, images, labels
+
+
+@dataclass
+class TrainResult:
+    num_examples: int
+    losses: dict[str, float]  # mean of each loss part over the steps
+
+
+class _Mean:
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.steps = 0
+
+    def add(self, parts: dict[str, float]) -> None:
+        self.steps += 1
+        for key, value in parts.items():
+            self.sums[key] = self.sums.get(key, 0.0) + value
+
+    def result(self, num_examples: int) -> TrainResult:
+        return TrainResult(num_examples, {k: v / max(self.steps, 1) for k, v in self.sums.items()})
+
+
+def train_teacher(
+    teacher: PaGKDNet, head: LesionQueryHead, loader: DataLoader, cfg: Config, device: torch.device, epochs: int, seed: int
+) -> TrainResult:
+    """NBI teacher: CE on the backbone + classifier; group CE on the (detached-feature) token
+    embedding and the shared query head, so the NBI token space and queries are class-aware
+    before any student distils from them."""
+    teacher.to(device).train()
+    head.to(device).train()
+    params = list(teacher.parameters()) + list(head.parameters())
+    optimizer = torch.optim.Adam(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    generator = torch.Generator().manual_seed(seed)
+    meter, seen = _Mean(), 0
+    for _, images, labels in _epochs(loader, epochs, 0):
+        images, labels = to_device(images, device, cfg.train.channels_last), labels.to(device)
+        with autocast(device, cfg.train.amp):
+            out = teacher(images)
+            ce = F.cross_entropy(out.logits, labels)
+            groups = random_groups(labels.cpu(), cfg.pagkd.group_size, cfg.pagkd.min_group_size, generator)
+            prototypes, group_labels, _ = group_prototypes(head, out.tokens, groups)
+            group_ce = group_classification_loss(head.classify(prototypes), group_labels)
+            loss = ce + group_ce
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        meter.add({"total": loss.item(), "ce": ce.item(), "group_ce": group_ce.item()})
+        seen += len(labels)
+    return meter.result(seen)
+
+
+def train_student(
+    student: PaGKDNet,
+    head: LesionQueryHead,
+    loader: DataLoader,
+    bank_source: BankSource,
+    cfg: Config,
+    device: torch.device,
+    epochs: int,
+    seed: int,
+    first_epoch: int = 0,
+    group_losses: bool | None = None,
+) -> TrainResult:
+    """WLI student: CE + GKD-Den + GKD-Pro against the bank that ``bank_source`` returns.
+
+    With ``bank_source`` returning None (and use_pro/use_den off) this is the WLI-only baseline.
+    ``group_losses`` forces the group terms on/off; None follows ``pagkd.warmup_epochs``.
+    """
+    student.to(device).train()
+    head.to(device).train()
+    params = list(student.parameters()) + list(head.parameters())
+    optimizer = torch.optim.Adam(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    generator = torch.Generator().manual_seed(seed)
+    meter, seen = _Mean(), 0
+    for epoch, images, labels in _epochs(loader, epochs, first_epoch):
+        images, labels = to_device(images, device, cfg.train.channels_last), labels.to(device)
+        group_on = group_losses if group_losses is not None else epoch >= cfg.pagkd.warmup_epochs
+        bank = bank_source()
+        with autocast(device, cfg.train.amp):
+            out = student(images)
+            token_labels = label_tokens(
+                class_activation_maps(out.feature_map, student.classifier.weight, labels),
+                cfg.pagkd.fg_threshold,
+                cfg.pagkd.bg_threshold,
+            )
+            if cfg.pagkd.use_pro and group_on:
+                groups = make_groups(labels, out.tokens, cfg, generator)
+                prototypes, group_labels, _ = group_prototypes(head, out.tokens, groups)
+            else:
+                prototypes, group_labels, _ = group_prototypes(head, out.tokens, [])
+            terms = PaGKDTerms(
+                out.logits, labels, out.tokens, token_labels, prototypes, group_labels, head.classify(prototypes)
+            )
+            loss, parts = pagkd_loss(terms, bank, cfg.pagkd, group_on)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        meter.add(parts)
+        seen += len(labels)
+    return meter.result(seen)
+
+
+def live_teacher_bank(
+    teacher: PaGKDNet, head: LesionQueryHead, nbi_loader: DataLoader, cfg: Config, device: torch.device, seed: int
+) -> BankSource:
+    """Centralised reference: each student step distils from a fresh NBI batch of the frozen
+    teacher (groups re-drawn every batch, never paired with the WLI batch)."""
+    generator = torch.Generator().manual_seed(seed + 7919)
+    batches = _epochs(nbi_loader, 10**9, 0)
+    num_classes = teacher.classifier.out_features
+
+    @torch.no_grad()
+    def next_bank() -> KnowledgeBank:
+        teacher.eval()
+        was_training = head.training
+        head.eval()
+        _, images, labels = next(batches)
+        images, labels = to_device(images, device, cfg.train.channels_last), labels.to(device)
+        with autocast(device, cfg.train.amp):
+            out = teacher(images)
+            token_labels = label_tokens(
+                class_activation_maps(out.feature_map, teacher.classifier.weight, labels),
+                cfg.pagkd.fg_threshold,
+                cfg.pagkd.bg_threshold,
+            )
+            groups = make_groups(labels, out.tokens, cfg, generator)
+            prototypes, group_labels, _ = group_prototypes(head, out.tokens, groups)
+        head.train(was_training)
+        return bank_from_teacher_batch(prototypes.float(), group_labels, out.tokens.float(), token_labels, labels, num_classes)
+
+    return next_bank
+
+
+@torch.no_grad()
+def predict(net: PaGKDNet, loader: DataLoader, device: torch.device, amp: bool = True) -> tuple[np.ndarray, np.ndarray, float]:
+    """Class probabilities [N, C], labels [N] and mean CE over a loader."""
+    net.to(device).eval()
+    probs, labels, loss_sum = [], [], 0.0
+    for images, target in loader:
+        images = images.to(device)
+        with autocast(device, amp):
+            logits = net(images).logits.float()
+        loss_sum += F.cross_entropy(logits, target.to(device), reduction="sum").item()
+        probs.append(torch.softmax(logits, dim=1).cpu().numpy())
+        labels.append(target.numpy())
+    if not probs:
+        return np.zeros((0, net.classifier.out_features), np.float32), np.zeros(0, np.int64), float("nan")
+    all_labels = np.concatenate(labels).astype(np.int64)
+    return np.concatenate(probs), all_labels, loss_sum / len(all_labels)

@@ -1,0 +1,78 @@
+"""Flower adapter for :mod:`common.records`: Payload <-> RecordDict, kind <-> message type.
+
+The one place that knows how a payload sits in a Flower message; the ServerApp imports it too.
+Layout of a RecordDict: ``config`` (ConfigRecord: ``kind`` plus the scalar config),
+``arrays`` (ArrayRecord of statistics) and ``weights.<block>`` (ArrayRecord per state dict).
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
+
+from common.records import Payload, PayloadError
+
+# Protocol kind -> Flower message type "<category>.<action>" (action a Python identifier).
+MESSAGE_TYPE = {
+    "discover": "query.discover",
+    "teacher.train": "train.teacher",
+    "knowledge.seed": "query.knowledge_seed",
+    "knowledge.stats": "query.knowledge_stats",
+    "student.train": "train.student",
+    "evaluate": "evaluate.score",
+}
+
+_WEIGHTS = "weights."
+
+
+def to_recorddict(payload: Payload) -> RecordDict:
+    content = RecordDict()
+    content["config"] = ConfigRecord({"kind": payload.kind, **payload.config})
+    if payload.arrays:
+        content["arrays"] = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in payload.arrays.items()})
+    for block, weights in payload.weights.items():
+        content[_WEIGHTS + block] = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in weights.items()})
+    return content
+
+
+def from_recorddict(content: RecordDict, sender: str = "message") -> Payload:
+    """Parse without trusting the sender: structure errors become :class:`PayloadError`.
+    The schema check itself is :func:`common.records.validate`."""
+    config_records = content.config_records
+    if "config" not in config_records or "kind" not in config_records["config"]:
+        raise PayloadError(f"{sender}: message has no 'config' record with a 'kind'")
+    config = dict(config_records["config"])
+    kind = config.pop("kind")
+    if not isinstance(kind, str):
+        raise PayloadError(f"{sender}: 'kind' must be a string, got {kind!r}")
+    arrays: dict[str, np.ndarray] = {}
+    weights: dict[str, dict[str, np.ndarray]] = {}
+    try:
+        for name, record in content.array_records.items():
+            numpy = {k: v.numpy() for k, v in record.items()}
+            if name == "arrays":
+                arrays = numpy
+            elif name.startswith(_WEIGHTS):
+                weights[name[len(_WEIGHTS) :]] = numpy
+            else:
+                raise PayloadError(f"{sender}: unexpected array record '{name}'")
+    except (ValueError, TypeError) as err:  # undecodable array bytes
+        raise PayloadError(f"{sender}: an array could not be decoded ({err})") from err
+    return Payload(kind, arrays, config, weights)
+
+
+def state_to_numpy(module: torch.nn.Module) -> dict[str, np.ndarray]:
+    """A module's state dict as numpy arrays (what travels). Scalars (BatchNorm's
+    ``num_batches_tracked``) become shape (1,): Flower's Array does not keep 0-d shapes."""
+    return {k: np.atleast_1d(v.detach().cpu().numpy()).copy() for k, v in module.state_dict().items()}
+
+
+def load_numpy_state(module: torch.nn.Module, state: Mapping[str, np.ndarray]) -> None:
+    own = module.state_dict()
+    missing = sorted(set(own) - set(state))
+    if missing:
+        raise KeyError(f"weights lack {len(missing)} tensors of this model, e.g. {missing[:3]}")
+    module.load_state_dict({k: torch.from_numpy(np.array(v)).reshape(own[k].shape) for k, v in state.items()}, strict=True)

@@ -1,0 +1,210 @@
+"""Launch a FedPaGKD simulation with ``flwr run`` and report its real outcome.
+
+``flwr run --stream`` exits 0 even when the run failed, and its local SuperLink outlives the
+command on a machine-wide port. This launcher gives each call its own ``FLWR_HOME`` and a
+free port, submits the run, streams its log (progress per round), reads the final status with
+``flwr list``, stops the SuperLink it started by PID, and raises when the run did not
+complete. CLI: ``python -m server.launch [--sites-nbi 2 --sites-wli 2] [key=value ...]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+class SimulationError(RuntimeError):
+    """The run failed or could not be submitted; the message carries Flower's reason."""
+
+
+@dataclass
+class SimulationResult:
+    run_id: str
+    status: str
+    details: str
+    run_dir: Path
+    wall_s: float
+    log: str
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def toml_value(value: Any) -> str:
+    """A run-config override value as a TOML literal (strings quoted, bools lower-case)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    return json.dumps(str(value))
+
+
+def flower_env(flwr_home: Path, port: int, ray_tmp: Path, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment every Flower process of this run needs (and inherits from the SuperLink)."""
+    env = dict(os.environ)
+    env.update(
+        {
+            "FLWR_HOME": str(flwr_home),
+            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+            "FLWR_TELEMETRY_ENABLED": "0",
+            "FLWR_DISABLE_UPDATE_CHECK": "1",
+            "RAY_USAGE_STATS_ENABLED": "0",
+            "RAY_TMPDIR": str(ray_tmp),
+            "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(port),
+            "FLWR_LOCAL_CONTROL_API_PORT": str(free_port()),
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
+    # The Flower CLIs live next to this interpreter (the project's venv).
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env.update(extra or {})
+    return env
+
+
+def _flwr(args: list[str], env: dict[str, str], cwd: Path, timeout: float = 120) -> str:
+    proc = subprocess.run(["flwr", *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise SimulationError(f"flwr {' '.join(args[:2])} failed (exit {proc.returncode}): {proc.stderr.strip() or proc.stdout.strip()}")
+    return proc.stdout
+
+
+def _superlink_pids(port: int) -> list[int]:
+    """PIDs of flower-superlink processes serving this port (the one this launcher started)."""
+    out = subprocess.run(["pgrep", "-f", f"flower-superlink .*--port {port}( |$)"], capture_output=True, text=True)
+    return [int(p) for p in out.stdout.split()]
+
+
+def stop_superlink(port: int, grace_s: float = 10.0) -> None:
+    for pid in _superlink_pids(port):
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            continue
+    deadline = time.time() + grace_s
+    while time.time() < deadline and _superlink_pids(port):
+        time.sleep(0.2)
+    for pid in _superlink_pids(port):
+        os.kill(pid, signal.SIGKILL)
+
+
+def simulate(
+    run_config: Mapping[str, Any],
+    num_supernodes: int,
+    cpus_per_client: int = 1,
+    gpus_per_client: float = 0.0,
+    app_dir: Path = REPO,
+    work_dir: Path | None = None,
+    timeout_s: float = 3600,
+    stream: bool = True,
+    extra_env: Mapping[str, str] | None = None,
+) -> SimulationResult:
+    """Run one simulation to its end; raise :class:`SimulationError` unless it completed.
+
+    ``run_config`` holds dotted overrides (``fed.student_rounds``...); ``fed.run_dir`` is
+    made absolute (the ServerApp's cwd is the SuperLink's, not the app's). ``work_dir``
+    (default: a temp dir) holds this run's FLWR_HOME, Ray temp files and the SuperLink log.
+    """
+    work = Path(work_dir or tempfile.mkdtemp(prefix="fedpagkd-"))
+    flwr_home = work / "flwr-home"
+    ray_tmp = Path(tempfile.mkdtemp(prefix="fpr-"))  # short: Ray's unix socket paths are length-limited
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    (flwr_home / "config.toml").write_text('[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = ":local:"\n')
+    overrides = dict(run_config)
+    overrides["fed.run_dir"] = str(Path(overrides.get("fed.run_dir", REPO / "runs")).resolve())
+    overrides.setdefault("fed.run_name", time.strftime("%Y%m%d-%H%M%S"))
+    port = free_port()
+    env = flower_env(flwr_home, port, ray_tmp, extra_env)
+    federation = f"num-supernodes={num_supernodes} client-resources-num-cpus={cpus_per_client}"
+    if gpus_per_client > 0:
+        federation += f" client-resources-num-gpus={gpus_per_client}"
+    started = time.time()
+    log_text = ""
+    try:
+        submitted = json.loads(
+            _flwr(
+                ["run", str(app_dir), "local", "--format", "json", "--federation-config", federation,
+                 "--run-config", " ".join(f"{k}={toml_value(v)}" for k, v in overrides.items())],
+                env, work,
+            )
+        )
+        if not submitted.get("success"):
+            raise SimulationError(f"flwr run refused the run: {submitted}")
+        run_id = str(submitted["run-id"])
+        log_proc = subprocess.Popen(["flwr", "log", run_id, "local"], env=env, cwd=work, stdout=subprocess.PIPE,
+                                    stderr=subprocess.STDOUT, text=True)
+        lines = []
+        assert log_proc.stdout is not None
+        for line in log_proc.stdout:
+            lines.append(line)
+            if stream:
+                sys.stdout.write(line)
+                sys.stdout.flush()
+            if time.time() - started > timeout_s:
+                log_proc.kill()
+                break
+        log_proc.wait()
+        log_text = "".join(lines)
+        status, details = "unknown", ""
+        while time.time() - started <= timeout_s:
+            runs = json.loads(_flwr(["list", "local", "--run-id", run_id, "--format", "json"], env, work))["runs"]
+            status, details = runs[0]["status"], runs[0].get("status-details", "")
+            if status.startswith("finished:"):
+                break
+            time.sleep(1)
+        result = SimulationResult(run_id, status, details, Path(overrides["fed.run_dir"]) / overrides["fed.run_name"],
+                                  time.time() - started, log_text)
+    finally:
+        stop_superlink(port)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    if result.status != "finished:completed":
+        raise SimulationError(f"run {result.run_id} ended '{result.status}': {result.details}")
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("overrides", nargs="*", help="run-config overrides, e.g. fed.student_rounds=5 data.image_size=64")
+    parser.add_argument("--supernodes", type=int, default=None, help="default: data.nbi_sites + data.wli_sites (or sites.toml)")
+    parser.add_argument("--cpus-per-client", type=int, default=1)
+    parser.add_argument("--gpus-per-client", type=float, default=0.0)
+    parser.add_argument("--quiet", action="store_true", help="do not stream the run's log")
+    args = parser.parse_args(argv)
+    import common  # noqa: F401  (torchvision shim)
+    from client.site import read_sites_file
+    from common.config import config_from_flat
+
+    overrides = dict(item.split("=", 1) for item in args.overrides)
+    cfg = config_from_flat(overrides)  # fail here, with a clear message, before Ray starts
+    supernodes = args.supernodes or (len(read_sites_file(cfg.data.root)) if cfg.data.root else cfg.data.nbi_sites + cfg.data.wli_sites)
+    try:
+        result = simulate(overrides, supernodes, args.cpus_per_client, args.gpus_per_client, stream=not args.quiet)
+    except SimulationError as err:
+        print(f"FAILED: {err}", file=sys.stderr)
+        return 1
+    metrics = json.loads((result.run_dir / "metrics.json").read_text())
+    final = metrics["final"] or {}
+    print(f"\nrun {result.run_id} {result.status} in {result.wall_s:.0f} s -> {result.run_dir}")
+    print(f"final pooled WLI student: AUC {final.get('auc', float('nan')):.4f}  ACC {final.get('accuracy', float('nan')):.4f}  "
+          f"SENS {final.get('sensitivity', float('nan')):.4f}  SPEC {final.get('specificity', float('nan')):.4f}")
+    print(f"knowledge bank = {100 * metrics['bank_share_of_student_upload']:.3f} % of one student upload")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,407 @@
+"""The FedPaGKD protocol (DESIGN.md section 3), over a Flower ``Grid``.
+
+discover -> teacher rounds (NBI FedAvg) -> knowledge refresh (NBI seeds + federated Lloyd
+steps; the server sums exactly) -> student rounds (WLI, CE + GKD-Pro + GKD-Den against the
+bank; refreshed every T rounds) -> evaluation from score histograms -> final student.
+
+Every request and reply passes :func:`common.records.validate`. A reply that is an error,
+malformed, non-finite, late, or an outlier in norm is dropped and logged with the site's
+name; a round goes on while at least ``fed.min_<modality>_sites`` replies remain, and the
+run stops with a :class:`FederationError` saying which sites failed and why when not.
+After every finished round the state is written atomically (:mod:`server.state`), so a
+restarted ServerApp with the same ``fed.run_name`` resumes at the last finished round.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import operator
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import Message
+from flwr.serverapp import Grid
+
+from client.app import dims_of
+from client.wire import MESSAGE_TYPE, from_recorddict, state_to_numpy, to_recorddict
+from common.config import Config, config_to_dict, config_to_flat
+from common.data import default_class_names
+from common.metrics import ScoreHistogram, histogram_metrics
+from common.models import STUDENT_CHECKPOINT, build_query_head, build_student, build_teacher, save_checkpoint
+from common.records import PROTOCOL_VERSION, REPLY_KIND, Dims, Payload, PayloadError, make, validate, weight_shapes
+from server import aggregation
+from server.state import StateError, atomic_write_json, load_state, save_state
+
+log = logging.getLogger("fedpagkd.server")
+
+
+class FederationError(RuntimeError):
+    """The run cannot go on (too few usable sites); the message says which and why."""
+
+
+@dataclass
+class SiteInfo:
+    node_id: int
+    name: str
+    modality: str
+    train_counts: list[int]
+    test_counts: list[int]
+    version: str
+
+
+@dataclass
+class Ledger:
+    """Bytes and messages per phase, both directions, and the egress log of every message."""
+
+    bytes: dict[str, dict[str, int]] = field(default_factory=dict)
+    egress: list[dict[str, Any]] = field(default_factory=list)
+
+    def add(self, phase: str, direction: str, site: str, payload: Payload) -> None:
+        size = payload.num_bytes()
+        entry = self.bytes.setdefault(phase, {"sent": 0, "received": 0, "messages": 0})
+        entry["sent" if direction == "to_site" else "received"] += size
+        entry["messages"] += 1
+        self.egress.append(
+            {
+                "phase": phase,
+                "direction": direction,
+                "site": site,
+                "kind": payload.kind,
+                "bytes": size,
+                "arrays": {k: {"shape": list(v.shape), "dtype": str(v.dtype)} for k, v in payload.arrays.items()},
+                "weights": {b: {"tensors": len(w), "bytes": int(sum(a.nbytes for a in w.values()))} for b, w in payload.weights.items()},
+                "config": {k: v for k, v in payload.config.items() if isinstance(v, (int, float, bool, str))},
+            }
+        )
+
+
+class Channel:
+    """Sends validated payloads to sites and returns the valid replies, dropping the rest."""
+
+    def __init__(self, grid: Grid, dims: Dims, timeout: float, ledger: Ledger):
+        self.grid, self.dims, self.timeout, self.ledger = grid, dims, timeout, ledger
+        self.names: dict[int, str] = {}
+
+    def name(self, node_id: int) -> str:
+        return self.names.get(node_id, f"node {node_id}")
+
+    def exchange(
+        self, phase: str, requests: dict[int, Payload], reference: dict[str, dict] | None = None
+    ) -> tuple[dict[int, Payload], dict[int, str]]:
+        """-> (valid replies by node, reason by node for each dropped site)."""
+        messages = []
+        for node_id, payload in requests.items():
+            self.ledger.add(phase, "to_site", self.name(node_id), payload)
+            messages.append(Message(to_recorddict(payload), dst_node_id=node_id, message_type=MESSAGE_TYPE[payload.kind]))
+        replies = list(self.grid.send_and_receive(messages, timeout=self.timeout))
+        ok: dict[int, Payload] = {}
+        dropped: dict[int, str] = {}
+        for reply in replies:
+            node_id = reply.metadata.src_node_id
+            site = self.name(node_id)
+            if reply.has_error():
+                dropped[node_id] = f"ClientApp error: {reply.error.reason}"
+                continue
+            try:
+                payload = from_recorddict(reply.content, f"site '{site}'")
+                self.ledger.add(phase, "from_site", site, payload)
+                if payload.kind == "error":
+                    validate(payload, self.dims, sender=f"site '{site}'")
+                    dropped[node_id] = payload.config["reason"]
+                    continue
+                expected = REPLY_KIND[requests[node_id].kind]
+                if payload.kind != expected:
+                    raise PayloadError(f"site '{site}': replied '{payload.kind}' to '{requests[node_id].kind}', expected '{expected}'")
+                ok[node_id] = validate(payload, self.dims, reference, sender=f"site '{site}'")
+            except (PayloadError, KeyError) as err:
+                dropped[node_id] = str(err)
+        for node_id in requests:
+            if node_id not in ok and node_id not in dropped:
+                dropped[node_id] = f"no reply within {self.timeout:.0f} s (fed.round_timeout)"
+        for node_id, reason in dropped.items():
+            log.warning("[%s] dropped site '%s': %s", phase, self.name(node_id), reason)
+        return ok, dropped
+
+
+@dataclass
+class Progress:
+    teacher_rounds: int = 0
+    refreshes: int = 0
+    student_rounds: int = 0
+
+
+class Protocol:
+    """One FedPaGKD run: global models, the bank, progress, metrics; resumable."""
+
+    def __init__(self, grid: Grid, cfg: Config, run_dir: Path):
+        self.cfg, self.run_dir = cfg, run_dir
+        self.dims = dims_of(cfg)
+        self.ledger = Ledger()
+        self.channel = Channel(grid, self.dims, cfg.fed.round_timeout, self.ledger)
+        self.grid = grid
+        self.distil = cfg.pagkd.use_pro or cfg.pagkd.use_den
+        torch.manual_seed(cfg.train.seed)
+        c = cfg.data.num_classes
+        self.teacher = state_to_numpy(build_teacher(cfg.model, c))
+        self.student = state_to_numpy(build_student(cfg.model, c))
+        self.head = state_to_numpy(build_query_head(cfg.model, c))
+        self.bank = aggregation.empty_bank(self.dims)
+        self.centroids: dict[str, np.ndarray] = {}
+        self.progress = Progress()
+        self.metrics: dict[str, Any] = {"teacher": [], "knowledge": [], "student": [], "evaluation": []}
+        self.sites: dict[int, SiteInfo] = {}
+
+    # ------------------------------------------------------------------ persistence
+
+    def save(self) -> None:
+        blocks = {"teacher": self.teacher, "student": self.student, "head": self.head, "bank": self.bank}
+        if self.centroids:
+            blocks["centroids"] = self.centroids
+        meta = {
+            "progress": self.progress.__dict__,
+            "metrics": self.metrics,
+            "bytes": self.ledger.bytes,
+            "config": config_to_flat(self.cfg),
+            "sites": [s.__dict__ for s in self.sites.values()],
+        }
+        save_state(self.run_dir, blocks, meta)
+
+    def resume(self) -> bool:
+        loaded = load_state(self.run_dir)
+        if loaded is None:
+            return False
+        blocks, meta = loaded
+        ignore = {"fed.teacher_rounds", "fed.student_rounds", "fed.round_timeout", "fed.run_dir", "fed.run_name"}
+        mine = {k: v for k, v in config_to_flat(self.cfg).items() if k not in ignore}
+        theirs = {k: v for k, v in meta["config"].items() if k not in ignore}
+        if mine != theirs:
+            changed = sorted(k for k in mine if mine[k] != theirs.get(k))
+            raise StateError(f"run folder {self.run_dir} was started with another config (differs in {changed}); use a new fed.run_name")
+        self.teacher, self.student, self.head, self.bank = blocks["teacher"], blocks["student"], blocks["head"], blocks["bank"]
+        self.centroids = blocks.get("centroids", {})
+        self.progress = Progress(**meta["progress"])
+        self.metrics = meta["metrics"]
+        self.ledger.bytes = meta["bytes"]
+        log.info("resuming %s at %s", self.run_dir, self.progress)
+        return True
+
+    # ------------------------------------------------------------------ helpers
+
+    def _seed(self, phase: int, round_: int) -> int:
+        return self.cfg.train.seed * 100_000 + phase * 10_000 + round_
+
+    def _sites_of(self, modality: str) -> list[int]:
+        return [n for n, s in self.sites.items() if s.modality == modality]
+
+    def _require(self, phase: str, modality: str, usable: int, dropped: dict[int, str]) -> None:
+        minimum = self.cfg.fed.min_nbi_sites if modality == "nbi" else self.cfg.fed.min_wli_sites
+        if usable < minimum:
+            reasons = "; ".join(f"'{self.channel.name(n)}': {r}" for n, r in dropped.items()) or "none answered"
+            raise FederationError(
+                f"{phase}: only {usable} usable {modality.upper()} site(s), fed.min_{modality}_sites = {minimum}. Dropped: {reasons}"
+            )
+
+    def _sample(self, modality: str, round_seed: int) -> list[int]:
+        nodes = sorted(self._sites_of(modality))
+        minimum = self.cfg.fed.min_nbi_sites if modality == "nbi" else self.cfg.fed.min_wli_sites
+        count = max(minimum, int(np.ceil(self.cfg.fed.fraction_train * len(nodes))))
+        return sorted(random.Random(round_seed).sample(nodes, min(count, len(nodes))))
+
+    def _fedavg(self, phase: str, replies: dict[int, Payload], blocks: dict[str, dict[str, np.ndarray]]) -> list[int]:
+        """Average the named weight blocks over replies, weighted by num-examples, after
+        dropping updates whose norm is an outlier. Returns the node ids used."""
+        first = next(iter(blocks))
+        norms = [aggregation.update_norm(p.weights[first], blocks[first]) for p in replies.values()]
+        outliers = {list(replies)[i] for i in aggregation.norm_outliers(norms, self.cfg.fed.max_norm_ratio)}
+        for node_id in outliers:
+            log.warning("[%s] dropped site '%s': update norm is over %.0fx the median", phase, self.channel.name(node_id), self.cfg.fed.max_norm_ratio)
+        used = [n for n in replies if n not in outliers]
+        weights = [float(replies[n].config["num-examples"]) for n in used]
+        for block in blocks:
+            blocks[block].update(aggregation.weighted_average([replies[n].weights[block] for n in used], weights))
+        return used
+
+    # ------------------------------------------------------------------ phases
+
+    def discover(self) -> None:
+        node_ids = list(self.grid.get_node_ids())
+        requests = {n: make("discover", self.dims, config={"protocol": PROTOCOL_VERSION}) for n in node_ids}
+        replies, dropped = self.channel.exchange("discover", requests)
+        for node_id, reply in replies.items():
+            info = SiteInfo(
+                node_id=node_id,
+                name=reply.config["site-name"],
+                modality=reply.config["modality"],
+                train_counts=reply.arrays["train_class_counts"].tolist(),
+                test_counts=reply.arrays["test_class_counts"].tolist(),
+                version=reply.config["version"],
+            )
+            if reply.config["protocol"] != PROTOCOL_VERSION:
+                dropped[node_id] = f"protocol {reply.config['protocol']}, server speaks {PROTOCOL_VERSION}; upgrade the site"
+                continue
+            if info.modality not in ("nbi", "wli"):
+                dropped[node_id] = f"unknown modality '{info.modality}'"
+                continue
+            self.sites[node_id] = info
+            self.channel.names[node_id] = info.name
+        names = [f"{s.name} ({s.modality}, {sum(s.train_counts)} train)" for s in self.sites.values()]
+        log.info("discovered %d site(s): %s", len(self.sites), ", ".join(names))
+        missing = []
+        for modality, minimum in (("nbi", self.cfg.fed.min_nbi_sites), ("wli", self.cfg.fed.min_wli_sites)):
+            if modality == "nbi" and not self.distil:
+                continue
+            have = len(self._sites_of(modality))
+            if have < minimum:
+                missing.append(f"{modality.upper()}: {have} of {minimum} needed")
+        if missing:
+            reasons = "; ".join(f"'{self.channel.name(n)}': {r}" for n, r in dropped.items())
+            raise FederationError(
+                f"not enough sites to start ({', '.join(missing)}). Found: {', '.join(names) or 'none'}."
+                + (f" Refused: {reasons}" if reasons else "")
+            )
+
+    def teacher_round(self, round_: int) -> None:
+        nodes = self._sample("nbi", self._seed(1, round_))
+        config = {"round": round_, "seed": self._seed(1, round_), "local-epochs": self.cfg.train.local_epochs}
+        request = make("teacher.train", self.dims, config=config, weights={"teacher": self.teacher, "head": self.head})
+        reference = {"teacher": weight_shapes(self.teacher), "head": weight_shapes(self.head)}
+        replies, dropped = self.channel.exchange("teacher", {n: request for n in nodes}, reference)
+        self._require(f"teacher round {round_}", "nbi", len(replies), dropped)
+        used = self._fedavg("teacher", replies, {"teacher": self.teacher, "head": self.head})
+        loss = float(np.mean([replies[n].config["loss"] for n in used]))
+        self.metrics["teacher"].append({"round": round_, "loss": loss, "sites": [self.channel.name(n) for n in used]})
+        log.info("[teacher %d/%d] loss %.4f from %d NBI site(s)", round_, self.cfg.fed.teacher_rounds, loss, len(used))
+
+    def refresh_bank(self, refresh: int) -> None:
+        """Seeds, then ``pagkd.kmeans_iters`` federated Lloyd steps; the last sums are the bank."""
+        nodes = sorted(self._sites_of("nbi"))
+        seed = self._seed(2, refresh)
+        request = make("knowledge.seed", self.dims, config={"round": refresh, "seed": seed}, weights={"teacher": self.teacher, "head": self.head})
+        replies, dropped = self.channel.exchange("knowledge", {n: request for n in nodes})
+        self._require(f"knowledge refresh {refresh} (seeds)", "nbi", len(replies), dropped)
+        self.centroids = aggregation.initial_centroids([r.arrays for r in replies.values()], self.dims, seed)
+        nodes = sorted(replies)
+        for iteration in range(1, self.cfg.pagkd.kmeans_iters + 1):
+            config = {"round": refresh, "seed": seed, "iteration": iteration}
+            request = make("knowledge.stats", self.dims, arrays=self.centroids, config=config)
+            replies, dropped = self.channel.exchange("knowledge", {n: request for n in nodes})
+            self._require(f"knowledge refresh {refresh} (Lloyd step {iteration})", "nbi", len(replies), dropped)
+            nodes = sorted(replies)
+            self.bank = aggregation.bank_statistics([r.arrays for r in replies.values()])
+            if iteration < self.cfg.pagkd.kmeans_iters:
+                self.centroids = aggregation.lloyd_centroids(self.bank, self.centroids, self.dims)
+        groups = int(sum(r.config["groups"] for r in replies.values()))
+        images = self.bank["image_count"].tolist()
+        self.metrics["knowledge"].append(
+            {"refresh": refresh, "groups": groups, "images_per_class": images, "sites": [self.channel.name(n) for n in nodes],
+             "bank_bytes": int(sum(a.nbytes for a in self.bank.values()))}
+        )
+        log.info("[knowledge %d] bank from %d group(s) of %s images per class, %d NBI site(s)", refresh, groups, images, len(nodes))
+
+    def student_round(self, round_: int) -> None:
+        nodes = self._sample("wli", self._seed(3, round_))
+        group_on = (round_ - 1) * self.cfg.train.local_epochs >= self.cfg.pagkd.warmup_epochs
+        config = {
+            "round": round_,
+            "seed": self._seed(3, round_),
+            "local-epochs": self.cfg.train.local_epochs,
+            "group-losses": bool(group_on),
+            "use-bank": bool(self.distil),
+        }
+        request = make("student.train", self.dims, arrays=self.bank, config=config, weights={"student": self.student, "head": self.head})
+        reference = {"student": weight_shapes(self.student), "head": weight_shapes(self.head)}
+        replies, dropped = self.channel.exchange("student", {n: request for n in nodes}, reference)
+        self._require(f"student round {round_}", "wli", len(replies), dropped)
+        used = self._fedavg("student", replies, {"student": self.student, "head": self.head})
+        parts = {k: float(np.mean([replies[n].config[k] for n in used])) for k in ("loss", "ce", "den", "pro")}
+        self.metrics["student"].append({"round": round_, **parts, "sites": [self.channel.name(n) for n in used]})
+        log.info("[student %d/%d] loss %.4f (ce %.4f den %.4f pro %.4f) from %d WLI site(s)", round_, self.cfg.fed.student_rounds,
+                 parts["loss"], parts["ce"], parts["den"], parts["pro"], len(used))
+
+    def evaluate(self, model: str, round_: int) -> dict[str, Any]:
+        """Pooled and per-site metrics from the sites' score histograms."""
+        modality = "wli" if model == "student" else "nbi"
+        weights = self.student if model == "student" else self.teacher
+        nodes = sorted(self._sites_of(modality))
+        request = make("evaluate", self.dims, config={"model": model, "split": "test"}, weights={"net": weights})
+        replies, dropped = self.channel.exchange("evaluate", {n: request for n in nodes}, {"net": weight_shapes(weights)})
+        self._require(f"evaluation of the {model} (round {round_})", modality, len(replies), dropped)
+        hists = {n: ScoreHistogram(r.arrays["score_positives"], r.arrays["score_negatives"], r.arrays["confusion"]) for n, r in replies.items()}
+        pooled = functools.reduce(operator.add, hists.values())
+        result = {
+            "model": model,
+            "round": round_,
+            "pooled": histogram_metrics(pooled),
+            "sites": {self.channel.name(n): histogram_metrics(h) for n, h in hists.items()},
+            "histogram": {"positives": pooled.positives.tolist(), "negatives": pooled.negatives.tolist(), "confusion": pooled.confusion.tolist()},
+        }
+        self.metrics["evaluation"].append(result)
+        p = result["pooled"]
+        log.info("[evaluate %s, round %d] pooled AUC %.4f ACC %.4f SENS %.4f SPEC %.4f over %d site(s)", model, round_, p["auc"],
+                 p["accuracy"], p["sensitivity"], p["specificity"], len(replies))
+        return result
+
+    # ------------------------------------------------------------------ the run
+
+    def run(self) -> dict[str, Any]:
+        started = time.time()
+        self.resume()
+        self.discover()
+        self.save()
+        fed = self.cfg.fed
+        if self.distil:
+            for round_ in range(self.progress.teacher_rounds + 1, fed.teacher_rounds + 1):
+                self.teacher_round(round_)
+                self.progress.teacher_rounds = round_
+                self.save()
+            if self.progress.refreshes == 0:
+                if fed.teacher_rounds > 0:
+                    self.evaluate("teacher", fed.teacher_rounds)
+                self.refresh_bank(1)
+                self.progress.refreshes = 1
+                self.save()
+        for round_ in range(self.progress.student_rounds + 1, fed.student_rounds + 1):
+            due = fed.bank_refresh_every > 0 and round_ > 1 and (round_ - 1) % fed.bank_refresh_every == 0
+            if self.distil and due and self.progress.refreshes < 1 + (round_ - 1) // fed.bank_refresh_every:
+                self.refresh_bank(self.progress.refreshes + 1)
+                self.progress.refreshes += 1
+            self.student_round(round_)
+            self.evaluate("student", round_)
+            self.progress.student_rounds = round_
+            self.save()
+        self.metrics["wall_time_s"] = self.metrics.get("wall_time_s", 0.0) + time.time() - started
+        return self.finish()
+
+    def finish(self) -> dict[str, Any]:
+        """Final outputs: metrics.json, egress.json, config.json, the student checkpoint, plots."""
+        from server.outputs import write_plots  # matplotlib only at the end
+
+        student_bytes = int(sum(a.nbytes for a in self.student.values()))
+        bank_bytes = int(sum(a.nbytes for a in self.bank.values()))
+        summary = {
+            **self.metrics,
+            "bytes": self.ledger.bytes,
+            "student_weights_bytes": student_bytes,
+            "bank_bytes": bank_bytes,
+            "bank_share_of_student_upload": bank_bytes / student_bytes,
+            "sites": [s.__dict__ for s in self.sites.values()],
+            "final": self.metrics["evaluation"][-1]["pooled"] if self.metrics["evaluation"] else None,
+        }
+        atomic_write_json(self.run_dir / "metrics.json", summary)
+        atomic_write_json(self.run_dir / "egress.json", self.ledger.egress)
+        atomic_write_json(self.run_dir / "config.json", config_to_dict(self.cfg))
+        save_checkpoint(self.run_dir / STUDENT_CHECKPOINT, self.student, self.cfg, default_class_names(self.cfg.data.num_classes))
+        write_plots(self.run_dir, summary)
+        log.info("run finished: %s", self.run_dir)
+        return summary
+
+
+def run_federation(grid: Grid, cfg: Config, run_dir: Path) -> dict[str, Any]:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return Protocol(grid, cfg, run_dir).run()

@@ -1,0 +1,247 @@
+"""Deployment assets: certificate tool, compose files, Dockerfiles (fast, no Docker engine)."""
+
+from __future__ import annotations
+
+import importlib.util
+import ipaddress
+import re
+import stat
+import sys
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+ROOT = Path(__file__).resolve().parents[1]
+DEPLOY = ROOT / "deploy"
+COMPOSE_FILES = sorted((DEPLOY / "compose").glob("*.yaml"))
+DOCKERFILES = sorted((DEPLOY / "docker").glob("*.Dockerfile"))
+SANS = ["localhost", "127.0.0.1", "::1", "coordinator.example.org"]
+SITES = ["nbi-a", "wli-b"]
+
+
+def _load_make_certs():
+    spec = importlib.util.spec_from_file_location("make_certs", DEPLOY / "certs" / "make_certs.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("make_certs", module)
+    spec.loader.exec_module(module)
+    return module
+
+
+mc = _load_make_certs()
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("certs")
+    rc = mc.main(["--out", str(out), "--sites", ",".join(SITES), "--san", ",".join(SANS), "--days", "30"])
+    assert rc == 0
+    return out
+
+
+# ----------------------------------------------------------------- make_certs
+
+
+def test_ca_signs_server_cert(certs: Path) -> None:
+    ca = x509.load_pem_x509_certificate((certs / "ca.crt").read_bytes())
+    server = x509.load_pem_x509_certificate((certs / "server.pem").read_bytes())
+    server.verify_directly_issued_by(ca)  # raises on a bad signature / issuer mismatch
+    assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    assert not server.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    eku = server.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    assert x509.ExtendedKeyUsageOID.SERVER_AUTH in eku
+    assert isinstance(ca.public_key(), ec.EllipticCurvePublicKey)
+    # the keys on disk belong to the certificates
+    for key_file, cert in (("ca.key", ca), ("server.key", server)):
+        key = serialization.load_pem_private_key((certs / key_file).read_bytes(), password=None)
+        assert key.public_key().public_numbers() == cert.public_key().public_numbers()
+
+
+def test_server_sans_exact(certs: Path) -> None:
+    server = x509.load_pem_x509_certificate((certs / "server.pem").read_bytes())
+    san = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert sorted(san.get_values_for_type(x509.DNSName)) == ["coordinator.example.org", "localhost"]
+    assert sorted(san.get_values_for_type(x509.IPAddress), key=str) == sorted(
+        [ipaddress.ip_address("127.0.0.1"), ipaddress.ip_address("::1")], key=str
+    )
+    assert len(list(san)) == len(SANS)
+
+
+def test_site_keys_openssh_p384(certs: Path) -> None:
+    for site in SITES:
+        private = serialization.load_ssh_private_key((certs / site).read_bytes(), password=None)
+        public = serialization.load_ssh_public_key((certs / f"{site}.pub").read_bytes())
+        assert isinstance(private, ec.EllipticCurvePrivateKey)
+        assert isinstance(private.curve, ec.SECP384R1)
+        assert isinstance(public, ec.EllipticCurvePublicKey)
+        assert private.public_key().public_numbers() == public.public_numbers()
+        assert (certs / site).read_bytes().startswith(b"-----BEGIN OPENSSH PRIVATE KEY-----")
+        assert (certs / f"{site}.pub").read_text().startswith("ecdsa-sha2-nistp384 ")
+
+
+def test_private_keys_0600(certs: Path) -> None:
+    for name in ["ca.key", "server.key", *SITES]:
+        assert stat.S_IMODE((certs / name).stat().st_mode) == 0o600, name
+    for name in ["ca.crt", "server.pem", *(f"{s}.pub" for s in SITES)]:
+        assert stat.S_IMODE((certs / name).stat().st_mode) & 0o077 != 0o077
+
+
+def test_refuses_overwrite_without_force(certs: Path, capsys) -> None:
+    before = {p.name: p.read_bytes() for p in certs.iterdir()}
+    assert mc.main(["--out", str(certs), "--sites", SITES[0], "--san", "localhost"]) == 2
+    assert "refusing to overwrite" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in certs.iterdir()} == before
+    assert not [p for p in certs.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_force_overwrites_and_reuse_ca_renews(tmp_path: Path) -> None:
+    assert mc.main(["--out", str(tmp_path), "--sites", "s1", "--san", "localhost,127.0.0.1"]) == 0
+    old_key = (tmp_path / "s1").read_bytes()
+    ca_pem = (tmp_path / "ca.crt").read_bytes()
+    assert mc.main(["--out", str(tmp_path), "--sites", "s1", "--force"]) == 0
+    assert (tmp_path / "s1").read_bytes() != old_key
+    assert (tmp_path / "ca.crt").read_bytes() != ca_pem  # a new CA
+    # renewal keeps the CA
+    ca_pem = (tmp_path / "ca.crt").read_bytes()
+    assert mc.main(["--out", str(tmp_path), "--reuse-ca", "--force", "--san", "localhost,10.1.2.3"]) == 0
+    assert (tmp_path / "ca.crt").read_bytes() == ca_pem
+    ca = x509.load_pem_x509_certificate(ca_pem)
+    server = x509.load_pem_x509_certificate((tmp_path / "server.pem").read_bytes())
+    server.verify_directly_issued_by(ca)
+    san = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.IPAddress) == [ipaddress.ip_address("10.1.2.3")]
+
+
+def test_register_commands_printed(tmp_path: Path, capsys) -> None:
+    assert mc.main(["--out", str(tmp_path), "--sites", "nbi-a", "--connection", "prod"]) == 0
+    out = capsys.readouterr().out
+    assert f"flwr supernode register {tmp_path / 'nbi-a.pub'} prod --name nbi-a" in out
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--sites", "../evil"], "invalid site name"),
+        (["--sites", "a,a"], "duplicate"),
+        (["--san", "bad_host!"], "not an IP address"),
+        (["--sites-only"], "nothing to do"),
+    ],
+)
+def test_bad_arguments(tmp_path: Path, capsys, args, message) -> None:
+    assert mc.main(["--out", str(tmp_path / "o"), *args]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_parse_sans_distinguishes_ip_and_dns() -> None:
+    names = mc.parse_sans(["Host.Example.org", "[::1]", "10.0.0.1", "10.0.0.1"])
+    assert names == [
+        x509.DNSName("host.example.org"),
+        x509.IPAddress(ipaddress.ip_address("::1")),
+        x509.IPAddress(ipaddress.ip_address("10.0.0.1")),
+    ]
+
+
+# -------------------------------------------------------------- compose files
+
+def _compose(path: Path) -> dict:
+    yaml = pytest.importorskip("yaml", reason="PyYAML not installed (it normally comes with hydra-core/omegaconf)")
+    doc = yaml.safe_load(path.read_text())
+    assert isinstance(doc, dict) and isinstance(doc.get("services"), dict), path
+    return doc
+
+
+def test_compose_files_exist() -> None:
+    assert {p.name for p in COMPOSE_FILES} >= {"coordinator.yaml", "site.yaml", "all-in-one.yaml"}
+
+
+@pytest.mark.parametrize("path", COMPOSE_FILES, ids=lambda p: p.name)
+def test_compose_services_use_tls(path: Path) -> None:
+    doc = _compose(path)
+    text = path.read_text()
+    assert "--insecure" not in text
+    for name, svc in doc["services"].items():
+        entry = " ".join(svc.get("entrypoint") or [])
+        env = svc.get("environment") or {}
+        secret_targets = {s["target"] if isinstance(s, dict) else s for s in svc.get("secrets") or []}
+        assert "ca.crt" in secret_targets or name == "synthetic-data", f"{path.name}:{name} lacks the CA"
+        if "fedpagkd-coordinator" in entry:
+            # flower-superlink with --ssl-* files and --enable-supernode-auth (entrypoint)
+            assert {"ca.crt", "server.pem", "server.key"} <= secret_targets
+            assert env["FEDPAGKD_SERVER_KEY"] == "/run/secrets/server.key"
+            assert "superlink-state" in " ".join(map(str, svc.get("volumes", [])))
+        elif "fedpagkd-site" in entry:
+            # flower-supernode with --root-certificates and --auth-supernode-private-key
+            assert "supernode_auth_key" in secret_targets
+            assert env["FEDPAGKD_CA_CERT"] == "/run/secrets/ca.crt"
+            assert env["FEDPAGKD_AUTH_KEY"] == "/run/secrets/supernode_auth_key"
+            assert str(env["FEDPAGKD_MODALITY"]).startswith(("nbi", "wli", "${FEDPAGKD_MODALITY"))
+            mounts = [m for m in svc["volumes"] if isinstance(m, dict) and m["target"] == "/data"]
+            assert mounts and all(m.get("read_only") for m in mounts), f"{path.name}:{name} data not read-only"
+            assert str(svc.get("restart", "")).startswith("on-failure")
+        for key in ("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "FLWR_TELEMETRY_ENABLED", "FLWR_DISABLE_UPDATE_CHECK"):
+            if name != "synthetic-data":
+                assert key in env, f"{path.name}:{name} lacks {key}"
+
+
+def test_all_in_one_has_two_sites_per_modality() -> None:
+    doc = _compose(DEPLOY / "compose" / "all-in-one.yaml")
+    modalities = [
+        svc["environment"]["FEDPAGKD_MODALITY"]
+        for svc in doc["services"].values()
+        if "fedpagkd-site" in " ".join(svc.get("entrypoint") or [])
+    ]
+    assert sorted(modalities) == ["nbi", "nbi", "wli", "wli"]
+
+
+def test_entrypoints_pass_tls_flags() -> None:
+    coord = (DEPLOY / "docker" / "coordinator-entrypoint.sh").read_text()
+    for flag in ("--ssl-ca-certfile", "--ssl-certfile", "--ssl-keyfile", "--enable-supernode-auth"):
+        assert flag in coord
+    site = (DEPLOY / "docker" / "site-entrypoint.sh").read_text()
+    for flag in ("--root-certificates", "--auth-supernode-private-key", "--superlink", "--node-config"):
+        assert flag in site
+    assert "--insecure" not in coord + site
+
+
+# ------------------------------------------------------------ secrets, images
+
+
+def test_no_private_key_under_deploy() -> None:
+    """No key material is committed: deploy/certs/out/ (gitignored) is the only place for it."""
+    pem_key = re.compile(rb"-----BEGIN [A-Z0-9 ]*PRIVATE KEY-----")
+    offenders = [
+        p
+        for p in DEPLOY.rglob("*")
+        if p.is_file()
+        and p.relative_to(DEPLOY).parts[:2] != ("certs", "out")
+        and pem_key.search(p.read_bytes())
+    ]
+    assert offenders == []
+
+
+@pytest.mark.parametrize("path", DOCKERFILES, ids=lambda p: p.name)
+def test_dockerfile_non_root_and_pinned(path: Path) -> None:
+    text = path.read_text()
+    lines = [line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith("#")]
+    users = [line.split(None, 1)[1] for line in lines if line.upper().startswith("USER ")]
+    assert users, f"{path.name} has no USER line"
+    assert users[-1].split(":")[0] not in {"root", "0"}
+    args = dict(re.findall(r"^ARG\s+(\w+)=(\S+)", text, flags=re.M))
+    froms = [line.split()[1] for line in lines if line.upper().startswith("FROM ")]
+    assert froms
+    for image in froms:
+        match = re.fullmatch(r"\$\{(\w+)\}", image)
+        if match:
+            image = args[match.group(1)]
+        if image in {"build", "runtime"}:  # earlier stage
+            continue
+        assert ":" in image, f"{path.name}: {image} has no tag"
+        tag = image.rsplit(":", 1)[1]
+        assert tag != "latest" and re.match(r"\d+\.\d+\.\d+", tag), f"{path.name}: {image} is not pinned"
+    assert "HEALTHCHECK" in text
+    assert not re.search(r"^\s*(COPY|ADD)\s.*\b(certs|\.key|\.pem)\b", text, flags=re.M), "secrets copied into image"
+    ignore = path.with_name(path.name + ".dockerignore")
+    assert ignore.is_file(), f"{ignore.name} missing"
