@@ -145,7 +145,7 @@ def teacher_round(request: Payload, site: SiteData, cfg: Config, dims: Dims, con
 
 
 def _site_knowledge(site: SiteData, cfg: Config, teacher, head, seed: int):
-    loader = eval_loader(site.train_plain, cfg.train.batch_size, cfg.data.num_workers)
+    loader = eval_loader(site.train, cfg.train.batch_size, cfg.data.num_workers)
     return extract_site_knowledge(teacher, head, loader, cfg, pick_device(cfg.train.device), seed)
 
 

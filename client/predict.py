@@ -52,7 +52,7 @@ def predict_folder(checkpoint: Path, folder: Path, out: Path, batch_size: int = 
     """Write ``out`` (CSV: path, predicted, p_<class>...) for every image under ``folder``."""
     net, meta = load_checkpoint(checkpoint)
     model = ProbabilityModel(net).eval()
-    transform = build_transform(meta["image_size"], train=False)
+    transform = build_transform(meta["image_size"])
     paths = list_images(folder)
     rows = []
     for start in range(0, len(paths), batch_size):

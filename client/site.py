@@ -37,8 +37,7 @@ SITES_FILE = "sites.toml"
 class SiteData:
     name: str
     modality: str
-    train: Dataset  # augmented, for training
-    train_plain: Dataset  # same images, no augmentation (knowledge extraction)
+    train: Dataset  # training split (augmented per batch by the training loop)
     test: Dataset  # held-out split for evaluation
     class_names: tuple[str, ...]
 
@@ -76,9 +75,8 @@ def _synthetic_site(name: str, spec: SyntheticSiteSpec, image_size: int) -> Site
     return SiteData(
         name=name,
         modality=spec.modality,
-        train=SyntheticEndoscopyDataset(spec, "train", build_transform(image_size, train=True)),
-        train_plain=SyntheticEndoscopyDataset(spec, "train", build_transform(image_size, train=False)),
-        test=SyntheticEndoscopyDataset(spec, "test", build_transform(image_size, train=False)),
+        train=SyntheticEndoscopyDataset(spec, "train", build_transform(image_size)),
+        test=SyntheticEndoscopyDataset(spec, "test", build_transform(image_size)),
         class_names=spec.class_names,
     )
 
@@ -91,10 +89,10 @@ def folder_site(name: str, modality: str, data_path: str | Path, cfg: Config) ->
     names = default_class_names(cfg.data.num_classes)
     size = cfg.data.image_size
 
-    def split(split_name: str, train: bool) -> FolderSiteDataset:
-        return FolderSiteDataset(root, split_name, names, build_transform(size, train=train), expected_modality=modality)
+    def split(split_name: str) -> FolderSiteDataset:
+        return FolderSiteDataset(root, split_name, names, build_transform(size), expected_modality=modality)
 
-    return SiteData(name, modality, split("train", True), split("train", False), split("test", False), names)
+    return SiteData(name, modality, split("train"), split("test"), names)
 
 
 def read_sites_file(root: str | Path) -> list[dict[str, str]]:

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from common.config import Config
-from common.data import ClassBalancedBatchSampler
+from common.data import BatchAugment, ClassBalancedBatchSampler
 from common.grouping import Group, adaptive_groups, random_groups
 from common.losses import (
     KnowledgeBank,
@@ -69,12 +69,18 @@ def make_groups(labels: torch.Tensor, tokens: torch.Tensor, cfg: Config, generat
     return random_groups(labels.cpu(), p.group_size, p.min_group_size, generator)
 
 
-def _epochs(loader: DataLoader, epochs: int, first_epoch: int) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+def _epochs(
+    loader: DataLoader, epochs: int, first_epoch: int, cfg: Config, device: torch.device, seed: int
+) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+    """(epoch, augmented images on device, labels on device) for each training batch."""
+    augment = BatchAugment(cfg.train.rotation_deg, cfg.train.flips, cfg.train.color_jitter)
+    generator = torch.Generator().manual_seed(seed + 31)
     for epoch in range(first_epoch, first_epoch + epochs):
         if hasattr(loader.batch_sampler, "set_epoch"):
             loader.batch_sampler.set_epoch(epoch)
         for images, labels in loader:
-            yield epoch, images, labels
+            images = augment(images.to(device, non_blocking=True), generator)
+            yield epoch, to_device(images, device, cfg.train.channels_last), labels.to(device)
 
 
 @dataclass
@@ -109,8 +115,7 @@ def train_teacher(
     optimizer = torch.optim.Adam(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     generator = torch.Generator().manual_seed(seed)
     meter, seen = _Mean(), 0
-    for _, images, labels in _epochs(loader, epochs, 0):
-        images, labels = to_device(images, device, cfg.train.channels_last), labels.to(device)
+    for _, images, labels in _epochs(loader, epochs, 0, cfg, device, seed):
         with autocast(device, cfg.train.amp):
             out = teacher(images)
             ce = F.cross_entropy(out.logits, labels)
@@ -149,8 +154,7 @@ def train_student(
     optimizer = torch.optim.Adam(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     generator = torch.Generator().manual_seed(seed)
     meter, seen = _Mean(), 0
-    for epoch, images, labels in _epochs(loader, epochs, first_epoch):
-        images, labels = to_device(images, device, cfg.train.channels_last), labels.to(device)
+    for epoch, images, labels in _epochs(loader, epochs, first_epoch, cfg, device, seed):
         group_on = group_losses if group_losses is not None else epoch >= cfg.pagkd.warmup_epochs
         bank = bank_source()
         with autocast(device, cfg.train.amp):
@@ -183,7 +187,7 @@ def live_teacher_bank(
     """Centralised reference: each student step distils from a fresh NBI batch of the frozen
     teacher (groups re-drawn every batch, never paired with the WLI batch)."""
     generator = torch.Generator().manual_seed(seed + 7919)
-    batches = _epochs(nbi_loader, 10**9, 0)
+    batches = _epochs(nbi_loader, 10**9, 0, cfg, device, seed + 1)
     num_classes = teacher.classifier.out_features
 
     @torch.no_grad()
@@ -192,7 +196,6 @@ def live_teacher_bank(
         was_training = head.training
         head.eval()
         _, images, labels = next(batches)
-        images, labels = to_device(images, device, cfg.train.channels_last), labels.to(device)
         with autocast(device, cfg.train.amp):
             out = teacher(images)
             token_labels = label_tokens(

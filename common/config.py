@@ -81,6 +81,9 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     amp: bool = True  # mixed precision where CUDA is used
+    rotation_deg: float = 180.0  # training augmentation (common.data.BatchAugment)
+    flips: bool = True
+    color_jitter: float = 0.1
     channels_last: bool = True  # on CUDA
 
 
@@ -138,6 +141,8 @@ class Config:
             ("train.batch_size", self.train.batch_size >= self.data.num_classes, ">= data.num_classes"),
             ("train.epochs", self.train.epochs >= 0, ">= 0"),
             ("train.local_epochs", self.train.local_epochs >= 1, ">= 1"),
+            ("train.rotation_deg", 0 <= self.train.rotation_deg <= 180, "in [0, 180]"),
+            ("train.color_jitter", 0 <= self.train.color_jitter < 1, "in [0, 1)"),
             ("train.device", self.train.device == "auto" or self.train.device.split(":")[0] in ("cpu", "cuda", "mps"),
              "auto, cpu, cuda or cuda:N"),
             ("fed.teacher_rounds", self.fed.teacher_rounds >= 0, ">= 0"),

@@ -10,7 +10,7 @@ Three pieces (DESIGN.md section 5):
 * :class:`FolderSiteDataset` reads a real site: an ImageFolder tree or a CSV manifest. All
   structural problems are reported eagerly by :class:`DataError` naming the file/folder and
   the fix; unreadable images are reported when touched (or by :meth:`FolderSiteDataset.verify`).
-* :func:`build_transform` and :class:`ClassBalancedBatchSampler` turn either into batches
+* :func:`build_transform`, :class:`BatchAugment` and :class:`ClassBalancedBatchSampler` turn either into batches
   fit for PaGKD's class groups.
 
 Images are decoded with PIL: ``torchvision.io`` has no kernels on the CPU build used here.
@@ -587,7 +587,7 @@ def write_image_folder(
 # --------------------------------------------------------------------------------------------
 
 
-def _load_image(path: Path) -> Image.Image:
+def load_image(path: Path) -> Image.Image:
     """Decode fully to RGB, or raise DataError naming the file."""
     try:
         with Image.open(path) as im:
@@ -772,7 +772,7 @@ class FolderSiteDataset(torch.utils.data.Dataset):
 
     def load(self, index: int) -> Image.Image:
         """Image ``index`` decoded to RGB; DataError naming the file if it cannot be read."""
-        return _load_image(self.paths[index])
+        return load_image(self.paths[index])
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         image = self.load(index)
@@ -785,7 +785,7 @@ class FolderSiteDataset(torch.utils.data.Dataset):
     def verify(self) -> None:
         """Decode every image of the split; DataError naming the first unreadable file."""
         for path in self.paths:
-            _load_image(path)
+            load_image(path)
 
     def class_counts(self) -> np.ndarray:
         """[C] int64 number of images per class in this split."""
@@ -797,40 +797,71 @@ class FolderSiteDataset(torch.utils.data.Dataset):
 # --------------------------------------------------------------------------------------------
 
 
-def build_transform(
-    image_size: int,
-    train: bool,
-    rotation_deg: float = 180.0,
-    flips: bool = True,
-    color_jitter: float = 0.1,
-) -> Callable[[Image.Image], torch.Tensor]:
-    """PIL image -> float tensor [3, S, S], normalised with ImageNet mean/std.
+def build_transform(image_size: int) -> Callable[[Image.Image], torch.Tensor]:
+    """PIL image -> float tensor [3, S, S]: resized and normalised with ImageNet mean/std.
 
-    Train: resize, random rotation within +-``rotation_deg`` (endoscopes have no canonical
-    "up"; the corners are filled black, like the dark rim around an endoscope's circular field
-    of view), horizontal and vertical flips, mild colour jitter. Eval: resize only.
+    The same for training and evaluation; training augmentation runs on whole batches,
+    on the training device (:class:`BatchAugment`), not per image in the loader.
     """
-    from torchvision.transforms import InterpolationMode, v2  # after `import common` (compat shim)
+    from torchvision.transforms import v2  # after `import common` (compat shim)
 
     if image_size < 1:
         raise DataError(f"image_size={image_size}: must be >= 1")
-    steps: list = [v2.ToImage(), v2.Resize((image_size, image_size), antialias=True)]
-    if train:
-        if rotation_deg > 0:
-            steps.append(v2.RandomRotation(rotation_deg, interpolation=InterpolationMode.BILINEAR, fill=0))
-        if flips:
-            steps += [v2.RandomHorizontalFlip(), v2.RandomVerticalFlip()]
-        if color_jitter > 0:
-            steps.append(
-                v2.ColorJitter(
-                    brightness=color_jitter,
-                    contrast=color_jitter,
-                    saturation=color_jitter,
-                    hue=min(color_jitter / 4.0, 0.5),  # hue shifts change the tissue colour fast: keep small
-                )
-            )
-    steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
-    return v2.Compose(steps)
+    return v2.Compose(
+        [
+            v2.ToImage(),
+            v2.Resize((image_size, image_size), antialias=True),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        ]
+    )
+
+
+class BatchAugment(torch.nn.Module):
+    """Endoscopy augmentation of a normalised batch [B, 3, H, W], as tensor ops on its device.
+
+    Random rotation within +-``rotation_deg`` (endoscopes have no canonical "up"; corners fill
+    black, like the dark rim of the circular field of view), horizontal and vertical flips (one
+    ``affine_grid`` + ``grid_sample`` for all three), and brightness / contrast / saturation
+    jitter by factors in [1 - color_jitter, 1 + color_jitter]. Hue is left alone: hue shifts
+    change the tissue colour that carries the diagnosis. Per-image randomness comes from the
+    ``generator`` (CPU), so a seeded run is reproducible on any device.
+    """
+
+    def __init__(self, rotation_deg: float = 180.0, flips: bool = True, color_jitter: float = 0.1):
+        super().__init__()
+        self.rotation_deg, self.flips, self.color_jitter = rotation_deg, flips, color_jitter
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("luma", torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        batch = images.shape[0]
+        mean, std = self.mean.to(images), self.std.to(images)
+
+        def uniform(low: float, high: float) -> torch.Tensor:
+            return (torch.rand(batch, generator=generator) * (high - low) + low).to(images)
+
+        pixels = images * std + mean  # [0, 1]: black fill and jitter act on real intensities
+        angle = uniform(-1.0, 1.0) * torch.pi * self.rotation_deg / 180.0
+        flip_x = torch.where(uniform(0, 1) < 0.5, -1.0, 1.0) if self.flips else torch.ones_like(angle)
+        flip_y = torch.where(uniform(0, 1) < 0.5, -1.0, 1.0) if self.flips else torch.ones_like(angle)
+        cos, sin = torch.cos(angle), torch.sin(angle)
+        zero = torch.zeros_like(angle)
+        theta = torch.stack(
+            [torch.stack([cos * flip_x, -sin * flip_y, zero], 1), torch.stack([sin * flip_x, cos * flip_y, zero], 1)], 1
+        )  # [B, 2, 3]
+        grid = torch.nn.functional.affine_grid(theta, list(pixels.shape), align_corners=False)
+        pixels = torch.nn.functional.grid_sample(pixels, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        if self.color_jitter > 0:
+            low, high = 1.0 - self.color_jitter, 1.0 + self.color_jitter
+            luma = self.luma.to(pixels)
+            pixels = pixels * uniform(low, high).view(-1, 1, 1, 1)  # brightness
+            mean_gray = (pixels * luma).sum(1, keepdim=True).mean((2, 3), keepdim=True)
+            pixels = (pixels - mean_gray) * uniform(low, high).view(-1, 1, 1, 1) + mean_gray  # contrast
+            gray = (pixels * luma).sum(1, keepdim=True)
+            pixels = gray + (pixels - gray) * uniform(low, high).view(-1, 1, 1, 1)  # saturation
+        return (pixels.clamp(0, 1) - mean) / std
 
 
 class ClassBalancedBatchSampler(torch.utils.data.Sampler[list[int]]):

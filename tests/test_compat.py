@@ -18,16 +18,68 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 COMPAT = REPO / "common" / "compat.py"
 
-# Loads compat.py as a standalone module (not through common/__init__.py, which already calls
-# ensure_torchvision), so a script can patch it before the first call.
+# One process runs every standalone scenario in turn: each loads a fresh copy of compat.py as
+# a standalone module (not through common/__init__.py, which already calls ensure_torchvision),
+# patches it and calls ensure_torchvision. The no-op scenarios run first and must leave
+# torch.ops untouched (each checks that), so the shim scenario still starts from a bare torch.
 _STANDALONE = f"""
 import importlib.util, json, sys, types
 import torch
-spec = importlib.util.spec_from_file_location("compat_standalone", {str(COMPAT)!r})
-compat = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(compat)
-assert "torchvision" not in sys.modules
-assert "common" not in sys.modules
+assert "torchvision" not in sys.modules and "common" not in sys.modules
+
+def fresh(tag):
+    spec = importlib.util.spec_from_file_location("compat_" + tag, {str(COMPAT)!r})
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+def has(op):
+    return hasattr(torch.ops.torchvision, op)
+
+results = {{}}
+
+# No-op branch: the extension is said to load, so nothing may be defined.
+compat = fresh("loads")
+compat.torchvision_extension_loads = lambda: True
+before = has("nms")
+result = compat.ensure_torchvision()
+results["extension_loads"] = {{
+    "before": before, "result": result, "shim": compat._shim_library is not None,
+    "has_nms": has("nms"), "has_qnms": has("qnms"),
+}}
+
+# Too late: torchvision was imported before (a stub stands for it); nothing is probed or defined.
+compat = fresh("imported")
+sys.modules["torchvision"] = types.ModuleType("torchvision")
+called = []
+compat.torchvision_extension_loads = lambda: called.append(1) or False
+result = compat.ensure_torchvision()
+del sys.modules["torchvision"]
+results["already_imported"] = {{
+    "result": result, "shim": compat._shim_library is not None, "has_nms": has("nms"), "probed": bool(called),
+}}
+
+# torchvision not installed: nothing to do.
+compat = fresh("absent")
+real = compat.importlib.util.find_spec
+compat.importlib.util.find_spec = lambda name, *a, **k: None if name == "torchvision" else real(name, *a, **k)
+result = compat.ensure_torchvision()
+compat.importlib.util.find_spec = real
+results["absent"] = {{"result": result, "has_nms": has("nms")}}
+
+# Shim branch, forced: schemas defined exactly once, torchvision then imports.
+compat = fresh("missing")
+compat.torchvision_extension_loads = lambda: False
+before = has("nms")
+first = compat.ensure_torchvision()
+second = compat.ensure_torchvision()
+schemas = sorted(str(s) for s in torch._C._jit_get_all_schemas() if str(s).startswith("torchvision::"))
+import torchvision  # must now import
+results["extension_missing"] = {{
+    "before": before, "first": first, "second": second, "has_nms": has("nms"), "schemas": schemas,
+    "transforms": hasattr(torchvision, "transforms"),
+}}
+print(json.dumps(results))
 """
 
 SCRIPTS = {
@@ -45,58 +97,7 @@ print(json.dumps({
     "timm_models": len(timm.list_models("resnet18*")) > 0,
 }))
 """,
-    # No-op branch: the extension is said to load, so nothing may be defined.
-    "extension_loads": _STANDALONE
-    + """
-compat.torchvision_extension_loads = lambda: True
-before = hasattr(torch.ops.torchvision, "nms")
-result = compat.ensure_torchvision()
-print(json.dumps({
-    "before": before,
-    "result": result,
-    "shim": compat._shim_library is not None,
-    "has_nms": hasattr(torch.ops.torchvision, "nms"),
-    "has_qnms": hasattr(torch.ops.torchvision, "qnms"),
-}))
-""",
-    # Shim branch, forced: schemas defined exactly once, torchvision then imports.
-    "extension_missing": _STANDALONE
-    + """
-compat.torchvision_extension_loads = lambda: False
-before = hasattr(torch.ops.torchvision, "nms")
-first = compat.ensure_torchvision()
-second = compat.ensure_torchvision()
-schemas = sorted(str(s) for s in torch._C._jit_get_all_schemas() if str(s).startswith("torchvision::"))
-import torchvision  # must now import
-print(json.dumps({
-    "before": before, "first": first, "second": second,
-    "has_nms": hasattr(torch.ops.torchvision, "nms"),
-    "schemas": schemas,
-}))
-""",
-    # Too late: torchvision was imported before (a stub stands for it); nothing is probed or defined.
-    "already_imported": _STANDALONE
-    + """
-sys.modules["torchvision"] = types.ModuleType("torchvision")
-called = []
-compat.torchvision_extension_loads = lambda: called.append(1) or False
-result = compat.ensure_torchvision()
-print(json.dumps({
-    "result": result,
-    "shim": compat._shim_library is not None,
-    "has_nms": hasattr(torch.ops.torchvision, "nms"),
-    "probed": bool(called),
-}))
-""",
-    # torchvision not installed: nothing to do.
-    "absent": _STANDALONE
-    + """
-real = compat.importlib.util.find_spec
-compat.importlib.util.find_spec = lambda name, *a, **k: None if name == "torchvision" else real(name, *a, **k)
-result = compat.ensure_torchvision()
-compat.importlib.util.find_spec = real
-print(json.dumps({"result": result, "has_nms": hasattr(torch.ops.torchvision, "nms")}))
-""",
+    "standalone": _STANDALONE,
 }
 
 
@@ -115,12 +116,19 @@ def procs():
             proc.wait()
 
 
+_DONE: dict[str, dict] = {}
+
+
 def _result(procs: dict, name: str) -> dict:
-    """Wait for one script; it prints one JSON line last."""
-    proc = procs[name]
-    stdout, stderr = proc.communicate(timeout=180)
-    assert proc.returncode == 0, f"subprocess '{name}' failed:\nstdout:\n{stdout}\nstderr:\n{stderr}"
-    return json.loads(stdout.strip().splitlines()[-1])
+    """Wait for one script (it prints one JSON line last); standalone scenarios by name."""
+    script = name if name in SCRIPTS else "standalone"
+    if script not in _DONE:
+        proc = procs[script]
+        stdout, stderr = proc.communicate(timeout=240)
+        assert proc.returncode == 0, f"subprocess '{script}' failed:\nstdout:\n{stdout}\nstderr:\n{stderr}"
+        _DONE[script] = json.loads(stdout.strip().splitlines()[-1])
+    out = _DONE[script]
+    return out if script == name else out[name]
 
 
 def test_import_common_then_torchvision_and_timm_shim_iff_extension_missing(procs):
@@ -152,6 +160,7 @@ def test_shim_branch_standalone_defines_schemas_and_is_idempotent(procs):
     assert out["before"] is False
     assert out["first"] is True and out["second"] is True
     assert out["has_nms"] is True
+    assert out["transforms"] is True
     assert out["schemas"] == [
         "torchvision::nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor",
         "torchvision::qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor",

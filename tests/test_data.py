@@ -15,7 +15,10 @@ from PIL import Image
 
 from common.data import (
     DEFAULT_CLASS_NAMES,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
     MODALITIES,
+    BatchAugment,
     ClassBalancedBatchSampler,
     DataError,
     FolderSiteDataset,
@@ -142,21 +145,47 @@ def test_render_shift_changes_look_but_not_labels():
 
 def test_transforms_shapes_and_normalisation():
     ds = SyntheticEndoscopyDataset(SyntheticSiteSpec("nbi", num_train=4), "train")
-    train_tf = build_transform(96, train=True)
-    eval_tf = build_transform(32, train=False)
-    torch.manual_seed(0)
-    x = train_tf(ds.render(0))
-    assert x.shape == (3, 96, 96) and x.dtype == torch.float32
-    y = eval_tf(ds.render(0))
+    tf = build_transform(32)
+    y = tf(ds.render(0))
     assert y.shape == (3, 32, 32) and y.dtype == torch.float32
-    np.testing.assert_allclose(eval_tf(ds.render(0)).numpy(), y.numpy())  # eval is deterministic
+    np.testing.assert_allclose(tf(ds.render(0)).numpy(), y.numpy())  # deterministic
     # Black field-of-view corners map to -mean/std after normalisation.
     assert float(y[0, 0, 0]) == pytest.approx(-0.485 / 0.229, abs=0.05)
-    # Through the dataset.
-    ds_tf = SyntheticEndoscopyDataset(SyntheticSiteSpec("wli", num_train=2), "train", transform=eval_tf)
+    ds_tf = SyntheticEndoscopyDataset(SyntheticSiteSpec("wli", num_train=2), "train", transform=tf)
     assert ds_tf[0][0].shape == (3, 32, 32)
-    plain = build_transform(40, train=True, rotation_deg=0.0, flips=False, color_jitter=0.0)
-    np.testing.assert_allclose(plain(ds.render(0)).numpy(), build_transform(40, train=False)(ds.render(0)).numpy())
+
+
+def test_batch_augment_identity_when_disabled_and_seeded_otherwise():
+    ds = SyntheticEndoscopyDataset(SyntheticSiteSpec("nbi", num_train=4), "train", transform=build_transform(40))
+    batch = torch.stack([ds[i][0] for i in range(4)])
+    plain = BatchAugment(rotation_deg=0.0, flips=False, color_jitter=0.0)
+    np.testing.assert_allclose(plain(batch).numpy(), batch.numpy(), atol=1e-5)
+    augment = BatchAugment()
+    a = augment(batch, torch.Generator().manual_seed(3))
+    b = augment(batch, torch.Generator().manual_seed(3))
+    c = augment(batch, torch.Generator().manual_seed(4))
+    assert a.shape == batch.shape and torch.isfinite(a).all()
+    assert torch.equal(a, b) and not torch.allclose(a, c)
+    # Values stay those of real pixels in [0, 1] after un-normalising.
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    pixels = a * std + mean
+    assert pixels.min() >= -1e-5 and pixels.max() <= 1 + 1e-5
+
+
+def test_batch_augment_flip_only_is_exact_mirror():
+    image = torch.randn(1, 3, 8, 8)
+    flip = BatchAugment(rotation_deg=0.0, flips=True, color_jitter=0.0)
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    image = ((image * std + mean).clamp(0, 1) - mean) / std  # representable pixels
+    seen = set()
+    for seed in range(16):
+        out = flip(image, torch.Generator().manual_seed(seed))
+        for name, ref in {"none": image, "h": image.flip(3), "v": image.flip(2), "hv": image.flip(2).flip(3)}.items():
+            if torch.allclose(out, ref, atol=1e-4):
+                seen.add(name)
+    assert seen == {"none", "h", "v", "hv"}
 
 
 # ---------------------------------------------------------------- sampler
