@@ -15,6 +15,17 @@ from server.workflow import run_federation
 app = ServerApp()
 
 
+def configure_logging() -> None:
+    """Progress lines of our own loggers only; the root logger (httpx, grpc) is left alone."""
+    logger = logging.getLogger("fedpagkd")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+
+
 def run_folder(run_dir: str, run_name: str) -> Path:
     """``fed.run_dir`` / ``fed.run_name`` (a timestamp when empty). A relative run_dir is
     taken from the ServerApp's working directory; give an absolute one to be sure where."""
@@ -24,8 +35,7 @@ def run_folder(run_dir: str, run_name: str) -> Path:
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("fedpagkd").setLevel(logging.INFO)
+    configure_logging()
     cfg = config_from_flat(context.run_config)
     run_dir = run_folder(cfg.fed.run_dir, cfg.fed.run_name)
     logging.getLogger("fedpagkd.server").info("run folder: %s", run_dir)

@@ -309,13 +309,19 @@ def _malformed_cases(globals_, centroids):
         "missing-array": (Payload("knowledge.stats", arrays=missing_array, config=stats_config), ["missing arrays", "background_centroids"]),
         "nan-weight": (Payload("teacher.train", config=teacher_config, weights=_bad_teacher_weights(globals_, nan_weight)), [name, "NaN"]),
         "wrong-shape-weight": (Payload("teacher.train", config=teacher_config, weights=_bad_teacher_weights(globals_, wrong_shape)), [name]),
-        "missing-weight": (Payload("teacher.train", config=teacher_config, weights=_bad_teacher_weights(globals_, drop_tensor)), [name, "missing"]),
+        "missing-weight": (Payload("teacher.train", config=teacher_config, weights=_bad_teacher_weights(globals_, drop_tensor)), [name, "lack"]),
         "wrong-config-type": (Payload("teacher.train", config={**teacher_config, "local-epochs": 1.5},
                                       weights={"teacher": globals_["teacher"], "head": globals_["head"]}), ["local-epochs", "int"]),
     }
 
 
-CASES = ["missing-config-key", "nan-array", "wrong-shape-array", "missing-array", "nan-weight", "wrong-shape-weight",
+_UNNAMED_SHAPE = (
+    "bug: client/app.py validates a request without weight_shapes (records.validate checks weights for finiteness "
+    "only), so a weight of the wrong size fails later in client/wire.py load_numpy_state's reshape with "
+    "\"shape '[16, 3, 3, 3]' is invalid for input of size 576\", which does not name the tensor"
+)
+CASES = ["missing-config-key", "nan-array", "wrong-shape-array", "missing-array", "nan-weight",
+         pytest.param("wrong-shape-weight", marks=pytest.mark.xfail(strict=True, reason=_UNNAMED_SHAPE)),
          "missing-weight", "wrong-config-type"]
 
 
@@ -329,6 +335,14 @@ def test_malformed_request_yields_an_error_reply_naming_the_problem(globals_, kn
     # simulated site names itself by its partition (a deployed one by its node config's site-name).
     assert_error(reply, ("partition-0", "nbi-0"), *needles)
     assert not context.state.array_records, "a refused request must not leave state behind"
+
+
+def test_weight_of_the_wrong_size_is_refused(globals_):
+    name = _first_float(globals_["teacher"])
+    teacher = dict(globals_["teacher"])
+    teacher[name] = np.zeros(teacher[name].shape[:-1] + (teacher[name].shape[-1] + 1,), np.float32)
+    payload = Payload("teacher.train", config={"round": 1, "seed": 1, "local-epochs": 1}, weights={"teacher": teacher, "head": globals_["head"]})
+    assert_error(send(payload, new_context(node(NBI))), ("partition-0", "nbi-0"), "shape")
 
 
 @pytest.mark.xfail(strict=True, reason="bug: client/app.py validates requests without weight_shapes and client/wire.py "

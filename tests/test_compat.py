@@ -1,8 +1,9 @@
 """The guarded torchvision shim (common/compat.py): both branches, each in a fresh process.
 
 The shim must run before the first torchvision import of a process, so every check that
-depends on import order runs in a subprocess of its own. The subprocesses are all started at
-once by a module fixture (they are independent) and each test reads its own one's result.
+depends on import order runs in a fresh interpreter: one for the real import path through
+``common``, one for the standalone scenarios of compat.py. Both are started at once by a module
+fixture and each test reads its own part of the results.
 """
 
 from __future__ import annotations
@@ -14,6 +15,9 @@ from pathlib import Path
 
 import pytest
 import torch
+
+# One intra-op thread (conftest): on the shared 2-core machine it is much faster.
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 REPO = Path(__file__).resolve().parents[1]
 COMPAT = REPO / "common" / "compat.py"

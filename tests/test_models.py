@@ -21,6 +21,9 @@ from common.models import (
     pick_device,
 )
 
+# One intra-op thread (conftest): on the shared 2-core machine it is much faster.
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 IMAGE = 64
 C, D = 5, 16  # classes, token width
 

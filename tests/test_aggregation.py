@@ -1,0 +1,349 @@
+"""Server-side aggregation (server/aggregation.py), strategy-style with hand-made replies.
+
+The central property: NBI sites send per-class sums and counts, so the server's bank and its
+federated Lloyd steps equal what one site holding every group would compute.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from client.knowledge import SiteKnowledge, knowledge_sums
+from common.losses import BACKGROUND, FOREGROUND, UNCERTAIN
+from common.records import BANK_STATISTICS, CENTROIDS, KNOWLEDGE_SEEDS_FIELDS, Dims, make
+from server.aggregation import (
+    bank_statistics,
+    empty_bank,
+    initial_centroids,
+    lloyd_centroids,
+    norm_outliers,
+    sum_statistics,
+    update_norm,
+    weighted_average,
+)
+from tests.conftest import tiny_config
+
+# ------------------------------------------------------------------------------- FedAvg
+
+
+def test_weighted_average_is_exact_on_known_inputs():
+    states = [
+        {"w": np.array([1.0, 2.0], np.float32), "n": np.array([10], np.int64), "h": np.array([[0.5]], np.float64)},
+        {"w": np.array([3.0, 6.0], np.float32), "n": np.array([13], np.int64), "h": np.array([[1.5]], np.float64)},
+    ]
+    out = weighted_average(states, [1, 3])
+    np.testing.assert_array_equal(out["w"], np.array([2.5, 5.0], np.float32))
+    np.testing.assert_array_equal(out["h"], np.array([[1.25]]))
+    assert out["n"].dtype == np.int64 and out["n"].tolist() == [12]  # 12.25 rounded back to int
+    assert out["w"].dtype == np.float32 and out["h"].dtype == np.float64
+    # Only the ratio of the weights matters.
+    scaled = weighted_average(states, [100, 300])
+    for name in out:
+        np.testing.assert_array_equal(scaled[name], out[name])
+
+
+def test_weighted_average_rounds_integer_buffers_to_nearest():
+    states = [{"n": np.array([0, 4], np.int64)}, {"n": np.array([1, 7], np.int64)}]
+    out = weighted_average(states, [1, 3])  # 0.75 -> 1, 6.25 -> 6
+    assert out["n"].dtype == np.int64
+    assert out["n"].tolist() == [1, 6]
+
+
+def test_weighted_average_of_one_state_is_that_state():
+    state = {"w": np.random.default_rng(0).normal(size=(3, 4)).astype(np.float32), "n": np.array([5], np.int64)}
+    out = weighted_average([state], [7.0])
+    np.testing.assert_allclose(out["w"], state["w"], rtol=1e-6)
+    assert out["n"].tolist() == [5]
+
+
+@pytest.mark.parametrize("states, weights, needle", [([], [], "at least one"), ([{"w": np.ones(2, np.float32)}] * 2, [0, 0], "sum to")])
+def test_weighted_average_refuses_degenerate_input(states, weights, needle):
+    with pytest.raises(ValueError, match=needle):
+        weighted_average(states, weights)
+
+
+def test_update_norm_counts_floating_tensors_only():
+    reference = {"w": np.array([0.0, 1.0], np.float32), "n": np.array([0], np.int64)}
+    state = {"w": np.array([3.0, 5.0], np.float32), "n": np.array([1000], np.int64)}
+    assert update_norm(state, reference) == pytest.approx(5.0)
+    assert update_norm(reference, reference) == 0.0
+
+
+@pytest.mark.parametrize(
+    "norms, ratio, expected",
+    [
+        ([1.0, 1.1, 0.9, 500.0], 100, [3]),
+        ([1.0, 1.0, 100.0], 100, []),  # exactly the ratio is not an outlier
+        ([1.0, 1.0, 100.5], 100, [2]),
+        ([1.0, 1000.0], 100, []),  # two updates: no meaningful median
+        ([0.0, 0.0, 5.0], 100, []),  # median 0: nothing to compare with
+        ([2.0, 30.0, 2.0, 3.0, 2.5], 10, [1]),
+    ],
+)
+def test_norm_outliers(norms, ratio, expected):
+    assert norm_outliers(norms, ratio) == expected
+
+
+# ------------------------------------------------------------------------------- sums and banks
+
+DIMS = Dims(C=2, S=2, M=2, D=3, L=2, B=10)
+CFG = tiny_config(**{"pagkd.min_group_size": 2, "pagkd.group_size": 3})
+
+
+def test_empty_bank_is_all_zeros_with_the_schema_shapes():
+    bank = empty_bank(DIMS)
+    assert sorted(bank) == sorted(f.name for f in BANK_STATISTICS)
+    for spec in BANK_STATISTICS:
+        assert bank[spec.name].shape == DIMS.resolve(spec.shape)
+        assert bank[spec.name].dtype == np.dtype(spec.dtype)
+        assert not bank[spec.name].any()
+    # It is a valid student.train payload (a WLI-only student is sent it).
+    config = {"round": 1, "seed": 0, "local-epochs": 1, "group-losses": False, "use-bank": False}
+    make("student.train", DIMS, arrays=bank, config=config, weights={"student": {}, "head": {}})
+
+
+def test_sum_statistics_adds_floats_in_float64_and_counts_exactly():
+    a = {"x": np.full((2,), 1e8, np.float32), "k": np.array([2**40, 1], np.int64)}
+    b = {"x": np.full((2,), 1.0, np.float32), "k": np.array([1, 2], np.int64)}
+    c = {"x": np.full((2,), -1e8, np.float32), "k": np.array([0, 0], np.int64)}
+    out = sum_statistics([a, b, c], ["x", "k"])
+    np.testing.assert_array_equal(out["x"], np.ones(2, np.float32))  # float32 accumulation would give 0
+    assert out["x"].dtype == np.float32
+    assert out["k"].tolist() == [2**40 + 1, 3] and out["k"].dtype == np.int64
+
+
+def _centres(rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Well-separated cluster centres per class: prototype sets [C, S, M, D], tokens [C, L, D]."""
+    return {
+        "prototype": rng.normal(scale=5.0, size=(DIMS.C, DIMS.S, DIMS.M, DIMS.D)).astype(np.float32),
+        "foreground": rng.normal(scale=5.0, size=(DIMS.C, DIMS.L, DIMS.D)).astype(np.float32),
+        "background": rng.normal(scale=5.0, size=(DIMS.C, DIMS.L, DIMS.D)).astype(np.float32),
+    }
+
+
+def make_knowledge(groups_per_class: int, group_size: int, seed: int) -> SiteKnowledge:
+    """A hand-made site view. Groups in order g0, g1, ... with their images contiguous (as
+    extract_site_knowledge keeps them). Each image has 2 foreground, 1 background and 1
+    uncertain token; the k-th image of a group has its tokens near centroid ``k % L`` of its
+    class, so with ``group_size >= 2 * L`` every cluster gets tokens of >= K_min = 2 images in
+    every group: any split into whole groups suppresses nothing."""
+    assert group_size >= 2 * DIMS.L
+    rng = np.random.default_rng(seed)
+    centres = _centres(np.random.default_rng(1234))
+    prototypes, group_labels, sizes, tokens, token_labels, classes = [], [], [], [], [], []
+    for g in range(groups_per_class * DIMS.C):
+        c = g % DIMS.C
+        prototypes.append(centres["prototype"][c, g % DIMS.S] + rng.normal(scale=0.3, size=(DIMS.M, DIMS.D)))
+        group_labels.append(c)
+        sizes.append(group_size)
+        for k in range(group_size):
+            j = k % DIMS.L
+            noise = rng.normal(scale=0.3, size=(4, DIMS.D))
+            tokens.append(np.stack([centres["foreground"][c, j], centres["foreground"][c, j], centres["background"][c, j],
+                                    np.zeros(DIMS.D, np.float32)]) + noise)
+            token_labels.append([FOREGROUND, FOREGROUND, BACKGROUND, UNCERTAIN])
+            classes.append(c)
+    return SiteKnowledge(
+        prototypes=torch.tensor(np.array(prototypes), dtype=torch.float32),
+        group_labels=torch.tensor(group_labels, dtype=torch.long),
+        group_sizes=torch.tensor(sizes, dtype=torch.long),
+        tokens=torch.tensor(np.array(tokens), dtype=torch.float32),
+        token_labels=torch.tensor(token_labels, dtype=torch.long),
+        classes=torch.tensor(classes, dtype=torch.long),
+    )
+
+
+def split_knowledge(knowledge: SiteKnowledge, groups: slice) -> SiteKnowledge:
+    """The sub-site holding ``groups`` (a slice of groups) and exactly their images."""
+    sizes = knowledge.group_sizes
+    starts = torch.cat([torch.zeros(1, dtype=torch.long), sizes.cumsum(0)])
+    first, last = groups.start or 0, groups.stop if groups.stop is not None else len(sizes)
+    images = slice(int(starts[first]), int(starts[last]))
+    return SiteKnowledge(
+        prototypes=knowledge.prototypes[first:last],
+        group_labels=knowledge.group_labels[first:last],
+        group_sizes=sizes[first:last],
+        tokens=knowledge.tokens[images],
+        token_labels=knowledge.token_labels[images],
+        classes=knowledge.classes[images],
+    )
+
+
+def perturbed_centroids(seed: int) -> dict[str, np.ndarray]:
+    centres = _centres(np.random.default_rng(1234))
+    rng = np.random.default_rng(seed)
+    return {f"{k}_centroids": (v + rng.normal(scale=0.5, size=v.shape)).astype(np.float32) for k, v in centres.items()}
+
+
+def assert_same_bank(got: dict[str, np.ndarray], expected: dict[str, np.ndarray]) -> None:
+    assert sorted(got) == sorted(expected) == sorted(f.name for f in BANK_STATISTICS)
+    for spec in BANK_STATISTICS:
+        if spec.counts:
+            np.testing.assert_array_equal(got[spec.name], expected[spec.name], err_msg=spec.name)
+        else:
+            np.testing.assert_allclose(got[spec.name], expected[spec.name], rtol=1e-5, atol=1e-5, err_msg=spec.name)
+
+
+@pytest.mark.parametrize("cut", [1, 3, 5])
+def test_bank_of_two_sites_equals_the_pooled_bank(cut):
+    union = make_knowledge(groups_per_class=3, group_size=4, seed=0)
+    site_a, site_b = split_knowledge(union, slice(0, cut)), split_knowledge(union, slice(cut, None))
+    assert len(site_a.classes) + len(site_b.classes) == len(union.classes)
+    centroids = perturbed_centroids(1)
+    pooled = knowledge_sums(union, DIMS, CFG, centroids)
+    summed = bank_statistics([knowledge_sums(site_a, DIMS, CFG, centroids), knowledge_sums(site_b, DIMS, CFG, centroids)])
+    assert_same_bank(summed, pooled)
+    # Non-trivial: every class has images and tokens behind its bank.
+    assert (pooled["image_count"] == 12).all()
+    assert pooled["prototype_count"].sum() == 6
+    assert pooled["foreground_count"].sum() == 2 * 24 and pooled["background_count"].sum() == 24
+    assert (pooled["foreground_count"] > 0).all() and (pooled["background_count"] > 0).all()
+
+
+def test_two_federated_lloyd_steps_equal_the_pooled_ones():
+    union = make_knowledge(groups_per_class=4, group_size=4, seed=2)
+    sites = [split_knowledge(union, slice(0, 3)), split_knowledge(union, slice(3, 6)), split_knowledge(union, slice(6, None))]
+    fed = pooled = perturbed_centroids(3)
+    for _ in range(2):
+        fed_bank = bank_statistics([knowledge_sums(s, DIMS, CFG, fed) for s in sites])
+        pooled_bank = knowledge_sums(union, DIMS, CFG, pooled)
+        assert_same_bank(fed_bank, pooled_bank)
+        fed, pooled = lloyd_centroids(fed_bank, fed, DIMS), lloyd_centroids(pooled_bank, pooled, DIMS)
+        for name in fed:
+            np.testing.assert_allclose(fed[name], pooled[name], rtol=1e-5, atol=1e-5, err_msg=name)
+    # The steps moved the centroids onto the data (not a no-op).
+    assert not np.allclose(fed["foreground_centroids"], perturbed_centroids(3)["foreground_centroids"])
+
+
+def test_lloyd_centroids_is_sum_over_count_and_keeps_empty_clusters():
+    rng = np.random.default_rng(4)
+    old = perturbed_centroids(5)
+    bank = empty_bank(DIMS)
+    target = rng.normal(size=(DIMS.C, DIMS.L, DIMS.D)).astype(np.float32)
+    bank["foreground_count"][:] = [[2, 0], [5, 1]]
+    bank["foreground_sum"][:] = target * bank["foreground_count"][..., None]
+    bank["prototype_count"][0, 1] = 4
+    bank["prototype_sum"][0, 1] = 4 * np.ones((DIMS.M, DIMS.D), np.float32)
+    new = lloyd_centroids(bank, old, DIMS)
+    for name in ("prototype_centroids", "foreground_centroids", "background_centroids"):
+        assert new[name].shape == old[name].shape and new[name].dtype == np.float32
+    expected = np.where(bank["foreground_count"][..., None] > 0, target, old["foreground_centroids"])
+    np.testing.assert_allclose(new["foreground_centroids"], expected, rtol=1e-6)
+    np.testing.assert_array_equal(new["background_centroids"], old["background_centroids"])  # no points anywhere
+    np.testing.assert_allclose(new["prototype_centroids"][0, 1], np.ones((DIMS.M, DIMS.D)))
+    np.testing.assert_array_equal(new["prototype_centroids"][1], old["prototype_centroids"][1])
+
+
+# ------------------------------------------------------------------------------- seeds -> centroids
+
+
+def seed_reply(rng: np.random.Generator, means: dict[str, np.ndarray], counts: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    out = {}
+    for name in ("prototype", "foreground", "background"):
+        n = counts[name]
+        out[f"{name}_seed_count"] = n.astype(np.int64)
+        out[f"{name}_seed_sum"] = (means[name] * n.reshape(n.shape + (1,) * (means[name].ndim - n.ndim))).astype(np.float32)
+    make("knowledge.seeds", DIMS, arrays=out, config={"groups": 1})  # a valid reply
+    return out
+
+
+def test_initial_centroids_shapes_finite_and_at_the_seed_means():
+    rng = np.random.default_rng(0)
+    centres = _centres(np.random.default_rng(1234))
+    replies = []
+    for site in range(2):
+        counts = {"prototype": np.full((DIMS.C, DIMS.S), 3 + site), "foreground": np.full((DIMS.C, DIMS.L), 10),
+                  "background": np.full((DIMS.C, DIMS.L), 7)}
+        means = {k: v + rng.normal(scale=0.01, size=v.shape).astype(np.float32) for k, v in centres.items()}
+        replies.append(seed_reply(rng, means, counts))
+    out = initial_centroids(replies, DIMS, seed=0)
+    assert out["prototype_centroids"].shape == (DIMS.C, DIMS.S, DIMS.M, DIMS.D)
+    assert out["foreground_centroids"].shape == out["background_centroids"].shape == (DIMS.C, DIMS.L, DIMS.D)
+    assert sorted(out) == sorted(f.name for f in CENTROIDS)
+    for name, array in out.items():
+        assert array.dtype == np.float32 and np.isfinite(array).all(), name
+    # Two sites' seeds around the same centres: the k-means of the seeds recovers the centres.
+    for name in ("prototype", "foreground", "background"):
+        got = out[f"{name}_centroids"]
+        for c in range(DIMS.C):
+            k = got.shape[1]
+            found = got[c].reshape(k, -1)
+            want = centres[name][c].reshape(k, -1)
+            dist = np.linalg.norm(found[:, None] - want[None], axis=-1)
+            assert sorted(dist.argmin(axis=1).tolist()) == list(range(k)), f"{name} class {c}"
+            assert dist.min(axis=1).max() < 0.1
+
+
+def test_initial_centroids_with_missing_or_too_few_seeds():
+    rng = np.random.default_rng(1)
+    centres = _centres(np.random.default_rng(1234))
+    counts = {"prototype": np.array([[2, 0], [0, 0]]), "foreground": np.array([[5, 5], [0, 0]]),
+              "background": np.array([[0, 3], [0, 0]])}
+    out = initial_centroids([seed_reply(rng, centres, counts)], DIMS, seed=1)
+    for array in out.values():
+        assert np.isfinite(array).all()
+    # Class 1 has no seed at all: zeros.
+    for name in out:
+        assert not out[name][1].any(), name
+    # Class 0 prototypes: one seed for S = 2 slots -> every slot is that seed (a real location).
+    for s in range(DIMS.S):
+        np.testing.assert_allclose(out["prototype_centroids"][0, s], centres["prototype"][0, 0], rtol=1e-5, atol=1e-5)
+    for s in range(DIMS.L):
+        np.testing.assert_allclose(out["background_centroids"][0, s], centres["background"][0, 1], rtol=1e-5, atol=1e-5)
+
+
+def test_seed_schema_fields_cover_what_initial_centroids_reads():
+    names = {f.name for f in KNOWLEDGE_SEEDS_FIELDS}
+    assert names == {f"{k}_seed_{s}" for k in ("prototype", "foreground", "background") for s in ("sum", "count")}
+
+
+# ------------------------------------------------------------------------------- a real site's knowledge
+
+
+@pytest.mark.usefixtures("single_thread")
+def test_real_site_knowledge_split_in_two_sums_to_the_whole():
+    """extract_site_knowledge on a synthetic NBI site: split its groups into two sites. Prototype
+    and image statistics add exactly; token clusters add exactly unless a part has fewer than
+    K_min images in a cluster (then that part suppresses it: the parts can only hold less)."""
+    from client.app import dims_of
+    from client.knowledge import extract_site_knowledge, knowledge_seeds
+    from client.site import resolve_site
+    from client.train import eval_loader
+    from common.models import build_query_head, build_teacher
+
+    cfg = tiny_config(**{"data.image_size": 64, "data.train_per_site": 36})
+    dims = dims_of(cfg)
+    torch.manual_seed(0)
+    teacher, head = build_teacher(cfg.model, dims.C), build_query_head(cfg.model, dims.C)
+    site = resolve_site({"partition-id": 0, "num-partitions": 4}, cfg)
+    knowledge = extract_site_knowledge(teacher, head, eval_loader(site.train, cfg.train.batch_size), cfg, torch.device("cpu"), seed=3)
+    groups = len(knowledge.group_sizes)
+    assert groups >= 4 and int(knowledge.group_sizes.min()) >= cfg.pagkd.min_group_size
+    assert len(knowledge.classes) == int(knowledge.group_sizes.sum()) <= len(site.train)
+    parts = [split_knowledge(knowledge, slice(0, groups // 2)), split_knowledge(knowledge, slice(groups // 2, None))]
+    centroids = initial_centroids([knowledge_seeds(knowledge, dims, cfg, seed=3)], dims, seed=3)
+    whole = knowledge_sums(knowledge, dims, cfg, centroids)
+    summed = bank_statistics([knowledge_sums(p, dims, cfg, centroids) for p in parts])
+    for name in ("prototype_count", "image_count"):
+        np.testing.assert_array_equal(summed[name], whole[name], err_msg=name)
+    for name in ("prototype_sum", "prototype_sqsum"):
+        np.testing.assert_allclose(summed[name], whole[name], rtol=1e-5, atol=1e-4, err_msg=name)
+    assert whole["image_count"].sum() == len(knowledge.classes)
+    for label in ("foreground", "background"):
+        count_parts, count_whole = summed[f"{label}_count"], whole[f"{label}_count"]
+        assert (count_parts <= count_whole).all()
+        same = count_parts == count_whole
+        np.testing.assert_allclose(summed[f"{label}_sum"][same], whole[f"{label}_sum"][same], rtol=1e-5, atol=1e-4)
+    assert whole["foreground_count"].sum() + whole["background_count"].sum() > 0
+
+
+def test_split_knowledge_helper_partitions_images():
+    union = make_knowledge(groups_per_class=2, group_size=4, seed=9)
+    a, b = split_knowledge(union, slice(0, 1)), split_knowledge(union, slice(1, None))
+    assert torch.equal(torch.cat([a.tokens, b.tokens]), union.tokens)
+    assert int(a.group_sizes.sum()) == len(a.classes) == 4
+    assert dataclasses.fields(SiteKnowledge)  # the helper builds every field
