@@ -11,6 +11,7 @@ accepted and means the same key.
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Mapping
@@ -123,8 +124,9 @@ class Config:
             ("data.size_tail", self.data.size_tail >= 0, ">= 0"),
             ("data.class_alpha", self.data.class_alpha >= 0, ">= 0"),
             ("data.render_shift", 0 <= self.data.render_shift <= 1, "in [0, 1]"),
-            ("model.embed_dim", self.model.embed_dim > 0 and self.model.embed_dim % self.model.num_heads == 0,
-             "> 0 and divisible by model.num_heads"),
+            ("model.num_heads", self.model.num_heads >= 1, ">= 1"),
+            ("model.embed_dim", self.model.embed_dim > 0 and self.model.num_heads >= 1
+             and self.model.embed_dim % self.model.num_heads == 0, "> 0 and divisible by model.num_heads"),
             ("model.num_queries", self.model.num_queries >= 1, ">= 1"),
             ("pagkd.den_weight", self.pagkd.den_weight >= 0, ">= 0"),
             ("pagkd.pro_weight", self.pagkd.pro_weight >= 0, ">= 0"),
@@ -138,6 +140,7 @@ class Config:
             ("pagkd.codebook_size", self.pagkd.codebook_size >= 1, ">= 1"),
             ("pagkd.kmeans_iters", self.pagkd.kmeans_iters >= 1, ">= 1"),
             ("train.lr", self.train.lr > 0, "> 0"),
+            ("train.weight_decay", self.train.weight_decay >= 0, ">= 0"),
             ("train.batch_size", self.train.batch_size >= self.data.num_classes, ">= data.num_classes"),
             ("train.epochs", self.train.epochs >= 0, ">= 0"),
             ("train.local_epochs", self.train.local_epochs >= 1, ">= 1"),
@@ -153,6 +156,7 @@ class Config:
             ("fed.fraction_train", 0 < self.fed.fraction_train <= 1, "in (0, 1]"),
             ("fed.round_timeout", self.fed.round_timeout > 0, "> 0"),
             ("fed.num_bins", self.fed.num_bins >= 10, ">= 10"),
+            ("fed.max_norm_ratio", self.fed.max_norm_ratio > 1, "> 1 (a multiple of the median update norm)"),
         ]
         for key, ok, allowed in checks:
             if not ok:
@@ -185,13 +189,18 @@ def _coerce(key: str, value: Any, kind: Any) -> Any:
             except ValueError:
                 pass
     elif kind is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
+            number = float(value)
+        elif isinstance(value, str):
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
+        if number is not None:
+            if not math.isfinite(number):
+                raise ConfigError(f"config key '{key}' = {value!r}: must be a finite number")
+            return number
     elif kind is str:
         if isinstance(value, str):
             return value

@@ -13,6 +13,7 @@ Payload to a ``RecordDict`` and back, byte for byte.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -196,8 +197,15 @@ def _check_config(where: str, config: Mapping[str, Any], schema: Schema) -> None
             ok = True
         if not ok:
             raise PayloadError(f"{where}: config '{key}' = {value!r} should be {kind.__name__}")
-        if kind is float and not np.isfinite(value):
-            raise PayloadError(f"{where}: config '{key}' is not finite ({value})")
+        if isinstance(value, int) and not isinstance(value, bool) and not -(2**63) <= value < 2**63:
+            raise PayloadError(f"{where}: config '{key}' = {value} does not fit in int64 (what a record carries)")
+        if kind is float:
+            try:
+                finite = math.isfinite(float(value))
+            except OverflowError:  # an int too large for a float
+                finite = False
+            if not finite:
+                raise PayloadError(f"{where}: config '{key}' is not finite ({value!r}; a float is expected)")
 
 
 def _check_weights(
@@ -249,11 +257,16 @@ def validate(
     if set(payload.weights) != blocks:
         raise PayloadError(f"{where}: weight blocks {sorted(payload.weights)}, expected {sorted(blocks)}")
     for block, weights in payload.weights.items():
+        if not isinstance(weights, Mapping):
+            raise PayloadError(f"{where}: weights '{block}' must map names to arrays")
         reference = (weight_shapes or {}).get(block)
         if reference is None:
+            if not isinstance(weights, Mapping):
+                raise PayloadError(f"{where}: weights '{block}' must map names to arrays")
             for name, array in weights.items():
-                if not isinstance(array, np.ndarray):
-                    raise PayloadError(f"{where}: weights '{block}.{name}' is not an array")
+                if not isinstance(array, np.ndarray) or array.dtype.kind not in "fiub":
+                    kind = getattr(array, "dtype", type(array).__name__)
+                    raise PayloadError(f"{where}: weights '{block}.{name}' must be a real numeric array, got {kind}")
                 if array.dtype.kind == "f" and not np.isfinite(array).all():
                     raise PayloadError(f"{where}: weights '{block}.{name}' hold NaN or Inf")
         else:

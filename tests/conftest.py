@@ -18,7 +18,7 @@ from common.config import Config, config_from_flat
 TINY: dict[str, Any] = {
     "data.image_size": 32,
     "data.train_per_site": 24,
-    "data.test_per_site": 12,
+    "data.test_per_site": 15,  # 5 per class: no site size equals a declared dim (privacy audit)
     "data.val_per_site": 0,
     "train.batch_size": 12,
     "train.device": "cpu",

@@ -50,6 +50,11 @@ class InProcessGrid(Grid):
     def get_node_ids(self) -> Iterable[int]:
         return list(self.contexts)
 
+    def deliver(self, node_id: int, message: Message) -> Message:
+        """The real ClientApp's reply (what a fault hook calls to pass a message through or to
+        tamper with a genuine reply)."""
+        return client_app(message, self.contexts[node_id])
+
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         replies = []
         for message in messages:
@@ -58,7 +63,7 @@ class InProcessGrid(Grid):
             if node_id in self.faults:
                 reply = self.faults[node_id](node_id, message)
             else:
-                reply = client_app(message, self.contexts[node_id])
+                reply = self.deliver(node_id, message)
             if reply is not None:
                 self.received.append(reply)
                 replies.append(reply)

@@ -201,52 +201,26 @@ def test_failed_override_leaves_base_untouched():
 # --------------------------------------------------------------------------- gaps found in config.validate
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=ZeroDivisionError,
-    reason="bug: Config.validate computes model.embed_dim % model.num_heads before checking num_heads, "
-    "so num_heads=0 raises ZeroDivisionError instead of ConfigError",
-)
 def test_zero_heads_is_a_config_error():
     with pytest.raises(ConfigError, match="model.num_heads|model.embed_dim"):
         config_from_flat({"model.num_heads": 0})
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: Config.validate has no check on model.num_heads >= 1; -8 passes since 128 % -8 == 0 "
-    "and nn.MultiheadAttention fails later",
-)
 def test_negative_heads_is_a_config_error():
     with pytest.raises(ConfigError, match="model.num_heads|model.embed_dim"):
         config_from_flat({"model.num_heads": -8})
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: _coerce accepts 'inf'/'nan' for floats and Config.validate checks train.lr > 0 only, "
-    "so train.lr=inf is accepted",
-)
 def test_infinite_learning_rate_is_a_config_error():
     with pytest.raises(ConfigError, match="train.lr"):
         config_from_flat({"train.lr": "inf"})
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: Config.validate does not check train.weight_decay (NaN or negative accepted; it goes "
-    "straight into torch.optim.Adam in client/train.py)",
-)
 def test_nan_weight_decay_is_a_config_error():
     with pytest.raises(ConfigError, match="train.weight_decay"):
         config_from_flat({"train.weight_decay": "nan"})
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: Config.validate does not check fed.max_norm_ratio; a value <= 0 (or < 1) makes "
-    "server/aggregation.norm_outliers drop every (or the median) site once >= 3 reply",
-)
 def test_non_positive_max_norm_ratio_is_a_config_error():
     with pytest.raises(ConfigError, match="fed.max_norm_ratio"):
         config_from_flat({"fed.max_norm_ratio": -1.0})

@@ -311,12 +311,6 @@ def test_reference_for_a_block_not_carried_is_ignored():
     validate(payload, DIMS, reference)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=TypeError,
-    reason="bug: records._check_config calls np.isfinite on a Python int beyond uint64 (e.g. 2**64) "
-    "for a float key and raises TypeError instead of PayloadError",
-)
 def test_huge_int_for_a_float_config_is_a_payload_error():
     # Python ints are unbounded; np.isfinite cannot take one beyond uint64.
     payload = valid_payload("teacher.update")
@@ -325,12 +319,6 @@ def test_huge_int_for_a_float_config_is_a_payload_error():
         validate(payload, DIMS)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: records.validate's finiteness check on weight blocks without a reference only looks at "
-    "dtype.kind == 'f', so a complex array holding NaN passes (client/app.py validates server requests "
-    "without a reference)",
-)
 def test_unreferenced_weights_with_complex_nan_are_refused():
     payload = valid_payload("teacher.train")
     payload.weights["teacher"]["fc.bias"] = np.array([np.nan + 0j, 1 + 0j], dtype=np.complex64)

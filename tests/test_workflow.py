@@ -1,0 +1,423 @@
+"""The FedPaGKD protocol (server/workflow.py) against the real ClientApp handlers, in-process.
+
+:class:`tests.fakes.InProcessGrid` delivers every message to ``client.app.app`` with a per-node
+Context, records both directions, and lets a test replace one node's replies (fault hooks).
+Nodes 101-102 are NBI partitions (nbi-0, nbi-1), 103.. WLI (wli-0, wli-1, ...).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import Counter
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pytest
+from flwr.app import Error, Message
+
+from client.app import dims_of
+from client.site import resolve_site
+from client.wire import MESSAGE_TYPE, from_recorddict, to_recorddict
+from common.config import config_to_dict, config_to_flat
+from common.models import STUDENT_CHECKPOINT, build_query_head, build_student, build_teacher, load_checkpoint
+from common.records import SCHEMAS, Payload, validate, weight_shapes
+from server.state import META, TENSORS, StateError
+from server.workflow import FederationError, run_federation
+from tests.conftest import tiny_config
+from tests.fakes import InProcessGrid, synthetic_node_configs
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+NBI0, NBI1, WLI0, WLI1, WLI2 = 101, 102, 103, 104, 105
+LOGGER = "fedpagkd.server"
+
+
+def make_grid(cfg, faults=None) -> InProcessGrid:
+    return InProcessGrid(synthetic_node_configs(cfg.data.nbi_sites + cfg.data.wli_sites), config_to_flat(cfg), faults)
+
+
+def parsed(messages: list[Message]) -> list[Payload]:
+    return [from_recorddict(m.content) for m in messages if m.has_content()]
+
+
+def kinds_sent(grid: InProcessGrid) -> Counter:
+    return Counter(m.metadata.message_type for m in grid.sent)
+
+
+def reply_as(message: Message, payload: Payload) -> Message:
+    return Message(to_recorddict(payload), reply_to=message)
+
+
+def on_student(grid: InProcessGrid, tamper: Callable[[Message, Message], Message | None]):
+    """A fault hook that passes everything through except student.train, whose genuine reply
+    ``tamper(request, reply)`` replaces."""
+
+    def fault(node_id: int, message: Message) -> Message | None:
+        reply = grid.deliver(node_id, message)
+        if message.metadata.message_type != MESSAGE_TYPE["student.train"]:
+            return reply
+        return tamper(message, reply)
+
+    return fault
+
+
+def _first_float(block: dict[str, np.ndarray]) -> str:
+    return next(k for k, v in block.items() if v.dtype.kind == "f" and v.ndim >= 2)
+
+
+def _edit_student(edit: Callable[[dict[str, np.ndarray], str], None]):
+    def tamper(request: Message, reply: Message) -> Message:
+        payload = from_recorddict(reply.content)
+        assert payload.kind == "student.update"
+        student = {k: v.copy() for k, v in payload.weights["student"].items()}
+        edit(student, _first_float(student))
+        payload.weights["student"] = student
+        return reply_as(request, payload)
+
+    return tamper
+
+
+def _nan(student, name):
+    student[name].flat[0] = np.nan
+
+
+def _drop(student, name):
+    del student[name]
+
+
+def _reshape(student, name):
+    student[name] = np.zeros(student[name].shape[:-1] + (student[name].shape[-1] + 1,), student[name].dtype)
+
+
+FAULTS: dict[str, tuple[Callable, str]] = {
+    "nan-weights": (_edit_student(_nan), "NaN"),
+    "missing-array": (_edit_student(_drop), "missing"),
+    "wrong-shape": (_edit_student(_reshape), "expected"),
+    "error-payload": (lambda request, reply: reply_as(request, Payload("error", config={"site-name": "wli-0", "reason": "disk on fire"})),
+                      "disk on fire"),
+    "no-reply": (lambda request, reply: None, "no reply"),
+    "flower-error": (lambda request, reply: Message(Error(code=2, reason="ClientAppException: boom"), reply_to=request), "boom"),
+    "wrong-kind": (lambda request, reply: reply_as(request, Payload("error-free", config={})), "error-free"),
+}
+FAST_FAULTS = {"nan-weights", "no-reply", "error-payload"}
+
+
+def fault_params():
+    return [pytest.param(name, marks=() if name in FAST_FAULTS else pytest.mark.slow) for name in FAULTS]
+
+
+# ------------------------------------------------------------------------------------ a full run
+
+
+@pytest.fixture(scope="module")
+def full_run(single_thread, tmp_path_factory):
+    cfg = tiny_config()
+    grid = make_grid(cfg)
+    run_dir = tmp_path_factory.mktemp("full") / "run"
+    summary = run_federation(grid, cfg, run_dir)
+    return {"cfg": cfg, "grid": grid, "run_dir": run_dir, "summary": summary}
+
+
+def test_full_run_writes_every_output(full_run):
+    run_dir, cfg = full_run["run_dir"], full_run["cfg"]
+    for name in ("metrics.json", "egress.json", "config.json", STUDENT_CHECKPOINT, "auc.png", "roc.png", META, TENSORS):
+        assert (run_dir / name).is_file() and (run_dir / name).stat().st_size > 0, name
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["final"] == metrics["evaluation"][-1]["pooled"]
+    assert 0.0 <= metrics["final"]["auc"] <= 1.0
+    assert metrics["final"]["num_examples"] == cfg.data.wli_sites * cfg.data.test_per_site
+    assert [e["round"] for e in metrics["student"]] == [1]
+    assert [(e["model"], e["round"]) for e in metrics["evaluation"]] == [("teacher", 1), ("student", 1)]
+    assert sorted(metrics["student"][0]["sites"]) == ["wli-0", "wli-1"]
+    assert sorted(metrics["teacher"][0]["sites"]) == ["nbi-0", "nbi-1"]
+    assert sorted(s["name"] for s in metrics["sites"]) == ["nbi-0", "nbi-1", "wli-0", "wli-1"]
+    assert json.loads((run_dir / "config.json").read_text()) == json.loads(json.dumps(config_to_dict(cfg)))
+    state = json.loads((run_dir / META).read_text())
+    assert state["progress"] == {"teacher_rounds": 1, "refreshes": 1, "student_rounds": 1}
+    # The checkpoint is the global student that was last evaluated.
+    net, meta = load_checkpoint(run_dir / STUDENT_CHECKPOINT)
+    last_eval = [p for p in parsed(full_run["grid"].sent) if p.kind == "evaluate" and p.config["model"] == "student"][-1]
+    for name, tensor in net.state_dict().items():
+        np.testing.assert_allclose(tensor.numpy().reshape(-1), last_eval.weights["net"][name].reshape(-1), rtol=1e-6, err_msg=name)
+
+
+def test_full_run_records_bytes_per_phase(full_run):
+    summary, grid = full_run["summary"], full_run["grid"]
+    phases = {"discover": 4, "teacher": 2, "knowledge": 2 * (1 + full_run["cfg"].pagkd.kmeans_iters), "student": 2, "evaluate": 4}
+    assert set(summary["bytes"]) == set(phases)
+    for phase, requests in phases.items():
+        entry = summary["bytes"][phase]
+        assert entry["messages"] == 2 * requests, phase  # every request answered
+        assert entry["sent"] > 0 and entry["received"] > 0, phase
+    student_bytes = summary["student_weights_bytes"]
+    assert summary["bytes"]["student"]["received"] >= 2 * student_bytes
+    assert summary["bytes"]["student"]["sent"] >= 2 * (student_bytes + summary["bank_bytes"])
+    assert 0 < summary["bank_share_of_student_upload"] < 1
+    assert sum(e["messages"] for e in summary["bytes"].values()) == len(grid.sent) + len(grid.received)
+
+
+def test_discover_without_nbi_sites_names_the_missing_modality(tmp_path):
+    cfg = tiny_config(**{"data.nbi_sites": 0, "data.wli_sites": 2})
+    grid = make_grid(cfg)
+    with pytest.raises(FederationError, match=r"NBI: 0 of 1 needed") as err:
+        run_federation(grid, cfg, tmp_path / "run")
+    assert "wli-0" in str(err.value) and "wli-1" in str(err.value)  # what was found
+    assert "WLI:" not in str(err.value)  # WLI is not what is missing
+    assert kinds_sent(grid) == Counter({MESSAGE_TYPE["discover"]: 2})  # nothing but discovery was sent
+
+
+def test_discover_without_wli_sites_names_the_missing_modality(tmp_path):
+    cfg = tiny_config(**{"data.nbi_sites": 2, "data.wli_sites": 0})
+    with pytest.raises(FederationError, match=r"WLI: 0 of 1 needed"):
+        run_federation(make_grid(cfg), cfg, tmp_path / "run")
+
+
+# ------------------------------------------------------------------------------------ faults
+
+FAULT_CFG = {"fed.teacher_rounds": 0, "pagkd.kmeans_iters": 1}
+
+
+@pytest.mark.parametrize("fault", fault_params())
+def test_one_faulty_wli_site_is_dropped_and_the_run_completes(fault, tmp_path, caplog):
+    caplog.set_level(logging.WARNING, logger=LOGGER)
+    cfg = tiny_config(**FAULT_CFG)
+    grid = make_grid(cfg)
+    tamper, reason = FAULTS[fault]
+    grid.faults[WLI0] = on_student(grid, tamper)
+    summary = run_federation(grid, cfg, tmp_path / "run")
+    assert summary["student"][0]["sites"] == ["wli-1"]
+    assert summary["final"] is not None
+    assert (tmp_path / "run" / "metrics.json").is_file()
+    dropped = [r.getMessage() for r in caplog.records if "dropped site 'wli-0'" in r.getMessage()]
+    assert dropped, [r.getMessage() for r in caplog.records]
+    assert any(reason in m and "[student]" in m for m in dropped), dropped
+    assert not [r for r in caplog.records if "dropped site 'wli-1'" in r.getMessage()]
+
+
+@pytest.mark.parametrize("fault", [pytest.param("error-payload"), pytest.param("nan-weights", marks=pytest.mark.slow),
+                                   pytest.param("no-reply", marks=pytest.mark.slow)])
+def test_the_same_fault_on_every_wli_site_stops_the_run_naming_sites_and_reasons(fault, tmp_path):
+    cfg = tiny_config(**FAULT_CFG)
+    grid = make_grid(cfg)
+    tamper, reason = FAULTS[fault]
+    grid.faults[WLI0] = grid.faults[WLI1] = on_student(grid, tamper)
+    with pytest.raises(FederationError) as err:
+        run_federation(grid, cfg, tmp_path / "run")
+    message = str(err.value)
+    assert "student round 1" in message and "0 usable WLI" in message
+    assert "'wli-0'" in message and "'wli-1'" in message
+    assert message.count(reason) >= 2, message
+    # The last finished state is on disk: the bank refresh, not the failed round.
+    state = json.loads((tmp_path / "run" / META).read_text())
+    assert state["progress"] == {"teacher_rounds": 0, "refreshes": 1, "student_rounds": 0}
+
+
+def test_a_poisoned_update_is_dropped_as_a_norm_outlier(tmp_path, caplog):
+    caplog.set_level(logging.WARNING, logger=LOGGER)
+    cfg = tiny_config(**FAULT_CFG, **{"data.wli_sites": 3})
+    grid = make_grid(cfg)
+
+    def scale(request: Message, reply: Message) -> Message:
+        payload = from_recorddict(reply.content)
+        for block in ("student", "head"):
+            payload.weights[block] = {k: v * 1000 if v.dtype.kind == "f" else v for k, v in payload.weights[block].items()}
+        return reply_as(request, payload)
+
+    grid.faults[WLI2] = on_student(grid, scale)
+    summary = run_federation(grid, cfg, tmp_path / "run")
+    assert sorted(summary["student"][0]["sites"]) == ["wli-0", "wli-1"]
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("dropped site 'wli-2'" in m and "norm" in m for m in messages), messages
+    # The global model sent for evaluation is the average of the honest updates, not blown up.
+    sent = parsed(grid.sent)
+    before = next(p for p in sent if p.kind == "student.train").weights["student"]
+    after = next(p for p in sent if p.kind == "evaluate" and p.config["model"] == "student").weights["net"]
+    norm = lambda s: np.sqrt(sum(float((v.astype(np.float64) ** 2).sum()) for v in s.values() if v.dtype.kind == "f"))  # noqa: E731
+    assert norm(after) < 2 * norm(before)
+
+
+# ------------------------------------------------------------------------------------ resume
+
+
+class Crash(RuntimeError):
+    pass
+
+
+def crash_on(grid: InProcessGrid, message_type: str, nth: int):
+    """Raise (a server crash mid-round) on the nth message of a type to this node."""
+    seen = Counter()
+
+    def fault(node_id: int, message: Message):
+        kind = message.metadata.message_type
+        seen[kind] += 1
+        if kind == message_type and seen[kind] == nth:
+            raise Crash(f"simulated crash at {kind} #{nth}")
+        return grid.deliver(node_id, message)
+
+    return fault
+
+
+def test_a_crashed_run_resumes_at_the_last_finished_round(tmp_path):
+    cfg = tiny_config(**{"fed.student_rounds": 3})
+    run_dir = tmp_path / "run"
+    first = make_grid(cfg)
+    first.faults[WLI0] = crash_on(first, MESSAGE_TYPE["student.train"], nth=2)
+    with pytest.raises(Crash):
+        run_federation(first, cfg, run_dir)
+    state = json.loads((run_dir / META).read_text())
+    assert state["progress"] == {"teacher_rounds": 1, "refreshes": 1, "student_rounds": 1}
+    assert [e["round"] for e in state["metrics"]["student"]] == [1]
+
+    second = make_grid(cfg)
+    summary = run_federation(second, cfg, run_dir)
+    sent = kinds_sent(second)
+    assert sent[MESSAGE_TYPE["teacher.train"]] == 0, "teacher rounds were re-run"
+    assert sent[MESSAGE_TYPE["knowledge.seed"]] == sent[MESSAGE_TYPE["knowledge.stats"]] == 0, "the bank was rebuilt"
+    assert sent[MESSAGE_TYPE["student.train"]] == 2 * 2  # rounds 2 and 3, two WLI sites
+    assert [e["round"] for e in summary["student"]] == [1, 2, 3]
+    assert [(e["model"], e["round"]) for e in summary["evaluation"]] == [("teacher", 1), ("student", 1), ("student", 2), ("student", 3)]
+    assert len(summary["teacher"]) == 1 and len(summary["knowledge"]) == 1
+    assert json.loads((run_dir / META).read_text())["progress"] == {"teacher_rounds": 1, "refreshes": 1, "student_rounds": 3}
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert [e["round"] for e in metrics["student"]] == [1, 2, 3]
+    # The resumed run distils from the bank the first run built.
+    bank_1 = next(p for p in parsed(first.sent) if p.kind == "student.train").arrays
+    bank_2 = next(p for p in parsed(second.sent) if p.kind == "student.train").arrays
+    for name in bank_1:
+        np.testing.assert_array_equal(bank_2[name], bank_1[name], err_msg=name)
+    # ... and starts round 2 from the global student of round 1 (the one evaluated after it).
+    eval_1 = next(p for p in parsed(first.sent) if p.kind == "evaluate" and p.config["model"] == "student").weights["net"]
+    round_2 = next(p for p in parsed(second.sent) if p.kind == "student.train").weights["student"]
+    for name in eval_1:
+        np.testing.assert_array_equal(round_2[name], eval_1[name], err_msg=name)
+
+
+@pytest.fixture()
+def early_state(tmp_path) -> tuple:
+    """A run folder whose state was saved after discovery (a crash in teacher round 1)."""
+    cfg = tiny_config()
+    grid = make_grid(cfg)
+    grid.faults[NBI0] = crash_on(grid, MESSAGE_TYPE["teacher.train"], nth=1)
+    with pytest.raises(Crash):
+        run_federation(grid, cfg, tmp_path / "run")
+    assert (tmp_path / "run" / META).is_file()
+    return cfg, tmp_path / "run"
+
+
+@pytest.mark.parametrize("tamper", ["tensors", "digest"])
+def test_a_state_whose_digest_does_not_match_is_refused(early_state, tamper):
+    cfg, run_dir = early_state
+    if tamper == "tensors":
+        tensors = run_dir / TENSORS
+        data = bytearray(tensors.read_bytes())
+        data[-1] ^= 0xFF
+        tensors.write_bytes(bytes(data))
+    else:
+        meta = json.loads((run_dir / META).read_text())
+        meta["tensors_sha256"] = "0" * 64
+        (run_dir / META).write_text(json.dumps(meta))
+    grid = make_grid(cfg)
+    with pytest.raises(StateError, match="digest"):
+        run_federation(grid, cfg, run_dir)
+    assert not grid.sent, "a refused checkpoint must stop the run before any message"
+
+
+def test_a_state_json_that_is_not_json_is_refused(early_state):
+    cfg, run_dir = early_state
+    (run_dir / META).write_text("{not json")
+    with pytest.raises(StateError, match="not valid JSON"):
+        run_federation(make_grid(cfg), cfg, run_dir)
+
+
+def test_a_config_change_between_runs_is_refused(early_state):
+    cfg, run_dir = early_state
+    changed = tiny_config(**{"train.lr": 0.01})
+    grid = make_grid(changed)
+    with pytest.raises(StateError, match=r"train\.lr"):
+        run_federation(grid, changed, run_dir)
+    assert not grid.sent
+
+
+def test_more_rounds_is_not_a_config_change(early_state):
+    cfg, run_dir = early_state
+    more = tiny_config(**{"fed.student_rounds": 2})
+    grid = make_grid(more)
+    grid.faults[NBI0] = crash_on(grid, MESSAGE_TYPE["teacher.train"], nth=1)
+    with pytest.raises(Crash):  # it resumed and got as far as teacher round 1 again
+        run_federation(grid, more, run_dir)
+    assert kinds_sent(grid)[MESSAGE_TYPE["teacher.train"]] == 1
+
+
+# ------------------------------------------------------------------------------------ privacy audit
+
+STATISTICS_KINDS = {"discover", "metadata", "knowledge.seed", "knowledge.seeds", "knowledge.stats", "knowledge.sums",
+                    "evaluate", "evaluation", "student.train"}
+
+
+def _reference_weights(cfg) -> dict[str, dict]:
+    c = cfg.data.num_classes
+    teacher, student, head = build_teacher(cfg.model, c), build_student(cfg.model, c), build_query_head(cfg.model, c)
+    from client.wire import state_to_numpy
+
+    return {"teacher": weight_shapes(state_to_numpy(teacher)), "student": weight_shapes(state_to_numpy(student)),
+            "head": weight_shapes(state_to_numpy(head))}
+
+
+def _image_counts(cfg, partitions: int) -> set[int]:
+    counts: set[int] = set()
+    for p in range(partitions):
+        site = resolve_site({"partition-id": p, "num-partitions": partitions}, cfg)
+        counts |= {len(site.train), len(site.test)}
+        counts |= set(np.bincount(np.asarray(site.train.labels)).tolist()) | set(np.bincount(np.asarray(site.test.labels)).tolist())
+    return counts - {0}
+
+
+def test_privacy_audit_of_every_message(full_run):
+    cfg, grid, run_dir = full_run["cfg"], full_run["grid"], full_run["run_dir"]
+    dims = dims_of(cfg)
+    declared = {dims.C, dims.S, dims.M, dims.D, dims.L, dims.B}
+    per_image = _image_counts(cfg, 4)
+    assert not per_image & declared, "pick data sizes that differ from every declared dim, or the audit is blind"
+    reference = _reference_weights(cfg)
+    reference["net"] = reference["student"]  # student evaluation; the teacher's is the same backbone here
+    assert cfg.model.student == cfg.model.teacher
+    size = cfg.data.image_size
+    payloads = parsed(grid.sent) + parsed(grid.received)
+    assert len(payloads) == len(grid.sent) + len(grid.received) > 0
+    k_min = cfg.pagkd.min_group_size
+    sums = 0
+    for payload in payloads:
+        validate(payload, dims, {b: reference[b] for b in payload.weights}, sender=payload.kind)  # declared shapes only
+        tensors = [(f"array {k}", a) for k, a in payload.arrays.items()]
+        tensors += [(f"weight {b}.{k}", a) for b, block in payload.weights.items() for k, a in block.items()]
+        for where, array in tensors:
+            shape = array.shape
+            image_like = (array.ndim == 4 and shape[1] == 3 and shape[2:] == (size, size)) or (array.ndim == 3 and shape == (3, size, size))
+            assert not image_like, f"{payload.kind}: {where} is image-shaped {shape}"
+            if payload.kind in STATISTICS_KINDS:
+                leaking = [d for d in shape if d in per_image and d not in declared]
+                assert not leaking, f"{payload.kind}: {where} has a per-image dimension {shape}"
+        if payload.kind == "knowledge.sums":
+            sums += 1
+            assert payload.config["groups"] > 0
+            assert payload.config["smallest-group"] >= k_min, payload.config
+        if payload.kind == "knowledge.seeds":
+            for name in ("foreground_seed_count", "background_seed_count"):
+                counts = payload.arrays[name]
+                assert ((counts == 0) | (counts >= k_min)).all(), (name, counts)
+    assert sums == 2 * cfg.pagkd.kmeans_iters
+    assert {p.kind for p in payloads} == set(SCHEMAS) - {"error"}
+    # The run's own egress log lists exactly these messages, with the same shapes.
+    egress = json.loads((run_dir / "egress.json").read_text())
+    assert len(egress) == len(payloads)
+    assert Counter(e["kind"] for e in egress) == Counter(p.kind for p in payloads)
+    logged = Counter((e["kind"], k, tuple(v["shape"])) for e in egress for k, v in e["arrays"].items())
+    actual = Counter((p.kind, k, a.shape) for p in payloads for k, a in p.arrays.items())
+    assert logged == actual
+    names = {"nbi-0", "nbi-1", "wli-0", "wli-1"}
+    for entry in egress:
+        assert entry["direction"] in ("to_site", "from_site")
+        # Discovery happens before a node's site name is known: it is logged by node id.
+        assert entry["site"] in names or (entry["phase"] == "discover" and entry["site"].startswith("node ")), entry["site"]
