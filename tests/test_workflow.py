@@ -259,19 +259,31 @@ def crash_on(grid: InProcessGrid, message_type: str, nth: int):
     return fault
 
 
-def test_a_crashed_run_resumes_at_the_last_finished_round(tmp_path):
-    cfg = tiny_config(**{"fed.student_rounds": 3})
-    run_dir = tmp_path / "run"
+RESUME_CFG = {"fed.student_rounds": 3}
+
+
+@pytest.fixture(scope="module")
+def resumed(single_thread, tmp_path_factory):
+    """A run that crashes in student round 2 (on the 2nd student.train to wli-0), then the same
+    run folder started again with no fault."""
+    cfg = tiny_config(**RESUME_CFG)
+    run_dir = tmp_path_factory.mktemp("resume") / "run"
     first = make_grid(cfg)
     first.faults[WLI0] = crash_on(first, MESSAGE_TYPE["student.train"], nth=2)
     with pytest.raises(Crash):
         run_federation(first, cfg, run_dir)
-    state = json.loads((run_dir / META).read_text())
+    state_after_crash = json.loads((run_dir / META).read_text())
+    second = make_grid(cfg)
+    summary = run_federation(second, cfg, run_dir)
+    return {"cfg": cfg, "run_dir": run_dir, "first": first, "second": second, "summary": summary, "crash_state": state_after_crash}
+
+
+def test_a_crashed_run_resumes_at_the_last_finished_round(resumed):
+    state = resumed["crash_state"]
     assert state["progress"] == {"teacher_rounds": 1, "refreshes": 1, "student_rounds": 1}
     assert [e["round"] for e in state["metrics"]["student"]] == [1]
 
-    second = make_grid(cfg)
-    summary = run_federation(second, cfg, run_dir)
+    first, second, summary, run_dir = resumed["first"], resumed["second"], resumed["summary"], resumed["run_dir"]
     sent = kinds_sent(second)
     assert sent[MESSAGE_TYPE["teacher.train"]] == 0, "teacher rounds were re-run"
     assert sent[MESSAGE_TYPE["knowledge.seed"]] == sent[MESSAGE_TYPE["knowledge.stats"]] == 0, "the bank was rebuilt"
@@ -282,7 +294,7 @@ def test_a_crashed_run_resumes_at_the_last_finished_round(tmp_path):
     assert json.loads((run_dir / META).read_text())["progress"] == {"teacher_rounds": 1, "refreshes": 1, "student_rounds": 3}
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert [e["round"] for e in metrics["student"]] == [1, 2, 3]
-    # The resumed run distils from the bank the first run built.
+    # The resumed run distils from the bank the first run built ...
     bank_1 = next(p for p in parsed(first.sent) if p.kind == "student.train").arrays
     bank_2 = next(p for p in parsed(second.sent) if p.kind == "student.train").arrays
     for name in bank_1:
@@ -292,6 +304,19 @@ def test_a_crashed_run_resumes_at_the_last_finished_round(tmp_path):
     round_2 = next(p for p in parsed(second.sent) if p.kind == "student.train").weights["student"]
     for name in eval_1:
         np.testing.assert_array_equal(round_2[name], eval_1[name], err_msg=name)
+
+
+@pytest.mark.slow
+def test_a_resumed_run_ends_where_an_uninterrupted_one_does(resumed, tmp_path):
+    cfg = resumed["cfg"]
+    whole = run_federation(make_grid(cfg), cfg, tmp_path / "whole")
+    assert [e["pooled"] for e in whole["evaluation"]] == [e["pooled"] for e in resumed["summary"]["evaluation"]]
+    from safetensors.numpy import load_file
+
+    a, b = load_file(str(tmp_path / "whole" / STUDENT_CHECKPOINT)), load_file(str(resumed["run_dir"] / STUDENT_CHECKPOINT))
+    assert sorted(a) == sorted(b)
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
 
 
 @pytest.fixture()
@@ -374,12 +399,31 @@ def _image_counts(cfg, partitions: int) -> set[int]:
     return counts - {0}
 
 
+def image_shaped(shape: tuple[int, ...], size: int) -> bool:
+    """[N, 3, S, S] (a batch of images) or [3, S, S] (one image)."""
+    return (len(shape) == 4 and shape[1] == 3 and shape[2:] == (size, size)) or shape == (3, size, size)
+
+
+def per_image_dims(shape: tuple[int, ...], per_image: set[int], declared: set[int]) -> list[int]:
+    """Dims of a tensor that equal a site's number of images and are not a declared Dims value."""
+    return [d for d in shape if d in per_image and d not in declared]
+
+
+def test_the_audit_checks_themselves_can_fail():
+    assert image_shaped((24, 3, 32, 32), 32) and image_shaped((3, 32, 32), 32)
+    assert not image_shaped((16, 3, 3, 3), 32) and not image_shaped((3, 32), 32)
+    assert per_image_dims((24, 32), {24, 15}, {3, 32}) == [24]
+    assert per_image_dims((3, 15, 32), {24, 15}, {3, 32}) == [15]
+    assert per_image_dims((3, 4, 32), {24, 4}, {3, 4, 32}) == []
+
+
 def test_privacy_audit_of_every_message(full_run):
     cfg, grid, run_dir = full_run["cfg"], full_run["grid"], full_run["run_dir"]
     dims = dims_of(cfg)
     declared = {dims.C, dims.S, dims.M, dims.D, dims.L, dims.B}
     per_image = _image_counts(cfg, 4)
     assert not per_image & declared, "pick data sizes that differ from every declared dim, or the audit is blind"
+    assert {cfg.data.train_per_site, cfg.data.test_per_site} <= per_image
     reference = _reference_weights(cfg)
     reference["net"] = reference["student"]  # student evaluation; the teacher's is the same backbone here
     assert cfg.model.student == cfg.model.teacher
@@ -393,12 +437,10 @@ def test_privacy_audit_of_every_message(full_run):
         tensors = [(f"array {k}", a) for k, a in payload.arrays.items()]
         tensors += [(f"weight {b}.{k}", a) for b, block in payload.weights.items() for k, a in block.items()]
         for where, array in tensors:
-            shape = array.shape
-            image_like = (array.ndim == 4 and shape[1] == 3 and shape[2:] == (size, size)) or (array.ndim == 3 and shape == (3, size, size))
-            assert not image_like, f"{payload.kind}: {where} is image-shaped {shape}"
+            assert not image_shaped(array.shape, size), f"{payload.kind}: {where} is image-shaped {array.shape}"
             if payload.kind in STATISTICS_KINDS:
-                leaking = [d for d in shape if d in per_image and d not in declared]
-                assert not leaking, f"{payload.kind}: {where} has a per-image dimension {shape}"
+                leaking = per_image_dims(array.shape, per_image, declared)
+                assert not leaking, f"{payload.kind}: {where} has a per-image dimension {array.shape}"
         if payload.kind == "knowledge.sums":
             sums += 1
             assert payload.config["groups"] > 0
