@@ -49,6 +49,7 @@ class ModelConfig:
     embed_dim: int = 128  # D: token and prototype width
     num_queries: int = 12  # M: lesion-aware queries
     num_heads: int = 8
+    output_stride: int = 32  # 16 or 8 dilate the last stage: more tokens per image (timm backbones that support it)
     teacher_weights: str = ""  # local .safetensors or torch state-dict file; never a hub
     student_weights: str = ""
 
@@ -128,6 +129,7 @@ class Config:
             ("model.embed_dim", self.model.embed_dim > 0 and self.model.num_heads >= 1
              and self.model.embed_dim % self.model.num_heads == 0, "> 0 and divisible by model.num_heads"),
             ("model.num_queries", self.model.num_queries >= 1, ">= 1"),
+            ("model.output_stride", self.model.output_stride in (8, 16, 32), "8, 16 or 32"),
             ("pagkd.den_weight", self.pagkd.den_weight >= 0, ">= 0"),
             ("pagkd.pro_weight", self.pagkd.pro_weight >= 0, ">= 0"),
             ("pagkd.temperature", self.pagkd.temperature > 0, "> 0"),

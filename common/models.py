@@ -37,10 +37,14 @@ class PaGKDNet(nn.Module):
     trains it without touching the frozen teacher.
     """
 
-    def __init__(self, backbone: str, num_classes: int, embed_dim: int, detach_embed: bool = False):
+    def __init__(
+        self, backbone: str, num_classes: int, embed_dim: int, detach_embed: bool = False, output_stride: int = 32
+    ):
         super().__init__()
+        # output_stride 16/8 dilates the last stage: more tokens per image at the same resolution.
+        extra = {} if output_stride == 32 else {"output_stride": output_stride}
         try:
-            self.backbone = timm.create_model(backbone, pretrained=False, features_only=True, out_indices=(-1,))
+            self.backbone = timm.create_model(backbone, pretrained=False, features_only=True, out_indices=(-1,), **extra)
         except RuntimeError as err:  # timm's "Unknown model" is a RuntimeError
             raise ValueError(f"model '{backbone}' is not a timm model name ({err}); see timm.list_models()") from err
         channels = self.backbone.feature_info.channels()[-1]
@@ -129,14 +133,14 @@ def group_prototypes(
 
 
 def build_teacher(cfg: ModelConfig, num_classes: int) -> PaGKDNet:
-    net = PaGKDNet(cfg.teacher, num_classes, cfg.embed_dim, detach_embed=True)
+    net = PaGKDNet(cfg.teacher, num_classes, cfg.embed_dim, detach_embed=True, output_stride=cfg.output_stride)
     if cfg.teacher_weights:
         load_weights(net, cfg.teacher_weights)
     return net
 
 
 def build_student(cfg: ModelConfig, num_classes: int) -> PaGKDNet:
-    net = PaGKDNet(cfg.student, num_classes, cfg.embed_dim)
+    net = PaGKDNet(cfg.student, num_classes, cfg.embed_dim, output_stride=cfg.output_stride)
     if cfg.student_weights:
         load_weights(net, cfg.student_weights)
     return net
@@ -211,6 +215,7 @@ def save_checkpoint(path: str | Path, state: dict, cfg, class_names: tuple[str, 
         "num_classes": str(cfg.data.num_classes),
         "embed_dim": str(cfg.model.embed_dim),
         "image_size": str(cfg.data.image_size),
+        "output_stride": str(cfg.model.output_stride),
         "class_names": json.dumps(list(class_names)),
     }
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
@@ -243,8 +248,9 @@ def load_checkpoint(path: str | Path) -> tuple[PaGKDNet, dict]:
         "num_classes": int(raw["num_classes"]),
         "embed_dim": int(raw["embed_dim"]),
         "image_size": int(raw["image_size"]),
+        "output_stride": int(raw.get("output_stride", 32)),
         "class_names": tuple(json.loads(raw["class_names"])),
     }
-    net = PaGKDNet(meta["backbone"], meta["num_classes"], meta["embed_dim"])
+    net = PaGKDNet(meta["backbone"], meta["num_classes"], meta["embed_dim"], output_stride=meta["output_stride"])
     net.load_state_dict(load_file(str(path)), strict=True)
     return net.eval(), meta
