@@ -13,9 +13,7 @@ from __future__ import annotations
 import argparse
 import csv
 import io
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +22,7 @@ from torch import nn
 
 import common  # noqa: F401  (torchvision shim before timm)
 from common.data import IMAGE_SUFFIXES, DataError, build_transform, load_image
+from common.files import atomic_write_bytes
 from common.models import PaGKDNet, load_checkpoint
 
 
@@ -64,11 +63,7 @@ def predict_folder(checkpoint: Path, folder: Path, out: Path, batch_size: int = 
     writer = csv.writer(buffer)
     writer.writerow(["path", "predicted", *(f"p_{name}" for name in meta["class_names"])])
     writer.writerows(rows)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.")
-    with os.fdopen(fd, "w") as handle:
-        handle.write(buffer.getvalue())
-    os.replace(tmp, out)
+    atomic_write_bytes(out, buffer.getvalue().encode())
     return len(rows)
 
 

@@ -103,16 +103,20 @@ class _Mean:
         return TrainResult(num_examples, {k: v / max(self.steps, 1) for k, v in self.sums.items()})
 
 
+def _train_mode_optimizer(cfg: Config, net: PaGKDNet, head: LesionQueryHead, device: torch.device) -> torch.optim.Optimizer:
+    """Move both modules to the device in train mode; Adam over both (the paper's optimiser)."""
+    net.to(device).train()
+    head.to(device).train()
+    return torch.optim.Adam(list(net.parameters()) + list(head.parameters()), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+
+
 def train_teacher(
     teacher: PaGKDNet, head: LesionQueryHead, loader: DataLoader, cfg: Config, device: torch.device, epochs: int, seed: int
 ) -> TrainResult:
     """NBI teacher: CE on the backbone + classifier; group CE on the (detached-feature) token
     embedding and the shared query head, so the NBI token space and queries are class-aware
     before any student distils from them."""
-    teacher.to(device).train()
-    head.to(device).train()
-    params = list(teacher.parameters()) + list(head.parameters())
-    optimizer = torch.optim.Adam(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    optimizer = _train_mode_optimizer(cfg, teacher, head, device)
     generator = torch.Generator().manual_seed(seed)
     meter, seen = _Mean(), 0
     for _, images, labels in _epochs(loader, epochs, 0, cfg, device, seed):
@@ -148,10 +152,7 @@ def train_student(
     With ``bank_source`` returning None (and use_pro/use_den off) this is the WLI-only baseline.
     ``group_losses`` forces the group terms on/off; None follows ``pagkd.warmup_epochs``.
     """
-    student.to(device).train()
-    head.to(device).train()
-    params = list(student.parameters()) + list(head.parameters())
-    optimizer = torch.optim.Adam(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    optimizer = _train_mode_optimizer(cfg, student, head, device)
     generator = torch.Generator().manual_seed(seed)
     meter, seen = _Mean(), 0
     for epoch, images, labels in _epochs(loader, epochs, first_epoch, cfg, device, seed):

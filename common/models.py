@@ -203,13 +203,12 @@ def save_checkpoint(path: str | Path, state: dict, cfg, class_names: tuple[str, 
     """Write a student checkpoint: weights as safetensors, with what is needed to rebuild and
     use it (backbone, classes, image size, embed dim) in the file's metadata. Atomic."""
     import json
-    import os
-    import tempfile
 
     import numpy as np
     from safetensors.numpy import save_file
 
-    path = Path(path)
+    from common.files import atomic_write
+
     meta = {
         "backbone": cfg.model.student,
         "num_classes": str(cfg.data.num_classes),
@@ -218,13 +217,7 @@ def save_checkpoint(path: str | Path, state: dict, cfg, class_names: tuple[str, 
         "output_stride": str(cfg.model.output_stride),
         "class_names": json.dumps(list(class_names)),
     }
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
-        save_file({k: np.ascontiguousarray(v) for k, v in state.items()}, tmp, metadata=meta)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    atomic_write(path, lambda tmp: save_file({k: np.ascontiguousarray(v) for k, v in state.items()}, tmp, metadata=meta))
 
 
 def load_checkpoint(path: str | Path) -> tuple[PaGKDNet, dict]:

@@ -12,45 +12,19 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
+from common.files import atomic_write, atomic_write_json
+
 TENSORS, META = "state.safetensors", "state.json"
 
 
 class StateError(RuntimeError):
     """A checkpoint that cannot be trusted or does not belong to this run."""
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_bytes(path, json.dumps(obj, indent=2, default=_json_default).encode())
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
 def flatten_blocks(blocks: Mapping[str, Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
@@ -67,14 +41,8 @@ def unflatten_blocks(flat: Mapping[str, np.ndarray]) -> dict[str, dict[str, np.n
 
 def save_state(run_dir: Path, blocks: Mapping[str, Mapping[str, np.ndarray]], meta: Mapping[str, Any]) -> None:
     """Write tensors then metadata, each atomically; metadata records the tensors' digest."""
-    fd, tmp = tempfile.mkstemp(dir=run_dir, prefix=".state.", suffix=".safetensors")
-    os.close(fd)
-    try:
-        save_file(flatten_blocks(blocks), tmp)
-        data = Path(tmp).read_bytes()
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-    atomic_write_bytes(run_dir / TENSORS, data)
+    atomic_write(run_dir / TENSORS, lambda tmp: save_file(flatten_blocks(blocks), tmp))
+    data = (run_dir / TENSORS).read_bytes()
     atomic_write_json(run_dir / META, {**meta, "tensors_sha256": hashlib.sha256(data).hexdigest()})
 
 

@@ -36,7 +36,8 @@ from common.metrics import ScoreHistogram, histogram_metrics
 from common.models import STUDENT_CHECKPOINT, build_query_head, build_student, build_teacher, save_checkpoint
 from common.records import PROTOCOL_VERSION, REPLY_KIND, Dims, Payload, PayloadError, make, validate, weight_shapes
 from server import aggregation
-from server.state import StateError, atomic_write_json, load_state, save_state
+from common.files import atomic_write_json
+from server.state import StateError, load_state, save_state
 
 log = logging.getLogger("fedpagkd.server")
 
