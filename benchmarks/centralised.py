@@ -31,7 +31,7 @@ from torch.utils.data import ConcatDataset
 import common  # noqa: F401  (torchvision shim before timm)
 from client.site import _synthetic_site, synthetic_site_specs
 from client.train import balanced_loader, eval_loader, live_teacher_bank, predict, train_student, train_teacher
-from common.config import Config, config_from_mapping, config_to_dict
+from common.config import Config, config_from_mapping, config_to_dict, register_hydra_schema
 from common.metrics import classification_metrics
 from common.models import build_query_head, build_student, build_teacher, pick_device
 
@@ -130,6 +130,16 @@ def environment() -> dict[str, Any]:
         "cpus": torch.get_num_threads(),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     }
+
+
+@dataclasses.dataclass
+class BenchSection:
+    seeds: list[int] = dataclasses.field(default_factory=lambda: [0, 1, 2])
+    variants: list[str] = dataclasses.field(default_factory=lambda: list(VARIANTS))
+    out: str = "benchmarks/results/centralised.json"
+
+
+register_hydra_schema("centralised", {"bench": BenchSection()})
 
 
 @hydra.main(version_base=None, config_path="../conf", config_name="centralised")

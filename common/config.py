@@ -286,3 +286,14 @@ __all__ = [
     "config_to_flat",
 ]
 
+
+
+def register_hydra_schema(name: str, extra: dict[str, Any]) -> None:
+    """Register ``Config`` plus entry-point sections (``extra``: name -> dataclass instance) as
+    a Hydra structured config, so YAML presets and CLI overrides are type-checked against the
+    same schema Flower's run config uses (a key missing from a preset is still settable)."""
+    from hydra.core.config_store import ConfigStore
+
+    fields = [(key, type(value), field(default_factory=lambda v=value: dataclasses.replace(v))) for key, value in extra.items()]
+    schema = dataclasses.make_dataclass(f"{name}_schema", fields, bases=(Config,))
+    ConfigStore.instance().store(name=f"{name}_schema", node=schema)

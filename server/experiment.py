@@ -10,6 +10,7 @@ or a bad value stops here, before Ray starts. Each job's run folder is its Hydra
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -19,10 +20,21 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 import common  # noqa: F401
-from common.config import config_from_mapping, config_to_flat
+from common.config import config_from_mapping, config_to_flat, register_hydra_schema
 from server.launch import simulate
 
 log = logging.getLogger("fedpagkd.experiment")
+
+
+@dataclasses.dataclass
+class SimSection:
+    supernodes: int | None = None
+    cpus_per_client: int = 1
+    gpus_per_client: float = 0.0
+    ray_address: str = ""
+
+
+register_hydra_schema("federated", {"sim": SimSection()})
 
 
 @hydra.main(version_base=None, config_path="../conf", config_name="federated")
