@@ -59,7 +59,7 @@ class PaGKDConfig:
     use_pro: bool = True  # GKD-Pro: group classification + query-matched contrastive
     use_den: bool = True  # GKD-Den: relation-masked cross attention to NBI tokens/codebook
     den_weight: float = 1.0
-    pro_weight: float = 0.001  # on (L_con + L_groupCE), as in the paper
+    pro_weight: float = 0.1  # on (L_con + L_groupCE); the paper's 0.001 is preset=paper (200 epochs)
     temperature: float = 0.1
     fg_threshold: float = 0.6  # normalised activation above: foreground token
     bg_threshold: float = 0.3  # below: background token; in between: uncertain
@@ -77,9 +77,9 @@ class TrainConfig:
     lr: float = 1e-3
     weight_decay: float = 1e-8
     batch_size: int = 24
-    epochs: int = 10  # centralised epochs
-    teacher_epochs: int = 10  # centralised teacher epochs
-    local_epochs: int = 1  # federated: local epochs per round
+    epochs: int = 15  # centralised epochs
+    teacher_epochs: int = 15  # centralised teacher epochs
+    local_epochs: int = 2  # federated: local epochs per round
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     amp: bool = True  # mixed precision where CUDA is used
@@ -92,7 +92,7 @@ class TrainConfig:
 @dataclass
 class FederationConfig:
     teacher_rounds: int = 3
-    student_rounds: int = 5
+    student_rounds: int = 6
     bank_refresh_every: int = 0  # T: refresh the NBI bank every T student rounds (0 = never)
     min_nbi_sites: int = 1
     min_wli_sites: int = 1

@@ -224,3 +224,32 @@ def test_nan_weight_decay_is_a_config_error():
 def test_non_positive_max_norm_ratio_is_a_config_error():
     with pytest.raises(ConfigError, match="fed.max_norm_ratio"):
         config_from_flat({"fed.max_norm_ratio": -1.0})
+
+
+def test_pyproject_run_config_covers_every_key_and_validates():
+    """Flower rejects a --run-config key absent from [tool.flwr.app.config], so every Config
+    key must be there; and the embedded default must itself be a valid Config."""
+    import tomllib
+    from pathlib import Path
+
+    from flwr.common.config import flatten_dict
+
+    from common.config import config_keys
+
+    app = tomllib.loads((Path(__file__).resolve().parent.parent / "pyproject.toml").read_text())["tool"]["flwr"]["app"]
+    flat = flatten_dict(app["config"])
+    assert sorted(flat) == sorted(config_keys())
+    config_from_flat(flat)  # raises ConfigError on a bad default
+
+
+def test_pyproject_defaults_equal_the_dataclass_defaults():
+    """One source of truth: `flwr run .` and every Python entry point start from the same values."""
+    import tomllib
+    from pathlib import Path
+
+    from flwr.common.config import flatten_dict
+
+    from common.config import Config, config_to_flat
+
+    app = tomllib.loads((Path(__file__).resolve().parent.parent / "pyproject.toml").read_text())["tool"]["flwr"]["app"]
+    assert config_to_flat(config_from_flat(flatten_dict(app["config"]))) == config_to_flat(Config())

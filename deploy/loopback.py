@@ -1,0 +1,667 @@
+"""A real FedPaGKD deployment on loopback: one SuperLink, one SuperNode per site, TLS + SuperNode auth.
+
+Everything the production deployment (``deploy/README.md``) does, on 127.0.0.1 in one work folder:
+
+1. writes synthetic sites as ImageFolder trees (``common.data.write_image_folder``), by default
+   exactly the specs the simulation uses (``client.site.synthetic_site_specs``), so a deployment
+   run and a simulation of the same run config see the same images;
+2. creates the CA, the SuperLink certificate (SANs localhost, 127.0.0.1, ::1) and one OpenSSH
+   EC P-384 key pair per site with ``deploy/certs/make_certs.py``;
+3. starts ``flower-superlink`` with TLS, ``--enable-supernode-auth`` and
+   ``--disable-runtime-dependency-installation`` on a free port, writes the ``flwr`` CLI config,
+   registers every site key with ``flwr supernode register``;
+4. starts one ``flower-supernode`` per site (``--root-certificates``, ``--auth-supernode-private-key``,
+   its own ``--port``, ``--node-config "site-name=.. modality=.. data-path=.."``);
+5. submits the app with ``flwr run <repo> <connection> --format json``, follows ``flwr log`` into a
+   file and polls ``flwr list --run-id ID --format json`` until the run is ``finished:*``.
+
+Every process gets its own ``FLWR_HOME`` and its own session (process group); :meth:`Loopback.close`
+(also on ``with`` exit) stops them all by process group, SIGTERM then SIGKILL. Every process logs to
+``<work>/logs/<name>.log``.
+
+CLI::
+
+    python -m deploy.loopback --work /tmp/fedpagkd-loopback [key=value ...]
+
+prints the run id, status, wall time and the metrics.json path (exit 1 unless finished:completed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+REPO = Path(__file__).resolve().parent.parent
+CONNECTION = "loopback"
+BIN = Path(sys.executable).parent  # flower-superlink, flower-supernode and flwr live next to the interpreter
+
+# The smallest run that exercises every phase (same shape as tests/conftest.py TINY), 32 px.
+DEFAULT_RUN_CONFIG: dict[str, Any] = {
+    "data.image_size": 32,
+    "data.num_classes": 3,  # must match the class folders written below
+    "data.nbi_sites": 2,
+    "data.wli_sites": 2,
+    "data.train_per_site": 24,
+    "data.val_per_site": 0,
+    "data.test_per_site": 12,
+    "model.student": "resnet10t",
+    "model.teacher": "resnet10t",
+    "model.embed_dim": 32,
+    "model.num_heads": 4,
+    "model.num_queries": 4,
+    "pagkd.group_size": 4,
+    "pagkd.min_group_size": 2,
+    "pagkd.codebook_size": 4,
+    "train.batch_size": 12,
+    "train.device": "cpu",
+    "fed.teacher_rounds": 1,
+    "fed.student_rounds": 1,
+    "fed.round_timeout": 300.0,
+}
+
+# Seen in the logs: the SuperNode is connected and activated / it gave up.
+SUPERNODE_ID_RE = re.compile(r"SuperNode ID: (\d+)")
+
+
+class LoopbackError(RuntimeError):
+    """A step of the loopback deployment failed; the message names the step and the log to read."""
+
+
+@dataclass
+class Site:
+    name: str
+    modality: str
+    data_path: Path
+    key: Path  # OpenSSH private key (--auth-supernode-private-key)
+    pub: Path  # OpenSSH public key (flwr supernode register)
+    node_id: int | None = None
+
+
+@dataclass
+class Proc:
+    """A started process: its own session (so its children die with it) and its log file."""
+
+    name: str
+    popen: subprocess.Popen
+    log: Path
+    cmd: list[str]
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def text(self) -> str:
+        try:
+            return self.log.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def stop(self, grace_s: float = 10.0, sig: int = signal.SIGTERM) -> int | None:
+        """Signal the whole process group, wait ``grace_s``, then SIGKILL the group."""
+        _signal_group(self.popen.pid, sig)
+        try:
+            self.popen.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            pass
+        # Children (flower-superexec, flwr-clientapp/serverapp) may outlive the leader: kill the group.
+        _signal_group(self.popen.pid, signal.SIGKILL)
+        try:
+            self.popen.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            pass
+        _wait_group_gone(self.popen.pid, 5.0)
+        return self.popen.returncode
+
+    def kill(self) -> int | None:
+        """A crash: SIGKILL to the whole group, no graceful deactivation."""
+        return self.stop(grace_s=0.0, sig=signal.SIGKILL)
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _group_members(pgid: int) -> list[int]:
+    members = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        # fields[0] = state, [1] = ppid, [2] = pgrp
+        if len(fields) > 2 and int(fields[2]) == pgid and fields[0] != "Z":
+            members.append(int(entry.name))
+    return members
+
+
+def _wait_group_gone(pgid: int, timeout: float) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline and _group_members(pgid):
+        time.sleep(0.1)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def toml_value(value: Any) -> str:
+    """A run-config / node-config value as a TOML literal (strings quoted, bools lower-case)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    return json.dumps(str(value))
+
+
+def run_config_arg(run_config: Mapping[str, Any]) -> str:
+    return " ".join(f"{k}={toml_value(v)}" for k, v in run_config.items())
+
+
+@dataclass
+class RunResult:
+    run_id: str
+    status: str
+    details: str
+    wall_s: float  # from `flwr run` to the status reading finished:*
+    elapsed_s: float | None  # the SuperLink's own "elapsed" for the run
+    run_dir: Path
+    log: Path  # `flwr log` output (ServerApp + ClientApps)
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.run_dir / "metrics.json"
+
+    def metrics(self) -> dict[str, Any]:
+        return json.loads(self.metrics_path.read_text())
+
+
+@dataclass
+class Loopback:
+    """The whole federation in ``work``. Use as a context manager; :meth:`close` stops everything.
+
+    ``run_config`` is the base run config (``DEFAULT_RUN_CONFIG`` plus these overrides); the sites
+    are written from ``client.site.synthetic_site_specs`` of that config unless ``specs`` is given
+    as ``[(site name, SyntheticSiteSpec), ...]``.
+    """
+
+    work: Path
+    run_config: Mapping[str, Any] = field(default_factory=dict)
+    specs: Sequence[tuple[str, Any]] | None = None
+    max_retries: int = 5  # SuperNode connection retries (backoff) before it gives up
+    max_wait_time: float = 60.0  # seconds a SuperNode keeps retrying before it gives up
+    verbose: bool = False
+
+    def __post_init__(self) -> None:
+        self.work = Path(self.work).resolve()
+        if self.work == REPO or REPO in self.work.parents:
+            # `flwr run` packs every *.py/*.json/... under the app dir into the FAB.
+            raise LoopbackError(f"work folder {self.work} is inside the app directory {REPO}; use one outside it")
+        self.config: dict[str, Any] = {**DEFAULT_RUN_CONFIG, **dict(self.run_config)}
+        self.logs = self.work / "logs"
+        self.certs = self.work / "certs"
+        self.homes = self.work / "homes"
+        self.data = self.work / "data"
+        self.runs = self.work / "runs"
+        self.sites: dict[str, Site] = {}
+        self.procs: list[Proc] = []
+        self.supernodes: dict[str, Proc] = {}
+        self.superlink: Proc | None = None
+        self.port: int | None = None
+        self._restarts: dict[str, int] = {}
+
+    # ------------------------------------------------------------------ context manager
+
+    def __enter__(self) -> "Loopback":
+        try:
+            self.start()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def start(self) -> "Loopback":
+        """Sites, certificates, SuperLink, registration, SuperNodes (all online)."""
+        self.prepare()
+        self.start_superlink()
+        for site in self.sites.values():
+            self.register(site)
+        for name in self.sites:
+            self.start_supernode(name)
+        self.wait_online(list(self.sites))
+        return self
+
+    def close(self) -> None:
+        """Stop every process this harness started, newest first, by process group."""
+        for proc in reversed(self.procs):
+            if proc.alive() or _group_members(proc.pid):
+                proc.stop()
+        self.procs.clear()
+        self.supernodes.clear()
+        self.superlink = None
+
+    # ------------------------------------------------------------------ preparation
+
+    def _say(self, text: str) -> None:
+        if self.verbose:
+            print(f"[loopback {time.strftime('%H:%M:%S')}] {text}", flush=True)
+
+    def site_specs(self) -> list[tuple[str, Any]]:
+        if self.specs is not None:
+            return list(self.specs)
+        import common  # noqa: F401  (torchvision shim before anything imports timm)
+        from client.site import synthetic_site_specs
+        from common.config import config_from_flat
+
+        return synthetic_site_specs(config_from_flat(self.config))
+
+    def prepare(self) -> None:
+        """Write the sites' ImageFolder trees and the key material (idempotent per work folder)."""
+        from common.data import write_image_folder
+        from deploy.certs import make_certs
+
+        for folder in (self.logs, self.certs, self.homes, self.data, self.runs):
+            folder.mkdir(parents=True, exist_ok=True)
+        specs = self.site_specs()
+        classes = {spec.num_classes for _, spec in specs}
+        if classes != {int(self.config["data.num_classes"])}:
+            raise LoopbackError(f"the sites have {sorted(classes)} classes but data.num_classes = {self.config['data.num_classes']}")
+        for name, spec in specs:
+            path = self.data / name
+            if not (path / "site.json").is_file():
+                write_image_folder(spec, path)
+        names = [name for name, _ in specs]
+        if not (self.certs / make_certs.CA_CERT).is_file():
+            make_certs.generate(self.certs, names, ["localhost", "127.0.0.1", "::1"], force=True)
+        missing = [n for n in names if not (self.certs / n).is_file()]
+        if missing:
+            make_certs.generate(self.certs, missing, [], force=True, tls=False)
+        for name, spec in specs:
+            self.sites[name] = Site(name, spec.modality, self.data / name, self.certs / name, self.certs / f"{name}.pub")
+        self._say(f"{len(specs)} site(s) in {self.data}, certificates in {self.certs}")
+
+    @property
+    def ca_cert(self) -> Path:
+        return self.certs / "ca.crt"
+
+    @property
+    def address(self) -> str:
+        if self.port is None:
+            raise LoopbackError("the SuperLink is not started")
+        return f"127.0.0.1:{self.port}"
+
+    def env(self, home: str) -> dict[str, str]:
+        """The environment of one process: its own FLWR_HOME, no dependency installation, one thread."""
+        flwr_home = self.homes / home
+        flwr_home.mkdir(parents=True, exist_ok=True)
+        env = dict(os.environ)
+        env.update(
+            {
+                "FLWR_HOME": str(flwr_home),
+                "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+                "FLWR_TELEMETRY_ENABLED": "0",
+                "FLWR_DISABLE_UPDATE_CHECK": "1",
+                "OMP_NUM_THREADS": "1",
+                "MKL_NUM_THREADS": "1",
+                "PYTHONUNBUFFERED": "1",
+                "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+            }
+        )
+        return env
+
+    def spawn(self, name: str, cmd: list[str], home: str, cwd: Path | None = None) -> Proc:
+        log = self.logs / f"{name}.log"
+        handle = open(log, "ab")  # noqa: SIM115 - owned by the child
+        handle.write(f"\n$ {shlex.join(cmd)}\n".encode())
+        handle.flush()
+        try:
+            popen = subprocess.Popen(
+                cmd, stdout=handle, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=self.env(home),
+                cwd=cwd or (self.homes / home), start_new_session=True,
+            )
+        finally:
+            handle.close()
+        proc = Proc(name, popen, log, cmd)
+        self.procs.append(proc)
+        self._say(f"started {name} (pid {popen.pid}), log {log}")
+        return proc
+
+    # ------------------------------------------------------------------ SuperLink and CLI
+
+    def start_superlink(self, timeout: float = 90.0) -> Proc:
+        self.port = free_port()
+        cmd = [
+            str(BIN / "flower-superlink"),
+            "--ssl-ca-certfile", str(self.ca_cert),
+            "--ssl-certfile", str(self.certs / "server.pem"),
+            "--ssl-keyfile", str(self.certs / "server.key"),
+            "--enable-supernode-auth",
+            "--disable-runtime-dependency-installation",
+            "--host", "127.0.0.1",
+            "--port", str(self.port),
+            "--database", str(self.work / "superlink-state.db"),
+        ]
+        # cwd = the ServerApp's cwd: the work folder (fed.run_dir is absolute anyway).
+        self.superlink = self.spawn("superlink", cmd, "superlink", cwd=self.work)
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if not self.superlink.alive():
+                raise LoopbackError(f"flower-superlink exited with {self.superlink.popen.returncode}: see {self.superlink.log}")
+            if "Uvicorn running on https://" in self.superlink.text():
+                break
+            time.sleep(0.3)
+        else:
+            raise LoopbackError(f"flower-superlink did not start within {timeout:.0f} s: see {self.superlink.log}")
+        self.write_cli_config()
+        return self.superlink
+
+    def write_cli_config(self, root_certificates: Path | None = None) -> Path:
+        home = self.homes / "cli"
+        home.mkdir(parents=True, exist_ok=True)
+        ca = Path(root_certificates or self.ca_cert).resolve()
+        text = (
+            f'[superlink]\ndefault = "{CONNECTION}"\n\n'
+            f"[superlink.{CONNECTION}]\n"
+            f'address = "{self.address}"\n'
+            f'root-certificates = "{ca}"\n'
+        )
+        (home / "config.toml").write_text(text)
+        return home / "config.toml"
+
+    def flwr(self, *args: str, timeout: float = 120.0, check: bool = True) -> subprocess.CompletedProcess:
+        """Run the ``flwr`` CLI against this SuperLink (home ``homes/cli``); stdout captured."""
+        cmd = [str(BIN / "flwr"), *args]
+        proc = subprocess.run(cmd, env=self.env("cli"), cwd=self.work, capture_output=True, text=True, timeout=timeout)
+        with open(self.logs / "flwr-cli.log", "a") as log:
+            log.write(f"\n$ {shlex.join(cmd)}\n[exit {proc.returncode}]\n{proc.stdout}{proc.stderr}")
+        if check and proc.returncode != 0:
+            raise LoopbackError(f"{shlex.join(cmd[:3])} failed (exit {proc.returncode}): {(proc.stderr or proc.stdout).strip()}")
+        return proc
+
+    def flwr_json(self, *args: str, timeout: float = 120.0) -> dict[str, Any]:
+        proc = self.flwr(*args, "--format", "json", timeout=timeout, check=False)
+        try:
+            out = json.loads(proc.stdout)
+        except json.JSONDecodeError as err:
+            raise LoopbackError(f"flwr {' '.join(args[:2])}: no JSON (exit {proc.returncode}): {proc.stdout}{proc.stderr}") from err
+        if not out.get("success", False):
+            raise LoopbackError(f"flwr {' '.join(args[:2])} failed: {out}")
+        return out
+
+    def register(self, site: Site) -> int:
+        """``flwr supernode register <site>.pub`` -> the node id the SuperLink created."""
+        out = self.flwr_json("supernode", "register", str(site.pub), CONNECTION, "--name", site.name)
+        site.node_id = int(out["node-id"])
+        self._say(f"registered {site.name}: node {site.node_id}")
+        return site.node_id
+
+    def supernode_list(self) -> list[dict[str, Any]]:
+        out = self.flwr_json("supernode", "list", CONNECTION)
+        return list(out.get("nodes", []))
+
+    def node_status(self) -> dict[int, str]:
+        return {int(n["node-id"]): str(n.get("status", "")) for n in self.supernode_list()}
+
+    # ------------------------------------------------------------------ SuperNodes
+
+    def supernode_cmd(
+        self, site: Site, *, root_certificates: Path | None = None, key: Path | None = None, port: int | None = None,
+        max_retries: int | None = None, max_wait_time: float | None = None,
+    ) -> list[str]:
+        """``root_certificates=""`` leaves ``--root-certificates`` out (TLS against the system CAs)."""
+        node_config = f"site-name='{site.name}' modality='{site.modality}' data-path='{site.data_path}'"
+        ca = self.ca_cert if root_certificates is None else root_certificates
+        return [
+            str(BIN / "flower-supernode"),
+            "--superlink", self.address,
+            *(["--root-certificates", str(ca)] if str(ca) else []),
+            "--auth-supernode-private-key", str(key or site.key),
+            "--port", str(port or free_port()),
+            "--node-config", node_config,
+            "--max-retries", str(self.max_retries if max_retries is None else max_retries),
+            "--max-wait-time", str(self.max_wait_time if max_wait_time is None else max_wait_time),
+        ]
+
+    def start_supernode(self, name: str, *, log_name: str | None = None, **kwargs: Any) -> Proc:
+        """Start the SuperNode of site ``name`` (kwargs: see :meth:`supernode_cmd`) in its own session.
+
+        With ``log_name`` it is an extra SuperNode (own log and FLWR_HOME), not the site's own."""
+        site = self.sites[name]
+        home = log_name or f"supernode-{name}"
+        proc = self.spawn(home, self.supernode_cmd(site, **kwargs), home)
+        if log_name is None:
+            self.supernodes[name] = proc
+        return proc
+
+    def wait_connected(self, proc: Proc, timeout: float = 120.0) -> int:
+        """Wait until ``proc`` logs ``SuperNode ID: N``; raise if it exits first."""
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            match = SUPERNODE_ID_RE.search(proc.text())
+            if match:
+                return int(match.group(1))
+            if not proc.alive():
+                raise LoopbackError(f"{proc.name} exited with {proc.popen.returncode} before connecting: see {proc.log}")
+            time.sleep(0.3)
+        raise LoopbackError(f"{proc.name} did not connect within {timeout:.0f} s: see {proc.log}")
+
+    def wait_online(self, names: Sequence[str], timeout: float = 180.0) -> None:
+        """Wait until every named site's SuperNode logged its id and ``flwr supernode list`` says online."""
+        deadline = time.time() + timeout
+        for name in names:
+            node_id = self.wait_connected(self.supernodes[name], max(1.0, deadline - time.time()))
+            if self.sites[name].node_id not in (None, node_id):
+                raise LoopbackError(f"{name} connected as node {node_id}, registered as {self.sites[name].node_id}")
+        wanted = {self.sites[n].node_id for n in names}
+        while time.time() < deadline:
+            status = self.node_status()
+            if all(status.get(n) == "online" for n in wanted):
+                self._say(f"online: {', '.join(names)}")
+                return
+            time.sleep(1.0)
+        raise LoopbackError(f"not all of {list(names)} online within {timeout:.0f} s: {self.node_status()}")
+
+    def wait_exit(self, proc: Proc, timeout: float = 120.0) -> int | None:
+        """Wait for ``proc`` to exit by itself; its exit code (None: still running)."""
+        try:
+            return proc.popen.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def unregistered_key(self, name: str) -> Path:
+        """A fresh OpenSSH EC P-384 key pair that was never registered (``certs/<name>``)."""
+        from deploy.certs import make_certs
+
+        make_certs.generate(self.certs, [name], [], force=True, tls=False)
+        return self.certs / name
+
+    def other_ca(self, name: str = "other-ca") -> Path:
+        """A CA certificate that did not sign the SuperLink's certificate (``certs/<name>/ca.crt``)."""
+        from deploy.certs import make_certs
+
+        folder = self.certs / name
+        if not (folder / make_certs.CA_CERT).is_file():
+            make_certs.generate(folder, [], ["localhost", "127.0.0.1", "::1"], force=True)
+        return folder / make_certs.CA_CERT
+
+    def kill_supernode(self, name: str) -> int | None:
+        """Crash a site: SIGKILL its SuperNode's whole process group (ClientApp processes included)."""
+        proc = self.supernodes[name]
+        self._say(f"killing {name} (pid {proc.pid})")
+        return proc.kill()
+
+    def restart_supernode(self, name: str, timeout: float = 180.0, pause_s: float = 5.0) -> Proc:
+        """Start the site again with the same key until the SuperLink accepts it.
+
+        A SIGKILLed SuperNode never deactivated itself, so the SuperLink keeps it ``online`` until
+        its heartbeat deadline passes (2 x 30 s at most): until then activation is refused
+        (``[code: 2004] Failed to activate SuperNode.``) and the new SuperNode exits; retry.
+        """
+        deadline = time.time() + timeout
+        while True:
+            self._restarts[name] = self._restarts.get(name, 0) + 1
+            proc = self.start_supernode(name)
+            try:
+                node_id = self.wait_connected(proc, max(1.0, deadline - time.time()))
+            except LoopbackError:
+                proc.stop(grace_s=2.0)
+                if time.time() + pause_s >= deadline:
+                    raise
+                time.sleep(pause_s)
+                continue
+            self._say(f"{name} rejoined as node {node_id} (attempt {self._restarts[name]})")
+            return proc
+
+    # ------------------------------------------------------------------ runs
+
+    def submit(self, run_config: Mapping[str, Any] | None = None) -> tuple[str, dict[str, Any]]:
+        """``flwr run <repo> loopback --format json --run-config ...`` -> (run id, the full run config)."""
+        config = {**self.config, **dict(run_config or {})}
+        config["fed.run_dir"] = str(Path(config.get("fed.run_dir") or self.runs).resolve())
+        config.setdefault("fed.run_name", time.strftime("run-%Y%m%d-%H%M%S"))
+        out = self.flwr_json("run", str(REPO), CONNECTION, "--run-config", run_config_arg(config), timeout=300)
+        run_id = str(out["run-id"])
+        self._say(f"submitted run {run_id} ({config['fed.run_name']})")
+        return run_id, config
+
+    def follow_log(self, run_id: str) -> Proc:
+        """``flwr log RUN_ID`` into ``logs/run-<id>.log`` (it streams until the run ends)."""
+        return self.spawn(f"run-{run_id}", [str(BIN / "flwr"), "log", run_id, CONNECTION], "cli", cwd=self.work)
+
+    def run_status(self, run_id: str) -> dict[str, Any]:
+        out = self.flwr_json("list", CONNECTION, "--run-id", run_id)
+        return out["runs"][0]
+
+    def wait(
+        self, run_id: str, timeout: float = 900.0, poll_s: float = 3.0,
+        on_poll: Callable[[dict[str, Any]], None] | None = None,
+    ) -> dict[str, Any]:
+        """Poll ``flwr list`` until the run is ``finished:*`` (or ``timeout``); returns the last row."""
+        deadline = time.time() + timeout
+        while True:
+            row = self.run_status(run_id)
+            if on_poll is not None:
+                on_poll(row)
+            if str(row["status"]).startswith("finished:") or time.time() > deadline:
+                return row
+            time.sleep(poll_s)
+
+    def stop_run(self, run_id: str) -> None:
+        self.flwr("stop", run_id, CONNECTION, check=False)
+
+    def run(
+        self, run_config: Mapping[str, Any] | None = None, timeout: float = 900.0,
+        on_poll: Callable[[dict[str, Any], "Loopback", Path], None] | None = None,
+    ) -> RunResult:
+        """Submit, follow and wait for one run. ``on_poll(row, self, log)`` runs at every status poll."""
+        started = time.time()
+        run_id, config = self.submit(run_config)
+        follower = self.follow_log(run_id)
+        try:
+            row = self.wait(run_id, timeout, on_poll=(lambda r: on_poll(r, self, follower.log)) if on_poll else None)
+            wall = time.time() - started
+            if not str(row["status"]).startswith("finished:"):
+                self.stop_run(run_id)
+            # `flwr log` exits once the run has ended; give it a moment to flush the last lines.
+            try:
+                follower.popen.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                pass
+        finally:
+            follower.stop(grace_s=2.0)
+        elapsed = row.get("elapsed")
+        result = RunResult(
+            run_id=run_id, status=str(row["status"]), details=str(row.get("status-details", "")), wall_s=wall,
+            elapsed_s=_seconds(elapsed), run_dir=Path(config["fed.run_dir"]) / str(config["fed.run_name"]), log=follower.log,
+        )
+        self._say(f"run {run_id}: {result.status} in {result.wall_s:.0f} s ({result.details})")
+        return result
+
+
+def _seconds(value: Any) -> float | None:
+    """The SuperLink's ``elapsed`` (seconds, or "HH:MM:SS") as seconds."""
+    if value is None:
+        return None
+    if isinstance(value, (int, float)):
+        return float(value)
+    try:
+        parts = [float(p) for p in str(value).split(":")]
+    except ValueError:
+        return None
+    total = 0.0
+    for part in parts:
+        total = total * 60 + part
+    return total
+
+
+def run_loopback(work: Path, run_config: Mapping[str, Any] | None = None, timeout: float = 900.0, verbose: bool = True) -> RunResult:
+    """Start the federation in ``work``, run once, stop everything; returns the run's result."""
+    with Loopback(Path(work), run_config=dict(run_config or {}), verbose=verbose) as fed:
+        return fed.run(timeout=timeout)
+
+
+def _parse_value(text: str) -> Any:
+    import tomllib
+
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("overrides", nargs="*", help="run-config overrides, e.g. fed.student_rounds=2 model.student=test_resnet")
+    parser.add_argument("--work", type=Path, default=None, help="work folder (default: a new temp folder)")
+    parser.add_argument("--timeout", type=float, default=900.0, help="seconds to wait for the run (default: %(default)s)")
+    args = parser.parse_args(argv)
+    import tempfile
+
+    work = args.work or Path(tempfile.mkdtemp(prefix="fedpagkd-loopback-"))
+    overrides = {}
+    for item in args.overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            parser.error(f"override {item!r} is not key=value")
+        overrides[key] = _parse_value(value)
+    try:
+        result = run_loopback(work, overrides, timeout=args.timeout)
+    except LoopbackError as err:
+        print(f"FAILED: {err}", file=sys.stderr)
+        return 1
+    print(json.dumps({
+        "run-id": result.run_id, "status": result.status, "details": result.details, "wall-s": round(result.wall_s, 1),
+        "elapsed-s": result.elapsed_s, "metrics": str(result.metrics_path), "logs": str(work / "logs"),
+    }, indent=2))
+    if result.status == "finished:completed" and result.metrics_path.is_file():
+        final = result.metrics().get("final") or {}
+        print(f"final pooled WLI student: AUC {final.get('auc', float('nan')):.4f}  ACC {final.get('accuracy', float('nan')):.4f}")
+        return 0
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
