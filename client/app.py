@@ -123,8 +123,8 @@ def discover(request: Payload, site: SiteData, cfg: Config, dims: Dims, context:
 def _teacher_and_head(request: Payload, cfg: Config, dims: Dims):
     teacher = build_teacher(cfg.model, dims.C)
     head = build_query_head(cfg.model, dims.C)
-    load_numpy_state(teacher, request.weights["teacher"])
-    load_numpy_state(head, request.weights["head"])
+    load_numpy_state(teacher, request.weights["teacher"], "teacher")
+    load_numpy_state(head, request.weights["head"], "head")
     return teacher, head
 
 
@@ -192,8 +192,8 @@ def student_round(request: Payload, site: SiteData, cfg: Config, dims: Dims, con
     """Local WLI student epochs with CE + GKD-Pro + GKD-Den against the NBI bank."""
     student = build_student(cfg.model, dims.C)
     head = build_query_head(cfg.model, dims.C)
-    load_numpy_state(student, request.weights["student"])
-    load_numpy_state(head, request.weights["head"])
+    load_numpy_state(student, request.weights["student"], "student")
+    load_numpy_state(head, request.weights["head"], "head")
     bank = None
     if request.config["use-bank"]:
         a = {k: torch.from_numpy(v) for k, v in request.arrays.items()}
@@ -233,8 +233,10 @@ def evaluate(request: Payload, site: SiteData, cfg: Config, dims: Dims, context:
         raise PayloadError(f"evaluate: model '{model}' is not 'student' or 'teacher'")
     if site.modality != expected:
         raise RoleError(f"site '{site.name}' holds {site.modality.upper()} data; the {model} is evaluated on {expected.upper()} sites")
+    if request.config["split"] != "test":
+        raise PayloadError(f"evaluate: split '{request.config['split']}' is not available; sites evaluate on 'test'")
     net = (build_student if model == "student" else build_teacher)(cfg.model, dims.C)
-    load_numpy_state(net, request.weights["net"])
+    load_numpy_state(net, request.weights["net"], "net")
     probs, labels, loss = predict(net, eval_loader(site.test, cfg.train.batch_size, cfg.data.num_workers), pick_device(cfg.train.device), cfg.train.amp)
     hist = score_histogram(probs, labels, num_bins=dims.B)
     return make(

@@ -70,9 +70,24 @@ def state_to_numpy(module: torch.nn.Module) -> dict[str, np.ndarray]:
     return {k: np.atleast_1d(v.detach().cpu().numpy()).copy() for k, v in module.state_dict().items()}
 
 
-def load_numpy_state(module: torch.nn.Module, state: Mapping[str, np.ndarray]) -> None:
+def load_numpy_state(module: torch.nn.Module, state: Mapping[str, np.ndarray], block: str = "weights") -> None:
+    """Load received weights, refusing any tensor whose shape is not exactly this model's
+    (a transposed tensor of the same size must not load silently). Scalars travel as (1,)."""
     own = module.state_dict()
     missing = sorted(set(own) - set(state))
-    if missing:
-        raise KeyError(f"weights lack {len(missing)} tensors of this model, e.g. {missing[:3]}")
-    module.load_state_dict({k: torch.from_numpy(np.array(v)).reshape(own[k].shape) for k, v in state.items()}, strict=True)
+    extra = sorted(set(state) - set(own))
+    if missing or extra:
+        raise PayloadError(
+            f"weights '{block}' do not match this site's model: they lack {missing[:3]}, unexpected {extra[:3]} "
+            "(same backbone and num_classes on every site?)"
+        )
+    tensors = {}
+    for name, target in own.items():
+        array = np.asarray(state[name])
+        if array.shape != tuple(target.shape) and not (target.dim() == 0 and array.shape == (1,)):
+            raise PayloadError(
+                f"weights '{block}.{name}' has shape {array.shape}, this site's model expects {tuple(target.shape)} "
+                "(same backbone and num_classes on every site?)"
+            )
+        tensors[name] = torch.from_numpy(array.copy()).reshape(target.shape)
+    module.load_state_dict(tensors, strict=True)

@@ -96,6 +96,7 @@ class Proc:
     popen: subprocess.Popen
     log: Path
     cmd: list[str]
+    offset: int = 0  # where this process's output starts in ``log`` (a restart appends to the same file)
 
     @property
     def pid(self) -> int:
@@ -105,8 +106,11 @@ class Proc:
         return self.popen.poll() is None
 
     def text(self) -> str:
+        """This process's output so far (not that of an earlier process with the same log)."""
         try:
-            return self.log.read_text(errors="replace")
+            with open(self.log, "rb") as handle:
+                handle.seek(self.offset)
+                return handle.read().decode(errors="replace")
         except FileNotFoundError:
             return ""
 
@@ -335,6 +339,7 @@ class Loopback:
     def spawn(self, name: str, cmd: list[str], home: str, cwd: Path | None = None) -> Proc:
         log = self.logs / f"{name}.log"
         handle = open(log, "ab")  # noqa: SIM115 - owned by the child
+        offset = handle.tell()
         handle.write(f"\n$ {shlex.join(cmd)}\n".encode())
         handle.flush()
         try:
@@ -344,7 +349,7 @@ class Loopback:
             )
         finally:
             handle.close()
-        proc = Proc(name, popen, log, cmd)
+        proc = Proc(name, popen, log, cmd, offset)
         self.procs.append(proc)
         self._say(f"started {name} (pid {popen.pid}), log {log}")
         return proc

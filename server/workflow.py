@@ -170,6 +170,7 @@ class Protocol:
             "bytes": self.ledger.bytes,
             "config": config_to_flat(self.cfg),
             "sites": [s.__dict__ for s in self.sites.values()],
+            "egress": self.ledger.egress,
         }
         save_state(self.run_dir, blocks, meta)
 
@@ -189,6 +190,7 @@ class Protocol:
         self.progress = Progress(**meta["progress"])
         self.metrics = meta["metrics"]
         self.ledger.bytes = meta["bytes"]
+        self.ledger.egress = meta.get("egress", [])
         log.info("resuming %s at %s", self.run_dir, self.progress)
         return True
 
@@ -214,15 +216,20 @@ class Protocol:
         count = max(minimum, int(np.ceil(self.cfg.fed.fraction_train * len(nodes))))
         return sorted(random.Random(round_seed).sample(nodes, min(count, len(nodes))))
 
-    def _fedavg(self, phase: str, replies: dict[int, Payload], blocks: dict[str, dict[str, np.ndarray]]) -> list[int]:
+    def _fedavg(
+        self, phase: str, modality: str, replies: dict[int, Payload], blocks: dict[str, dict[str, np.ndarray]]
+    ) -> list[int]:
         """Average the named weight blocks over replies, weighted by num-examples, after
-        dropping updates whose norm is an outlier. Returns the node ids used."""
+        dropping updates whose norm is an outlier (and re-checking the minimum of sites).
+        Returns the node ids used."""
         first = next(iter(blocks))
         norms = [aggregation.update_norm(p.weights[first], blocks[first]) for p in replies.values()]
         outliers = {list(replies)[i] for i in aggregation.norm_outliers(norms, self.cfg.fed.max_norm_ratio)}
-        for node_id in outliers:
-            log.warning("[%s] dropped site '%s': update norm is over %.0fx the median", phase, self.channel.name(node_id), self.cfg.fed.max_norm_ratio)
+        reasons = {n: f"update norm is over {self.cfg.fed.max_norm_ratio:.0f}x the median" for n in outliers}
+        for node_id, reason in reasons.items():
+            log.warning("[%s] dropped site '%s': %s", phase, self.channel.name(node_id), reason)
         used = [n for n in replies if n not in outliers]
+        self._require(phase, modality, len(used), reasons)
         weights = [float(replies[n].config["num-examples"]) for n in used]
         for block in blocks:
             blocks[block].update(aggregation.weighted_average([replies[n].weights[block] for n in used], weights))
@@ -245,9 +252,11 @@ class Protocol:
             )
             if reply.config["protocol"] != PROTOCOL_VERSION:
                 dropped[node_id] = f"protocol {reply.config['protocol']}, server speaks {PROTOCOL_VERSION}; upgrade the site"
+                log.warning("[discover] dropped site '%s': %s", info.name, dropped[node_id])
                 continue
             if info.modality not in ("nbi", "wli"):
                 dropped[node_id] = f"unknown modality '{info.modality}'"
+                log.warning("[discover] dropped site '%s': %s", info.name, dropped[node_id])
                 continue
             self.sites[node_id] = info
             self.channel.names[node_id] = info.name
@@ -274,7 +283,7 @@ class Protocol:
         reference = {"teacher": weight_shapes(self.teacher), "head": weight_shapes(self.head)}
         replies, dropped = self.channel.exchange("teacher", {n: request for n in nodes}, reference)
         self._require(f"teacher round {round_}", "nbi", len(replies), dropped)
-        used = self._fedavg("teacher", replies, {"teacher": self.teacher, "head": self.head})
+        used = self._fedavg("teacher", "nbi", replies, {"teacher": self.teacher, "head": self.head})
         loss = float(np.mean([replies[n].config["loss"] for n in used]))
         self.metrics["teacher"].append({"round": round_, "loss": loss, "sites": [self.channel.name(n) for n in used]})
         log.info("[teacher %d/%d] loss %.4f from %d NBI site(s)", round_, self.cfg.fed.teacher_rounds, loss, len(used))
@@ -319,7 +328,7 @@ class Protocol:
         reference = {"student": weight_shapes(self.student), "head": weight_shapes(self.head)}
         replies, dropped = self.channel.exchange("student", {n: request for n in nodes}, reference)
         self._require(f"student round {round_}", "wli", len(replies), dropped)
-        used = self._fedavg("student", replies, {"student": self.student, "head": self.head})
+        used = self._fedavg("student", "wli", replies, {"student": self.student, "head": self.head})
         parts = {k: float(np.mean([replies[n].config[k] for n in used])) for k in ("loss", "ce", "den", "pro")}
         self.metrics["student"].append({"round": round_, **parts, "sites": [self.channel.name(n) for n in used]})
         log.info("[student %d/%d] loss %.4f (ce %.4f den %.4f pro %.4f) from %d WLI site(s)", round_, self.cfg.fed.student_rounds,

@@ -21,6 +21,7 @@ TINY: dict[str, Any] = {
     "data.test_per_site": 15,  # 5 per class: no site size equals a declared dim (privacy audit)
     "data.val_per_site": 0,
     "train.batch_size": 12,
+    "train.local_epochs": 1,
     "train.device": "cpu",
     "pagkd.group_size": 4,
     "pagkd.min_group_size": 2,

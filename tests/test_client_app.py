@@ -264,10 +264,6 @@ def test_evaluate_returns_histograms_totalling_the_test_split(globals_, model, p
     assert reply.config["loss"] > 0
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: client/app.py evaluate() ignores the request's 'split' config (records schema 'evaluate' declares it) "
-    "and always scores site.test: split='bogus' (or 'val', 'train') returns the test split's histograms "
-    "instead of an error naming the split"))
 def test_evaluate_on_an_unknown_split_is_refused(globals_):
     payload = make("evaluate", DIMS, config={"model": "student", "split": "bogus"}, weights={"net": globals_["student"]})
     assert_error(send(payload, new_context(node(WLI))), "wli-0", "bogus")
@@ -324,13 +320,8 @@ def _malformed_cases(globals_, centroids):
     }
 
 
-_UNNAMED_SHAPE = (
-    "bug: client/app.py validates a request without weight_shapes (records.validate checks weights for finiteness "
-    "only), so a weight of the wrong size fails later in client/wire.py load_numpy_state's reshape with "
-    "\"shape '[16, 3, 3, 3]' is invalid for input of size 576\", which does not name the tensor"
-)
 CASES = ["missing-config-key", "nan-array", "wrong-shape-array", "missing-array", "nan-weight",
-         pytest.param("wrong-shape-weight", marks=pytest.mark.xfail(strict=True, reason=_UNNAMED_SHAPE)),
+         "wrong-shape-weight",
          "missing-weight", "wrong-config-type"]
 
 
@@ -354,8 +345,6 @@ def test_weight_of_the_wrong_size_is_refused(globals_):
     assert_error(send(payload, new_context(node(NBI))), ("partition-0", "nbi-0"), "shape")
 
 
-@pytest.mark.xfail(strict=True, reason="bug: client/app.py validates requests without weight_shapes and client/wire.py "
-                   "load_numpy_state reshapes any tensor of the same size, so a transposed weight is silently accepted")
 def test_weight_of_the_wrong_shape_but_the_same_size_is_refused(globals_):
     name = next(k for k, v in globals_["teacher"].items() if v.ndim == 4 and v.shape[0] != v.shape[1])
     teacher = dict(globals_["teacher"])

@@ -260,10 +260,6 @@ def test_a_site_speaking_another_protocol_is_dropped_at_discovery(tmp_path):
     assert not [m for m in grid.sent if m.metadata.dst_node_id == WLI1 and m.metadata.message_type != MESSAGE_TYPE["discover"]]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: server/workflow.py Protocol.discover() adds protocol-mismatch and unknown-modality refusals to "
-    "`dropped` after Channel.exchange() has logged, and only reports them inside a FederationError; when "
-    "enough other sites remain the site is dropped without any log line naming it or the reason"))
 def test_a_site_speaking_another_protocol_is_logged(tmp_path, caplog):
     caplog.set_level(logging.INFO, logger=LOGGER)
     _run_with_newer_protocol_site(tmp_path)
@@ -271,10 +267,6 @@ def test_a_site_speaking_another_protocol_is_logged(tmp_path, caplog):
     assert any(any(n in r.getMessage() for n in named) and "protocol" in r.getMessage() for r in caplog.records)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: server/workflow.py Protocol._fedavg drops norm outliers after student_round/teacher_round called "
-    "_require(), and never re-checks fed.min_<modality>_sites: with 3 WLI replies, fed.min_wli_sites=3 and one "
-    "outlier, the round is aggregated from 2 sites instead of raising FederationError"))
 def test_dropping_an_outlier_below_the_minimum_of_sites_stops_the_run(tmp_path):
     cfg = tiny_config(**FAULT_CFG, **{"data.wli_sites": 3, "fed.min_wli_sites": 3})
     grid = make_grid(cfg)
@@ -357,11 +349,6 @@ def test_a_crashed_run_resumes_at_the_last_finished_round(resumed):
         np.testing.assert_array_equal(round_2[name], eval_1[name], err_msg=name)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: server/workflow.py keeps the egress log (Ledger.egress) only in memory: Protocol.save() persists "
-    "ledger.bytes but not ledger.egress, and finish() writes egress.json from the resumed process's ledger, so "
-    "after a restart egress.json lists only the messages since the restart (16) while metrics.json bytes count "
-    "all of them (52, with fed.student_rounds=2): the audit log silently loses the first run's messages"))
 def test_the_egress_log_of_a_resumed_run_lists_every_message(resumed):
     summary, run_dir = resumed["summary"], resumed["run_dir"]
     egress = json.loads((run_dir / "egress.json").read_text())
