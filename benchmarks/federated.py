@@ -41,7 +41,7 @@ def run_once(overrides: dict[str, Any], runtime: str, run_dir: Path, name: str) 
         simulate(overrides, cfg.data.nbi_sites + cfg.data.wli_sites, stream=False)
     else:
         from server.workflow import run_federation
-        from tests.fakes import InProcessGrid, synthetic_node_configs
+        from server.inprocess import InProcessGrid, synthetic_node_configs
 
         grid = InProcessGrid(synthetic_node_configs(cfg.data.nbi_sites + cfg.data.wli_sites), config_to_flat(cfg))
         run_federation(grid, cfg, run_dir / name)
