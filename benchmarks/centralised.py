@@ -32,6 +32,7 @@ import common  # noqa: F401  (torchvision shim before timm)
 from client.site import _synthetic_site, synthetic_site_specs
 from client.train import balanced_loader, eval_loader, live_teacher_bank, predict, train_student, train_teacher
 from common.config import Config, config_from_mapping, config_to_dict, register_hydra_schema
+from common.files import atomic_write_json
 from common.metrics import classification_metrics
 from common.models import build_query_head, build_student, build_teacher, pick_device
 
@@ -63,26 +64,30 @@ def with_variant(cfg: Config, variant: str) -> Config:
     return dataclasses.replace(cfg, pagkd=dataclasses.replace(cfg.pagkd, **VARIANTS[variant])).validate()
 
 
-def run_seed(cfg: Config, seed: int, variants: list[str]) -> dict[str, dict[str, Any]]:
-    """Teacher once, then each student variant from the same initialisation."""
+def run_seed(cfg: Config, seed: int, variants: list[str], done: dict[str, Any], record) -> None:
+    """Teacher once, then each student variant from the same initialisation. ``done`` holds
+    this seed's finished results (skipped); ``record(name, metrics)`` saves each new one."""
     device = pick_device(cfg.train.device)
     nbi_train, nbi_test, wli_train, wli_test = pooled_data(cfg)
     c = cfg.data.num_classes
     bs, workers = cfg.train.batch_size, cfg.data.num_workers
-    results: dict[str, dict[str, Any]] = {}
-
+    if all(v in done for v in ["nbi_teacher", *variants]):
+        return
+    # The teacher is retrained on resume (cheap next to the students, and deterministic by seed).
     torch.manual_seed(seed)
     teacher, teacher_head = build_teacher(cfg.model, c), build_query_head(cfg.model, c)
     started = time.time()
     train_teacher(teacher, teacher_head, balanced_loader(nbi_train, bs, seed, workers), cfg, device, cfg.train.teacher_epochs, seed)
-    probs, labels, _ = predict(teacher, eval_loader(nbi_test, bs, workers), device, cfg.train.amp)
-    results["nbi_teacher"] = {**classification_metrics(probs, labels), "train_s": time.time() - started}
-    log.info("seed %d nbi_teacher AUC %.4f (%.0f s)", seed, results["nbi_teacher"]["auc"], results["nbi_teacher"]["train_s"])
+    if "nbi_teacher" not in done:
+        probs, labels, _ = predict(teacher, eval_loader(nbi_test, bs, workers), device, cfg.train.amp)
+        record("nbi_teacher", {**classification_metrics(probs, labels), "train_s": time.time() - started})
     teacher.eval().requires_grad_(False)
 
     torch.manual_seed(seed + 1)
     student_init = build_student(cfg.model, c).state_dict()
     for variant in variants:
+        if variant in done:
+            continue
         vcfg = with_variant(cfg, variant)
         student = build_student(cfg.model, c)
         student.load_state_dict(student_init)
@@ -95,29 +100,30 @@ def run_seed(cfg: Config, seed: int, variants: list[str]) -> dict[str, dict[str,
         train_student(student, head, balanced_loader(wli_train, bs, seed + 3, workers), bank_source, vcfg, device,
                       vcfg.train.epochs, seed)
         probs, labels, _ = predict(student, eval_loader(wli_test, bs, workers), device, cfg.train.amp)
-        results[variant] = {**classification_metrics(probs, labels), "train_s": time.time() - started}
-        log.info("seed %d %s AUC %.4f (%.0f s)", seed, variant, results[variant]["auc"], results[variant]["train_s"])
-    return results
+        record(variant, {**classification_metrics(probs, labels), "train_s": time.time() - started})
 
 
-def summarise(per_seed: list[dict[str, dict[str, Any]]]) -> dict[str, dict[str, float]]:
+def summarise(per_seed: dict[str, dict[str, dict[str, Any]]]) -> dict[str, dict[str, float]]:
+    """Mean and std over the seeds that finished each variant (n says how many)."""
+    names = list(dict.fromkeys(name for results in per_seed.values() for name in results))
     table: dict[str, dict[str, float]] = {}
-    for name in per_seed[0]:
-        row = {}
+    for name in names:
+        runs = [results[name] for results in per_seed.values() if name in results]
+        row: dict[str, float] = {"n": len(runs)}
         for key in REPORTED + ("train_s",):
-            values = np.array([r[name][key] for r in per_seed], dtype=np.float64)
+            values = np.array([r[key] for r in runs], dtype=np.float64)
             row[f"{key}_mean"], row[f"{key}_std"] = float(values.mean()), float(values.std(ddof=1) if len(values) > 1 else 0.0)
         table[name] = row
     return table
 
 
-def format_table(table: dict[str, dict[str, float]], n_seeds: int) -> str:
-    head = f"{'variant':<16}" + "".join(f"{k.upper()[:4]:>16}" for k in REPORTED) + f"{'paper AUC':>11}"
-    lines = [f"centralised reference, mean +/- std over {n_seeds} seed(s)", head, "-" * len(head)]
+def format_table(table: dict[str, dict[str, float]]) -> str:
+    head = f"{'variant':<16}{'n':>3}" + "".join(f"{k.upper()[:4]:>16}" for k in REPORTED) + f"{'paper AUC':>11}"
+    lines = ["centralised reference, mean +/- std over n seeds", head, "-" * len(head)]
     for name, row in table.items():
         cells = "".join(f"{row[f'{k}_mean']:>9.4f} +/-{row[f'{k}_std']:.3f}" for k in REPORTED)
         paper = PAPER_PICCOLO_AUC.get(name)
-        lines.append(f"{name:<16}{cells}{'' if paper is None else f'{paper:>11.3f}'}")
+        lines.append(f"{name:<16}{int(row['n']):>3}{cells}{'' if paper is None else f'{paper:>11.3f}'}")
     return "\n".join(lines)
 
 
@@ -151,16 +157,29 @@ def main(conf: DictConfig) -> None:
     unknown = set(bench["variants"]) - set(VARIANTS)
     if unknown:
         raise ValueError(f"bench.variants has unknown {sorted(unknown)}; choose from {sorted(VARIANTS)}")
-    per_seed = []
-    for seed in bench["seeds"]:
-        seed_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=int(seed)))
-        per_seed.append(run_seed(seed_cfg, int(seed), list(bench["variants"])))
-    table = summarise(per_seed)
-    print(format_table(table, len(per_seed)))
     out = Path(hydra.utils.to_absolute_path(bench["out"]))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"config": config_to_dict(cfg), "bench": bench, "summary": table, "per_seed": per_seed,
-                               "paper_piccolo_auc": PAPER_PICCOLO_AUC, "environment": environment()}, indent=2))
+    per_seed: dict[str, dict[str, dict[str, Any]]] = {}
+    if out.exists():  # resume: keep what finished under the same config
+        previous = json.loads(out.read_text())
+        if previous.get("config") == config_to_dict(cfg):
+            per_seed = previous["per_seed"]
+            log.info("resuming %s: %s", out, {k: sorted(v) for k, v in per_seed.items()})
+
+    def write() -> None:
+        atomic_write_json(out, {"config": config_to_dict(cfg), "bench": bench, "summary": summarise(per_seed) if per_seed else {},
+                                "per_seed": per_seed, "paper_piccolo_auc": PAPER_PICCOLO_AUC, "environment": environment()})
+
+    for seed in bench["seeds"]:
+        results = per_seed.setdefault(str(seed), {})
+
+        def record(name: str, metrics: dict[str, Any], results=results, seed=seed) -> None:
+            results[name] = metrics
+            write()
+            log.info("seed %d %s AUC %.4f (%.0f s)", seed, name, metrics["auc"], metrics["train_s"])
+
+        seed_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=int(seed)))
+        run_seed(seed_cfg, int(seed), list(bench["variants"]), results, record)
+    print(format_table(summarise(per_seed)))
     print(f"wrote {out}")
 
 
