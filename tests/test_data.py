@@ -257,7 +257,7 @@ def test_write_image_folder_round_trip(site):
             ref, ref_label = synthetic[idx]
             assert label == ref_label
             torch.testing.assert_close(image, ref)  # PNG is lossless
-    tf = build_transform(24, train=False)
+    tf = build_transform(24)
     assert FolderSiteDataset(root, "val", NAMES, transform=tf)[0][0].shape == (3, 24, 24)
 
 
