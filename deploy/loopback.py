@@ -518,14 +518,17 @@ class Loopback:
         self._say(f"killing {name} (pid {proc.pid})")
         return proc.kill()
 
-    def restart_supernode(self, name: str, timeout: float = 180.0, pause_s: float = 5.0) -> Proc:
+    def restart_supernode(self, name: str, timeout: float = 180.0, pause_s: float = 3.0, not_before_s: float = 0.0) -> Proc:
         """Start the site again with the same key until the SuperLink accepts it.
 
         A SIGKILLed SuperNode never deactivated itself, so the SuperLink keeps it ``online`` until
-        its heartbeat deadline passes (2 x 30 s at most): until then activation is refused
-        (``[code: 2004] Failed to activate SuperNode.``) and the new SuperNode exits; retry.
+        its heartbeat deadline passes (2 x the 30 s heartbeat interval after its last heartbeat,
+        which came every ~24 s: 33-60 s after the kill): until then activation is refused
+        (``[code: 2004] Failed to activate SuperNode.``) and the new SuperNode exits; retry every
+        ``pause_s``. ``not_before_s`` (seconds after the call) skips attempts that cannot succeed.
         """
         deadline = time.time() + timeout
+        time.sleep(max(0.0, not_before_s))
         while True:
             self._restarts[name] = self._restarts.get(name, 0) + 1
             proc = self.start_supernode(name)
