@@ -582,14 +582,38 @@ class Loopback:
 
     def run(
         self, run_config: Mapping[str, Any] | None = None, timeout: float = 900.0,
-        on_poll: Callable[[dict[str, Any], "Loopback", Path], None] | None = None,
+        on_poll: Callable[[dict[str, Any] | None, "Loopback", Path], None] | None = None,
+        status_every_s: float = 20.0,
     ) -> RunResult:
-        """Submit, follow and wait for one run. ``on_poll(row, self, log)`` runs at every status poll."""
+        """Submit, follow and wait for one run.
+
+        The end is noticed when ``flwr log`` (which streams until the run ends) exits; ``flwr
+        list`` is asked every ``status_every_s`` as a fallback and then until the status reads
+        ``finished:*`` (each ``flwr`` call costs ~2 s of CPU: polling it every few seconds
+        competes with the ClientApps on a small machine). ``on_poll(last status row or None,
+        self, log file)`` runs about every second.
+        """
         started = time.time()
         run_id, config = self.submit(run_config)
         follower = self.follow_log(run_id)
+        deadline = started + timeout
+        row: dict[str, Any] | None = None
         try:
-            row = self.wait(run_id, timeout, on_poll=(lambda r: on_poll(r, self, follower.log)) if on_poll else None)
+            next_status = time.time() + status_every_s
+            while True:
+                now = time.time()
+                streaming = follower.alive()
+                if not streaming or now >= next_status:
+                    row = self.run_status(run_id)
+                    if str(row["status"]).startswith("finished:"):
+                        break
+                    next_status = now + (status_every_s if streaming else 3.0)
+                if on_poll is not None:
+                    on_poll(row, self, follower.log)
+                if time.time() > deadline:
+                    row = self.run_status(run_id)
+                    break
+                time.sleep(1.0)
             wall = time.time() - started
             if not str(row["status"]).startswith("finished:"):
                 self.stop_run(run_id)
