@@ -30,8 +30,7 @@ from common.grouping import random_groups
 from common.losses import (
     PaGKDTerms,
     bank_from_teacher_batch,
-    class_activation_maps,
-    label_tokens,
+    cam_token_labels,
     pagkd_loss,
 )
 from common.models import build_query_head, build_student, group_prototypes, pick_device
@@ -92,7 +91,7 @@ def run(backbone: str, image_size: int, batch: int, repeats: int, classes: int =
     def make_bank():
         with autocast(device, True):
             out = teacher(images)
-            token_labels = label_tokens(class_activation_maps(out.feature_map.float(), teacher.classifier.weight, labels), 0.6, 0.3)
+            token_labels = cam_token_labels(out.feature_map, teacher.classifier.weight, labels, 0.6, 0.3)
             prototypes, group_labels, _ = group_prototypes(head, out.tokens, groups)
         return bank_from_teacher_batch(prototypes.float(), group_labels, out.tokens.float(), token_labels, labels, classes)
 
@@ -103,7 +102,7 @@ def run(backbone: str, image_size: int, batch: int, repeats: int, classes: int =
         with autocast(device, True):
             out = student(images)
             if distil:
-                token_labels = label_tokens(class_activation_maps(out.feature_map, student.classifier.weight, labels), 0.6, 0.3)
+                token_labels = cam_token_labels(out.feature_map, student.classifier.weight, labels, 0.6, 0.3)
                 prototypes, group_labels, _ = group_prototypes(head, out.tokens, groups)
                 terms = PaGKDTerms(out.logits, labels, out.tokens, token_labels, prototypes, group_labels, head.classify(prototypes))
                 loss, _ = pagkd_loss(terms, bank, cfg.pagkd, True)

@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 from client.train import autocast, make_groups
 from common.config import Config
 from common.grouping import Group, cluster_statistics
-from common.losses import BACKGROUND, FOREGROUND, class_activation_maps, label_tokens
+from common.losses import BACKGROUND, FOREGROUND, cam_token_labels
 from common.models import LesionQueryHead, PaGKDNet, group_prototypes
 from common.records import Dims
 
@@ -49,9 +49,10 @@ def extract_site_knowledge(
         images, labels = images.to(device), labels.to(device)
         with autocast(device, cfg.train.amp):
             out = teacher(images)
-        cam = class_activation_maps(out.feature_map.float(), teacher.classifier.weight, labels)
         tokens.append(out.tokens.float())
-        token_labels.append(label_tokens(cam, cfg.pagkd.fg_threshold, cfg.pagkd.bg_threshold))
+        token_labels.append(
+            cam_token_labels(out.feature_map, teacher.classifier.weight, labels, cfg.pagkd.fg_threshold, cfg.pagkd.bg_threshold)
+        )
         classes.append(labels)
     all_tokens, all_token_labels, all_classes = torch.cat(tokens), torch.cat(token_labels), torch.cat(classes)
     groups: list[Group] = make_groups(all_classes, all_tokens, cfg, torch.Generator().manual_seed(seed))

@@ -24,9 +24,8 @@ from common.losses import (
     KnowledgeBank,
     PaGKDTerms,
     bank_from_teacher_batch,
-    class_activation_maps,
+    cam_token_labels,
     group_classification_loss,
-    label_tokens,
     pagkd_loss,
 )
 from common.models import LesionQueryHead, PaGKDNet, group_prototypes
@@ -160,10 +159,8 @@ def train_student(
         bank = bank_source()
         with autocast(device, cfg.train.amp):
             out = student(images)
-            token_labels = label_tokens(
-                class_activation_maps(out.feature_map, student.classifier.weight, labels),
-                cfg.pagkd.fg_threshold,
-                cfg.pagkd.bg_threshold,
+            token_labels = cam_token_labels(
+                out.feature_map, student.classifier.weight, labels, cfg.pagkd.fg_threshold, cfg.pagkd.bg_threshold
             )
             if cfg.pagkd.use_pro and group_on:
                 groups = make_groups(labels, out.tokens, cfg, generator)
@@ -199,10 +196,8 @@ def live_teacher_bank(
         _, images, labels = next(batches)
         with autocast(device, cfg.train.amp):
             out = teacher(images)
-            token_labels = label_tokens(
-                class_activation_maps(out.feature_map, teacher.classifier.weight, labels),
-                cfg.pagkd.fg_threshold,
-                cfg.pagkd.bg_threshold,
+            token_labels = cam_token_labels(
+                out.feature_map, teacher.classifier.weight, labels, cfg.pagkd.fg_threshold, cfg.pagkd.bg_threshold
             )
             groups = make_groups(labels, out.tokens, cfg, generator)
             prototypes, group_labels, _ = group_prototypes(head, out.tokens, groups)

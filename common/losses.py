@@ -50,6 +50,14 @@ def label_tokens(cam: torch.Tensor, fg_threshold: float, bg_threshold: float) ->
     return labels
 
 
+def cam_token_labels(
+    feature_map: torch.Tensor, classifier_weight: torch.Tensor, classes: torch.Tensor, fg_threshold: float, bg_threshold: float
+) -> torch.Tensor:
+    """Token labels [B, N] of a network's own activation maps for the given classes [B]."""
+    cam = class_activation_maps(feature_map.float(), classifier_weight, classes)
+    return label_tokens(cam, fg_threshold, bg_threshold)
+
+
 def relation_weights(token_labels: torch.Tensor, key_labels: torch.Tensor) -> torch.Tensor:
     """Semantic relation between tokens and keys: 1 where labels match, 0 where they differ,
     0.5 where either is uncertain. token_labels [B, N], key_labels [B, K] -> [B, N, K]."""
