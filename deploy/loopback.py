@@ -34,13 +34,14 @@ import os
 import re
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
+
+from server.launch import free_port, toml_value  # one implementation of each (stdlib-only module)
 
 REPO = Path(__file__).resolve().parent.parent
 CONNECTION = "loopback"
@@ -161,21 +162,6 @@ def _wait_group_gone(pgid: int, timeout: float) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline and _group_members(pgid):
         time.sleep(0.1)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def toml_value(value: Any) -> str:
-    """A run-config / node-config value as a TOML literal (strings quoted, bools lower-case)."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    return json.dumps(str(value))
 
 
 def run_config_arg(run_config: Mapping[str, Any]) -> str:

@@ -101,10 +101,17 @@ class Channel:
             self.ledger.add(phase, "to_site", self.name(node_id), payload)
             messages.append(Message(to_recorddict(payload), dst_node_id=node_id, message_type=MESSAGE_TYPE[payload.kind]))
         replies = list(self.grid.send_and_receive(messages, timeout=self.timeout))
+        # Match replies to requests by message id: errors the SuperLink itself answers with
+        # (e.g. Node Unavailable) come from node 1, not from the site. Pushing sets the ids;
+        # the in-process grid leaves them empty, hence the fallback to the sender.
+        by_message_id = {m.metadata.message_id: m.metadata.dst_node_id for m in messages if m.metadata.message_id}
         ok: dict[int, Payload] = {}
         dropped: dict[int, str] = {}
         for reply in replies:
-            node_id = reply.metadata.src_node_id
+            node_id = by_message_id.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+            if node_id not in requests:
+                log.warning("[%s] ignored a reply from node %s that answers no request of this round", phase, node_id)
+                continue
             site = self.name(node_id)
             if reply.has_error():
                 dropped[node_id] = f"ClientApp error: {reply.error.reason}"
@@ -228,7 +235,7 @@ class Protocol:
         reasons = {n: f"update norm is over {self.cfg.fed.max_norm_ratio:.0f}x the median" for n in outliers}
         for node_id, reason in reasons.items():
             log.warning("[%s] dropped site '%s': %s", phase, self.channel.name(node_id), reason)
-        used = [n for n in replies if n not in outliers]
+        used = sorted((n for n in replies if n not in outliers), key=self.channel.name)  # order-independent sums
         self._require(phase, modality, len(used), reasons)
         weights = [float(replies[n].config["num-examples"]) for n in used]
         for block in blocks:
@@ -295,7 +302,9 @@ class Protocol:
         request = make("knowledge.seed", self.dims, config={"round": refresh, "seed": seed}, weights={"teacher": self.teacher, "head": self.head})
         replies, dropped = self.channel.exchange("knowledge", {n: request for n in nodes})
         self._require(f"knowledge refresh {refresh} (seeds)", "nbi", len(replies), dropped)
-        self.centroids = aggregation.initial_centroids([r.arrays for r in replies.values()], self.dims, seed)
+        # Sorted by site name, not arrival order: the seeded k-means must not depend on who answers first.
+        in_order = sorted(replies, key=self.channel.name)
+        self.centroids = aggregation.initial_centroids([replies[n].arrays for n in in_order], self.dims, seed)
         nodes = sorted(replies)
         for iteration in range(1, self.cfg.pagkd.kmeans_iters + 1):
             config = {"round": refresh, "seed": seed, "iteration": iteration}
@@ -303,7 +312,7 @@ class Protocol:
             replies, dropped = self.channel.exchange("knowledge", {n: request for n in nodes})
             self._require(f"knowledge refresh {refresh} (Lloyd step {iteration})", "nbi", len(replies), dropped)
             nodes = sorted(replies)
-            self.bank = aggregation.bank_statistics([r.arrays for r in replies.values()])
+            self.bank = aggregation.bank_statistics([replies[n].arrays for n in sorted(replies, key=self.channel.name)])
             if iteration < self.cfg.pagkd.kmeans_iters:
                 self.centroids = aggregation.lloyd_centroids(self.bank, self.centroids, self.dims)
         groups = int(sum(r.config["groups"] for r in replies.values()))

@@ -515,3 +515,22 @@ def test_privacy_audit_of_every_message(full_run):
         assert entry["direction"] in ("to_site", "from_site")
         # Discovery happens before a node's site name is known: it is logged by node id.
         assert entry["site"] in names or (entry["phase"] == "discover" and entry["site"].startswith("node ")), entry["site"]
+
+
+class ReversedGrid(InProcessGrid):
+    """Replies arrive in the opposite order (as they may from real sites)."""
+
+    def send_and_receive(self, messages, *, timeout=None):
+        return list(reversed(list(super().send_and_receive(messages, timeout=timeout))))
+
+
+def test_results_do_not_depend_on_the_order_replies_arrive_in(tmp_path):
+    cfg = tiny_config(pagkd__codebook_size=4)
+    forward = run_federation(make_grid(cfg), cfg, tmp_path / "forward")
+    backward_grid = ReversedGrid(synthetic_node_configs(cfg.data.nbi_sites + cfg.data.wli_sites), config_to_flat(cfg))
+    backward = run_federation(backward_grid, cfg, tmp_path / "backward")
+    assert forward["bank_bytes"] == backward["bank_bytes"]
+    a = load_checkpoint(tmp_path / "forward" / STUDENT_CHECKPOINT)[0].state_dict()
+    b = load_checkpoint(tmp_path / "backward" / STUDENT_CHECKPOINT)[0].state_dict()
+    assert all(np.array_equal(a[k].numpy(), b[k].numpy()) for k in a), "the student depends on reply order"
+    assert forward["final"]["auc"] == backward["final"]["auc"]
