@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 
 import common  # noqa: F401  (torchvision shim before timm)
@@ -36,21 +37,25 @@ from common.losses import (
 from common.models import build_query_head, build_student, group_prototypes, pick_device
 
 
-def timed(fn: Callable[[], object], repeats: int, device: torch.device) -> float:
-    """Median seconds per call after two warm-up calls."""
-    for _ in range(2):
-        fn()
-    times = []
-    for _ in range(repeats):
+def timed_pair(fn_a: Callable[[], object], fn_b: Callable[[], object], repeats: int, device: torch.device) -> tuple[float, float]:
+    """Median seconds per call of two functions, calls interleaved A, B, A, B... so that load
+    drift on a shared machine hits both alike (the differences measured are a few percent)."""
+    def once(fn: Callable[[], object]) -> float:
         if device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
         fn()
         if device.type == "cuda":
             torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    times.sort()
-    return times[len(times) // 2]
+        return time.perf_counter() - start
+
+    for _ in range(2):
+        fn_a(), fn_b()
+    a_times, b_times = [], []
+    for _ in range(repeats):
+        a_times.append(once(fn_a))
+        b_times.append(once(fn_b))
+    return float(np.median(a_times)), float(np.median(b_times))
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -112,11 +117,12 @@ def run(backbone: str, image_size: int, batch: int, repeats: int, classes: int =
         loss.backward()
         optimizer.step()
 
-    plain_s = timed(forward_plain, repeats, device)
-    head_s = timed(forward_with_head, repeats, device)
-    ce_step_s = timed(lambda: step(False), repeats, device)
-    pagkd_step_s = timed(lambda: step(True), repeats, device)
-    extract_s = timed(make_bank, repeats, device)
+    # Inference and extraction compare eval-mode networks; the training steps train mode.
+    student.eval()
+    plain_s, head_s = timed_pair(forward_plain, forward_with_head, repeats, device)
+    plain_again_s, extract_s = timed_pair(forward_plain, make_bank, repeats, device)
+    student.train()
+    ce_step_s, pagkd_step_s = timed_pair(lambda: step(False), lambda: step(True), repeats, device)
     result = {
         "backbone": backbone,
         "image_size": image_size,
@@ -129,7 +135,7 @@ def run(backbone: str, image_size: int, batch: int, repeats: int, classes: int =
         "pagkd_step_s": pagkd_step_s,
         "gkd_step_overhead_pct": 100 * (pagkd_step_s - ce_step_s) / ce_step_s,
         "extraction_images_per_s": batch / extract_s,
-        "extraction_vs_inference_pct": 100 * plain_s / extract_s,
+        "extraction_vs_inference_pct": 100 * plain_again_s / extract_s,
         "peak_memory_mb": peak_memory_mb(device),
     }
     return result
@@ -140,7 +146,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--backbone", nargs="+", default=["resnet18", "efficientnet_b0"])
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--batch", type=int, default=24)
-    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/speed.json"))
     args = parser.parse_args(argv)
     rows = [run(b, args.image_size, args.batch, args.repeats) for b in args.backbone]
