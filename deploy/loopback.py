@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from server.launch import free_port, toml_value  # one implementation of each (stdlib-only module)
+from server.launch import FLOWER_ENV, free_port, toml_value  # one implementation of each (stdlib-only module)
 
 REPO = Path(__file__).resolve().parent.parent
 CONNECTION = "loopback"
@@ -308,15 +308,12 @@ class Loopback:
         flwr_home = self.homes / home
         flwr_home.mkdir(parents=True, exist_ok=True)
         env = dict(os.environ)
+        env.update(FLOWER_ENV)
         env.update(
             {
                 "FLWR_HOME": str(flwr_home),
-                "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-                "FLWR_TELEMETRY_ENABLED": "0",
-                "FLWR_DISABLE_UPDATE_CHECK": "1",
                 "OMP_NUM_THREADS": "1",
                 "MKL_NUM_THREADS": "1",
-                "PYTHONUNBUFFERED": "1",
                 "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
             }
         )

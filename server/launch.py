@@ -55,20 +55,27 @@ def toml_value(value: Any) -> str:
     return json.dumps(str(value))
 
 
+# What every Flower process of ours runs with: no runtime pip installs (the SuperLink would try
+# to build a venv from the network), no telemetry or update checks, unbuffered logs.
+FLOWER_ENV = {
+    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+    "PYTHONUNBUFFERED": "1",
+}
+
+
 def flower_env(flwr_home: Path, port: int, ray_tmp: Path, extra: Mapping[str, str] | None = None) -> dict[str, str]:
     """The environment every Flower process of this run needs (and inherits from the SuperLink)."""
     env = dict(os.environ)
+    env.update(FLOWER_ENV)
     env.update(
         {
             "FLWR_HOME": str(flwr_home),
-            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-            "FLWR_TELEMETRY_ENABLED": "0",
-            "FLWR_DISABLE_UPDATE_CHECK": "1",
             "RAY_USAGE_STATS_ENABLED": "0",
             "RAY_TMPDIR": str(ray_tmp),
             "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(port),
             "FLWR_LOCAL_CONTROL_API_PORT": str(free_port()),
-            "PYTHONUNBUFFERED": "1",
         }
     )
     # The Flower CLIs live next to this interpreter (the project's venv).
