@@ -44,6 +44,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "pro_only": {"use_den": False},
     "den_only": {"use_pro": False},
     "pagkd_adaptive": {"grouping": "adaptive", "subtypes": 2},
+    # The paper's schedule: CE alone for 5 epochs, then both GKD modules.
+    "pagkd_warmup": {"warmup_epochs": 5},
+    "pagkd_warmup_light": {"warmup_epochs": 5, "den_weight": 0.1},
 }
 REPORTED = ("auc", "accuracy", "sensitivity", "specificity")
 # Authors' README, PICCOLO (3 classes), AUC.

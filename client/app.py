@@ -159,7 +159,11 @@ def knowledge_seed(request: Payload, site: SiteData, cfg: Config, dims: Dims, co
     context.state[_STATE_HEAD] = ArrayRecord(head.state_dict())
     context.state[_STATE_KNOWLEDGE] = ConfigRecord({"seed": seed, "round": request.config["round"]})
     knowledge = _site_knowledge(site, cfg, teacher, head, seed)
-    return make("knowledge.seeds", dims, arrays=knowledge_seeds(knowledge, dims, cfg, seed), config={"groups": len(knowledge.group_labels)})
+    scores, scored = _test_scores(teacher, site, cfg, dims, request.config["evaluate"])
+    return make(
+        "knowledge.seeds", dims, arrays={**knowledge_seeds(knowledge, dims, cfg, seed), **scores},
+        config={"groups": len(knowledge.group_labels), **scored},
+    )
 
 
 @app.query("knowledge_stats")
@@ -201,6 +205,8 @@ def student_round(request: Payload, site: SiteData, cfg: Config, dims: Dims, con
             a["prototype_sum"], a["prototype_count"], a["foreground_sum"], a["foreground_count"],
             a["background_sum"], a["background_count"],
         )
+    # The received student is the previous round's global model: score it before training.
+    scores, scored = _test_scores(student, site, cfg, dims, request.config["evaluate"])
     seed = site_seed(request.config["seed"], site.name)
     loader = balanced_loader(site.train, cfg.train.batch_size, seed, cfg.data.num_workers)
     device = pick_device(cfg.train.device)
@@ -212,7 +218,9 @@ def student_round(request: Payload, site: SiteData, cfg: Config, dims: Dims, con
     return make(
         "student.update",
         dims,
+        arrays=scores,
         config={
+            **scored,
             "num-examples": result.num_examples,
             "loss": losses.get("total", 0.0),
             "ce": losses.get("ce", 0.0),
@@ -237,11 +245,19 @@ def evaluate(request: Payload, site: SiteData, cfg: Config, dims: Dims, context:
         raise PayloadError(f"evaluate: split '{request.config['split']}' is not available; sites evaluate on 'test'")
     net = (build_student if model == "student" else build_teacher)(cfg.model, dims.C)
     load_numpy_state(net, request.weights["net"], "net")
-    probs, labels, loss = predict(net, eval_loader(site.test, cfg.train.batch_size, cfg.data.num_workers), pick_device(cfg.train.device), cfg.train.amp)
+    scores, scored = _test_scores(net, site, cfg, dims, True)
+    return make("evaluation", dims, arrays=scores, config={"num-examples": scored["eval-examples"], "loss": scored["eval-loss"]})
+
+
+def _test_scores(net, site: SiteData, cfg: Config, dims: Dims, evaluate: bool) -> tuple[dict[str, np.ndarray], dict[str, int | float]]:
+    """Score histograms (C x B) and confusion (C x C) of ``net`` on the test split, with the
+    ``eval-examples`` / ``eval-loss`` config; all zero when ``evaluate`` is false."""
+    if not evaluate:
+        zeros = np.zeros((dims.C, dims.B), dtype=np.int64)
+        return {"score_positives": zeros, "score_negatives": zeros.copy(), "confusion": np.zeros((dims.C, dims.C), dtype=np.int64)}, {
+            "eval-examples": 0, "eval-loss": 0.0}
+    loader = eval_loader(site.test, cfg.train.batch_size, cfg.data.num_workers)
+    probs, labels, loss = predict(net, loader, pick_device(cfg.train.device), cfg.train.amp)
     hist = score_histogram(probs, labels, num_bins=dims.B)
-    return make(
-        "evaluation",
-        dims,
-        arrays={"score_positives": hist.positives, "score_negatives": hist.negatives, "confusion": hist.confusion},
-        config={"num-examples": int(len(labels)), "loss": float(loss) if np.isfinite(loss) else 0.0},
-    )
+    arrays = {"score_positives": hist.positives, "score_negatives": hist.negatives, "confusion": hist.confusion}
+    return arrays, {"eval-examples": int(len(labels)), "eval-loss": float(loss) if np.isfinite(loss) else 0.0}

@@ -63,7 +63,7 @@ class PaGKDConfig:
     temperature: float = 0.1
     fg_threshold: float = 0.6  # normalised activation above: foreground token
     bg_threshold: float = 0.3  # below: background token; in between: uncertain
-    warmup_epochs: int = 0  # group losses start after this many epochs
+    warmup_epochs: int = 0  # GKD-Den and GKD-Pro start after this many epochs (CE only before)
     grouping: str = "random"  # random | adaptive
     group_size: int = 8  # K: images per group
     min_group_size: int = 4  # K_min: smaller groups are never summarised or used

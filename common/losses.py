@@ -256,12 +256,14 @@ def pagkd_loss(
     """L = CE + den_weight * L_Den + pro_weight * (L_con + L_groupCE).
 
     GKD-Den needs the bank; GKD-Pro's contrastive term needs the bank, its group CE does not.
-    ``group_losses_on`` is False during the warm-up epochs. Returns (scalar, parts as floats).
+    ``group_losses_on`` is False during the warm-up epochs, for both modules: GKD-Den's relation
+    mask comes from the student's own activation maps, which are noise until CE has shaped them
+    (the paper starts its group losses after 5 epochs). Returns (scalar, parts as floats).
     """
     ce = F.cross_entropy(terms.logits, terms.labels)
     total = ce
     parts = {"ce": ce.item()}
-    if cfg.use_den and bank is not None and cfg.den_weight > 0:
+    if cfg.use_den and group_losses_on and bank is not None and cfg.den_weight > 0:
         den = gkd_den_loss(terms.tokens, terms.token_labels, terms.labels, bank, cfg.temperature)
         total = total + cfg.den_weight * den
         parts["den"] = den.item()

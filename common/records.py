@@ -19,7 +19,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: evaluations folded into knowledge.seeds and student.update
 
 
 class PayloadError(ValueError):
@@ -114,6 +114,9 @@ EVALUATION_FIELDS = (
     ArrayField("confusion", _I64, ("C", "C"), counts=True),
 )
 
+# An evaluation folded into another reply: test images scored (0: not evaluated) and their mean CE.
+EVALUATED = (("eval-examples", int), ("eval-loss", float))
+
 _ROUND = (("round", int), ("seed", int))
 
 # --------------------------------------------------------------------------- message kinds
@@ -132,19 +135,24 @@ SCHEMAS: dict[str, Schema] = {
         ),
         Schema("teacher.train", config=_ROUND + (("local-epochs", int),), weights=("teacher", "head")),
         Schema("teacher.update", config=(("num-examples", int), ("loss", float)), weights=("teacher", "head")),
-        Schema("knowledge.seed", config=_ROUND, weights=("teacher", "head")),
-        Schema("knowledge.seeds", arrays=KNOWLEDGE_SEEDS_FIELDS, config=(("groups", int),)),
+        # "evaluate": also score the teacher on the test split (its evaluation rides on this
+        # reply instead of costing a message of its own); all-zero histograms when false.
+        Schema("knowledge.seed", config=_ROUND + (("evaluate", bool),), weights=("teacher", "head")),
+        Schema("knowledge.seeds", arrays=KNOWLEDGE_SEEDS_FIELDS + EVALUATION_FIELDS, config=(("groups", int),) + EVALUATED),
         Schema("knowledge.stats", arrays=CENTROIDS, config=_ROUND + (("iteration", int),)),
         Schema("knowledge.sums", arrays=BANK_STATISTICS, config=(("groups", int), ("smallest-group", int))),
         Schema(
             "student.train",
             arrays=BANK_STATISTICS,
-            config=_ROUND + (("local-epochs", int), ("group-losses", bool), ("use-bank", bool)),
+            # "evaluate": score the received global student (the previous round's) on the test
+            # split before training; the next round's request is the previous round's evaluation.
+            config=_ROUND + (("local-epochs", int), ("group-losses", bool), ("use-bank", bool), ("evaluate", bool)),
             weights=("student", "head"),
         ),
         Schema(
             "student.update",
-            config=(("num-examples", int), ("loss", float), ("ce", float), ("den", float), ("pro", float)),
+            arrays=EVALUATION_FIELDS,
+            config=(("num-examples", int), ("loss", float), ("ce", float), ("den", float), ("pro", float)) + EVALUATED,
             weights=("student", "head"),
         ),
         Schema("evaluate", config=(("model", str), ("split", str)), weights=("net",)),

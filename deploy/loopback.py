@@ -64,6 +64,7 @@ DEFAULT_RUN_CONFIG: dict[str, Any] = {
     "pagkd.group_size": 4,
     "pagkd.min_group_size": 2,
     "pagkd.codebook_size": 4,
+    "pagkd.kmeans_iters": 1,  # each Lloyd step is one more message per NBI site (a process each)
     "train.batch_size": 12,
     "train.device": "cpu",
     "fed.teacher_rounds": 1,

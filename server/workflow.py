@@ -295,13 +295,19 @@ class Protocol:
         self.metrics["teacher"].append({"round": round_, "loss": loss, "sites": [self.channel.name(n) for n in used]})
         log.info("[teacher %d/%d] loss %.4f from %d NBI site(s)", round_, self.cfg.fed.teacher_rounds, loss, len(used))
 
-    def refresh_bank(self, refresh: int) -> None:
-        """Seeds, then ``pagkd.kmeans_iters`` federated Lloyd steps; the last sums are the bank."""
+    def refresh_bank(self, refresh: int, evaluate_teacher: bool = False) -> None:
+        """Seeds, then ``pagkd.kmeans_iters`` federated Lloyd steps; the last sums are the bank.
+
+        With ``evaluate_teacher`` the seed replies also carry the teacher's test scores (the
+        teacher the seeds come from), recorded as its evaluation."""
         nodes = sorted(self._sites_of("nbi"))
         seed = self._seed(2, refresh)
-        request = make("knowledge.seed", self.dims, config={"round": refresh, "seed": seed}, weights={"teacher": self.teacher, "head": self.head})
+        config = {"round": refresh, "seed": seed, "evaluate": evaluate_teacher}
+        request = make("knowledge.seed", self.dims, config=config, weights={"teacher": self.teacher, "head": self.head})
         replies, dropped = self.channel.exchange("knowledge", {n: request for n in nodes})
         self._require(f"knowledge refresh {refresh} (seeds)", "nbi", len(replies), dropped)
+        if evaluate_teacher:
+            self._record_evaluation("teacher", self.cfg.fed.teacher_rounds, replies, "eval-examples")
         # Sorted by site name, not arrival order: the seeded k-means must not depend on who answers first.
         in_order = sorted(replies, key=self.channel.name)
         self.centroids = aggregation.initial_centroids([replies[n].arrays for n in in_order], self.dims, seed)
@@ -332,11 +338,15 @@ class Protocol:
             "local-epochs": self.cfg.train.local_epochs,
             "group-losses": bool(group_on),
             "use-bank": bool(self.distil),
+            # The global student sent is round_ - 1's: its evaluation rides on this round's replies.
+            "evaluate": round_ > 1,
         }
         request = make("student.train", self.dims, arrays=self.bank, config=config, weights={"student": self.student, "head": self.head})
         reference = {"student": weight_shapes(self.student), "head": weight_shapes(self.head)}
         replies, dropped = self.channel.exchange("student", {n: request for n in nodes}, reference)
         self._require(f"student round {round_}", "wli", len(replies), dropped)
+        if round_ > 1:
+            self._record_evaluation("student", round_ - 1, replies, "eval-examples")
         used = self._fedavg("student", "wli", replies, {"student": self.student, "head": self.head})
         parts = {k: float(np.mean([replies[n].config[k] for n in used])) for k in ("loss", "ce", "den", "pro")}
         self.metrics["student"].append({"round": round_, **parts, "sites": [self.channel.name(n) for n in used]})
@@ -344,14 +354,23 @@ class Protocol:
                  parts["loss"], parts["ce"], parts["den"], parts["pro"], len(used))
 
     def evaluate(self, model: str, round_: int) -> dict[str, Any]:
-        """Pooled and per-site metrics from the sites' score histograms."""
+        """An evaluation of its own (the final student's): every site of the modality scores it."""
         modality = "wli" if model == "student" else "nbi"
         weights = self.student if model == "student" else self.teacher
         nodes = sorted(self._sites_of(modality))
         request = make("evaluate", self.dims, config={"model": model, "split": "test"}, weights={"net": weights})
         replies, dropped = self.channel.exchange("evaluate", {n: request for n in nodes}, {"net": weight_shapes(weights)})
         self._require(f"evaluation of the {model} (round {round_})", modality, len(replies), dropped)
+        return self._record_evaluation(model, round_, replies, "num-examples")
+
+    def _record_evaluation(self, model: str, round_: int, replies: dict[int, Payload], examples_key: str) -> dict[str, Any]:
+        """Pooled and per-site metrics from the score histograms the ``replies`` carry (those that
+        scored no image are left out)."""
+        replies = {n: r for n, r in replies.items() if r.config[examples_key] > 0}
         hists = {n: ScoreHistogram(r.arrays["score_positives"], r.arrays["score_negatives"], r.arrays["confusion"]) for n, r in replies.items()}
+        if not hists:
+            log.warning("[evaluate %s, round %d] no site scored a test image; nothing recorded", model, round_)
+            return {}
         pooled = functools.reduce(operator.add, hists.values())
         result = {
             "model": model,
@@ -380,9 +399,7 @@ class Protocol:
                 self.progress.teacher_rounds = round_
                 self.save()
             if self.progress.refreshes == 0:
-                if fed.teacher_rounds > 0:
-                    self.evaluate("teacher", fed.teacher_rounds)
-                self.refresh_bank(1)
+                self.refresh_bank(1, evaluate_teacher=fed.teacher_rounds > 0)
                 self.progress.refreshes = 1
                 self.save()
         for round_ in range(self.progress.student_rounds + 1, fed.student_rounds + 1):
@@ -391,8 +408,11 @@ class Protocol:
                 self.refresh_bank(self.progress.refreshes + 1)
                 self.progress.refreshes += 1
             self.student_round(round_)
-            self.evaluate("student", round_)
             self.progress.student_rounds = round_
+            self.save()
+        final = fed.student_rounds
+        if final > 0 and not any(e["model"] == "student" and e["round"] == final for e in self.metrics["evaluation"]):
+            self.evaluate("student", final)
             self.save()
         self.metrics["wall_time_s"] = self.metrics.get("wall_time_s", 0.0) + time.time() - started
         return self.finish()

@@ -14,7 +14,7 @@ import torch
 
 from client.knowledge import SiteKnowledge, knowledge_sums
 from common.losses import BACKGROUND, FOREGROUND, UNCERTAIN
-from common.records import BANK_STATISTICS, CENTROIDS, KNOWLEDGE_SEEDS_FIELDS, Dims, make
+from common.records import BANK_STATISTICS, CENTROIDS, EVALUATION_FIELDS, KNOWLEDGE_SEEDS_FIELDS, Dims, make
 from server.aggregation import (
     bank_statistics,
     empty_bank,
@@ -102,7 +102,7 @@ def test_empty_bank_is_all_zeros_with_the_schema_shapes():
         assert bank[spec.name].dtype == np.dtype(spec.dtype)
         assert not bank[spec.name].any()
     # It is a valid student.train payload (a WLI-only student is sent it).
-    config = {"round": 1, "seed": 0, "local-epochs": 1, "group-losses": False, "use-bank": False}
+    config = {"round": 1, "seed": 0, "local-epochs": 1, "group-losses": False, "use-bank": False, "evaluate": False}
     make("student.train", DIMS, arrays=bank, config=config, weights={"student": {}, "head": {}})
 
 
@@ -247,7 +247,8 @@ def seed_reply(rng: np.random.Generator, means: dict[str, np.ndarray], counts: d
         n = counts[name]
         out[f"{name}_seed_count"] = n.astype(np.int64)
         out[f"{name}_seed_sum"] = (means[name] * n.reshape(n.shape + (1,) * (means[name].ndim - n.ndim))).astype(np.float32)
-    make("knowledge.seeds", DIMS, arrays=out, config={"groups": 1})  # a valid reply
+    scores = {f.name: np.zeros(DIMS.resolve(f.shape), np.int64) for f in EVALUATION_FIELDS}
+    make("knowledge.seeds", DIMS, arrays={**out, **scores}, config={"groups": 1, "eval-examples": 0, "eval-loss": 0.0})  # a valid reply
     return out
 
 

@@ -89,8 +89,9 @@ def teacher_request(globals_, round_=1, **config) -> Payload:
     return make("teacher.train", DIMS, config=values, weights={"teacher": globals_["teacher"], "head": globals_["head"]})
 
 
-def seed_request(globals_, round_=1) -> Payload:
-    return make("knowledge.seed", DIMS, config={"round": round_, "seed": 5}, weights={"teacher": globals_["teacher"], "head": globals_["head"]})
+def seed_request(globals_, round_=1, evaluate=False) -> Payload:
+    config = {"round": round_, "seed": 5, "evaluate": evaluate}
+    return make("knowledge.seed", DIMS, config=config, weights={"teacher": globals_["teacher"], "head": globals_["head"]})
 
 
 def stats_request(centroids, round_=1) -> Payload:
@@ -215,8 +216,8 @@ def test_knowledge_seed_on_wli_is_refused(globals_):
 # ---------------------------------------------------------------------------------- student
 
 
-def student_request(globals_, bank, use_bank=True) -> Payload:
-    config = {"round": 1, "seed": 3, "local-epochs": 1, "group-losses": True, "use-bank": use_bank}
+def student_request(globals_, bank, use_bank=True, evaluate=False) -> Payload:
+    config = {"round": 1, "seed": 3, "local-epochs": 1, "group-losses": True, "use-bank": use_bank, "evaluate": evaluate}
     return make("student.train", DIMS, arrays=bank, config=config, weights={"student": globals_["student"], "head": globals_["head"]})
 
 
@@ -262,6 +263,25 @@ def test_evaluate_returns_histograms_totalling_the_test_split(globals_, model, p
     np.testing.assert_array_equal(reply.arrays["confusion"].sum(axis=1), np.bincount(np.asarray(site.test.labels), minlength=DIMS.C))
     np.testing.assert_array_equal(reply.arrays["score_positives"].sum(axis=1), reply.arrays["confusion"].sum(axis=1))
     assert reply.config["loss"] > 0
+
+
+@pytest.mark.parametrize("model, partition", [("student", WLI), ("teacher", NBI)])
+def test_a_folded_evaluation_equals_the_evaluate_reply(globals_, knowledge, model, partition):
+    """The scores riding on student.update / knowledge.seeds are those of the weights received,
+    exactly what an evaluate message of their own gives; with evaluate off they are all zero."""
+    alone = send(make("evaluate", DIMS, config={"model": model, "split": "test"}, weights={"net": globals_[model]}), new_context(node(partition)))
+    folded, skipped = (
+        [send(student_request(globals_, knowledge["sums"].arrays, evaluate=flag), new_context(node(WLI))) for flag in (True, False)]
+        if model == "student"
+        else [send(seed_request(globals_, evaluate=flag), new_context(node(NBI))) for flag in (True, False)]
+    )
+    assert folded.kind == ("student.update" if model == "student" else "knowledge.seeds")
+    for name in ("score_positives", "score_negatives", "confusion"):
+        np.testing.assert_array_equal(folded.arrays[name], alone.arrays[name])
+        assert not skipped.arrays[name].any()
+    assert folded.config["eval-examples"] == alone.config["num-examples"] > 0
+    assert folded.config["eval-loss"] == pytest.approx(alone.config["loss"])
+    assert skipped.config["eval-examples"] == 0
 
 
 def test_evaluate_on_an_unknown_split_is_refused(globals_):

@@ -144,7 +144,7 @@ def test_full_run_writes_every_output(full_run):
 
 def test_full_run_records_bytes_per_phase(full_run):
     summary, grid = full_run["summary"], full_run["grid"]
-    phases = {"discover": 4, "teacher": 2, "knowledge": 2 * (1 + full_run["cfg"].pagkd.kmeans_iters), "student": 2, "evaluate": 4}
+    phases = {"discover": 4, "teacher": 2, "knowledge": 2 * (1 + full_run["cfg"].pagkd.kmeans_iters), "student": 2, "evaluate": 2}
     assert set(summary["bytes"]) == set(phases)
     for phase, requests in phases.items():
         entry = summary["bytes"][phase]
@@ -342,8 +342,8 @@ def test_a_crashed_run_resumes_at_the_last_finished_round(resumed):
     bank_2 = next(p for p in parsed(second.sent) if p.kind == "student.train").arrays
     for name in bank_1:
         np.testing.assert_array_equal(bank_2[name], bank_1[name], err_msg=name)
-    # ... and starts round 2 from the global student of round 1 (the one evaluated after it).
-    eval_1 = next(p for p in parsed(first.sent) if p.kind == "evaluate" and p.config["model"] == "student").weights["net"]
+    # ... and starts round 2 from the global student of round 1 (what the crashed attempt sent).
+    eval_1 = next(p for p in parsed(first.sent) if p.kind == "student.train" and p.config["round"] == 2).weights["student"]
     round_2 = next(p for p in parsed(second.sent) if p.kind == "student.train").weights["student"]
     for name in eval_1:
         np.testing.assert_array_equal(round_2[name], eval_1[name], err_msg=name)
