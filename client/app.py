@@ -10,6 +10,7 @@ this site and go on.
 from __future__ import annotations
 
 import logging
+import time
 import zlib
 from importlib import metadata
 from typing import Callable
@@ -70,6 +71,7 @@ def handles(kind: str, modalities: tuple[str, ...]) -> Callable[[Handler], Calla
 
     def decorate(handler: Handler) -> Callable[[Message, Context], Message]:
         def wrapped(message: Message, context: Context) -> Message:
+            started = time.perf_counter()
             site_name = str(context.node_config.get("site-name", f"partition-{context.node_config.get('partition-id', '?')}"))
             try:
                 cfg = config_from_flat(context.run_config)
@@ -90,7 +92,7 @@ def handles(kind: str, modalities: tuple[str, ...]) -> Callable[[Handler], Calla
             except Exception as err:  # noqa: BLE001 - every failure must reach the server as a reply
                 log.exception("site '%s' refused '%s'", site_name, kind)
                 reply = Payload("error", config={"site-name": site_name, "reason": f"{type(err).__name__}: {err}"})
-            return Message(to_recorddict(reply), reply_to=message)
+            return Message(to_recorddict(reply, compute_s=time.perf_counter() - started), reply_to=message)
 
         # Not functools.wraps: Flower inspects the (message, context) signature of what it registers.
         wrapped.__name__, wrapped.__doc__ = handler.__name__, handler.__doc__

@@ -3,6 +3,8 @@
 The one place that knows how a payload sits in a Flower message; the ServerApp imports it too.
 Layout of a RecordDict: ``config`` (ConfigRecord: ``kind`` plus the scalar config),
 ``arrays`` (ArrayRecord of statistics) and ``weights.<block>`` (ArrayRecord per state dict).
+A reply may also carry ``timing`` (MetricRecord ``compute-s``: the seconds its handler ran),
+transport metadata outside the payload, which the server reads for its per-phase timings.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from typing import Mapping
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from common.records import Payload, PayloadError
 
@@ -26,16 +28,28 @@ MESSAGE_TYPE = {
 }
 
 _WEIGHTS = "weights."
+_TIMING = "timing"
 
 
-def to_recorddict(payload: Payload) -> RecordDict:
+def to_recorddict(payload: Payload, compute_s: float | None = None) -> RecordDict:
     content = RecordDict()
+    if compute_s is not None:
+        content[_TIMING] = MetricRecord({"compute-s": float(compute_s)})
     content["config"] = ConfigRecord({"kind": payload.kind, **payload.config})
     if payload.arrays:
         content["arrays"] = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in payload.arrays.items()})
     for block, weights in payload.weights.items():
         content[_WEIGHTS + block] = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in weights.items()})
     return content
+
+
+def compute_seconds(content: RecordDict) -> float | None:
+    """The handler's compute time a reply declares (None if absent or not a finite >= 0 float)."""
+    record = content.metric_records.get(_TIMING)
+    value = record.get("compute-s") if record is not None else None
+    if not isinstance(value, float) or not np.isfinite(value) or value < 0:
+        return None
+    return value
 
 
 def from_recorddict(content: RecordDict, sender: str = "message") -> Payload:

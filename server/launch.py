@@ -110,6 +110,53 @@ def stop_superlink(port: int, grace_s: float = 10.0) -> None:
         os.kill(pid, signal.SIGKILL)
 
 
+def preflight(run_config: Mapping[str, Any], num_supernodes: int, cpus_per_client: int = 1, gpus_per_client: float = 0.0) -> None:
+    """Refuse, before Ray starts, a run that cannot work here; the message lists every problem
+    and its fix. Checks the run config, the sites (synthetic or ``sites.toml``) against the
+    SuperNodes asked for, and the CPUs/GPUs asked for against this machine's."""
+    import common  # noqa: F401  (torchvision shim)
+    import torch
+    from client.site import read_sites_file
+    from common.config import config_from_flat
+
+    from common.config import ConfigError
+    from common.data import DataError
+
+    try:
+        cfg = config_from_flat(run_config)  # names an unknown key or a bad value
+        sites = read_sites_file(cfg.data.root) if cfg.data.root else []
+    except (ConfigError, DataError) as err:
+        raise SimulationError(f"the run cannot start: {err}") from err
+    problems = []
+    if cfg.data.root:
+        modalities = [s["modality"] for s in sites]
+        where = f"{cfg.data.root}/sites.toml"
+    else:
+        modalities = ["nbi"] * cfg.data.nbi_sites + ["wli"] * cfg.data.wli_sites
+        where = "data.nbi_sites + data.wli_sites"
+    if num_supernodes != len(modalities):
+        problems.append(f"{num_supernodes} SuperNode(s) asked for but {where} gives {len(modalities)} site(s): "
+                        f"one SuperNode per site (--supernodes {len(modalities)})")
+    distil = cfg.pagkd.use_pro or cfg.pagkd.use_den
+    for modality, minimum, needed in (("nbi", cfg.fed.min_nbi_sites, distil), ("wli", cfg.fed.min_wli_sites, True)):
+        have = modalities.count(modality)
+        if needed and have < max(1, minimum):
+            fix = "add NBI sites or turn distillation off (pagkd.use_pro=false pagkd.use_den=false)" if modality == "nbi" else "add WLI sites"
+            problems.append(f"{have} {modality.upper()} site(s) in {where}, the run needs at least {max(1, minimum)}: {fix}")
+    cores = os.cpu_count() or 1
+    if cpus_per_client < 1 or cpus_per_client > cores:
+        problems.append(f"client-resources-num-cpus = {cpus_per_client}, this machine has {cores} CPU core(s): use 1..{cores}")
+    gpus = torch.cuda.device_count()
+    if gpus_per_client > 0 and gpus == 0:
+        problems.append(f"client-resources-num-gpus = {gpus_per_client} but no CUDA GPU is visible: use 0 (train.device=cpu)")
+    elif gpus_per_client > max(gpus, 1):
+        problems.append(f"client-resources-num-gpus = {gpus_per_client} > the {gpus} GPU(s) here: use a fraction such as 0.25")
+    if cfg.train.device.startswith("cuda") and gpus == 0:
+        problems.append(f"train.device = '{cfg.train.device}' but no CUDA GPU is visible: use train.device=auto or cpu")
+    if problems:
+        raise SimulationError("the run cannot start:\n  - " + "\n  - ".join(problems))
+
+
 def simulate(
     run_config: Mapping[str, Any],
     num_supernodes: int,
@@ -120,13 +167,19 @@ def simulate(
     timeout_s: float = 3600,
     stream: bool = True,
     extra_env: Mapping[str, str] | None = None,
+    check: bool = True,
 ) -> SimulationResult:
     """Run one simulation to its end; raise :class:`SimulationError` unless it completed.
+
+    With ``check`` (the default) :func:`preflight` refuses a run that cannot work before
+    anything starts; ``check=False`` leaves the refusal to the ServerApp (tests of that path).
 
     ``run_config`` holds dotted overrides (``fed.student_rounds``...); ``fed.run_dir`` is
     made absolute (the ServerApp's cwd is the SuperLink's, not the app's). ``work_dir``
     (default: a temp dir) holds this run's FLWR_HOME, Ray temp files and the SuperLink log.
     """
+    if check:
+        preflight(run_config, num_supernodes, cpus_per_client, gpus_per_client)
     work = Path(work_dir or tempfile.mkdtemp(prefix="fedpagkd-"))
     flwr_home = work / "flwr-home"
     ray_tmp = Path(tempfile.mkdtemp(prefix="fpr-"))  # short: Ray's unix socket paths are length-limited
@@ -143,13 +196,15 @@ def simulate(
     started = time.time()
     log_text = ""
     try:
-        submitted = json.loads(
-            _flwr(
-                ["run", str(app_dir), "local", "--format", "json", "--federation-config", federation,
-                 "--run-config", " ".join(f"{k}={toml_value(v)}" for k, v in overrides.items())],
-                env, work,
-            )
-        )
+        run_args = ["run", str(app_dir), "local", "--format", "json", "--federation-config", federation,
+                    "--run-config", " ".join(f"{k}={toml_value(v)}" for k, v in overrides.items())]
+        for attempt in range(3):
+            submitted = json.loads(_flwr(run_args, env, work))
+            # `flwr` gives the SuperLink it starts 15 s; a loaded machine can take longer. The
+            # process keeps starting, so asking again reaches it (or starts one on this port).
+            if submitted.get("success") or "Failed to start local SuperLink" not in str(submitted.get("error-message")):
+                break
+            time.sleep(5.0 * (attempt + 1))
         if not submitted.get("success"):
             raise SimulationError(f"flwr run refused the run: {submitted}")
         run_id = str(submitted["run-id"])

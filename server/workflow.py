@@ -29,7 +29,7 @@ from flwr.app import Message
 from flwr.serverapp import Grid
 
 from client.app import dims_of
-from client.wire import MESSAGE_TYPE, from_recorddict, state_to_numpy, to_recorddict
+from client.wire import MESSAGE_TYPE, compute_seconds, from_recorddict, state_to_numpy, to_recorddict
 from common.config import Config, config_to_dict, config_to_flat
 from common.data import default_class_names
 from common.metrics import ScoreHistogram, histogram_metrics
@@ -62,6 +62,8 @@ class Ledger:
 
     bytes: dict[str, dict[str, int]] = field(default_factory=dict)
     egress: list[dict[str, Any]] = field(default_factory=list)
+    # One entry per exchange: its wall time and each replying site's declared compute time.
+    timing: list[dict[str, Any]] = field(default_factory=list)
 
     def add(self, phase: str, direction: str, site: str, payload: Payload) -> None:
         size = payload.num_bytes()
@@ -100,7 +102,12 @@ class Channel:
         for node_id, payload in requests.items():
             self.ledger.add(phase, "to_site", self.name(node_id), payload)
             messages.append(Message(to_recorddict(payload), dst_node_id=node_id, message_type=MESSAGE_TYPE[payload.kind]))
+        started = time.perf_counter()
         replies = list(self.grid.send_and_receive(messages, timeout=self.timeout))
+        first = next(iter(requests.values()), None)
+        timing = {"phase": phase, "kind": first.kind if first else "", "round": first.config.get("round") if first else None,
+                  "sites": len(requests), "wall_s": time.perf_counter() - started, "compute_s": {}}
+        self.ledger.timing.append(timing)
         # Match replies to requests by message id: errors the SuperLink itself answers with
         # (e.g. Node Unavailable) come from node 1, not from the site. Pushing sets the ids;
         # the in-process grid leaves them empty, hence the fallback to the sender.
@@ -113,6 +120,8 @@ class Channel:
                 log.warning("[%s] ignored a reply from node %s that answers no request of this round", phase, node_id)
                 continue
             site = self.name(node_id)
+            if not reply.has_error() and (seconds := compute_seconds(reply.content)) is not None:
+                timing["compute_s"][site] = seconds
             if reply.has_error():
                 dropped[node_id] = f"ClientApp error: {reply.error.reason}"
                 continue
@@ -175,6 +184,7 @@ class Protocol:
             "progress": self.progress.__dict__,
             "metrics": self.metrics,
             "bytes": self.ledger.bytes,
+            "timing": self.ledger.timing,
             "config": config_to_flat(self.cfg),
             "sites": [s.__dict__ for s in self.sites.values()],
             "egress": self.ledger.egress,
@@ -198,6 +208,7 @@ class Protocol:
         self.metrics = meta["metrics"]
         self.ledger.bytes = meta["bytes"]
         self.ledger.egress = meta.get("egress", [])
+        self.ledger.timing = meta.get("timing", [])
         log.info("resuming %s at %s", self.run_dir, self.progress)
         return True
 
@@ -426,6 +437,7 @@ class Protocol:
         summary = {
             **self.metrics,
             "bytes": self.ledger.bytes,
+            "timing": self.ledger.timing,
             "student_weights_bytes": student_bytes,
             "bank_bytes": bank_bytes,
             "bank_share_of_student_upload": bank_bytes / student_bytes,

@@ -469,3 +469,25 @@ def test_classes_overlap_even_for_an_oracle():
     lik = np.stack([np.exp(-0.5 * ((s - c / 2) / sigma) ** 2) for c in range(3)], axis=1)
     auc = roc_auc_score(ds.labels, lik / lik.sum(1, keepdims=True), multi_class="ovr")
     assert 0.85 < auc < 0.99
+
+
+def test_sites_are_built_lazily_so_memory_stays_flat_in_the_number_of_sites():
+    """A simulated site is resolved per message and renders an image only when it is read: 64
+    sites of 2,000 training images each cost next to nothing until a batch is drawn."""
+    import tracemalloc
+
+    from client.site import resolve_site
+    from common.config import config_from_flat
+
+    cfg = config_from_flat({"data.nbi_sites": 32, "data.wli_sites": 32, "data.train_per_site": 2_000, "data.image_size": 64})
+    resolve_site({"partition-id": 0}, cfg)  # imports and one-off tables outside the trace
+    tracemalloc.start()
+    sites = [resolve_site({"partition-id": p}, cfg) for p in range(64)]
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    images = sum(len(s.train) for s in sites)
+    assert images == 64 * 2_000
+    eager = images * 3 * 64 * 64 * 4  # every image as float32: ~6.3 GB
+    assert peak < eager / 100, f"building 64 sites took {peak / 2**20:.0f} MiB: something renders or caches images eagerly"
+    image, label = sites[-1].train[1_999]
+    assert image.shape == (3, 64, 64) and 0 <= int(label) < cfg.data.num_classes

@@ -96,7 +96,10 @@ def test_simulation_completes_and_the_student_learns(tmp_path, ports):
 def test_a_failing_run_is_reported_as_a_failure(tmp_path, ports):
     run_config = _run_config(tmp_path, "no-nbi", **{"data.nbi_sites": 0, "data.wli_sites": 2})
     with pytest.raises(launch.SimulationError) as err:
-        launch.simulate(run_config, num_supernodes=2, cpus_per_client=1, work_dir=tmp_path / "work", timeout_s=300, stream=False)
+        # check=False: the launcher's preflight would refuse this run before Flower starts (tested
+        # in test_launch.py); here the ServerApp's own refusal must come back as a failed run.
+        launch.simulate(run_config, num_supernodes=2, cpus_per_client=1, work_dir=tmp_path / "work", timeout_s=300, stream=False,
+                        check=False)
     message = str(err.value)
     assert "finished:failed" in message
     assert "NBI: 0 of 1 needed" in message, message

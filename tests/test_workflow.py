@@ -157,6 +157,17 @@ def test_full_run_records_bytes_per_phase(full_run):
     assert sum(e["messages"] for e in summary["bytes"].values()) == len(grid.sent) + len(grid.received)
 
 
+def test_full_run_times_every_exchange_with_each_sites_compute(full_run):
+    summary, cfg = full_run["summary"], full_run["cfg"]
+    timing = summary["timing"]
+    assert [(t["phase"], t["round"]) for t in timing if t["phase"] in ("teacher", "student")] == [("teacher", 1), ("student", 1)]
+    assert len(timing) == sum(1 for e in summary["bytes"].values()) + cfg.pagkd.kmeans_iters  # knowledge: seeds + Lloyd steps
+    for entry in timing:
+        assert entry["wall_s"] > 0
+        assert len(entry["compute_s"]) == entry["sites"], entry  # every site declared its handler's time
+        assert all(0 <= s <= entry["wall_s"] for s in entry["compute_s"].values()), entry  # in-process: compute within wall
+
+
 def test_discover_without_nbi_sites_names_the_missing_modality(tmp_path):
     cfg = tiny_config(**{"data.nbi_sites": 0, "data.wli_sites": 2})
     grid = make_grid(cfg)
