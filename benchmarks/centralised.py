@@ -38,6 +38,8 @@ from common.models import build_query_head, build_student, build_teacher, pick_d
 
 log = logging.getLogger("fedpagkd.centralised")
 
+INIT = "init"  # a variant key that is not a PaGKD setting: where the student's weights start
+
 VARIANTS: dict[str, dict[str, Any]] = {
     "wli_only": {"use_pro": False, "use_den": False},
     "pagkd": {},
@@ -47,6 +49,10 @@ VARIANTS: dict[str, dict[str, Any]] = {
     # The paper's schedule: CE alone for 5 epochs, then both GKD modules.
     "pagkd_warmup": {"warmup_epochs": 5},
     "pagkd_warmup_light": {"warmup_epochs": 5, "den_weight": 0.1},
+    # Student initialised from the trained NBI teacher (same backbone): does the transfer need a
+    # shared feature space, as the paper's two ImageNet-initialised ResNet-50s have?
+    "wli_only_teacher_init": {"use_pro": False, "use_den": False, INIT: "teacher"},
+    "pagkd_teacher_init": {INIT: "teacher"},
 }
 REPORTED = ("auc", "accuracy", "sensitivity", "specificity")
 # Authors' README, PICCOLO (3 classes), AUC.
@@ -64,7 +70,8 @@ def pooled_data(cfg: Config):
 
 
 def with_variant(cfg: Config, variant: str) -> Config:
-    return dataclasses.replace(cfg, pagkd=dataclasses.replace(cfg.pagkd, **VARIANTS[variant])).validate()
+    settings = {k: v for k, v in VARIANTS[variant].items() if k != INIT}
+    return dataclasses.replace(cfg, pagkd=dataclasses.replace(cfg.pagkd, **settings)).validate()
 
 
 def run_seed(cfg: Config, seed: int, variants: list[str], done: dict[str, Any], record) -> None:
@@ -93,7 +100,12 @@ def run_seed(cfg: Config, seed: int, variants: list[str], done: dict[str, Any], 
             continue
         vcfg = with_variant(cfg, variant)
         student = build_student(cfg.model, c)
-        student.load_state_dict(student_init)
+        if VARIANTS[variant].get(INIT) == "teacher":
+            if cfg.model.student != cfg.model.teacher:
+                raise ValueError(f"variant '{variant}' needs model.student == model.teacher, got {cfg.model.student} / {cfg.model.teacher}")
+            student.load_state_dict(teacher.state_dict())
+        else:
+            student.load_state_dict(student_init)
         head = copy.deepcopy(teacher_head).requires_grad_(True)  # the shared head starts where the teacher left it
         if vcfg.pagkd.use_pro or vcfg.pagkd.use_den:
             bank_source = live_teacher_bank(teacher, head, balanced_loader(nbi_train, bs, seed + 2, workers), vcfg, device, seed)

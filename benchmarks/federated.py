@@ -27,6 +27,9 @@ from common.config import config_from_flat, config_to_flat
 METHODS = {
     "fedavg_wli_only": {"pagkd.use_pro": False, "pagkd.use_den": False},
     "fedpagkd": {},
+    # The WLI student starts from the federated NBI teacher (sequential cross-modal transfer).
+    "fedavg_teacher_init": {"pagkd.use_pro": False, "pagkd.use_den": False, "fed.student_init": "teacher"},
+    "fedpagkd_teacher_init": {"fed.student_init": "teacher"},
 }
 REPORTED = ("auc", "accuracy", "sensitivity", "specificity")
 

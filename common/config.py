@@ -100,6 +100,10 @@ class FederationConfig:
     round_timeout: float = 600.0  # seconds to wait for replies
     num_bins: int = 200  # score-histogram bins for federated evaluation
     max_norm_ratio: float = 100.0  # a reply's update norm above this x the median is dropped
+    # scratch | teacher: start the WLI student from the federated NBI teacher (same backbone;
+    # the server holds both, so nothing more leaves a site). Teacher rounds then run even
+    # without distillation: that is the sequential NBI -> WLI transfer baseline.
+    student_init: str = "scratch"
     run_dir: str = "runs"  # where run folders are written (relative to the app directory)
     run_name: str = ""  # empty: a timestamp
 
@@ -157,6 +161,9 @@ class Config:
             ("fed.min_wli_sites", self.fed.min_wli_sites >= 1, ">= 1"),
             ("fed.fraction_train", 0 < self.fed.fraction_train <= 1, "in (0, 1]"),
             ("fed.round_timeout", self.fed.round_timeout > 0, "> 0"),
+            ("fed.student_init", self.fed.student_init in ("scratch", "teacher"), "'scratch' or 'teacher'"),
+            ("fed.student_init", self.fed.student_init != "teacher" or self.model.student == self.model.teacher,
+             "'teacher' only when model.student == model.teacher"),
             ("fed.num_bins", self.fed.num_bins >= 10, ">= 10"),
             ("fed.max_norm_ratio", self.fed.max_norm_ratio > 1, "> 1 (a multiple of the median update norm)"),
         ]

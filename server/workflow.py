@@ -163,6 +163,7 @@ class Protocol:
         self.channel = Channel(grid, self.dims, cfg.fed.round_timeout, self.ledger)
         self.grid = grid
         self.distil = cfg.pagkd.use_pro or cfg.pagkd.use_den
+        self.needs_teacher = self.distil or cfg.fed.student_init == "teacher"
         torch.manual_seed(cfg.train.seed)
         c = cfg.data.num_classes
         self.teacher = state_to_numpy(build_teacher(cfg.model, c))
@@ -282,7 +283,7 @@ class Protocol:
         log.info("discovered %d site(s): %s", len(self.sites), ", ".join(names))
         missing = []
         for modality, minimum in (("nbi", self.cfg.fed.min_nbi_sites), ("wli", self.cfg.fed.min_wli_sites)):
-            if modality == "nbi" and not self.distil:
+            if modality == "nbi" and not self.needs_teacher:
                 continue
             have = len(self._sites_of(modality))
             if have < minimum:
@@ -404,11 +405,18 @@ class Protocol:
         self.discover()
         self.save()
         fed = self.cfg.fed
-        if self.distil:
+        if self.needs_teacher:
             for round_ in range(self.progress.teacher_rounds + 1, fed.teacher_rounds + 1):
                 self.teacher_round(round_)
                 self.progress.teacher_rounds = round_
                 self.save()
+            if not self.distil and fed.teacher_rounds > 0 and not any(e["model"] == "teacher" for e in self.metrics["evaluation"]):
+                self.evaluate("teacher", fed.teacher_rounds)  # no knowledge phase to carry it
+                self.save()
+        if fed.student_init == "teacher" and self.progress.student_rounds == 0:
+            # Same backbone (checked by the config): the student's first global model is the teacher.
+            self.student = {name: array.copy() for name, array in self.teacher.items()}
+        if self.distil:
             if self.progress.refreshes == 0:
                 self.refresh_bank(1, evaluate_teacher=fed.teacher_rounds > 0)
                 self.progress.refreshes = 1

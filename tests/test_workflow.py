@@ -19,7 +19,7 @@ from flwr.app import Error, Message
 from client.app import dims_of
 from client.site import resolve_site
 from client.wire import MESSAGE_TYPE, from_recorddict, to_recorddict
-from common.config import config_to_dict, config_to_flat
+from common.config import ConfigError, config_to_dict, config_to_flat
 from common.models import STUDENT_CHECKPOINT, build_query_head, build_student, build_teacher, load_checkpoint
 from common.records import SCHEMAS, Payload, validate, weight_shapes
 from server.state import META, TENSORS, StateError
@@ -545,3 +545,24 @@ def test_results_do_not_depend_on_the_order_replies_arrive_in(tmp_path):
     b = load_checkpoint(tmp_path / "backward" / STUDENT_CHECKPOINT)[0].state_dict()
     assert all(np.array_equal(a[k].numpy(), b[k].numpy()) for k in a), "the student depends on reply order"
     assert forward["final"]["auc"] == backward["final"]["auc"]
+
+
+def test_a_student_started_from_the_teacher_gets_the_federated_teacher(single_thread, tmp_path):
+    """fed.student_init=teacher without distillation: teacher rounds on NBI, the teacher is
+    evaluated on NBI, then the WLI student's first global model is exactly that teacher."""
+    cfg = tiny_config(**{"fed.student_init": "teacher", "pagkd.use_pro": False, "pagkd.use_den": False})
+    grid = make_grid(cfg)
+    summary = run_federation(grid, cfg, tmp_path / "run")
+    sent = parsed(grid.sent)
+    teacher = next(p for p in sent if p.kind == "evaluate" and p.config["model"] == "teacher").weights["net"]
+    student = next(p for p in sent if p.kind == "student.train").weights["student"]
+    assert sorted(student) == sorted(teacher)
+    for name in teacher:
+        np.testing.assert_array_equal(student[name], teacher[name], err_msg=name)
+    assert not any(p.kind.startswith("knowledge") for p in sent), "no bank without distillation"
+    assert [(e["model"], e["round"]) for e in summary["evaluation"]] == [("teacher", 1), ("student", 1)]
+
+
+def test_student_init_from_a_different_backbone_is_refused():
+    with pytest.raises(ConfigError, match="fed.student_init"):
+        tiny_config(**{"fed.student_init": "teacher", "model.teacher": "resnet18"})
