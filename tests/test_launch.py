@@ -74,3 +74,29 @@ def test_simulate_refuses_before_starting_anything(monkeypatch, tmp_path):
     with pytest.raises(SimulationError, match="0 NBI site"):
         launch.simulate({"data.nbi_sites": 0, "data.wli_sites": 2}, num_supernodes=2, work_dir=tmp_path / "w", stream=False)
     assert not (tmp_path / "w").exists()
+
+
+def test_round_overheads_of_the_scale_benchmark():
+    from benchmarks.scale import round_overheads
+
+    metrics = {"timing": [
+        {"phase": "discover", "round": None, "sites": 4, "wall_s": 1.0, "compute_s": {"a": 0.1}},
+        {"phase": "student", "round": 1, "sites": 4, "wall_s": 10.0, "compute_s": {"a": 4.0, "b": 6.0, "c": 2.0, "d": 4.0}},
+        {"phase": "teacher", "round": 1, "sites": 2, "wall_s": 5.0, "compute_s": {}},  # no declared compute: skipped
+    ]}
+    (row,) = round_overheads(metrics, slots=2)
+    assert (row["phase"], row["round"], row["slowest_site_s"], row["sum_compute_s"]) == ("student", 1, 6.0, 16.0)
+    assert row["overhead_vs_slowest"] == pytest.approx(0.4)  # (10 - 6) / 10
+    assert row["overhead_vs_packed"] == pytest.approx(0.2)  # (10 - 16 / 2) / 10
+
+
+@pytest.mark.parametrize("value, expected", [(1.5, 1.5), (0.0, 0.0), (-1.0, None), (float("nan"), None), (float("inf"), None), (None, None)])
+def test_a_reply_declares_its_compute_time_or_nothing(value, expected):
+    from flwr.app import MetricRecord, RecordDict
+
+    from client.wire import compute_seconds
+
+    content = RecordDict()
+    if value is not None:
+        content["timing"] = MetricRecord({"compute-s": value})
+    assert compute_seconds(content) == expected
