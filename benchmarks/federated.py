@@ -34,7 +34,10 @@ METHODS = {
 REPORTED = ("auc", "accuracy", "sensitivity", "specificity")
 
 
-def run_once(overrides: dict[str, Any], runtime: str, run_dir: Path, name: str) -> dict[str, Any]:
+def run_once(overrides: dict[str, Any], runtime: str, run_dir: Path, name: str, faults=None) -> dict[str, Any]:
+    """One run. ``faults(grid)`` -> {node id: fault hook} (server.inprocess), in-process runtime only."""
+    if faults and runtime != "inprocess":
+        raise ValueError("fault hooks need --runtime inprocess")
     overrides = {**overrides, "fed.run_dir": str(run_dir), "fed.run_name": name}
     cfg = config_from_flat(overrides)
     started = time.time()
@@ -47,6 +50,7 @@ def run_once(overrides: dict[str, Any], runtime: str, run_dir: Path, name: str) 
         from server.inprocess import InProcessGrid, synthetic_node_configs
 
         grid = InProcessGrid(synthetic_node_configs(cfg.data.nbi_sites + cfg.data.wli_sites), config_to_flat(cfg))
+        grid.faults = faults(grid) if faults else {}
         run_federation(grid, cfg, run_dir / name)
     metrics = json.loads((run_dir / name / "metrics.json").read_text())
     return {
@@ -57,6 +61,7 @@ def run_once(overrides: dict[str, Any], runtime: str, run_dir: Path, name: str) 
         "bank_bytes": metrics["bank_bytes"],
         "student_weights_bytes": metrics["student_weights_bytes"],
         "bank_share_of_student_upload": metrics["bank_share_of_student_upload"],
+        "privacy": metrics.get("privacy"),
     }
 
 

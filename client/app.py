@@ -9,6 +9,7 @@ this site and go on.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 import zlib
@@ -25,6 +26,7 @@ from client.site import SiteData, resolve_site
 from client.train import balanced_loader, eval_loader, predict, train_student, train_teacher
 from client.wire import from_recorddict, load_numpy_state, state_to_numpy, to_recorddict
 from common.config import Config, config_from_flat
+from common import secagg
 from common.losses import bank_from_statistics
 from common.metrics import score_histogram
 from common.models import build_query_head, build_student, build_teacher, pick_device
@@ -159,12 +161,17 @@ def knowledge_seed(request: Payload, site: SiteData, cfg: Config, dims: Dims, co
     seed = site_seed(request.config["seed"], site.name)
     context.state[_STATE_TEACHER] = ArrayRecord(teacher.state_dict())
     context.state[_STATE_HEAD] = ArrayRecord(head.state_dict())
-    context.state[_STATE_KNOWLEDGE] = ConfigRecord({"seed": seed, "round": request.config["round"]})
+    local = {"seed": seed, "round": request.config["round"]}
+    public_key = ""
+    if cfg.privacy.secure_aggregation:  # an ephemeral key pair for this refresh's masked sums
+        keys = secagg.generate_keypair()
+        local["secagg-private"], public_key = keys.private, secagg.public_key_hex(keys)
+    context.state[_STATE_KNOWLEDGE] = ConfigRecord(local)
     knowledge = _site_knowledge(site, cfg, teacher, head, seed)
     scores, scored = _test_scores(teacher, site, cfg, dims, request.config["evaluate"])
     return make(
         "knowledge.seeds", dims, arrays={**knowledge_seeds(knowledge, dims, cfg, seed), **scores},
-        config={"groups": len(knowledge.group_labels), **scored},
+        config={"groups": len(knowledge.group_labels), "public-key": public_key, **scored},
     )
 
 
@@ -184,12 +191,35 @@ def knowledge_stats(request: Payload, site: SiteData, cfg: Config, dims: Dims, c
     knowledge = _site_knowledge(site, cfg, teacher, head, int(local["seed"]))
     sums = knowledge_sums(knowledge, dims, cfg, request.arrays)
     sizes = knowledge.group_sizes
-    return make(
-        "knowledge.sums",
-        dims,
-        arrays=sums,
-        config={"groups": len(sizes), "smallest-group": int(sizes.min()) if len(sizes) else 0},
-    )
+    config = {"groups": len(sizes), "smallest-group": int(sizes.min()) if len(sizes) else 0}
+    if not request.config["peers"]:
+        return make("knowledge.sums", dims, arrays=sums, config=config)
+    return make("knowledge.masked", dims, arrays=_masked(sums, site, request, local), config=config)
+
+
+def _masked(sums: dict[str, np.ndarray], site: SiteData, request: Payload, local) -> dict[str, np.ndarray]:
+    """This site's sums in fixed point plus its pairwise masks with the listed peers."""
+    if "secagg-private" not in local:
+        raise RuntimeError(f"site '{site.name}' was asked for masked sums but made no key this refresh; set privacy.secure_aggregation "
+                           "the same on server and sites")
+    try:
+        listed = json.loads(request.config["peers"])
+    except json.JSONDecodeError as err:
+        raise PayloadError(f"knowledge.stats: 'peers' is not JSON ({err})") from None
+    if not isinstance(listed, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in listed.items()):
+        raise PayloadError("knowledge.stats: 'peers' must map site names to public-key hex strings")
+    private = bytes(local["secagg-private"])
+    own = secagg.public_key_hex(secagg.keypair_from_private(private))
+    if listed.get(site.name) != own:  # the server must list this site with the key it made
+        raise PayloadError(f"knowledge.stats: the peer list does not carry site '{site.name}''s own public key")
+    peers = {name: secagg.parse_public_key(key, name) for name, key in listed.items() if name != site.name}
+    context = f"{request.config['round']}|{request.config['iteration']}|{request.config['attempt']}"
+    used = list(local.get("secagg-used", []))
+    if context in used:  # a second roster under one context would let the server cancel the masks
+        raise PayloadError(f"knowledge.stats: site '{site.name}' already masked a sum for step {context}; a restart needs a new attempt")
+    local["secagg-used"] = used + [context]
+    masks = secagg.pairwise_masks(site.name, private, peers, context.encode(), {k: v.shape for k, v in sums.items()})
+    return secagg.mask(secagg.encode_fixed_point(sums), masks)
 
 
 @app.train("student")

@@ -8,6 +8,7 @@ sends, so every Lloyd iteration of the federated k-means sees the same groups.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,9 +17,10 @@ from torch.utils.data import DataLoader
 
 from client.train import autocast, make_groups
 from common.config import Config
-from common.grouping import Group, cluster_statistics
+from common.grouping import Group, cluster_assignment, cluster_statistics
 from common.losses import BACKGROUND, FOREGROUND, cam_token_labels
 from common.models import LesionQueryHead, PaGKDNet, group_prototypes
+from common.privacy import add_noise, clip_factors, count_sensitivity, group_sq_norms, max_group_size, noise_generator
 from common.records import Dims
 
 
@@ -57,6 +59,9 @@ def extract_site_knowledge(
     all_tokens, all_token_labels, all_classes = torch.cat(tokens), torch.cat(token_labels), torch.cat(classes)
     groups: list[Group] = make_groups(all_classes, all_tokens, cfg, torch.Generator().manual_seed(seed))
     groups = [g for g in groups if len(g.indices) >= cfg.pagkd.min_group_size]
+    if cfg.privacy.noise_multiplier > 0:  # DP: no group above K_max, so the count bound holds
+        cap = max_group_size(cfg.pagkd.group_size, cfg.pagkd.min_group_size)
+        groups = [dataclasses.replace(g, indices=g.indices[:cap]) for g in groups]
     prototypes, group_labels = [], []
     for start in range(0, len(groups), 64):  # bounded memory for large sites
         p, gl, _ = group_prototypes(head, all_tokens, groups[start : start + 64])
@@ -84,17 +89,52 @@ def _class_points(knowledge: SiteKnowledge, class_id: int, label: int) -> tuple[
     return tokens[mask], owners
 
 
+@dataclass
+class _Points:
+    """One class's points for one statistic (prototypes, foreground or background tokens)."""
+
+    name: str
+    x: torch.Tensor  # [T, F]
+    owners: torch.Tensor  # long [T]: image id (tokens) or group id (prototype sets)
+    groups: torch.Tensor  # long [T]: group id of each point (the DP unit)
+    k: int  # slots
+    centroids: torch.Tensor | None  # the server's [k, F], or None when seeding
+
+
+def _class_blocks(knowledge: SiteKnowledge, dims: Dims, c: int, centroids: dict[str, np.ndarray] | None) -> list[_Points]:
+    in_class = (knowledge.group_labels == c).nonzero().squeeze(1)
+    flat = dims.M * dims.D
+    given = None if centroids is None else torch.from_numpy(centroids["prototype_centroids"][c]).reshape(dims.S, flat)
+    blocks = [_Points("prototype", knowledge.prototypes[in_class].reshape(-1, flat), in_class, in_class, dims.S, given)]
+    image_group = torch.repeat_interleave(torch.arange(len(knowledge.group_labels)), knowledge.group_sizes)
+    for name, label in (("foreground", FOREGROUND), ("background", BACKGROUND)):
+        tokens, image_ids = _class_points(knowledge, c, label)
+        given = None if centroids is None else torch.from_numpy(centroids[f"{name}_centroids"][c])
+        blocks.append(_Points(name, tokens, image_ids, image_group[image_ids], dims.L, given))
+    return blocks
+
+
 def _statistics(
-    knowledge: SiteKnowledge, dims: Dims, cfg: Config, centroids: dict[str, np.ndarray] | None, seed: int
+    knowledge: SiteKnowledge,
+    dims: Dims,
+    cfg: Config,
+    centroids: dict[str, np.ndarray] | None,
+    seed: int,
+    noise: torch.Generator | None = None,
 ) -> dict[str, np.ndarray]:
     """Per-class cluster statistics of prototypes and foreground/background tokens.
 
     With ``centroids`` (the server's current ones) this is a federated Lloyd step; without, a
     local k-means gives this site's seeds. Returns float32/int64 arrays keyed like the records.
+    With ``privacy.noise_multiplier`` > 0 the release is differentially private
+    (:mod:`common.privacy`): each group's contribution is clipped, the K_min suppression of
+    token clusters is left to the noise (a data-dependent cut has unbounded sensitivity; every
+    token still comes from a group of >= K_min images), and Gaussian noise from ``noise``
+    (default: OS entropy) is added.
     """
     generator = torch.Generator().manual_seed(seed)
-    k_min = cfg.pagkd.min_group_size
-    flat = dims.M * dims.D
+    privacy = cfg.privacy
+    dp = privacy.noise_multiplier > 0
     out = {
         "prototype_sum": np.zeros((dims.C, dims.S, dims.M, dims.D), np.float32),
         "prototype_sqsum": np.zeros((dims.C, dims.S, dims.M, dims.D), np.float32),
@@ -104,23 +144,47 @@ def _statistics(
     for name in ("foreground", "background"):
         out[f"{name}_sum"] = np.zeros((dims.C, dims.L, dims.D), np.float32)
         out[f"{name}_count"] = np.zeros((dims.C, dims.L), np.int64)
+    num_groups = len(knowledge.group_labels)
     for c in range(dims.C):
-        in_class = knowledge.group_labels == c
-        points = knowledge.prototypes[in_class].reshape(-1, flat)
-        owners = torch.arange(points.shape[0])  # each point is already a group of >= K_min images
-        given = None if centroids is None else torch.from_numpy(centroids["prototype_centroids"][c]).reshape(dims.S, flat)
-        sums, counts, sqsums = cluster_statistics(points, owners, dims.S, 1, given, generator)
-        out["prototype_sum"][c] = sums.reshape(dims.S, dims.M, dims.D).numpy()
-        out["prototype_sqsum"][c] = sqsums.reshape(dims.S, dims.M, dims.D).numpy()
-        out["prototype_count"][c] = counts.numpy()
-        out["image_count"][c] = int(knowledge.group_sizes[in_class].sum())
-        for name, label in (("foreground", FOREGROUND), ("background", BACKGROUND)):
-            tokens, image_ids = _class_points(knowledge, c, label)
-            given = None if centroids is None else torch.from_numpy(centroids[f"{name}_centroids"][c])
-            sums, counts, _ = cluster_statistics(tokens, image_ids, dims.L, k_min, given, generator)
-            out[f"{name}_sum"][c] = sums.numpy()
-            out[f"{name}_count"][c] = counts.numpy()
+        blocks = _class_blocks(knowledge, dims, c, centroids)
+        if dp and centroids is None:
+            # A local k-means would let one group move every other group's cluster (unbounded
+            # sensitivity): DP seeds put each class's points in one slot, the server's Lloyd
+            # steps then split them.
+            for b in blocks:
+                b.centroids = b.x.new_zeros(1, b.x.shape[1])
+        # Assign once (seeding runs the local k-means here) so the DP clip sees the same clusters.
+        assigned = [cluster_assignment(b.x, b.k, b.centroids, generator) if len(b.x) else (b.centroids, None) for b in blocks]
+        weights: list[torch.Tensor | None] = [None] * len(blocks)
+        if dp:
+            # A group's contribution: its prototype set and its square in one slot, and its
+            # tokens' sums per centroid; all of it is scaled to L2 <= clip.
+            proto, (_, proto_assign) = blocks[0], assigned[0]
+            parts = [(proto.x, proto.groups, proto_assign, proto.k), (proto.x * proto.x, proto.groups, proto_assign, proto.k)]
+            parts += [(b.x, b.groups, a, b.k) for b, (_, a) in zip(blocks[1:], assigned[1:])]
+            factors = clip_factors(group_sq_norms(num_groups, [part for part in parts if part[2] is not None]), privacy.clip)
+            weights = [factors[b.groups] for b in blocks]
+        for block, (given, _), w in zip(blocks, assigned, weights):
+            # Prototype sets are one point per group (already >= K_min images); token clusters
+            # need K_min distinct images unless DP noise protects them.
+            min_owners = 1 if block.name == "prototype" or dp else cfg.pagkd.min_group_size
+            sums, counts, sqsums = cluster_statistics(block.x, block.owners, block.k, min_owners, given, generator, weights=w)
+            if block.name == "prototype":
+                out["prototype_sum"][c] = sums.reshape(dims.S, dims.M, dims.D).numpy()
+                out["prototype_sqsum"][c] = sqsums.reshape(dims.S, dims.M, dims.D).numpy()
+            else:
+                out[f"{block.name}_sum"][c] = sums.numpy()
+            out[f"{block.name}_count"][c] = counts.numpy()
+        out["image_count"][c] = int(knowledge.group_sizes[knowledge.group_labels == c].sum())
+    if dp:
+        bound = count_sensitivity(max_group_size(cfg.pagkd.group_size, cfg.pagkd.min_group_size), knowledge.tokens.shape[1])
+        out = add_noise(out, DP_FLOAT_KEYS, DP_COUNT_KEYS, privacy.noise_multiplier * privacy.clip,
+                        privacy.noise_multiplier * bound, noise or noise_generator())
     return out
+
+
+DP_FLOAT_KEYS = ("prototype_sum", "prototype_sqsum", "foreground_sum", "background_sum")
+DP_COUNT_KEYS = ("prototype_count", "image_count", "foreground_count", "background_count")
 
 
 def knowledge_seeds(knowledge: SiteKnowledge, dims: Dims, cfg: Config, seed: int) -> dict[str, np.ndarray]:

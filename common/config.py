@@ -104,8 +104,34 @@ class FederationConfig:
     # the server holds both, so nothing more leaves a site). Teacher rounds then run even
     # without distillation: that is the sequential NBI -> WLI transfer baseline.
     student_init: str = "scratch"
+    # Robust aggregation of weights and knowledge statistics (server/aggregation.py):
+    # mean (FedAvg / exact sums) | median | trimmed_mean (coordinate-wise, unweighted).
+    aggregation: str = "mean"
+    trim_fraction: float = 0.2  # trimmed_mean: share of sites dropped at each end, per coordinate
+    # Clip each site's update (weights: from the global model; statistics: from the median of the
+    # sites' means) to clip_ratio x the median update norm; 0 = off.
+    clip_ratio: float = 0.0
     run_dir: str = "runs"  # where run folders are written (relative to the app directory)
     run_name: str = ""  # empty: a timestamp
+
+
+@dataclass
+class PrivacyConfig:
+    """Differential privacy and secure aggregation of the NBI knowledge statistics.
+
+    DP unit: one group (>= K_min images; an image is in one group), add-or-remove-one-group
+    neighbours. Each group's contribution to the float sums is clipped to L2 <= ``clip`` and
+    every release gets Gaussian noise (std noise_multiplier x clip on sums, noise_multiplier x
+    the count sensitivity on counts) at the site; the server accounts (epsilon, delta) with
+    Flower's RDP accountant. Teacher weights and evaluation histograms are not covered.
+    """
+
+    noise_multiplier: float = 0.0  # sigma; 0 = no DP noise
+    clip: float = 10.0  # C: L2 bound of one group's contribution to the float sums
+    delta: float = 1e-5  # the delta epsilon is reported at
+    # Pairwise-mask secure aggregation (common/secagg.py) of the bank sums: the server sees only
+    # the sum over NBI sites. Needs >= 2 NBI sites and fed.aggregation = mean, fed.clip_ratio = 0.
+    secure_aggregation: bool = False
 
 
 @dataclass
@@ -115,6 +141,7 @@ class Config:
     pagkd: PaGKDConfig = field(default_factory=PaGKDConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     fed: FederationConfig = field(default_factory=FederationConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
 
     def validate(self) -> "Config":
         """Check ranges; raise :class:`ConfigError` naming the first bad key."""
@@ -166,6 +193,15 @@ class Config:
              "'teacher' only when model.student == model.teacher"),
             ("fed.num_bins", self.fed.num_bins >= 10, ">= 10"),
             ("fed.max_norm_ratio", self.fed.max_norm_ratio > 1, "> 1 (a multiple of the median update norm)"),
+            ("fed.aggregation", self.fed.aggregation in ("mean", "median", "trimmed_mean"), "'mean', 'median' or 'trimmed_mean'"),
+            ("fed.trim_fraction", 0 <= self.fed.trim_fraction < 0.5, "in [0, 0.5)"),
+            ("fed.clip_ratio", self.fed.clip_ratio >= 0, ">= 0 (0 = off; a multiple of the median update norm)"),
+            ("privacy.noise_multiplier", self.privacy.noise_multiplier >= 0, ">= 0 (0 = no DP noise)"),
+            ("privacy.clip", self.privacy.clip > 0, "> 0"),
+            ("privacy.delta", 0 < self.privacy.delta < 1, "in (0, 1)"),
+            ("privacy.secure_aggregation", not self.privacy.secure_aggregation
+             or (self.fed.aggregation == "mean" and self.fed.clip_ratio == 0),
+             "false with fed.aggregation != mean or fed.clip_ratio > 0 (under secure aggregation the server sees only sums)"),
         ]
         for key, ok, allowed in checks:
             if not ok:
@@ -285,6 +321,7 @@ __all__ = [
     "FederationConfig",
     "ModelConfig",
     "PaGKDConfig",
+    "PrivacyConfig",
     "TrainConfig",
     "config_from_flat",
     "config_from_mapping",

@@ -282,6 +282,25 @@ def adaptive_groups(
     return groups
 
 
+def cluster_assignment(
+    x: torch.Tensor,
+    k: int,
+    centroids: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    iters: int = 10,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Centroids [k', F] and each point's nearest one (long [T]).
+
+    With ``centroids`` (the server's) points are assigned to them (a federated Lloyd step);
+    without, a local k-means with k clusters gives them (seeding).
+    """
+    if centroids is None:
+        if generator is None:
+            raise ValueError("cluster_assignment needs a generator when it seeds its own centroids")
+        centroids, _ = kmeans(x, k, iters, generator)
+    return centroids, assign_nearest(x, centroids.to(x.dtype))
+
+
 def cluster_statistics(
     x: torch.Tensor,
     owners: torch.Tensor,
@@ -290,20 +309,22 @@ def cluster_statistics(
     centroids: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
     iters: int = 10,
+    weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-cluster sums, counts and sums of squares, suppressing clusters of too few images.
 
     The one statistic NBI sites send for both the prototype bank and the token codebooks.
-    With ``centroids`` [k', F] (the server's), points are assigned to them (a federated Lloyd
-    step); without, a local k-means with k clusters is run first (seeding). A cluster whose
-    points come from fewer than ``min_owners`` distinct images (``owners`` [T], an image id per
-    point) is zeroed, so nothing summarises fewer than K_min images.
+    Points go to clusters by :func:`cluster_assignment`. A cluster whose points come from fewer
+    than ``min_owners`` distinct images (``owners`` [T], an image id per point) is zeroed, so
+    nothing summarises fewer than K_min images.
 
     Args:
         x: [T, F] points (tokens, or flattened group prototype sets).
         owners: long [T] image (or group) id of each point.
         k: slots in the output (centroids beyond k' or clusters beyond T stay zero).
         min_owners: K_min.
+        weights: optional [T] scale of each point in the sums and sums of squares (the DP clip
+            factor of its group, :mod:`common.privacy`); counts stay counts of points.
 
     Returns:
         sums [k, F], counts long [k], sqsums [k, F].
@@ -313,14 +334,11 @@ def cluster_statistics(
     counts = torch.zeros(k, dtype=torch.long, device=x.device)
     if x.shape[0] == 0:
         return sums, counts, sqsums
-    if centroids is None:
-        if generator is None:
-            raise ValueError("cluster_statistics needs a generator when it seeds its own centroids")
-        centroids, _ = kmeans(x, k, iters, generator)
-    assign = assign_nearest(x, centroids.to(x.dtype))
+    centroids, assign = cluster_assignment(x, k, centroids, generator, iters)
     used = centroids.shape[0]
-    part_sums, part_counts = centroid_sums(x, assign, used)
-    part_sq, _ = centroid_sums(x * x, assign, used)
+    scale = 1.0 if weights is None else weights.to(x.dtype)[:, None]
+    part_sums, part_counts = centroid_sums(x * scale, assign, used)
+    part_sq, _ = centroid_sums(x * x * scale, assign, used)
     distinct = torch.tensor(
         [owners[assign == j].unique().numel() for j in range(used)], dtype=torch.long, device=x.device
     )

@@ -19,7 +19,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-PROTOCOL_VERSION = 2  # 2: evaluations folded into knowledge.seeds and student.update
+PROTOCOL_VERSION = 3  # 2: evaluations folded into knowledge.seeds and student.update; 3: secure aggregation
 
 
 class PayloadError(ValueError):
@@ -102,6 +102,10 @@ KNOWLEDGE_SEEDS_FIELDS = (
     ArrayField("background_seed_count", _I64, ("C", "L"), counts=True),
 )
 
+# Secure aggregation (common/secagg.py): the bank statistics in fixed point plus this site's
+# pairwise masks, mod 2**64. One site's values are uniform noise; only the sum over sites decodes.
+MASKED_BANK_STATISTICS = tuple(ArrayField(f.name, _I64, f.shape) for f in BANK_STATISTICS)
+
 CENTROIDS = (
     ArrayField("prototype_centroids", _F32, ("C", "S", "M", "D")),
     ArrayField("foreground_centroids", _F32, ("C", "L", "D")),
@@ -138,9 +142,14 @@ SCHEMAS: dict[str, Schema] = {
         # "evaluate": also score the teacher on the test split (its evaluation rides on this
         # reply instead of costing a message of its own); all-zero histograms when false.
         Schema("knowledge.seed", config=_ROUND + (("evaluate", bool),), weights=("teacher", "head")),
-        Schema("knowledge.seeds", arrays=KNOWLEDGE_SEEDS_FIELDS + EVALUATION_FIELDS, config=(("groups", int),) + EVALUATED),
-        Schema("knowledge.stats", arrays=CENTROIDS, config=_ROUND + (("iteration", int),)),
+        # "public-key": the site's X25519 key (hex) for this refresh's secure aggregation; "" when off.
+        Schema("knowledge.seeds", arrays=KNOWLEDGE_SEEDS_FIELDS + EVALUATION_FIELDS,
+               config=(("groups", int), ("public-key", str)) + EVALUATED),
+        # "peers": JSON {site-name: public-key hex} of every site in this secure sum ("" when off);
+        # "attempt" changes the masks when a step is restarted without a site that dropped out.
+        Schema("knowledge.stats", arrays=CENTROIDS, config=_ROUND + (("iteration", int), ("peers", str), ("attempt", int))),
         Schema("knowledge.sums", arrays=BANK_STATISTICS, config=(("groups", int), ("smallest-group", int))),
+        Schema("knowledge.masked", arrays=MASKED_BANK_STATISTICS, config=(("groups", int), ("smallest-group", int))),
         Schema(
             "student.train",
             arrays=BANK_STATISTICS,
@@ -171,6 +180,13 @@ REPLY_KIND = {
     "student.train": "student.update",
     "evaluate": "evaluation",
 }
+
+
+def reply_kind(request: Payload) -> str:
+    """The reply kind a request expects (a secure-aggregation Lloyd step answers masked sums)."""
+    if request.kind == "knowledge.stats" and request.config.get("peers"):
+        return "knowledge.masked"
+    return REPLY_KIND[request.kind]
 
 
 def _check_array(where: str, value: Any, spec: ArrayField, dims: Dims) -> np.ndarray:

@@ -13,7 +13,8 @@ import numpy as np
 import torch
 
 from common.grouping import kmeans, update_centroids
-from common.records import BANK_STATISTICS, Dims
+from common import secagg
+from common.records import BANK_STATISTICS, Dims, Payload, PayloadError, validate
 
 State = dict[str, np.ndarray]
 
@@ -120,3 +121,178 @@ def lloyd_centroids(bank: Mapping[str, np.ndarray], centroids: Mapping[str, np.n
         new = [update_centroids(sums[c], counts[c], torch.from_numpy(old[c].reshape(k, -1))) for c in range(dims.C)]
         out[f"{name}_centroids"] = torch.stack(new).numpy().reshape(old.shape).astype(np.float32)
     return out
+
+
+# ------------------------------------------------------------------------------- robust aggregation
+
+# The fed.aggregation choices. "mean" is FedAvg / exact sums; the robust ones are unweighted
+# over sites on purpose: weights (num-examples, counts) are the sites' own claims, and a
+# poisoned site could claim a huge one to buy the influence that the median / trimmed mean
+# take away from it. Each honest site then counts once, whatever its size.
+ROBUST = ("mean", "median", "trimmed_mean")
+
+
+def _check_method(method: str, trim_fraction: float) -> None:
+    if method not in ROBUST:
+        raise ValueError(f"unknown aggregation method {method!r}: choose one of {ROBUST}")
+    if method == "trimmed_mean" and not 0.0 <= trim_fraction < 0.5:
+        raise ValueError(f"trimmed_mean: trim_fraction {trim_fraction} is outside [0, 0.5)")
+
+
+def _combine(stack: np.ndarray, method: str, trim_fraction: float, weights: np.ndarray | None = None) -> np.ndarray:
+    """Coordinate-wise combination over sites: the one implementation of median / trimmed mean.
+
+    stack [n, ...] float64 (n sites); weights [n] (only read by "mean"; None = unweighted).
+    Returns [...] float64. "trimmed_mean" drops the floor(trim_fraction * n) largest and
+    smallest values of each coordinate and averages the rest.
+    """
+    _check_method(method, trim_fraction)
+    n = stack.shape[0]
+    if n == 0:
+        raise ValueError("robust aggregation needs at least one site")
+    if method == "median":
+        return np.median(stack, axis=0)
+    if method == "trimmed_mean":
+        cut = int(np.floor(trim_fraction * n))
+        if n - 2 * cut < 1:  # unreachable for trim_fraction < 0.5; kept as the guard the contract states
+            raise ValueError(f"trimmed_mean: trimming {cut} of each end of {n} values leaves nothing")
+        return np.sort(stack, axis=0)[cut: n - cut].mean(axis=0)
+    return np.average(stack, axis=0, weights=weights)
+
+
+def clip_updates(
+    states: Sequence[Mapping[str, np.ndarray]], reference: Mapping[str, np.ndarray], ratio: float
+) -> tuple[list[State], list[float]]:
+    """Norm clipping relative to the median: each update (state - reference over the floating
+    tensors, one global L2 norm per state, :func:`update_norm`) is scaled to a norm of at most
+    ``ratio`` x the median update norm. Integer tensors (``num_batches_tracked``) and tensors
+    absent from ``reference`` pass unchanged.
+
+    ``ratio <= 0`` is off, and a median norm of 0 leaves nothing to compare with (as in
+    :func:`norm_outliers`): copies are returned unclipped. Returns (states, scale per state,
+    1.0 where not clipped).
+    """
+    copies = [{k: np.array(v, copy=True) for k, v in state.items()} for state in states]
+    if ratio <= 0 or not states:
+        return copies, [1.0] * len(states)
+    norms = [update_norm(state, reference) for state in states]
+    bound = ratio * float(np.median(norms))
+    if bound <= 0:
+        return copies, [1.0] * len(states)
+    out: list[State] = []
+    scales: list[float] = []
+    for state, copy, norm in zip(states, copies, norms):
+        if norm <= bound:
+            out.append(copy)
+            scales.append(1.0)
+            continue
+        scale = bound / norm
+        clipped: State = {}
+        for name, value in state.items():
+            if name in reference and value.dtype.kind == "f":
+                base = reference[name].astype(np.float64)
+                clipped[name] = (base + scale * (value.astype(np.float64) - base)).astype(value.dtype)
+            else:
+                clipped[name] = copy[name]
+        out.append(clipped)
+        scales.append(scale)
+    return out, scales
+
+
+def robust_average(
+    states: Sequence[Mapping[str, np.ndarray]], weights: Sequence[float], method: str, trim_fraction: float
+) -> State:
+    """Aggregate weights by ``method`` (one of :data:`ROBUST`).
+
+    "mean" is :func:`weighted_average` (FedAvg). "median" and "trimmed_mean" are coordinate-wise
+    over states and unweighted (a site cannot buy influence with a claimed num-examples; see
+    :data:`ROBUST`). Integer buffers are rounded back to their dtype, as weighted_average does.
+    """
+    _check_method(method, trim_fraction)
+    if not states:
+        raise ValueError("robust_average needs at least one state")
+    if len(weights) != len(states):
+        raise ValueError(f"robust_average: {len(weights)} weights for {len(states)} states")
+    if method == "mean":
+        return weighted_average(states, weights)
+    out: State = {}
+    for name, first in states[0].items():
+        acc = _combine(np.stack([state[name].astype(np.float64) for state in states]), method, trim_fraction)
+        out[name] = np.rint(acc).astype(first.dtype) if first.dtype.kind in "iu" else acc.astype(first.dtype)
+    return out
+
+
+# Sums of the bank and the count each is divided by to read it as a mean.
+_BANK_MEANS = (
+    ("prototype_sum", "prototype_count"),
+    ("prototype_sqsum", "prototype_count"),
+    ("foreground_sum", "foreground_count"),
+    ("background_sum", "background_count"),
+)
+
+
+def _robust_slot(means: np.ndarray, counts: np.ndarray, method: str, trim_fraction: float, clip_ratio: float) -> np.ndarray:
+    """One (class, slot) of the bank: the sites' means [n, F] (n sites with count > 0), their
+    counts [n]. Clips each mean's deviation from the coordinate-wise median to ``clip_ratio`` x
+    the median deviation norm (off for ``clip_ratio <= 0``), then combines. Returns [F] float64."""
+    if clip_ratio > 0:
+        centre = _combine(means, "median", 0.0)
+        deviation = means - centre
+        norms = np.linalg.norm(deviation, axis=1)
+        bound = clip_ratio * float(np.median(norms))
+        if bound > 0:
+            scale = np.minimum(1.0, bound / np.maximum(norms, np.finfo(np.float64).tiny))
+            means = centre + scale[:, None] * deviation
+    return _combine(means, method, trim_fraction, weights=counts)
+
+
+def robust_statistics(
+    replies: Sequence[Mapping[str, np.ndarray]], method: str, trim_fraction: float, clip_ratio: float
+) -> State:
+    """The knowledge bank from per-site :data:`common.records.BANK_STATISTICS`, robustly.
+
+    prototype_sum / prototype_sqsum [C, S, M, D] with prototype_count [C, S]; foreground_sum /
+    background_sum [C, L, D] with foreground_count / background_count [C, L]; image_count [C].
+
+    "mean" with ``clip_ratio <= 0`` is exactly :func:`bank_statistics` (exact sums). Otherwise,
+    per (class, slot): each site with a count there gives its mean (sum / count; sqsum / count
+    the mean of squares), optionally clipped towards the coordinate-wise median of the sites'
+    means (deviation norm at most ``clip_ratio`` x the median deviation norm), and the means are
+    combined: "mean" count-weighted, "median" / "trimmed_mean" unweighted (see :data:`ROBUST`).
+    The result is written back as combined_mean x total count, so counts stay the exact sums and
+    the bank keeps its schema and sum / count reading. Slots with no count anywhere stay zero.
+    """
+    _check_method(method, trim_fraction)
+    if not replies:
+        raise ValueError("robust_statistics needs at least one reply")
+    out = bank_statistics(replies)  # exact counts (and sums, overwritten below unless plain mean)
+    if method == "mean" and clip_ratio <= 0:
+        return out
+    for sum_name, count_name in _BANK_MEANS:
+        dtype = replies[0][sum_name].dtype
+        counts = np.stack([reply[count_name] for reply in replies])  # [n, *slots]
+        sums = np.stack([reply[sum_name].astype(np.float64) for reply in replies])  # [n, *slots, *F]
+        result = np.zeros(sums.shape[1:], dtype=np.float64)
+        for slot in np.ndindex(counts.shape[1:]):
+            have = counts[(slice(None),) + slot] > 0
+            if not have.any():
+                continue
+            slot_counts = counts[(slice(None),) + slot][have].astype(np.float64)  # [n']
+            slot_sums = sums[(slice(None),) + slot][have]  # [n', *F]
+            means = (slot_sums / slot_counts.reshape((-1,) + (1,) * (slot_sums.ndim - 1))).reshape(len(slot_counts), -1)
+            combined = _robust_slot(means, slot_counts, method, trim_fraction, clip_ratio)
+            result[slot] = combined.reshape(slot_sums.shape[1:]) * slot_counts.sum()
+        out[sum_name] = result.astype(dtype)
+    return out
+
+
+def unmask_bank(masked_replies: Sequence[Mapping[str, np.ndarray]], dims: Dims, step: str) -> State:
+    """The knowledge bank from every NBI site's masked sums (secure aggregation): the masks
+    cancel in the sum mod 2**64, which decodes from fixed point to the exact sum. A decoded
+    bank that breaks the schema (negative counts: a reply was missing or tampered) is refused."""
+    bank = secagg.decode_fixed_point(secagg.sum_masked(masked_replies), {f.name: f.dtype for f in BANK_STATISTICS})
+    try:
+        validate(Payload("knowledge.sums", arrays=bank, config={"groups": 0, "smallest-group": 0}), dims, sender="the masked sum")
+    except PayloadError as err:
+        raise PayloadError(f"{step}: the masked sums did not decode to a valid bank ({err}); a site's masks did not cancel") from None
+    return bank

@@ -15,6 +15,7 @@ restarted ServerApp with the same ``fed.run_name`` resumes at the last finished 
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import operator
 import random
@@ -30,11 +31,13 @@ from flwr.serverapp import Grid
 
 from client.app import dims_of
 from client.wire import MESSAGE_TYPE, compute_seconds, from_recorddict, state_to_numpy, to_recorddict
+from common import secagg
 from common.config import Config, config_to_dict, config_to_flat
 from common.data import default_class_names
 from common.metrics import ScoreHistogram, histogram_metrics
 from common.models import STUDENT_CHECKPOINT, build_query_head, build_student, build_teacher, save_checkpoint
-from common.records import PROTOCOL_VERSION, REPLY_KIND, Dims, Payload, PayloadError, make, validate, weight_shapes
+from common.privacy import MECHANISMS_PER_RELEASE
+from common.records import PROTOCOL_VERSION, Dims, Payload, PayloadError, make, reply_kind, validate, weight_shapes
 from server import aggregation
 from common.files import atomic_write_json
 from server.state import StateError, load_state, save_state
@@ -132,7 +135,7 @@ class Channel:
                     validate(payload, self.dims, sender=f"site '{site}'")
                     dropped[node_id] = payload.config["reason"]
                     continue
-                expected = REPLY_KIND[requests[node_id].kind]
+                expected = reply_kind(requests[node_id])
                 if payload.kind != expected:
                     raise PayloadError(f"site '{site}': replied '{payload.kind}' to '{requests[node_id].kind}', expected '{expected}'")
                 ok[node_id] = validate(payload, self.dims, reference, sender=f"site '{site}'")
@@ -238,8 +241,9 @@ class Protocol:
     def _fedavg(
         self, phase: str, modality: str, replies: dict[int, Payload], blocks: dict[str, dict[str, np.ndarray]]
     ) -> list[int]:
-        """Average the named weight blocks over replies, weighted by num-examples, after
-        dropping updates whose norm is an outlier (and re-checking the minimum of sites).
+        """Average the named weight blocks over replies (FedAvg weighted by num-examples, or
+        ``fed.aggregation``'s robust rule, after ``fed.clip_ratio`` clipping), after dropping
+        updates whose norm is an outlier (and re-checking the minimum of sites).
         Returns the node ids used."""
         first = next(iter(blocks))
         norms = [aggregation.update_norm(p.weights[first], blocks[first]) for p in replies.values()]
@@ -250,8 +254,15 @@ class Protocol:
         used = sorted((n for n in replies if n not in outliers), key=self.channel.name)  # order-independent sums
         self._require(phase, modality, len(used), reasons)
         weights = [float(replies[n].config["num-examples"]) for n in used]
+        fed = self.cfg.fed
         for block in blocks:
-            blocks[block].update(aggregation.weighted_average([replies[n].weights[block] for n in used], weights))
+            states = [replies[n].weights[block] for n in used]
+            if fed.clip_ratio > 0:
+                states, scales = aggregation.clip_updates(states, blocks[block], fed.clip_ratio)
+                clipped = [self.channel.name(n) for n, scale in zip(used, scales) if scale < 1]
+                if clipped:
+                    log.info("[%s] clipped the '%s' update of %s to %.1fx the median norm", phase, block, ", ".join(clipped), fed.clip_ratio)
+            blocks[block].update(aggregation.robust_average(states, weights, fed.aggregation, fed.trim_fraction))
         return used
 
     # ------------------------------------------------------------------ phases
@@ -320,17 +331,15 @@ class Protocol:
         self._require(f"knowledge refresh {refresh} (seeds)", "nbi", len(replies), dropped)
         if evaluate_teacher:
             self._record_evaluation("teacher", self.cfg.fed.teacher_rounds, replies, "eval-examples")
+        self._account_releases(replies)
         # Sorted by site name, not arrival order: the seeded k-means must not depend on who answers first.
         in_order = sorted(replies, key=self.channel.name)
         self.centroids = aggregation.initial_centroids([replies[n].arrays for n in in_order], self.dims, seed)
-        nodes = sorted(replies)
+        keys = self._public_keys(replies) if self.cfg.privacy.secure_aggregation else {}
+        nodes = sorted(keys or replies)
         for iteration in range(1, self.cfg.pagkd.kmeans_iters + 1):
-            config = {"round": refresh, "seed": seed, "iteration": iteration}
-            request = make("knowledge.stats", self.dims, arrays=self.centroids, config=config)
-            replies, dropped = self.channel.exchange("knowledge", {n: request for n in nodes})
-            self._require(f"knowledge refresh {refresh} (Lloyd step {iteration})", "nbi", len(replies), dropped)
+            self.bank, replies = self._lloyd_step(refresh, seed, iteration, nodes, keys)
             nodes = sorted(replies)
-            self.bank = aggregation.bank_statistics([replies[n].arrays for n in sorted(replies, key=self.channel.name)])
             if iteration < self.cfg.pagkd.kmeans_iters:
                 self.centroids = aggregation.lloyd_centroids(self.bank, self.centroids, self.dims)
         groups = int(sum(r.config["groups"] for r in replies.values()))
@@ -340,6 +349,81 @@ class Protocol:
              "bank_bytes": int(sum(a.nbytes for a in self.bank.values()))}
         )
         log.info("[knowledge %d] bank from %d group(s) of %s images per class, %d NBI site(s)", refresh, groups, images, len(nodes))
+
+    def _lloyd_step(self, refresh: int, seed: int, iteration: int, nodes: list[int], keys: dict[int, str]):
+        """One federated Lloyd step: the NBI sites' sums at the current centroids, aggregated
+        (exact sums, or robustly). Under secure aggregation (``keys``: each site's public key)
+        the replies are masked and only their sum decodes; a site that drops out leaves masks
+        that do not cancel, so the step restarts without it under a new attempt number (fresh
+        masks). Returns (bank, the replies used)."""
+        fed = self.cfg.fed
+        step = f"knowledge refresh {refresh} (Lloyd step {iteration})"
+        for attempt in range(len(nodes)):
+            peers = json.dumps({self.channel.name(n): keys[n] for n in nodes}) if keys else ""
+            config = {"round": refresh, "seed": seed, "iteration": iteration, "peers": peers, "attempt": attempt}
+            request = make("knowledge.stats", self.dims, arrays=self.centroids, config=config)
+            replies, dropped = self.channel.exchange("knowledge", {n: request for n in nodes})
+            self._account_releases(replies)
+            self._require(step, "nbi", len(replies), dropped)
+            in_order = [replies[n].arrays for n in sorted(replies, key=self.channel.name)]
+            if not keys:
+                return aggregation.robust_statistics(in_order, fed.aggregation, fed.trim_fraction, fed.clip_ratio), replies
+            if not dropped:
+                return aggregation.unmask_bank(in_order, self.dims, step), replies
+            if len(replies) < 2:
+                raise FederationError(f"{step}: secure aggregation needs >= 2 NBI sites, {len(replies)} left after dropping "
+                                      + "; ".join(f"'{self.channel.name(n)}': {r}" for n, r in dropped.items()))
+            log.warning("[%s] restarting the masked sum without %s (their masks would not cancel)", step,
+                        ", ".join(f"'{self.channel.name(n)}'" for n in dropped))
+            nodes = sorted(replies)
+        raise FederationError(f"{step}: no masked sum completed")  # pragma: no cover (each attempt drops a site)
+
+    def _public_keys(self, seed_replies: dict[int, Payload]) -> dict[int, str]:
+        """Each NBI site's key for this refresh's masked sums; a site without a valid key is
+        left out of the refresh (it could not take part in the sum)."""
+        keys: dict[int, str] = {}
+        for node_id, reply in seed_replies.items():
+            try:
+                secagg.parse_public_key(reply.config["public-key"], f"site '{self.channel.name(node_id)}'")
+                keys[node_id] = reply.config["public-key"]
+            except secagg.SecAggError as err:
+                log.warning("[knowledge] dropped site '%s': %s (privacy.secure_aggregation must be on there too)",
+                            self.channel.name(node_id), err)
+        if len(keys) < max(2, self.cfg.fed.min_nbi_sites):
+            raise FederationError(f"secure aggregation needs >= {max(2, self.cfg.fed.min_nbi_sites)} NBI sites with a key; "
+                                  f"{len(keys)} sent one (a lone site's sum would be its own statistics)")
+        return keys
+
+    def _account_releases(self, replies: dict[int, Payload]) -> None:
+        """Count each NBI site's statistics releases (what its DP budget is spent on)."""
+        releases = self.metrics.setdefault("privacy", {}).setdefault("releases", {})
+        for node_id in replies:
+            name = self.channel.name(node_id)
+            releases[name] = releases.get(name, 0) + 1
+
+    def privacy_spent(self) -> dict[str, Any]:
+        """(epsilon, delta) each NBI site has spent on its knowledge statistics: every release
+        is :data:`common.privacy.MECHANISMS_PER_RELEASE` Gaussian mechanisms of the configured
+        noise multiplier, composed with Flower's RDP accountant (dp-accounting); add-or-remove
+        one group, no sampling amplification. Epsilon is None without noise."""
+        from flwr.serverapp import GaussianPrivacyEvent, NeighboringRelation, RdpAccountant, SamplingMethod
+        from flwr.serverapp import PrivacyConfig as AccountingConfig
+
+        privacy = self.cfg.privacy
+        releases = self.metrics.get("privacy", {}).get("releases", {})
+        report: dict[str, Any] = {"noise_multiplier": privacy.noise_multiplier, "clip": privacy.clip, "delta": privacy.delta,
+                                  "secure_aggregation": privacy.secure_aggregation, "releases": releases, "epsilon": {}}
+        for site, count in releases.items():
+            if privacy.noise_multiplier <= 0:
+                report["epsilon"][site] = None  # no noise: no DP guarantee
+                continue
+            accountant = RdpAccountant(AccountingConfig(privacy.delta, 1, NeighboringRelation.ADD_OR_REMOVE_ONE,
+                                                        SamplingMethod.NO_AMPLIFICATION))
+            accountant.compose(GaussianPrivacyEvent(privacy.noise_multiplier, 1, 1), count=count * MECHANISMS_PER_RELEASE)
+            report["epsilon"][site] = accountant.get_epsilon(privacy.delta)
+        spent = [e for e in report["epsilon"].values() if e is not None]
+        report["max_epsilon"] = max(spent) if spent and len(spent) == len(releases) else None
+        return report
 
     def student_round(self, round_: int) -> None:
         nodes = self._sample("wli", self._seed(3, round_))
@@ -451,6 +535,7 @@ class Protocol:
             "bank_share_of_student_upload": bank_bytes / student_bytes,
             "sites": [s.__dict__ for s in self.sites.values()],
             "final": self.metrics["evaluation"][-1]["pooled"] if self.metrics["evaluation"] else None,
+            "privacy": self.privacy_spent(),
         }
         atomic_write_json(self.run_dir / "metrics.json", summary)
         atomic_write_json(self.run_dir / "egress.json", self.ledger.egress)

@@ -16,11 +16,15 @@ from client.knowledge import SiteKnowledge, knowledge_sums
 from common.losses import BACKGROUND, FOREGROUND, UNCERTAIN
 from common.records import BANK_STATISTICS, CENTROIDS, EVALUATION_FIELDS, KNOWLEDGE_SEEDS_FIELDS, Dims, make
 from server.aggregation import (
+    ROBUST,
     bank_statistics,
+    clip_updates,
     empty_bank,
     initial_centroids,
     lloyd_centroids,
     norm_outliers,
+    robust_average,
+    robust_statistics,
     sum_statistics,
     update_norm,
     weighted_average,
@@ -248,7 +252,7 @@ def seed_reply(rng: np.random.Generator, means: dict[str, np.ndarray], counts: d
         out[f"{name}_seed_count"] = n.astype(np.int64)
         out[f"{name}_seed_sum"] = (means[name] * n.reshape(n.shape + (1,) * (means[name].ndim - n.ndim))).astype(np.float32)
     scores = {f.name: np.zeros(DIMS.resolve(f.shape), np.int64) for f in EVALUATION_FIELDS}
-    make("knowledge.seeds", DIMS, arrays={**out, **scores}, config={"groups": 1, "eval-examples": 0, "eval-loss": 0.0})  # a valid reply
+    make("knowledge.seeds", DIMS, arrays={**out, **scores}, config={"groups": 1, "public-key": "", "eval-examples": 0, "eval-loss": 0.0})  # a valid reply
     return out
 
 
@@ -348,3 +352,300 @@ def test_split_knowledge_helper_partitions_images():
     assert torch.equal(torch.cat([a.tokens, b.tokens]), union.tokens)
     assert int(a.group_sizes.sum()) == len(a.classes) == 4
     assert dataclasses.fields(SiteKnowledge)  # the helper builds every field
+
+
+# ------------------------------------------------------------------------------- robust aggregation
+
+
+def outlier_states() -> list[dict[str, np.ndarray]]:
+    """5 states: 4 honest near w = [1, 2, 3], n = 10; the last is a huge outlier."""
+    honest = [[1.0, 2.0, 3.0], [1.1, 2.1, 2.9], [0.9, 1.9, 3.1], [1.0, 2.2, 3.0]]
+    states = [{"w": np.array(w, np.float32), "n": np.array([10 + i], np.int64)} for i, w in enumerate(honest)]
+    states.append({"w": np.array([1e6, -1e6, 1e6], np.float32), "n": np.array([10**6], np.int64)})
+    return states
+
+
+def test_median_and_trimmed_mean_resist_one_huge_outlier():
+    states = outlier_states()
+    weights = [1, 1, 1, 1, 1000]  # the outlier also claims a huge num-examples: ignored by the robust methods
+    median = robust_average(states, weights, "median", 0.0)
+    np.testing.assert_allclose(median["w"], [1.0, 2.0, 3.0], rtol=1e-6)  # hand-computed middle of 5
+    assert median["n"].tolist() == [12]  # median of 10, 11, 12, 13, 10**6
+    trimmed = robust_average(states, weights, "trimmed_mean", 0.2)  # floor(0.2 * 5) = 1 off each end
+    # w0: drop 0.9 and 1e6 -> mean(1.0, 1.1, 1.0); w1: drop -1e6 and 2.2 -> mean(2.0, 2.1, 1.9); w2: drop 2.9, 1e6.
+    np.testing.assert_allclose(trimmed["w"], [3.1 / 3, 2.0, 9.1 / 3], rtol=1e-6)
+    assert trimmed["n"].tolist() == [12]  # mean(11, 12, 13)
+    mean = robust_average(states, weights, "mean", 0.0)
+    assert np.abs(mean["w"] - [1.0, 2.0, 3.0]).min() > 1e5  # FedAvg is dragged off by the outlier
+
+
+def test_trimmed_mean_without_trim_is_the_unweighted_mean():
+    states = outlier_states()[:4]
+    out = robust_average(states, [1, 2, 3, 4], "trimmed_mean", 0.0)
+    expected = weighted_average(states, [1, 1, 1, 1])
+    np.testing.assert_allclose(out["w"], expected["w"], rtol=1e-6)
+    assert not np.allclose(out["w"], weighted_average(states, [1, 2, 3, 4])["w"], rtol=1e-6)  # not weighted
+    assert out["n"].tolist() == expected["n"].tolist() == [12]  # 11.5 rounded half to even
+
+
+@pytest.mark.parametrize("method", ["median", "trimmed_mean"])
+def test_robust_average_of_one_state_is_that_state(method):
+    state = {"w": np.random.default_rng(0).normal(size=(3, 4)).astype(np.float32), "n": np.array([5], np.int64)}
+    out = robust_average([state], [7.0], method, 0.4)
+    np.testing.assert_array_equal(out["w"], state["w"])
+    assert out["n"].tolist() == [5]
+
+
+@pytest.mark.parametrize("method", ["median", "trimmed_mean"])
+def test_robust_average_rounds_integer_buffers_and_keeps_dtypes(method):
+    states = [{"n": np.array([0, 4], np.int32), "h": np.array([0.25], np.float64)},
+              {"n": np.array([1, 7], np.int32), "h": np.array([0.5], np.float64)}]
+    out = robust_average(states, [1, 1], method, 0.0)  # median of 2 = mean: 0.5 -> 0 (half to even), 5.5 -> 6
+    assert out["n"].dtype == np.int32 and out["n"].tolist() == [0, 6]
+    assert out["h"].dtype == np.float64 and out["h"].tolist() == [0.375]
+
+
+def test_robust_average_mean_is_weighted_average_exactly():
+    rng = np.random.default_rng(1)
+    states = [{"w": rng.normal(size=(4, 3)).astype(np.float32), "n": np.array([i], np.int64)} for i in range(4)]
+    weights = [3.0, 1.0, 7.0, 2.5]
+    out, expected = robust_average(states, weights, "mean", 0.3), weighted_average(states, weights)
+    for name in expected:
+        np.testing.assert_array_equal(out[name], expected[name])
+        assert out[name].dtype == expected[name].dtype
+
+
+@pytest.mark.parametrize(
+    "states, method, trim, needle",
+    [
+        ([{"w": np.ones(2, np.float32)}], "krum", 0.0, "unknown aggregation method 'krum'.*median.*trimmed_mean"),
+        ([{"w": np.ones(2, np.float32)}], "trimmed_mean", 0.5, r"outside \[0, 0.5\)"),
+        ([{"w": np.ones(2, np.float32)}], "trimmed_mean", -0.1, r"outside \[0, 0.5\)"),
+        ([], "median", 0.0, "at least one"),
+        ([], "mean", 0.0, "at least one"),
+    ],
+)
+def test_robust_average_refuses(states, method, trim, needle):
+    with pytest.raises(ValueError, match=needle):
+        robust_average(states, [1.0] * len(states), method, trim)
+
+
+def test_robust_choices():
+    assert ROBUST == ("mean", "median", "trimmed_mean")
+
+
+def clip_inputs() -> tuple[list[dict[str, np.ndarray]], dict[str, np.ndarray]]:
+    rng = np.random.default_rng(2)
+    reference = {"w": rng.normal(size=(4, 3)).astype(np.float32), "b": rng.normal(size=3).astype(np.float32),
+                 "n": np.array([7], np.int64)}
+    states = []
+    for i in range(5):
+        scale = 100.0 if i == 3 else 1.0
+        states.append({"w": (reference["w"] + scale * rng.normal(size=(4, 3))).astype(np.float32),
+                       "b": (reference["b"] + scale * rng.normal(size=3)).astype(np.float32),
+                       "n": np.array([7 + 1000 * i], np.int64)})
+    return states, reference
+
+
+def test_clip_updates_scales_the_huge_update_to_ratio_times_median():
+    states, reference = clip_inputs()
+    norms = [update_norm(s, reference) for s in states]
+    median = float(np.median(norms))
+    assert norms[3] > 20 * median  # the setup has one update far above the others
+    clipped, scales = clip_updates(states, reference, ratio=2.0)
+    assert update_norm(clipped[3], reference) == pytest.approx(2.0 * median, rel=1e-6)
+    assert scales[3] == pytest.approx(2.0 * median / norms[3]) and scales[3] < 1
+    # Direction kept: the clipped update is the original one scaled.
+    np.testing.assert_allclose(clipped[3]["w"] - reference["w"], scales[3] * (states[3]["w"] - reference["w"]), rtol=1e-5, atol=1e-6)
+    for i in (0, 1, 2, 4):
+        assert scales[i] == 1.0
+        for name in states[i]:
+            np.testing.assert_array_equal(clipped[i][name], states[i][name])
+    for i in range(5):  # integer tensors pass unchanged, dtypes kept
+        assert clipped[i]["n"].tolist() == states[i]["n"].tolist() and clipped[i]["n"].dtype == np.int64
+        assert clipped[i]["w"].dtype == np.float32
+    assert clipped[0]["w"] is not states[0]["w"]  # copies, not the inputs
+
+
+@pytest.mark.parametrize("ratio", [0.0, -1.0])
+def test_clip_updates_off_leaves_everything_unchanged(ratio):
+    states, reference = clip_inputs()
+    clipped, scales = clip_updates(states, reference, ratio)
+    assert scales == [1.0] * 5
+    for got, state in zip(clipped, states):
+        for name in state:
+            np.testing.assert_array_equal(got[name], state[name])
+
+
+def test_clip_updates_with_zero_median_norm_clips_nothing():
+    reference = {"w": np.zeros(2, np.float32)}
+    states = [dict(reference), dict(reference), {"w": np.array([3.0, 4.0], np.float32)}]
+    clipped, scales = clip_updates(states, reference, 2.0)
+    assert scales == [1.0] * 3
+    np.testing.assert_array_equal(clipped[2]["w"], [3.0, 4.0])
+
+
+# Bank statistics: 3 honest sites around the same class means, one poisoned.
+
+HONEST_SITES = 3
+
+
+def honest_bank_reply(rng: np.random.Generator, centres: dict[str, np.ndarray], counts: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Sums = count x (class mean + small noise); prototype sqsum = count x (mean^2 + 1)."""
+    out = {}
+    for name in ("prototype", "foreground", "background"):
+        n = counts[name].astype(np.int64)
+        mean = centres[name] + rng.normal(scale=0.05, size=centres[name].shape)
+        expand = n.reshape(n.shape + (1,) * (mean.ndim - n.ndim))
+        out[f"{name}_sum"] = (mean * expand).astype(np.float32)
+        out[f"{name}_count"] = n
+        if name == "prototype":
+            out["prototype_sqsum"] = ((mean ** 2 + 1.0) * expand).astype(np.float32)
+    out["image_count"] = np.array([20, 30], np.int64)
+    return out
+
+
+def bank_sites(seed: int) -> tuple[list[dict[str, np.ndarray]], dict[str, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    centres = _centres(np.random.default_rng(1234))
+    counts = [
+        {"prototype": np.array([[3, 2], [0, 0]]), "foreground": np.array([[10, 4], [6, 0]]), "background": np.array([[5, 5], [2, 0]])},
+        {"prototype": np.array([[1, 4], [0, 0]]), "foreground": np.array([[8, 8], [1, 0]]), "background": np.array([[3, 1], [9, 0]])},
+        {"prototype": np.array([[2, 2], [0, 0]]), "foreground": np.array([[5, 2], [7, 0]]), "background": np.array([[4, 6], [1, 0]])},
+    ]
+    replies = [honest_bank_reply(rng, centres, c) for c in counts]
+    for reply in replies:
+        make("knowledge.sums", DIMS, arrays=reply, config={"groups": 1, "smallest-group": 2})  # a valid reply
+    return replies, centres
+
+
+def bank_means(bank: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """sum / count per slot where the count is positive (the bank's reading)."""
+    out = {}
+    for sum_name, count_name in (("prototype_sum", "prototype_count"), ("prototype_sqsum", "prototype_count"),
+                                 ("foreground_sum", "foreground_count"), ("background_sum", "background_count")):
+        count = bank[count_name]
+        have = count > 0
+        out[sum_name] = bank[sum_name][have].astype(np.float64) / count[have].reshape((-1,) + (1,) * (bank[sum_name].ndim - count.ndim))
+    return out
+
+
+def poison(kind: str, honest: dict[str, np.ndarray], rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """A poisoned site with an honest site's counts (it may also claim huge ones)."""
+    out = {k: v.copy() for k, v in honest.items()}
+    for name in ("prototype_sum", "prototype_sqsum", "foreground_sum", "background_sum"):
+        if kind == "flip":
+            out[name] = (-10.0 * honest[name]).astype(np.float32)
+        elif kind == "scale":
+            out[name] = (100.0 * honest[name]).astype(np.float32)
+        else:  # random of norm 1000 per slot
+            noise = rng.normal(size=honest[name].shape)
+            slots = noise.reshape(noise.shape[: 2] + (-1,))
+            slots *= 1000.0 / np.linalg.norm(slots, axis=-1, keepdims=True)
+            out[name] = slots.reshape(noise.shape).astype(np.float32)
+    if kind == "scale":  # and claims 50x the counts, to buy weight in a weighted mean
+        for name in ("prototype_count", "foreground_count", "background_count"):
+            out[name] = honest[name] * 50
+    return out
+
+
+@pytest.mark.parametrize("clip", [0.0, -1.0])
+def test_robust_statistics_mean_without_clip_is_bank_statistics_exactly(clip):
+    replies, _ = bank_sites(0)
+    expected, out = bank_statistics(replies), robust_statistics(replies, "mean", 0.0, clip)
+    assert sorted(out) == sorted(expected)
+    for name in expected:
+        np.testing.assert_array_equal(out[name], expected[name], err_msg=name)
+        assert out[name].dtype == expected[name].dtype
+
+
+def assert_bank_shape(bank: dict[str, np.ndarray], replies: list[dict[str, np.ndarray]]) -> None:
+    assert sorted(bank) == sorted(f.name for f in BANK_STATISTICS)
+    for spec in BANK_STATISTICS:
+        assert bank[spec.name].shape == replies[0][spec.name].shape == DIMS.resolve(spec.shape), spec.name
+        assert bank[spec.name].dtype == replies[0][spec.name].dtype == np.dtype(spec.dtype), spec.name
+    make("student.train", DIMS, arrays=bank, weights={"student": {}, "head": {}},
+         config={"round": 1, "seed": 0, "local-epochs": 1, "group-losses": False, "use-bank": True, "evaluate": False})
+
+
+@pytest.mark.parametrize("kind", ["flip", "scale", "random"])
+@pytest.mark.parametrize("method, trim, clip", [("median", 0.0, 0.0), ("trimmed_mean", 0.25, 0.0), ("median", 0.0, 2.0),
+                                                ("mean", 0.0, 2.0)])
+def test_robust_statistics_resist_a_poisoned_site(kind, method, trim, clip):
+    honest, _ = bank_sites(1)
+    replies = honest + [poison(kind, honest[0], np.random.default_rng(7))]
+    pooled = bank_means(bank_statistics(honest))  # what the honest sites alone pool to
+    robust = robust_statistics(replies, method, trim, clip)
+    plain = bank_statistics(replies)
+    assert_bank_shape(robust, replies)
+    # Counts are always the exact sums (poisoned claims included), and empty slots stay zero.
+    for spec in BANK_STATISTICS:
+        if spec.counts:
+            np.testing.assert_array_equal(robust[spec.name], plain[spec.name], err_msg=spec.name)
+    for sum_name, count_name in (("prototype_sum", "prototype_count"), ("prototype_sqsum", "prototype_count"),
+                                 ("foreground_sum", "foreground_count"), ("background_sum", "background_count")):
+        empty = plain[count_name] == 0
+        assert empty.any() and not robust[sum_name][empty].any(), sum_name
+    got, bad = bank_means(robust), bank_means(plain)
+    # Max deviation over slots of a bank mean from the honest pooled mean: the honest sites'
+    # means differ by noise 0.05 (and means of squares by ~0.05 x 2|mean|, the centres ~5).
+    # The count-weighted mean after clipping is only bounded: the poisoned site keeps its
+    # claimed weight and sits up to clip x the median deviation from the median, hence 2x tol.
+    for name in got:
+        tol = (2.0 if name == "prototype_sqsum" else 0.3) * (2 if method == "mean" else 1)
+        robust_error = np.abs(got[name] - pooled[name]).max()
+        plain_error = np.abs(bad[name] - pooled[name]).max()
+        assert robust_error < tol, (name, robust_error)
+        assert plain_error > 5 * tol and plain_error > 10 * robust_error, (name, plain_error)
+
+
+def test_robust_statistics_median_on_hand_made_slot():
+    """One slot, 3 sites: means 1, 2, 100 (counts 1, 2, 3) -> median 2, written back as 2 x 6."""
+    replies = []
+    for mean, n in ((1.0, 1), (2.0, 2), (100.0, 3)):
+        bank = empty_bank(DIMS)
+        bank["foreground_count"][0, 0] = n
+        bank["foreground_sum"][0, 0] = mean * n
+        bank["image_count"][:] = n
+        replies.append(bank)
+    replies.append(empty_bank(DIMS))  # a site with no count anywhere takes no part in the slots
+    out = robust_statistics(replies, "median", 0.0, 0.0)
+    np.testing.assert_array_equal(out["foreground_sum"][0, 0], np.full(DIMS.D, 12.0, np.float32))
+    assert out["foreground_count"][0, 0] == 6 and out["image_count"].tolist() == [6, 6]
+    assert not out["foreground_sum"][1].any() and not out["foreground_sum"][0, 1].any()
+    assert not out["prototype_sum"].any() and not out["background_sum"].any()
+    # Count-weighted mean with clipping: the 100 is clipped to median + 2 x median deviation (1) = 4.
+    clipped = robust_statistics(replies, "mean", 0.0, 2.0)
+    np.testing.assert_allclose(clipped["foreground_sum"][0, 0], (1 * 1 + 2 * 2 + 3 * 4.0) * np.ones(DIMS.D), rtol=1e-6)
+    # Without clipping the count-weighted mean is the exact sum.
+    assert robust_statistics(replies, "mean", 0.0, 0.0)["foreground_sum"][0, 0, 0] == 1 + 4 + 300
+
+
+def test_robust_statistics_trimmed_mean_on_hand_made_slot():
+    """One prototype slot, 5 sites with means 1, 2, 6, 7, 100 (sqsum means 1, 4, 36, 49, 1e4):
+    trim 0.2 drops one of each end -> (2 + 6 + 7) / 3 = 5 (sqsum 89 / 3); the median is 6."""
+    replies = []
+    for mean, n in ((1.0, 4), (2.0, 1), (6.0, 2), (7.0, 1), (100.0, 2)):
+        bank = empty_bank(DIMS)
+        bank["prototype_count"][1, 0] = n
+        bank["prototype_sum"][1, 0] = mean * n
+        bank["prototype_sqsum"][1, 0] = mean**2 * n
+        replies.append(bank)
+    trimmed = robust_statistics(replies, "trimmed_mean", 0.2, 0.0)
+    np.testing.assert_allclose(trimmed["prototype_sum"][1, 0], 5.0 * 10, rtol=1e-6)
+    np.testing.assert_allclose(trimmed["prototype_sqsum"][1, 0], 89.0 / 3 * 10, rtol=1e-6)
+    assert trimmed["prototype_count"][1, 0] == 10 and trimmed["prototype_sum"].dtype == np.float32
+    median = robust_statistics(replies, "median", 0.0, 0.0)
+    np.testing.assert_allclose(median["prototype_sum"][1, 0], 6.0 * 10, rtol=1e-6)
+    untrimmed = robust_statistics(replies, "trimmed_mean", 0.0, 0.0)  # unweighted mean of the means
+    np.testing.assert_allclose(untrimmed["prototype_sum"][1, 0], 116.0 / 5 * 10, rtol=1e-6)
+    mask = np.ones(DIMS.C * DIMS.S, bool).reshape(DIMS.C, DIMS.S)
+    mask[1, 0] = False
+    assert not trimmed["prototype_sum"][mask].any()
+
+
+@pytest.mark.parametrize("method, trim, needle", [("krum", 0.0, "unknown"), ("trimmed_mean", 0.5, "outside"), ("median", 0.0, "at least one")])
+def test_robust_statistics_refuses(method, trim, needle):
+    replies = [] if needle == "at least one" else bank_sites(0)[0]
+    with pytest.raises(ValueError, match=needle):
+        robust_statistics(replies, method, trim, 0.0)

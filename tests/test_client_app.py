@@ -95,7 +95,7 @@ def seed_request(globals_, round_=1, evaluate=False) -> Payload:
 
 
 def stats_request(centroids, round_=1) -> Payload:
-    return make("knowledge.stats", DIMS, arrays=centroids, config={"round": round_, "seed": 5, "iteration": 1})
+    return make("knowledge.stats", DIMS, arrays=centroids, config={"round": round_, "seed": 5, "iteration": 1, "peers": "", "attempt": 0})
 
 
 @pytest.fixture(scope="module")
@@ -313,7 +313,7 @@ def _malformed_cases(globals_, centroids):
     bad_shape = dict(centroids)
     bad_shape["foreground_centroids"] = np.zeros((DIMS.C, DIMS.L + 1, DIMS.D), np.float32)
     missing_array = {k: v for k, v in centroids.items() if k != "background_centroids"}
-    stats_config = {"round": 1, "seed": 5, "iteration": 1}
+    stats_config = {"round": 1, "seed": 5, "iteration": 1, "peers": "", "attempt": 0}
     name = _first_float(globals_["teacher"])
 
     def nan_weight(t):

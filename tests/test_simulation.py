@@ -16,28 +16,29 @@ from tests.conftest import TINY
 
 pytestmark = pytest.mark.slow
 
-# 64 px (the synthetic pit lattice has a period of ~5 px here; at 32 px it is near Nyquist), 96
-# training images per site, one teacher round and three student rounds of two local epochs.
+# 64 px (the synthetic pit lattice has a period of ~5 px here; at 32 px it is near Nyquist), 192
+# training and 150 test images per site, two teacher rounds, then six student rounds of two local
+# epochs with the WLI student started from the federated NBI teacher (fed.student_init=teacher).
 LEARN: dict[str, Any] = {
     **TINY,
     "data.image_size": 64,
-    "data.train_per_site": 96,
-    "data.test_per_site": 48,
+    "data.train_per_site": 192,
+    "data.test_per_site": 150,
     "train.batch_size": 24,
     "train.lr": 0.003,
     "train.local_epochs": 2,
-    "fed.teacher_rounds": 1,
-    "fed.student_rounds": 3,
+    "fed.teacher_rounds": 2,
+    "fed.student_rounds": 6,
+    "fed.student_init": "teacher",
     "fed.num_bins": 200,
 }
-# The NBI teacher reached a pooled AUC of 0.76-0.80 after this one round in every trial. The WLI
-# student's held-out AUC did not clear chance robustly within minutes on this machine (0.48-0.69
-# over 15 in-process trials of 32-128 px, 24-192 images per site, 3-12 local epochs; the
-# centralised WLI-only baseline sat at 0.54 too): WLI is the hard modality by construction. So
-# the student's learning is checked on its training loss, and its AUC is reported, not gated.
-TEACHER_AUC_FLOOR = 0.65
-
-
+# In-process runs of this config (server.inprocess, the same handlers and protocol; 2026-12-01):
+# NBI teacher AUC 0.90-0.91 and final pooled WLI student AUC 0.694 / 0.743 / 0.807 / 0.732 for
+# train.seed 0-3 (300 pooled test images: AUC standard error ~0.03). From scratch the WLI student
+# did not clear chance robustly in this budget (session 2: 0.48-0.69 over 15 trials), so the
+# student starts from the teacher here, and both floors below are gated.
+TEACHER_AUC_FLOOR = 0.8
+STUDENT_AUC_FLOOR = 0.62
 @pytest.fixture()
 def ports(monkeypatch) -> list[int]:
     """Every port the launcher picks (the SuperLink's first), to check nothing is left on them."""
@@ -76,6 +77,7 @@ def test_simulation_completes_and_the_student_learns(tmp_path, ports):
     assert final["num_examples"] == 2 * run_config["data.test_per_site"]
     assert 0.0 <= final["auc"] <= 1.0
     assert teacher_auc > TEACHER_AUC_FLOOR, f"the federated NBI teacher did not learn: pooled AUC {teacher_auc:.3f}"
+    assert final["auc"] > STUDENT_AUC_FLOOR, f"the federated WLI student did not learn: pooled AUC {student_aucs}"
     assert ce[-1] < ce[0], f"the WLI student's training CE did not fall over the rounds: {ce}"
     assert metrics["knowledge"][0]["groups"] > 0 and min(metrics["knowledge"][0]["images_per_class"]) > 0
     # Egress audit: statistics messages carry no per-image dimension; groups are >= K_min.
