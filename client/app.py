@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import os
 import time
 import zlib
 from importlib import metadata
@@ -24,7 +26,7 @@ from flwr.clientapp import ClientApp
 from client.knowledge import extract_site_knowledge, knowledge_seeds, knowledge_sums
 from client.site import SiteData, resolve_site
 from client.train import balanced_loader, eval_loader, predict, train_student, train_teacher
-from client.wire import from_recorddict, load_numpy_state, state_to_numpy, to_recorddict
+from client.wire import MESSAGE_TYPE, from_recorddict, load_numpy_state, state_to_numpy, to_recorddict
 from common.config import Config, config_from_flat
 from common import secagg
 from common.losses import bank_from_statistics
@@ -66,16 +68,50 @@ def site_seed(seed: int, site_name: str) -> int:
 
 Handler = Callable[[Payload, SiteData, Config, Dims, Context], Payload]
 
+# Fault-injection drill (deploy/README.md, "Drills"): a slow site, off unless set in the SuperNode's environment.
+DRILL_DELAY_ENV = "FEDPAGKD_DRILL_DELAY_S"
 
-def handles(kind: str, modalities: tuple[str, ...]) -> Callable[[Handler], Callable[[Message, Context], Message]]:
-    """Wrap a handler: parse + validate the request, resolve the site, check its role,
-    turn any failure into an ``error`` reply that names the site."""
+
+def drill_delays(text: str | None = None) -> dict[str, float]:
+    """Seconds to wait before handling each request kind, from ``FEDPAGKD_DRILL_DELAY_S``
+    (``text`` instead of the environment when given): comma-separated ``kind=seconds``, e.g.
+    ``student.train=40,evaluate=5``. Unset or empty: no delay. A malformed value raises a
+    ValueError naming the variable and the expected form (the handler turns it into an error
+    reply, so the server logs it with the site's name)."""
+    text = os.environ.get(DRILL_DELAY_ENV, "") if text is None else text
+    delays: dict[str, float] = {}
+    for item in (part.strip() for part in text.split(",")):
+        if not item:
+            continue
+        kind, sep, value = (s.strip() for s in item.partition("="))
+        try:
+            seconds = float(value) if sep else math.nan
+        except ValueError:
+            seconds = math.nan
+        if kind not in MESSAGE_TYPE or not (math.isfinite(seconds) and seconds >= 0):
+            raise ValueError(
+                f"{DRILL_DELAY_ENV}={text!r}: {item!r} is not kind=seconds; expected comma-separated kind=seconds with kind one of "
+                f"{', '.join(MESSAGE_TYPE)} and seconds >= 0, e.g. {DRILL_DELAY_ENV}='student.train=40'"
+            )
+        delays[kind] = seconds
+    return delays
+
+
+def handles(
+    kind: str, modalities: tuple[str, ...] | Callable[[Config], tuple[str, ...]]
+) -> Callable[[Handler], Callable[[Message, Context], Message]]:
+    """Wrap a handler: parse + validate the request, resolve the site, check its role (the
+    ``modalities`` allowed, or a function of the run config giving them), turn any failure
+    into an ``error`` reply that names the site."""
 
     def decorate(handler: Handler) -> Callable[[Message, Context], Message]:
         def wrapped(message: Message, context: Context) -> Message:
             started = time.perf_counter()
             site_name = str(context.node_config.get("site-name", f"partition-{context.node_config.get('partition-id', '?')}"))
             try:
+                if delay := drill_delays().get(kind, 0.0):
+                    log.warning("drill (%s): site '%s' waits %.1f s before handling '%s'", DRILL_DELAY_ENV, site_name, delay, kind)
+                    time.sleep(delay)
                 cfg = config_from_flat(context.run_config)
                 dims = dims_of(cfg)
                 request = validate(from_recorddict(message.content, "server"), dims, sender="server")
@@ -83,10 +119,11 @@ def handles(kind: str, modalities: tuple[str, ...]) -> Callable[[Handler], Calla
                     raise PayloadError(f"expected a '{kind}' request, got '{request.kind}'")
                 site = resolve_site(context.node_config, cfg)
                 site_name = site.name
-                if site.modality not in modalities:
+                allowed = modalities(cfg) if callable(modalities) else modalities
+                if site.modality not in allowed:
                     raise RoleError(
                         f"site '{site.name}' holds {site.modality.upper()} data but '{kind}' is for "
-                        f"{'/'.join(m.upper() for m in modalities)} sites; check its 'modality' in the node config"
+                        f"{'/'.join(m.upper() for m in allowed)} sites; check its 'modality' in the node config"
                     )
                 torch.manual_seed(site_seed(int(request.config.get("seed", 0)), site.name))
                 reply = handler(request, site, cfg, dims, context)
@@ -222,10 +259,16 @@ def _masked(sums: dict[str, np.ndarray], site: SiteData, request: Payload, local
     return secagg.mask(secagg.encode_fixed_point(sums), masks)
 
 
+def student_modalities(cfg: Config) -> tuple[str, ...]:
+    """WLI sites train the student; NBI sites too in the joint cross-modal baseline."""
+    return ("wli", "nbi") if cfg.fed.student_sites == "all" else ("wli",)
+
+
 @app.train("student")
-@handles("student.train", ("wli",))
+@handles("student.train", student_modalities)
 def student_round(request: Payload, site: SiteData, cfg: Config, dims: Dims, context: Context) -> Payload:
-    """Local WLI student epochs with CE + GKD-Pro + GKD-Den against the NBI bank."""
+    """Local student epochs with CE + GKD-Pro + GKD-Den against the NBI bank (WLI sites; the
+    FedProto-style baseline adds its prototype regulariser)."""
     student = build_student(cfg.model, dims.C)
     head = build_query_head(cfg.model, dims.C)
     load_numpy_state(student, request.weights["student"], "student")
@@ -237,6 +280,8 @@ def student_round(request: Payload, site: SiteData, cfg: Config, dims: Dims, con
             a["prototype_sum"], a["prototype_count"], a["foreground_sum"], a["foreground_count"],
             a["background_sum"], a["background_count"],
         )
+    counts = torch.from_numpy(request.arrays["class_prototype_count"])
+    class_prototypes = (torch.from_numpy(request.arrays["class_prototype_sum"]) / counts.clamp_min(1)[:, None], counts > 0)
     # The received student is the previous round's global model: score it before training.
     scores, scored = _test_scores(student, site, cfg, dims, request.config["evaluate"])
     seed = site_seed(request.config["seed"], site.name)
@@ -245,12 +290,16 @@ def student_round(request: Payload, site: SiteData, cfg: Config, dims: Dims, con
     result = train_student(
         student, head, loader, lambda: bank.to(device) if bank is not None else None, cfg, device,
         request.config["local-epochs"], seed, group_losses=request.config["group-losses"],
+        class_prototypes=class_prototypes if counts.sum() > 0 else None,
     )
     losses = result.losses
+    prototypes = {"class_prototype_sum": np.zeros((dims.C, dims.D), np.float32), "class_prototype_count": np.zeros(dims.C, np.int64)}
+    if result.class_prototype_sum is not None:
+        prototypes = {"class_prototype_sum": result.class_prototype_sum.numpy(), "class_prototype_count": result.class_prototype_count.numpy()}
     return make(
         "student.update",
         dims,
-        arrays=scores,
+        arrays={**scores, **prototypes},
         config={
             **scored,
             "num-examples": result.num_examples,

@@ -58,7 +58,7 @@ def synthetic_site_specs(cfg: Config) -> list[tuple[str, SyntheticSiteSpec]]:
         weights = tuple(rng.dirichlet([d.class_alpha] * d.num_classes)) if d.class_alpha > 0 else None
         spec = SyntheticSiteSpec(
             modality=modality,
-            num_train=max(d.num_classes * 2, int(round(d.train_per_site * min(scale, 20.0)))),
+            num_train=max(d.num_classes * 2, int(round(d.train_per_site * min(scale, 20.0) * (d.nbi_train_scale if modality == "nbi" else 1.0)))),
             num_val=d.val_per_site,
             num_test=d.test_per_site,
             num_classes=d.num_classes,

@@ -27,6 +27,7 @@ from common.losses import (
     cam_token_labels,
     group_classification_loss,
     pagkd_loss,
+    prototype_regulariser,
 )
 from common.models import LesionQueryHead, PaGKDNet, group_prototypes
 
@@ -86,6 +87,10 @@ def _epochs(
 class TrainResult:
     num_examples: int
     losses: dict[str, float]  # mean of each loss part over the steps
+    # FedProto-style baseline: per-class sums [C, D] and counts [C] of the images' mean embedded
+    # tokens over the last local epoch (None when fed.proto_weight is 0).
+    class_prototype_sum: torch.Tensor | None = None
+    class_prototype_count: torch.Tensor | None = None
 
 
 class _Mean:
@@ -145,15 +150,23 @@ def train_student(
     seed: int,
     first_epoch: int = 0,
     group_losses: bool | None = None,
+    class_prototypes: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> TrainResult:
     """WLI student: CE + GKD-Den + GKD-Pro against the bank that ``bank_source`` returns.
 
     With ``bank_source`` returning None (and use_pro/use_den off) this is the WLI-only baseline.
     ``group_losses`` forces the group terms on/off; None follows ``pagkd.warmup_epochs``.
+    With ``fed.proto_weight`` > 0 (FedProto-style baseline) the loss adds that weight x the
+    MSE of each image's mean embedded token to ``class_prototypes`` (global means [C, D], valid
+    [C]), and the result carries this site's class sums of those embeddings.
     """
     optimizer = _train_mode_optimizer(cfg, student, head, device)
     generator = torch.Generator().manual_seed(seed)
     meter, seen = _Mean(), 0
+    proto_weight = cfg.fed.proto_weight
+    num_classes = student.classifier.out_features
+    proto_sum = torch.zeros(num_classes, student.embed.out_channels, dtype=torch.float64)
+    proto_count = torch.zeros(num_classes, dtype=torch.long)
     for epoch, images, labels in _epochs(loader, epochs, first_epoch, cfg, device, seed):
         group_on = group_losses if group_losses is not None else epoch >= cfg.pagkd.warmup_epochs
         bank = bank_source()
@@ -171,12 +184,24 @@ def train_student(
                 out.logits, labels, out.tokens, token_labels, prototypes, group_labels, head.classify(prototypes)
             )
             loss, parts = pagkd_loss(terms, bank, cfg.pagkd, group_on)
+            if proto_weight > 0:
+                embeddings = out.tokens.float().mean(dim=1)
+                if class_prototypes is not None:
+                    reg = prototype_regulariser(embeddings, labels, *(t.to(device) for t in class_prototypes))
+                    loss = loss + proto_weight * reg
+                    parts["proto_reg"], parts["total"] = reg.item(), loss.item()
+                if epoch == first_epoch + epochs - 1:
+                    proto_sum.index_add_(0, labels.cpu(), embeddings.detach().cpu().double())
+                    proto_count += torch.bincount(labels.cpu(), minlength=num_classes)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         meter.add(parts)
         seen += len(labels)
-    return meter.result(seen)
+    result = meter.result(seen)
+    if proto_weight > 0:
+        result.class_prototype_sum, result.class_prototype_count = proto_sum.float(), proto_count
+    return result
 
 
 def live_teacher_bank(

@@ -37,6 +37,8 @@ class DataConfig:
     class_alpha: float = 0.0
     # Largest per-site rendering shift (colour cast, brightness, blur), drawn uniformly per site.
     render_shift: float = 0.0
+    # NBI sites' train size as a multiple of train_per_site (the NBI:WLI data ratio; 1 = equal).
+    nbi_train_scale: float = 1.0
     # Real data: a folder holding one sub-folder per site and a sites.toml declaring each site's modality.
     root: str = ""
     num_workers: int = 0
@@ -106,6 +108,12 @@ class FederationConfig:
     student_init: str = "scratch"
     # Robust aggregation of weights and knowledge statistics (server/aggregation.py):
     # mean (FedAvg / exact sums) | median | trimmed_mean (coordinate-wise, unweighted).
+    # Which sites train the student: wli (FedPaGKD, FedAvg WLI-only) | all (the naive
+    # cross-modal baseline: one model FedAvg'ed over WLI and NBI sites, CE only; evaluated on WLI).
+    student_sites: str = "wli"
+    # FedProto-style baseline: weight of the MSE pulling each WLI image's mean embedded token to
+    # the global class prototype (summed class means of the WLI sites' embeddings); 0 = off.
+    proto_weight: float = 0.0
     aggregation: str = "mean"
     trim_fraction: float = 0.2  # trimmed_mean: share of sites dropped at each end, per coordinate
     # Clip each site's update (weights: from the global model; statistics: from the median of the
@@ -156,6 +164,7 @@ class Config:
             ("data.size_tail", self.data.size_tail >= 0, ">= 0"),
             ("data.class_alpha", self.data.class_alpha >= 0, ">= 0"),
             ("data.render_shift", 0 <= self.data.render_shift <= 1, "in [0, 1]"),
+            ("data.nbi_train_scale", 0 < self.data.nbi_train_scale <= 20, "in (0, 20]"),
             ("model.num_heads", self.model.num_heads >= 1, ">= 1"),
             ("model.embed_dim", self.model.embed_dim > 0 and self.model.num_heads >= 1
              and self.model.embed_dim % self.model.num_heads == 0, "> 0 and divisible by model.num_heads"),
@@ -193,6 +202,10 @@ class Config:
              "'teacher' only when model.student == model.teacher"),
             ("fed.num_bins", self.fed.num_bins >= 10, ">= 10"),
             ("fed.max_norm_ratio", self.fed.max_norm_ratio > 1, "> 1 (a multiple of the median update norm)"),
+            ("fed.student_sites", self.fed.student_sites in ("wli", "all"), "'wli' or 'all'"),
+            ("fed.student_sites", self.fed.student_sites == "wli" or not (self.pagkd.use_pro or self.pagkd.use_den),
+             "'all' (the joint cross-modal baseline) only with pagkd.use_pro=false pagkd.use_den=false"),
+            ("fed.proto_weight", self.fed.proto_weight >= 0, ">= 0 (0 = off)"),
             ("fed.aggregation", self.fed.aggregation in ("mean", "median", "trimmed_mean"), "'mean', 'median' or 'trimmed_mean'"),
             ("fed.trim_fraction", 0 <= self.fed.trim_fraction < 0.5, "in [0, 0.5)"),
             ("fed.clip_ratio", self.fed.clip_ratio >= 0, ">= 0 (0 = off; a multiple of the median update norm)"),

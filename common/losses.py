@@ -237,6 +237,20 @@ def gkd_den_loss(
 # --------------------------------------------------------------------------- the total
 
 
+def prototype_regulariser(embeddings: torch.Tensor, labels: torch.Tensor, prototypes: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """FedProto's regulariser: mean squared distance of each image's embedding to its class's
+    global prototype, over the images whose class has one.
+
+    embeddings [B, D], labels [B], prototypes [C, D] (under stop-gradient), valid bool [C].
+    Zero when no image's class has a prototype.
+    """
+    has = valid[labels]
+    if not has.any():
+        return embeddings.sum() * 0.0
+    diff = embeddings[has] - prototypes.detach()[labels[has]].to(embeddings.dtype)
+    return diff.pow(2).sum(dim=1).mean()
+
+
 @dataclass
 class PaGKDTerms:
     """Inputs of the total loss for one student step."""

@@ -19,7 +19,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-PROTOCOL_VERSION = 3  # 2: evaluations folded into knowledge.seeds and student.update; 3: secure aggregation
+PROTOCOL_VERSION = 3  # 2: evaluations folded into knowledge.seeds and student.update; 3: secure aggregation, class prototypes
 
 
 class PayloadError(ValueError):
@@ -112,6 +112,12 @@ CENTROIDS = (
     ArrayField("background_centroids", _F32, ("C", "L", "D")),
 )
 
+# FedProto-style baseline: per-class sums of the WLI students' mean embedded tokens (zeros when off).
+CLASS_PROTOTYPES = (
+    ArrayField("class_prototype_sum", _F32, ("C", "D")),
+    ArrayField("class_prototype_count", _I64, ("C",), counts=True),  # images summed
+)
+
 EVALUATION_FIELDS = (
     ArrayField("score_positives", _I64, ("C", "B"), counts=True),
     ArrayField("score_negatives", _I64, ("C", "B"), counts=True),
@@ -152,7 +158,7 @@ SCHEMAS: dict[str, Schema] = {
         Schema("knowledge.masked", arrays=MASKED_BANK_STATISTICS, config=(("groups", int), ("smallest-group", int))),
         Schema(
             "student.train",
-            arrays=BANK_STATISTICS,
+            arrays=BANK_STATISTICS + CLASS_PROTOTYPES,
             # "evaluate": score the received global student (the previous round's) on the test
             # split before training; the next round's request is the previous round's evaluation.
             config=_ROUND + (("local-epochs", int), ("group-losses", bool), ("use-bank", bool), ("evaluate", bool)),
@@ -160,7 +166,7 @@ SCHEMAS: dict[str, Schema] = {
         ),
         Schema(
             "student.update",
-            arrays=EVALUATION_FIELDS,
+            arrays=EVALUATION_FIELDS + CLASS_PROTOTYPES,
             config=(("num-examples", int), ("loss", float), ("ce", float), ("den", float), ("pro", float)) + EVALUATED,
             weights=("student", "head"),
         ),

@@ -73,9 +73,14 @@ def bank_statistics(replies: Sequence[Mapping[str, np.ndarray]]) -> State:
     return sum_statistics(replies, [f.name for f in BANK_STATISTICS])
 
 
+def empty_statistics(fields, dims: Dims) -> State:
+    """All-zero arrays of the given :class:`common.records.ArrayField` s (no knowledge yet)."""
+    return {f.name: np.zeros(dims.resolve(f.shape), dtype=f.dtype) for f in fields}
+
+
 def empty_bank(dims: Dims) -> State:
     """A bank with no knowledge (every count 0): what a WLI-only student is sent."""
-    return {f.name: np.zeros(dims.resolve(f.shape), dtype=f.dtype) for f in BANK_STATISTICS}
+    return empty_statistics(BANK_STATISTICS, dims)
 
 
 def _class_centroids(seed_sum: np.ndarray, seed_count: np.ndarray, k: int, seed: int) -> np.ndarray:

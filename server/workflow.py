@@ -37,7 +37,7 @@ from common.data import default_class_names
 from common.metrics import ScoreHistogram, histogram_metrics
 from common.models import STUDENT_CHECKPOINT, build_query_head, build_student, build_teacher, save_checkpoint
 from common.privacy import MECHANISMS_PER_RELEASE
-from common.records import PROTOCOL_VERSION, Dims, Payload, PayloadError, make, reply_kind, validate, weight_shapes
+from common.records import CLASS_PROTOTYPES, PROTOCOL_VERSION, Dims, Payload, PayloadError, make, reply_kind, validate, weight_shapes
 from server import aggregation
 from common.files import atomic_write_json
 from server.state import StateError, load_state, save_state
@@ -113,14 +113,18 @@ class Channel:
         self.ledger.timing.append(timing)
         # Match replies to requests by message id: errors the SuperLink itself answers with
         # (e.g. Node Unavailable) come from node 1, not from the site. Pushing sets the ids;
-        # the in-process grid leaves them empty, hence the fallback to the sender.
+        # the in-process grid leaves them empty, hence the fallback to the sender only then.
+        # With ids, a reply to none of this exchange's requests (a late reply to an earlier
+        # round, which may come from a site asked again now) is ignored, never taken for its
+        # sender's answer to this round.
         by_message_id = {m.metadata.message_id: m.metadata.dst_node_id for m in messages if m.metadata.message_id}
         ok: dict[int, Payload] = {}
         dropped: dict[int, str] = {}
         for reply in replies:
-            node_id = by_message_id.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+            sender = reply.metadata.src_node_id
+            node_id = by_message_id.get(reply.metadata.reply_to_message_id) if by_message_id else sender
             if node_id not in requests:
-                log.warning("[%s] ignored a reply from node %s that answers no request of this round", phase, node_id)
+                log.warning("[%s] ignored a reply from '%s' that answers no request of this round", phase, self.name(sender))
                 continue
             site = self.name(node_id)
             if not reply.has_error() and (seconds := compute_seconds(reply.content)) is not None:
@@ -173,6 +177,7 @@ class Protocol:
         self.student = state_to_numpy(build_student(cfg.model, c))
         self.head = state_to_numpy(build_query_head(cfg.model, c))
         self.bank = aggregation.empty_bank(self.dims)
+        self.class_prototypes = aggregation.empty_statistics(CLASS_PROTOTYPES, self.dims)
         self.centroids: dict[str, np.ndarray] = {}
         self.progress = Progress()
         self.metrics: dict[str, Any] = {"teacher": [], "knowledge": [], "student": [], "evaluation": []}
@@ -181,7 +186,8 @@ class Protocol:
     # ------------------------------------------------------------------ persistence
 
     def save(self) -> None:
-        blocks = {"teacher": self.teacher, "student": self.student, "head": self.head, "bank": self.bank}
+        blocks = {"teacher": self.teacher, "student": self.student, "head": self.head, "bank": self.bank,
+                  "prototypes": self.class_prototypes}
         if self.centroids:
             blocks["centroids"] = self.centroids
         meta = {
@@ -208,6 +214,7 @@ class Protocol:
             raise StateError(f"run folder {self.run_dir} was started with another config (differs in {changed}); use a new fed.run_name")
         self.teacher, self.student, self.head, self.bank = blocks["teacher"], blocks["student"], blocks["head"], blocks["bank"]
         self.centroids = blocks.get("centroids", {})
+        self.class_prototypes = blocks.get("prototypes", self.class_prototypes)
         self.progress = Progress(**meta["progress"])
         self.metrics = meta["metrics"]
         self.ledger.bytes = meta["bytes"]
@@ -252,7 +259,7 @@ class Protocol:
         for node_id, reason in reasons.items():
             log.warning("[%s] dropped site '%s': %s", phase, self.channel.name(node_id), reason)
         used = sorted((n for n in replies if n not in outliers), key=self.channel.name)  # order-independent sums
-        self._require(phase, modality, len(used), reasons)
+        self._require(phase, modality, sum(self.sites[n].modality == modality for n in used), reasons)
         weights = [float(replies[n].config["num-examples"]) for n in used]
         fed = self.cfg.fed
         for block in blocks:
@@ -426,7 +433,10 @@ class Protocol:
         return report
 
     def student_round(self, round_: int) -> None:
+        fed = self.cfg.fed
         nodes = self._sample("wli", self._seed(3, round_))
+        if fed.student_sites == "all":  # the joint cross-modal baseline: NBI sites train the student too
+            nodes += self._sample("nbi", self._seed(3, round_))
         group_on = (round_ - 1) * self.cfg.train.local_epochs >= self.cfg.pagkd.warmup_epochs
         config = {
             "round": round_,
@@ -434,19 +444,26 @@ class Protocol:
             "local-epochs": self.cfg.train.local_epochs,
             "group-losses": bool(group_on),
             "use-bank": bool(self.distil),
-            # The global student sent is round_ - 1's: its evaluation rides on this round's replies.
+            # The global student sent is round_ - 1's: its evaluation rides on this round's
+            # replies (WLI sites only: the student is a WLI model).
             "evaluate": round_ > 1,
         }
-        request = make("student.train", self.dims, arrays=self.bank, config=config, weights={"student": self.student, "head": self.head})
+        weights = {"student": self.student, "head": self.head}
+        arrays = {**self.bank, **self.class_prototypes}
+        requests = {n: make("student.train", self.dims, arrays=arrays, weights=weights,
+                            config={**config, "evaluate": config["evaluate"] and self.sites[n].modality == "wli"}) for n in nodes}
         reference = {"student": weight_shapes(self.student), "head": weight_shapes(self.head)}
-        replies, dropped = self.channel.exchange("student", {n: request for n in nodes}, reference)
-        self._require(f"student round {round_}", "wli", len(replies), dropped)
+        replies, dropped = self.channel.exchange("student", requests, reference)
+        wli_replies = {n: r for n, r in replies.items() if self.sites[n].modality == "wli"}
+        self._require(f"student round {round_}", "wli", len(wli_replies), dropped)
         if round_ > 1:
-            self._record_evaluation("student", round_ - 1, replies, "eval-examples")
+            self._record_evaluation("student", round_ - 1, wli_replies, "eval-examples")
         used = self._fedavg("student", "wli", replies, {"student": self.student, "head": self.head})
+        if fed.proto_weight > 0:  # FedProto-style: the global class prototypes are summed class means
+            self.class_prototypes = aggregation.sum_statistics([replies[n].arrays for n in used], [f.name for f in CLASS_PROTOTYPES])
         parts = {k: float(np.mean([replies[n].config[k] for n in used])) for k in ("loss", "ce", "den", "pro")}
         self.metrics["student"].append({"round": round_, **parts, "sites": [self.channel.name(n) for n in used]})
-        log.info("[student %d/%d] loss %.4f (ce %.4f den %.4f pro %.4f) from %d WLI site(s)", round_, self.cfg.fed.student_rounds,
+        log.info("[student %d/%d] loss %.4f (ce %.4f den %.4f pro %.4f) from %d site(s)", round_, fed.student_rounds,
                  parts["loss"], parts["ce"], parts["den"], parts["pro"], len(used))
 
     def evaluate(self, model: str, round_: int) -> dict[str, Any]:

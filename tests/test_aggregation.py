@@ -14,12 +14,13 @@ import torch
 
 from client.knowledge import SiteKnowledge, knowledge_sums
 from common.losses import BACKGROUND, FOREGROUND, UNCERTAIN
-from common.records import BANK_STATISTICS, CENTROIDS, EVALUATION_FIELDS, KNOWLEDGE_SEEDS_FIELDS, Dims, make
+from common.records import BANK_STATISTICS, CENTROIDS, CLASS_PROTOTYPES, EVALUATION_FIELDS, KNOWLEDGE_SEEDS_FIELDS, Dims, make
 from server.aggregation import (
     ROBUST,
     bank_statistics,
     clip_updates,
     empty_bank,
+    empty_statistics,
     initial_centroids,
     lloyd_centroids,
     norm_outliers,
@@ -107,7 +108,7 @@ def test_empty_bank_is_all_zeros_with_the_schema_shapes():
         assert not bank[spec.name].any()
     # It is a valid student.train payload (a WLI-only student is sent it).
     config = {"round": 1, "seed": 0, "local-epochs": 1, "group-losses": False, "use-bank": False, "evaluate": False}
-    make("student.train", DIMS, arrays=bank, config=config, weights={"student": {}, "head": {}})
+    make("student.train", DIMS, arrays={**bank, **empty_statistics(CLASS_PROTOTYPES, DIMS)}, config=config, weights={"student": {}, "head": {}})
 
 
 def test_sum_statistics_adds_floats_in_float64_and_counts_exactly():
@@ -564,7 +565,7 @@ def assert_bank_shape(bank: dict[str, np.ndarray], replies: list[dict[str, np.nd
     for spec in BANK_STATISTICS:
         assert bank[spec.name].shape == replies[0][spec.name].shape == DIMS.resolve(spec.shape), spec.name
         assert bank[spec.name].dtype == replies[0][spec.name].dtype == np.dtype(spec.dtype), spec.name
-    make("student.train", DIMS, arrays=bank, weights={"student": {}, "head": {}},
+    make("student.train", DIMS, arrays={**bank, **empty_statistics(CLASS_PROTOTYPES, DIMS)}, weights={"student": {}, "head": {}},
          config={"round": 1, "seed": 0, "local-epochs": 1, "group-losses": False, "use-bank": True, "evaluate": False})
 
 

@@ -21,8 +21,8 @@ from client.wire import MESSAGE_TYPE, from_recorddict, state_to_numpy, to_record
 from common.config import config_to_flat
 from common.data import SyntheticSiteSpec, write_image_folder
 from common.models import build_query_head, build_student, build_teacher
-from common.records import PROTOCOL_VERSION, REPLY_KIND, Payload, make, validate, weight_shapes
-from server.aggregation import empty_bank, initial_centroids
+from common.records import CLASS_PROTOTYPES, PROTOCOL_VERSION, REPLY_KIND, Payload, make, validate, weight_shapes
+from server.aggregation import empty_bank, empty_statistics, initial_centroids
 from tests.conftest import tiny_config
 
 pytestmark = pytest.mark.usefixtures("single_thread", "task_identity")
@@ -218,7 +218,8 @@ def test_knowledge_seed_on_wli_is_refused(globals_):
 
 def student_request(globals_, bank, use_bank=True, evaluate=False) -> Payload:
     config = {"round": 1, "seed": 3, "local-epochs": 1, "group-losses": True, "use-bank": use_bank, "evaluate": evaluate}
-    return make("student.train", DIMS, arrays=bank, config=config, weights={"student": globals_["student"], "head": globals_["head"]})
+    arrays = {**bank, **empty_statistics(CLASS_PROTOTYPES, DIMS)}
+    return make("student.train", DIMS, arrays=arrays, config=config, weights={"student": globals_["student"], "head": globals_["head"]})
 
 
 @pytest.mark.parametrize("use_bank", [True, False], ids=["with-bank", "wli-only"])
