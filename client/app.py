@@ -130,7 +130,8 @@ def handles(
                 validate(reply, dims, sender=f"site '{site.name}'")
             except Exception as err:  # noqa: BLE001 - every failure must reach the server as a reply
                 log.exception("site '%s' refused '%s'", site_name, kind)
-                reply = Payload("error", config={"site-name": site_name, "reason": f"{type(err).__name__}: {err}"})
+                reason = f"{type(err).__name__}: {err}"  # bounded: the server refuses over-long strings
+                reply = Payload("error", config={"site-name": site_name, "reason": reason[:4000]})
             return Message(to_recorddict(reply, compute_s=time.perf_counter() - started), reply_to=message)
 
         # Not functools.wraps: Flower inspects the (message, context) signature of what it registers.

@@ -22,6 +22,10 @@ import numpy as np
 PROTOCOL_VERSION = 3  # 2: evaluations folded into knowledge.seeds and student.update; 3: secure aggregation, class prototypes
 
 
+# Longest config string accepted (a peer roster of ~700 sites fits): a larger one is refused, not parsed.
+MAX_STRING_CHARS = 65536
+
+
 class PayloadError(ValueError):
     """A message does not match its schema; the message names the key and what was expected."""
 
@@ -227,6 +231,8 @@ def _check_config(where: str, config: Mapping[str, Any], schema: Schema) -> None
             ok = True
         if not ok:
             raise PayloadError(f"{where}: config '{key}' = {value!r} should be {kind.__name__}")
+        if isinstance(value, str) and len(value) > MAX_STRING_CHARS:
+            raise PayloadError(f"{where}: config '{key}' is {len(value)} characters long, at most {MAX_STRING_CHARS} are accepted")
         if isinstance(value, int) and not isinstance(value, bool) and not -(2**63) <= value < 2**63:
             raise PayloadError(f"{where}: config '{key}' = {value} does not fit in int64 (what a record carries)")
         if kind is float:

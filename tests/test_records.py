@@ -435,3 +435,18 @@ def test_fuzz_validate_raises_only_payload_error(capsys):
         print(f"\n[records fuzz] {outcomes['examples']} examples: {outcomes['accepted']} accepted, {outcomes['refused']} refused")
     assert outcomes["examples"] >= 400
     assert outcomes["accepted"] > 0 and outcomes["refused"] > 0
+
+
+def test_oversized_payloads_are_refused_naming_the_key():
+    """An array with more elements than its schema, or an absurdly long string, never gets parsed."""
+    from common.records import MAX_STRING_CHARS
+
+    dims = Dims(C=3, S=1, M=4, D=8, L=4, B=20)
+    good = {f.name: np.zeros(dims.resolve(f.shape), f.dtype) for f in SCHEMAS["knowledge.sums"].arrays}
+    big = dict(good, prototype_sum=np.zeros((3, 1, 4, 8 * 1000), np.float32))
+    with pytest.raises(PayloadError, match=r"'prototype_sum' has shape \(3, 1, 4, 8000\), expected \(3, 1, 4, 8\)"):
+        validate(Payload("knowledge.sums", big, {"groups": 1, "smallest-group": 2}), dims)
+    reason = "x" * (MAX_STRING_CHARS + 1)
+    with pytest.raises(PayloadError, match=r"config 'reason' is 65537 characters long"):
+        validate(Payload("error", config={"site-name": "a", "reason": reason}), dims)
+    validate(Payload("error", config={"site-name": "a", "reason": "x" * MAX_STRING_CHARS}), dims)  # the limit itself is fine
