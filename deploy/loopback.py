@@ -29,6 +29,7 @@ prints the run id, status, wall time and the metrics.json path (exit 1 unless fi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -39,7 +40,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from server.launch import FLOWER_ENV, free_port, toml_value  # one implementation of each (stdlib-only module)
 
@@ -144,19 +145,48 @@ def _signal_group(pgid: int, sig: int) -> None:
         pass
 
 
-def _group_members(pgid: int) -> list[int]:
-    members = []
+def _living_processes() -> Iterator[tuple[int, int, int]]:
+    """(pid, parent pid, process group) of every process that is not a zombie, from /proc."""
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()  # [0] state, [1] ppid, [2] pgrp
         except (OSError, IndexError):
             continue
-        # fields[0] = state, [1] = ppid, [2] = pgrp
-        if len(fields) > 2 and int(fields[2]) == pgid and fields[0] != "Z":
-            members.append(int(entry.name))
-    return members
+        if len(fields) > 2 and fields[0] != "Z":
+            yield int(entry.name), int(fields[1]), int(fields[2])
+
+
+def _group_members(pgid: int) -> list[int]:
+    return [pid for pid, _, group in _living_processes() if group == pgid]
+
+
+def _state(pid: int) -> str:
+    try:
+        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return ""
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return (Path("/proc") / str(pid) / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every living process below ``pid`` (by parent pid, whatever its session)."""
+    children: dict[int, list[int]] = {}
+    for child, parent, _ in _living_processes():
+        children.setdefault(parent, []).append(child)
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
 
 
 def _wait_group_gone(pgid: int, timeout: float) -> None:
@@ -220,6 +250,7 @@ class Loopback:
         self.superlink: Proc | None = None
         self.port: int | None = None
         self._restarts: dict[str, int] = {}
+        self.run_ids: list[str] = []  # every run submitted, in order
 
     # ------------------------------------------------------------------ context manager
 
@@ -253,6 +284,47 @@ class Loopback:
         self.procs.clear()
         self.supernodes.clear()
         self.superlink = None
+
+    def process_tree(self) -> set[int]:
+        """Every process of the federation: the started ones, their groups and all their
+        descendants (the SuperLink starts flower-superexec in a session of its own)."""
+        pids: set[int] = set()
+        for proc in self.procs:
+            if proc.alive():
+                pids.add(proc.pid)
+            pids.update(_group_members(proc.pid))
+            pids.update(_descendants(proc.pid))
+        return pids
+
+
+@contextlib.contextmanager
+def checked_federation(work: Path, **kwargs: Any) -> Iterator["Loopback"]:
+    """A started :class:`Loopback` (SuperLink + every site); on exit every process it started
+    is stopped, and :class:`LoopbackError` names any process of its tree still running."""
+    fed = Loopback(work, **kwargs)
+    started: set[int] = set()
+    try:
+        t0 = time.time()
+        fed.start()
+        print(f"\nloopback federation up in {time.time() - t0:.0f} s (work folder {work})")
+        yield fed
+    finally:
+        started = fed.process_tree()
+        fed.close()
+        left = still_running(started)
+        if left:
+            raise LoopbackError(f"processes left running: {left}")
+
+
+def still_running(pids: set[int], grace_s: float = 15.0) -> dict[int, str]:
+    """The processes of ``pids`` still alive after ``grace_s`` (flower-superexec notices that
+    its parent is gone within a few seconds), with their command lines."""
+    deadline = time.time() + grace_s
+    alive = {pid for pid in pids if _state(pid) not in ("", "Z")}
+    while alive and time.time() < deadline:
+        time.sleep(0.5)
+        alive = {pid for pid in alive if _state(pid) not in ("", "Z")}
+    return {pid: _cmdline(pid)[:120] for pid in alive}
 
     # ------------------------------------------------------------------ preparation
 
@@ -304,8 +376,9 @@ class Loopback:
             raise LoopbackError("the SuperLink is not started")
         return f"127.0.0.1:{self.port}"
 
-    def env(self, home: str) -> dict[str, str]:
-        """The environment of one process: its own FLWR_HOME, no dependency installation, one thread."""
+    def env(self, home: str, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+        """The environment of one process: its own FLWR_HOME, no dependency installation, one
+        thread; plus ``extra`` (e.g. a drill knob such as ``FEDPAGKD_DRILL_DELAY_S``)."""
         flwr_home = self.homes / home
         flwr_home.mkdir(parents=True, exist_ok=True)
         env = dict(os.environ)
@@ -318,9 +391,10 @@ class Loopback:
                 "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
             }
         )
+        env.update(extra or {})
         return env
 
-    def spawn(self, name: str, cmd: list[str], home: str, cwd: Path | None = None) -> Proc:
+    def spawn(self, name: str, cmd: list[str], home: str, cwd: Path | None = None, env: Mapping[str, str] | None = None) -> Proc:
         log = self.logs / f"{name}.log"
         handle = open(log, "ab")  # noqa: SIM115 - owned by the child
         offset = handle.tell()
@@ -328,7 +402,7 @@ class Loopback:
         handle.flush()
         try:
             popen = subprocess.Popen(
-                cmd, stdout=handle, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=self.env(home),
+                cmd, stdout=handle, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=self.env(home, env),
                 cwd=cwd or (self.homes / home), start_new_session=True,
             )
         finally:
@@ -434,13 +508,14 @@ class Loopback:
             "--max-wait-time", str(self.max_wait_time if max_wait_time is None else max_wait_time),
         ]
 
-    def start_supernode(self, name: str, *, log_name: str | None = None, **kwargs: Any) -> Proc:
+    def start_supernode(self, name: str, *, log_name: str | None = None, env: Mapping[str, str] | None = None, **kwargs: Any) -> Proc:
         """Start the SuperNode of site ``name`` (kwargs: see :meth:`supernode_cmd`) in its own session.
 
-        With ``log_name`` it is an extra SuperNode (own log and FLWR_HOME), not the site's own."""
+        With ``log_name`` it is an extra SuperNode (own log and FLWR_HOME), not the site's own.
+        ``env``: extra environment variables (its ClientApps inherit them)."""
         site = self.sites[name]
         home = log_name or f"supernode-{name}"
-        proc = self.spawn(home, self.supernode_cmd(site, **kwargs), home)
+        proc = self.spawn(home, self.supernode_cmd(site, **kwargs), home, env=env)
         if log_name is None:
             self.supernodes[name] = proc
         return proc
@@ -502,7 +577,9 @@ class Loopback:
         self._say(f"killing {name} (pid {proc.pid})")
         return proc.kill()
 
-    def restart_supernode(self, name: str, timeout: float = 180.0, pause_s: float = 3.0, not_before_s: float = 0.0) -> Proc:
+    def restart_supernode(
+        self, name: str, timeout: float = 180.0, pause_s: float = 3.0, not_before_s: float = 0.0, **kwargs: Any,
+    ) -> Proc:
         """Start the site again with the same key until the SuperLink accepts it.
 
         A SIGKILLed SuperNode never deactivated itself, so the SuperLink keeps it ``online`` until
@@ -510,12 +587,13 @@ class Loopback:
         which came every ~24 s: 33-60 s after the kill): until then activation is refused
         (``[code: 2004] Failed to activate SuperNode.``) and the new SuperNode exits; retry every
         ``pause_s``. ``not_before_s`` (seconds after the call) skips attempts that cannot succeed.
+        ``kwargs`` go to :meth:`start_supernode` (e.g. ``env``).
         """
         deadline = time.time() + timeout
         time.sleep(max(0.0, not_before_s))
         while True:
             self._restarts[name] = self._restarts.get(name, 0) + 1
-            proc = self.start_supernode(name)
+            proc = self.start_supernode(name, **kwargs)
             try:
                 node_id = self.wait_connected(proc, max(1.0, deadline - time.time()))
             except LoopbackError:
@@ -536,6 +614,7 @@ class Loopback:
         config.setdefault("fed.run_name", time.strftime("run-%Y%m%d-%H%M%S"))
         out = self.flwr_json("run", str(REPO), CONNECTION, "--run-config", run_config_arg(config), timeout=300)
         run_id = str(out["run-id"])
+        self.run_ids.append(run_id)
         self._say(f"submitted run {run_id} ({config['fed.run_name']})")
         return run_id, config
 
@@ -563,6 +642,27 @@ class Loopback:
 
     def stop_run(self, run_id: str) -> None:
         self.flwr("stop", run_id, CONNECTION, check=False)
+
+    def serverapp_pids(self) -> list[int]:
+        """The ``flwr-serverapp`` processes the SuperLink started (via its ``flower-superexec``,
+        which runs in a session of its own, hence found by parentage, not by process group)."""
+        if self.superlink is None:
+            return []
+        return [pid for pid in _descendants(self.superlink.pid) if "flwr-serverapp" in _cmdline(pid)]
+
+    def kill_serverapp(self, timeout: float = 10.0) -> list[int]:
+        """A coordinator crash: SIGKILL every running ServerApp process (by pid); the pids killed."""
+        pids = self.serverapp_pids()
+        for pid in pids:
+            self._say(f"killing flwr-serverapp (pid {pid})")
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        deadline = time.time() + timeout
+        while time.time() < deadline and any(Path(f"/proc/{pid}").exists() and _state(pid) != "Z" for pid in pids):
+            time.sleep(0.1)
+        return pids
 
     def run(
         self, run_config: Mapping[str, Any] | None = None, timeout: float = 900.0,

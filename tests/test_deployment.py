@@ -38,19 +38,8 @@ VICTIM = "wli-1"
 
 @pytest.fixture(scope="module")
 def federation(tmp_path_factory):
-    work = tmp_path_factory.mktemp("loopback")
-    fed = Loopback(work, verbose=True)
-    started: list[loopback.Proc] = []
-    try:
-        t0 = time.time()
-        fed.start()
-        print(f"\nloopback federation up in {time.time() - t0:.0f} s (work folder {work})")
+    with loopback.checked_federation(tmp_path_factory.mktemp("loopback"), verbose=True) as fed:
         yield fed
-    finally:
-        started = list(fed.procs)
-        fed.close()
-    leftovers = {p.name: loopback._group_members(p.pid) for p in started}
-    assert not any(leftovers.values()), f"processes left running: {leftovers}"
 
 
 @pytest.fixture(scope="module")

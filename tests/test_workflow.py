@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import uuid
 from collections import Counter
 from typing import Callable
 
@@ -291,6 +292,56 @@ def test_dropping_an_outlier_below_the_minimum_of_sites_stops_the_run(tmp_path):
     with pytest.raises(FederationError, match="wli-2"):
         run_federation(grid, cfg, tmp_path / "run")
 
+
+
+class LateGrid(InProcessGrid):
+    """A late reply as Flower's grids meet it: pushing stamps every request with a message id (as
+    InMemoryGrid and HttpGrid do), and a reply a fault hook holds back (``self.late``) misses its own
+    exchange (the server stops waiting: fed.round_timeout) and comes back with the next exchange's
+    replies (a grid that does not filter replies by message id)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.late: list[Message] = []
+
+    def send_and_receive(self, messages, *, timeout=None):
+        messages = list(messages)
+        for message in messages:
+            message.metadata.__dict__["_message_id"] = str(uuid.uuid4())
+        held, self.late = self.late, []
+        return list(super().send_and_receive(messages, timeout=timeout)) + held
+
+
+def late_in_student_round(grid: LateGrid, round_: int):
+    def fault(node_id: int, message: Message) -> Message | None:
+        reply = grid.deliver(node_id, message)
+        if message.metadata.message_type == MESSAGE_TYPE["student.train"] and from_recorddict(message.content).config["round"] == round_:
+            grid.late.append(reply)
+            return None
+        return reply
+
+    return fault
+
+
+def test_a_late_reply_is_dropped_from_its_round_and_ignored_when_it_arrives(tmp_path, caplog):
+    """wli-0's round-1 update comes after the round timed out, together with the round-2 replies
+    (same kind, same sender): round 1 goes on without it, and round 2 uses wli-0's round-2 update,
+    never the stale one."""
+    caplog.set_level(logging.WARNING, logger=LOGGER)
+    cfg = tiny_config(**FAULT_CFG, **{"fed.student_rounds": 2, "fed.round_timeout": 30.0})
+    grid = LateGrid(synthetic_node_configs(cfg.data.nbi_sites + cfg.data.wli_sites), config_to_flat(cfg))
+    grid.faults[WLI0] = late_in_student_round(grid, 1)
+    summary = run_federation(grid, cfg, tmp_path / "run")
+    assert [(e["round"], e["sites"]) for e in summary["student"]] == [(1, ["wli-1"]), (2, ["wli-0", "wli-1"])]
+    assert summary["final"] is not None
+    messages = [r.getMessage() for r in caplog.records]
+    assert "[student] dropped site 'wli-0': no reply within 30 s (fed.round_timeout)" in messages, messages
+    assert any("[student] ignored a reply from 'wli-0'" in m for m in messages), messages
+    assert sum("dropped site" in m for m in messages) == 1, messages
+    # The stale update was never parsed nor counted: one update of wli-0 (round 2), two of wli-1.
+    egress = json.loads((tmp_path / "run" / "egress.json").read_text())
+    assert Counter(e["site"] for e in egress if e["kind"] == "student.update") == {"wli-0": 1, "wli-1": 2}
+    assert summary["bytes"]["student"]["messages"] == 2 * 2 + 3
 
 # ------------------------------------------------------------------------------------ resume
 

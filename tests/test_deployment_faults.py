@@ -1,0 +1,192 @@
+"""Faults on a real deployment: ``flower-superlink`` + ``flower-supernode`` processes on loopback, TLS
+and SuperNode authentication on, through :mod:`deploy.loopback` (the in-process counterparts are in
+tests/test_workflow.py).
+
+One federation (SuperLink, 1 NBI + 2 WLI SuperNodes) and two Flower runs of ONE FedPaGKD run
+(same run config, same ``fed.run_name``) serve both tests:
+
+1. run A does discovery and student round 1 with every site; once ``state.json`` records round 1
+   as finished, its ServerApp process is SIGKILLed (a coordinator crash) and the dead run is stopped
+   with ``flwr stop``;
+2. ``wli-1``'s SuperNode is restarted with the drill knob ``FEDPAGKD_DRILL_DELAY_S`` (deploy/README.md,
+   "Drills"): its ClientApp waits longer than ``fed.round_timeout`` before each student.train;
+3. run B (the same run config submitted again) resumes at round 2, drops ``wli-1`` from round 2
+   (no reply within the timeout), ignores that late reply when it comes, and completes.
+
+* (resume) run B says "resuming", metrics.json lists student rounds 1 and 2 exactly once, and the
+  egress log keeps run A's messages;
+* (late) round 2 went on without ``wli-1``, the server log names it and the timeout, and its late
+  reply (sent while run B was still running) was never counted.
+
+The run is the smallest that has student rounds: ``test_resnet`` at 32 px, no distillation (no
+teacher, no bank: discovery, student rounds, evaluation). Slow: each ClientApp message is a fresh
+Python process. Timings are printed (``pytest -s``).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from client.app import DRILL_DELAY_ENV
+from deploy import loopback
+from deploy.loopback import Loopback, RunResult
+
+pytestmark = pytest.mark.slow
+
+# Honest ClientApps (a fresh process each: ~5-15 s here, up to ~30 s on a loaded 2-core machine)
+# answer well within it; every exchange (discovery and evaluation included) waits at most this long.
+ROUND_TIMEOUT_S = 45.0
+LATE = "wli-1"
+LATE_BY_S = ROUND_TIMEOUT_S + 10.0  # the drill delay: its reply comes >= 10 s after the server stopped waiting
+RUN_NAME = "faults"
+RUN_TIMEOUT_S = 600.0
+CONFIG: dict[str, Any] = {
+    "model.student": "test_resnet",
+    "model.teacher": "test_resnet",
+    "data.nbi_sites": 1,  # no distillation: the NBI site only answers discovery
+    "data.wli_sites": 2,
+    "pagkd.use_pro": False,
+    "pagkd.use_den": False,
+    "fed.teacher_rounds": 0,
+    "fed.student_rounds": 2,
+    "fed.round_timeout": ROUND_TIMEOUT_S,
+    "fed.run_name": RUN_NAME,
+}
+
+
+@pytest.fixture(scope="module")
+def federation(tmp_path_factory):
+    with loopback.checked_federation(tmp_path_factory.mktemp("loopback-faults"), run_config=CONFIG, verbose=True) as fed:
+        yield fed
+
+
+def clientapps(fed: Loopback) -> dict[str, list[int]]:
+    """The ClientApp processes running under each site's SuperNode."""
+    return {name: [p for p in loopback._descendants(proc.pid) if "flwr-clientapp" in loopback._cmdline(p)]
+            for name, proc in fed.supernodes.items()}
+
+
+@pytest.fixture(scope="module")
+def crashed(federation) -> dict[str, Any]:
+    """Run A: killed (ServerApp SIGKILL) right after student round 1 was saved, then stopped."""
+    fed = federation
+    state_json = fed.runs / RUN_NAME / "state.json"
+    crash: dict[str, Any] = {}
+
+    def on_poll(row: dict[str, Any] | None, fed: Loopback, log: Path) -> None:
+        if "killed" in crash:
+            return
+        try:
+            state = json.loads(state_json.read_text())  # written atomically (rename): old or new, never torn
+        except (OSError, ValueError):
+            return  # not written yet
+        if state["progress"]["student_rounds"] >= 1:
+            crash["killed"] = fed.kill_serverapp()  # a crash: no chance to save or clean up anything
+            crash["progress"], crash["metrics"] = state["progress"], state["metrics"]
+            fed.stop_run(fed.run_ids[-1])  # what the operator does: the dead run's queued messages go
+
+    result = fed.run({}, timeout=RUN_TIMEOUT_S, on_poll=on_poll)
+    crash["result"] = result
+    crash["final_outputs"] = sorted(p.name for p in result.run_dir.glob("*") if p.name in ("metrics.json", "egress.json", "student.safetensors"))
+    # A SuperNode that pulls a message of the run just as it is stopped ignores it, but Flower 1.41
+    # still starts a ClientApp for it, which then waits forever (idle; stopped with its SuperNode).
+    # It does not hold up the SuperNode, so nothing here waits for it.
+    crash["stale_clientapps"] = clientapps(fed)
+    print(f"\nrun A {result.run_id}: {result.status} after {result.wall_s:.0f} s wall; ServerApp pid(s) {crash.get('killed')} "
+          f"killed at progress {crash.get('progress')}; ClientApps left by the stop: {crash['stale_clientapps']}")
+    return crash
+
+
+@pytest.fixture(scope="module")
+def resumed(federation, crashed) -> dict[str, Any]:
+    """The drill on wli-1 (SuperNode restarted with the knob), then run B: the same run config again."""
+    fed = federation
+    t0 = time.time()
+    fed.supernodes[LATE].stop()  # a clean stop: the SuperLink deactivates the node at once
+    proc = fed.restart_supernode(LATE, timeout=120, env={DRILL_DELAY_ENV: f"student.train={LATE_BY_S:g}"})
+    fed.wait_online([LATE])
+    restart_s = time.time() - t0
+    result = fed.run({}, timeout=RUN_TIMEOUT_S)
+    print(f"\n{LATE} restarted with {DRILL_DELAY_ENV}=student.train={LATE_BY_S:g} in {restart_s:.0f} s; "
+          f"run B {result.run_id}: {result.status} after {result.wall_s:.0f} s wall (SuperLink elapsed {result.elapsed_s} s)")
+    if result.metrics_path.is_file():
+        for entry in result.metrics()["timing"]:
+            print(f"  {entry['phase']:9s} round {entry['round']}: {entry['wall_s']:5.1f} s wall, {len(entry['compute_s'])}/{entry['sites']} "
+                  f"replied, compute {', '.join(f'{k} {v:.1f} s' for k, v in entry['compute_s'].items())}")
+    return {"result": result, "late_log": proc, "restart_s": restart_s}
+
+
+def _completed(result: RunResult) -> dict[str, Any]:
+    assert result.status == "finished:completed", f"{result.details}; see {result.log}"
+    return result.metrics()
+
+
+# --------------------------------------------------------------------------- resume
+
+
+def test_a_killed_server_resumes_from_its_last_finished_round(federation, crashed, resumed):
+    first: RunResult = crashed["result"]
+    assert crashed.get("killed"), f"no ServerApp to kill (or the run never saved round 1): see {first.log}"
+    assert crashed["progress"] == {"teacher_rounds": 0, "refreshes": 0, "student_rounds": 1}, crashed["progress"]
+    assert [e["round"] for e in crashed["metrics"]["student"]] == [1]
+    assert sorted(crashed["metrics"]["student"][0]["sites"]) == ["wli-0", "wli-1"]
+    assert first.status.startswith("finished:") and first.status != "finished:completed", first.status
+    assert crashed["final_outputs"] == [], f"the killed run wrote final outputs: {crashed['final_outputs']}"
+    first_log = first.log.read_text(errors="replace")
+    assert "resuming" not in first_log and "[student 1/2]" in first_log
+
+    second: RunResult = resumed["result"]
+    metrics = _completed(second)
+    assert second.run_dir == first.run_dir
+    log = second.log.read_text(errors="replace")
+    assert "resuming" in log and "student_rounds=1" in log, log[-3000:]
+    assert "[student 1/2]" not in log and "[student 2/2]" in log
+    # Every student round exactly once; the final student evaluated once.
+    assert [e["round"] for e in metrics["student"]] == [1, 2]
+    assert [(e["model"], e["round"]) for e in metrics["evaluation"]] == [("student", 1), ("student", 2)]
+    state = json.loads((second.run_dir / "state.json").read_text())
+    assert state["progress"] == {"teacher_rounds": 0, "refreshes": 0, "student_rounds": 2}
+    # The egress log keeps run A's messages: two discoveries, round 1's requests and both its updates.
+    egress = json.loads((second.run_dir / "egress.json").read_text())
+    sites = sorted(federation.sites)
+    assert Counter(e["site"] for e in egress if e["kind"] == "discover") == Counter({f"node {federation.sites[n].node_id}": 2 for n in sites})
+    rounds = Counter((e["site"], e["config"].get("round")) for e in egress if e["kind"] == "student.train")
+    assert rounds == {("wli-0", 1): 1, ("wli-1", 1): 1, ("wli-0", 2): 1, ("wli-1", 2): 1}, rounds
+    assert len(egress) == sum(e["messages"] for e in metrics["bytes"].values())
+    assert (second.run_dir / "student.safetensors").is_file()
+
+
+# --------------------------------------------------------------------------- late site
+
+
+def test_a_site_answering_after_the_round_timeout_is_dropped_from_that_round(federation, resumed):
+    second: RunResult = resumed["result"]
+    metrics = _completed(second)
+    log = second.log.read_text(errors="replace")
+    reason = f"no reply within {ROUND_TIMEOUT_S:.0f} s (fed.round_timeout)"
+    assert f"[student] dropped site '{LATE}': {reason}" in log, log[-3000:]
+    student = {e["round"]: sorted(e["sites"]) for e in metrics["student"]}
+    assert student == {1: ["wli-0", "wli-1"], 2: ["wli-0"]}, student
+    round_2 = next(t for t in metrics["timing"] if t["phase"] == "student" and t["round"] == 2)
+    assert round_2["wall_s"] >= ROUND_TIMEOUT_S and LATE not in round_2["compute_s"], round_2
+    round_2_line = next(line for line in log.splitlines() if "[student 2/2]" in line)
+    assert " from 1 " in round_2_line, round_2_line
+    # Only the honest site's update was received in round 2: the late one was never counted ...
+    egress = json.loads((second.run_dir / "egress.json").read_text())
+    updates = Counter(e["site"] for e in egress if e["kind"] == "student.update")
+    assert updates == {"wli-0": 2, LATE: 1}, updates
+    # ... although it was sent: the drill ran, and the SuperNode pushed the reply while run B was still
+    # running (it waited for the final evaluation), after the server had stopped waiting for it.
+    supernode_log = resumed["late_log"].text()
+    assert f"drill ({DRILL_DELAY_ENV})" in supernode_log and "student.train" in supernode_log, supernode_log[-3000:]
+    assert "Sending: train.student" in supernode_log, supernode_log[-3000:]
+    pushed = supernode_log.split("Sending: train.student", 1)[1].split("Sending:", 1)[0]
+    assert "Sent successfully" in pushed, pushed
+    # The honest sites were never dropped.
+    assert "dropped site 'wli-0'" not in log and "dropped site 'nbi-0'" not in log
