@@ -138,6 +138,36 @@ class Proc:
         return self.stop(grace_s=0.0, sig=signal.SIGKILL)
 
 
+@contextlib.contextmanager
+def checked_federation(work: Path, **kwargs: Any) -> Iterator["Loopback"]:
+    """A started :class:`Loopback` (SuperLink + every site); on exit every process it started
+    is stopped, and :class:`LoopbackError` names any process of its tree still running."""
+    fed = Loopback(work, **kwargs)
+    started: set[int] = set()
+    try:
+        t0 = time.time()
+        fed.start()
+        print(f"\nloopback federation up in {time.time() - t0:.0f} s (work folder {work})")
+        yield fed
+    finally:
+        started = fed.process_tree()
+        fed.close()
+        left = still_running(started)
+        if left:
+            raise LoopbackError(f"processes left running: {left}")
+
+
+def still_running(pids: set[int], grace_s: float = 15.0) -> dict[int, str]:
+    """The processes of ``pids`` still alive after ``grace_s`` (flower-superexec notices that
+    its parent is gone within a few seconds), with their command lines."""
+    deadline = time.time() + grace_s
+    alive = {pid for pid in pids if _state(pid) not in ("", "Z")}
+    while alive and time.time() < deadline:
+        time.sleep(0.5)
+        alive = {pid for pid in alive if _state(pid) not in ("", "Z")}
+    return {pid: _cmdline(pid)[:120] for pid in alive}
+
+
 def _signal_group(pgid: int, sig: int) -> None:
     try:
         os.killpg(pgid, sig)
@@ -296,35 +326,6 @@ class Loopback:
             pids.update(_descendants(proc.pid))
         return pids
 
-
-@contextlib.contextmanager
-def checked_federation(work: Path, **kwargs: Any) -> Iterator["Loopback"]:
-    """A started :class:`Loopback` (SuperLink + every site); on exit every process it started
-    is stopped, and :class:`LoopbackError` names any process of its tree still running."""
-    fed = Loopback(work, **kwargs)
-    started: set[int] = set()
-    try:
-        t0 = time.time()
-        fed.start()
-        print(f"\nloopback federation up in {time.time() - t0:.0f} s (work folder {work})")
-        yield fed
-    finally:
-        started = fed.process_tree()
-        fed.close()
-        left = still_running(started)
-        if left:
-            raise LoopbackError(f"processes left running: {left}")
-
-
-def still_running(pids: set[int], grace_s: float = 15.0) -> dict[int, str]:
-    """The processes of ``pids`` still alive after ``grace_s`` (flower-superexec notices that
-    its parent is gone within a few seconds), with their command lines."""
-    deadline = time.time() + grace_s
-    alive = {pid for pid in pids if _state(pid) not in ("", "Z")}
-    while alive and time.time() < deadline:
-        time.sleep(0.5)
-        alive = {pid for pid in alive if _state(pid) not in ("", "Z")}
-    return {pid: _cmdline(pid)[:120] for pid in alive}
 
     # ------------------------------------------------------------------ preparation
 
