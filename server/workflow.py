@@ -338,7 +338,7 @@ class Protocol:
         self._require(f"knowledge refresh {refresh} (seeds)", "nbi", len(replies), dropped)
         if evaluate_teacher:
             self._record_evaluation("teacher", self.cfg.fed.teacher_rounds, replies, "eval-examples")
-        self._account_releases(replies)
+        self._account_releases(nodes)
         # Sorted by site name, not arrival order: the seeded k-means must not depend on who answers first.
         in_order = sorted(replies, key=self.channel.name)
         self.centroids = aggregation.initial_centroids([replies[n].arrays for n in in_order], self.dims, seed)
@@ -370,7 +370,7 @@ class Protocol:
             config = {"round": refresh, "seed": seed, "iteration": iteration, "peers": peers, "attempt": attempt}
             request = make("knowledge.stats", self.dims, arrays=self.centroids, config=config)
             replies, dropped = self.channel.exchange("knowledge", {n: request for n in nodes})
-            self._account_releases(replies)
+            self._account_releases(nodes)
             self._require(step, "nbi", len(replies), dropped)
             in_order = [replies[n].arrays for n in sorted(replies, key=self.channel.name)]
             if not keys:
@@ -401,10 +401,11 @@ class Protocol:
                                   f"{len(keys)} sent one (a lone site's sum would be its own statistics)")
         return keys
 
-    def _account_releases(self, replies: dict[int, Payload]) -> None:
-        """Count each NBI site's statistics releases (what its DP budget is spent on)."""
+    def _account_releases(self, asked: list[int]) -> None:
+        """Count each NBI site's statistics releases (what its DP budget is spent on): every
+        site asked, whether or not its reply arrived or was used (it may have released it)."""
         releases = self.metrics.setdefault("privacy", {}).setdefault("releases", {})
-        for node_id in replies:
+        for node_id in asked:
             name = self.channel.name(node_id)
             releases[name] = releases.get(name, 0) + 1
 
@@ -450,8 +451,9 @@ class Protocol:
         }
         weights = {"student": self.student, "head": self.head}
         arrays = {**self.bank, **self.class_prototypes}
-        requests = {n: make("student.train", self.dims, arrays=arrays, weights=weights,
-                            config={**config, "evaluate": config["evaluate"] and self.sites[n].modality == "wli"}) for n in nodes}
+        by_modality = {m: make("student.train", self.dims, arrays=arrays, weights=weights,
+                               config={**config, "evaluate": config["evaluate"] and m == "wli"}) for m in ("wli", "nbi")}
+        requests = {n: by_modality[self.sites[n].modality] for n in nodes}
         reference = {"student": weight_shapes(self.student), "head": weight_shapes(self.head)}
         replies, dropped = self.channel.exchange("student", requests, reference)
         wli_replies = {n: r for n, r in replies.items() if self.sites[n].modality == "wli"}
