@@ -262,6 +262,8 @@ class Loopback:
     max_retries: int = 5  # SuperNode connection retries (backoff) before it gives up
     max_wait_time: float = 60.0  # seconds a SuperNode keeps retrying before it gives up
     verbose: bool = False
+    # Extra environment of a site's own SuperNode (its ClientApps inherit it), e.g. a drill knob.
+    site_env: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.work = Path(self.work).resolve()
@@ -513,9 +515,12 @@ class Loopback:
         """Start the SuperNode of site ``name`` (kwargs: see :meth:`supernode_cmd`) in its own session.
 
         With ``log_name`` it is an extra SuperNode (own log and FLWR_HOME), not the site's own.
-        ``env``: extra environment variables (its ClientApps inherit them)."""
+        ``env``: extra environment variables (its ClientApps inherit them); the site's own
+        SuperNode gets ``site_env[name]`` unless ``env`` is given."""
         site = self.sites[name]
         home = log_name or f"supernode-{name}"
+        if env is None and log_name is None:
+            env = self.site_env.get(name)
         proc = self.spawn(home, self.supernode_cmd(site, **kwargs), home, env=env)
         if log_name is None:
             self.supernodes[name] = proc

@@ -26,6 +26,7 @@ from typing import Any
 
 import pytest
 
+from client.app import DRILL_DELAY_ENV
 from deploy import loopback
 from deploy.loopback import Loopback, RunResult
 
@@ -36,9 +37,17 @@ SIM_TOLERANCE = 0.05
 VICTIM = "wli-1"
 
 
+# The victim rejoins 35-65 s after its kill (the SuperLink refuses it until its heartbeat
+# deadline). On a quiet machine the teacher round is over well before that, so the NBI sites hold
+# the knowledge phase back with the drill knob: the student round, the victim's first work, then
+# starts >= 75 s after the teacher round, whatever the machine's load.
+HOLD_BACK = {DRILL_DELAY_ENV: "knowledge.seed=75"}
+
+
 @pytest.fixture(scope="module")
 def federation(tmp_path_factory):
-    with loopback.checked_federation(tmp_path_factory.mktemp("loopback"), verbose=True) as fed:
+    with loopback.checked_federation(tmp_path_factory.mktemp("loopback"), verbose=True,
+                                     site_env={"nbi-0": HOLD_BACK, "nbi-1": HOLD_BACK}) as fed:
         yield fed
 
 
