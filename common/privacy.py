@@ -18,6 +18,12 @@ Each release is therefore two Gaussian mechanisms of the same noise multiplier
 accountant. Noise comes from the operating system's entropy (:func:`noise_generator`), never
 from a seed the server knows, or the server could subtract it.
 
+What this does not give: an *image*-level guarantee. Groups are drawn per refresh by a seeded
+permutation of each class's images, so removing one image can regroup the others; the guarantee
+holds for the group as the unit, given the site's grouping. An image-level one would need a
+grouping that removing one image leaves intact elsewhere (e.g. groups from a keyed hash of
+image ids), which is not built.
+
 Pure torch; no Flower import.
 """
 
