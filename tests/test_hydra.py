@@ -34,6 +34,13 @@ def test_presets_and_experiments_compose_to_valid_configs():
     assert not wli_only.pagkd.use_pro and not wli_only.pagkd.use_den and sim["cpus_per_client"] == 2
     adaptive, _ = _compose("federated", ["experiment=adaptive", "model.output_stride=16"])
     assert adaptive.pagkd.grouping == "adaptive" and adaptive.model.output_stride == 16
+    fedproto, _ = _compose("federated", ["experiment=fedproto"])
+    assert fedproto.fed.proto_weight == 1.0 and not fedproto.pagkd.use_pro and not fedproto.pagkd.use_den
+    joint, _ = _compose("federated", ["experiment=joint"])
+    assert joint.fed.student_sites == "all" and not joint.pagkd.use_den
+    assert _compose("federated", ["experiment=teacher_init"])[0].fed.student_init == "teacher"
+    private, _ = _compose("federated", ["experiment=private"])
+    assert private.privacy.secure_aggregation and private.privacy.noise_multiplier == 1.0
 
 
 def test_unknown_keys_and_wrong_types_fail_at_composition():
