@@ -143,6 +143,9 @@ def preflight(run_config: Mapping[str, Any], num_supernodes: int, cpus_per_clien
         if needed and have < max(1, minimum):
             fix = "add NBI sites or turn distillation off (pagkd.use_pro=false pagkd.use_den=false)" if modality == "nbi" else "add WLI sites"
             problems.append(f"{have} {modality.upper()} site(s) in {where}, the run needs at least {max(1, minimum)}: {fix}")
+    if cfg.privacy.secure_aggregation and distil and modalities.count("nbi") < 2:
+        problems.append(f"privacy.secure_aggregation needs >= 2 NBI sites ({where} gives {modalities.count('nbi')}): "
+                        "a lone site's masked sum would be its own statistics; add NBI sites or set it to false")
     cores = os.cpu_count() or 1
     if cpus_per_client < 1 or cpus_per_client > cores:
         problems.append(f"client-resources-num-cpus = {cpus_per_client}, this machine has {cores} CPU core(s): use 1..{cores}")

@@ -39,6 +39,12 @@ def test_zero_sites_of_a_modality_say_which_and_how_to_fix():
     preflight({"data.nbi_sites": 0, "data.wli_sites": 2, "pagkd.use_pro": False, "pagkd.use_den": False}, 2)
 
 
+def test_secure_aggregation_with_one_nbi_site_is_refused():
+    message = refusal({"data.nbi_sites": 1, "data.wli_sites": 2, "privacy.secure_aggregation": True}, 3)
+    assert "privacy.secure_aggregation needs >= 2 NBI sites" in message and "gives 1" in message
+    preflight({"data.nbi_sites": 2, "data.wli_sites": 2, "privacy.secure_aggregation": True}, 4)
+
+
 def test_more_supernodes_than_sites_is_refused():
     message = refusal(SITES, supernodes=6)
     assert "6 SuperNode(s)" in message and "4 site(s)" in message and "--supernodes 4" in message
