@@ -43,6 +43,7 @@ from common.files import atomic_write_json
 from server.state import StateError, load_state, save_state
 
 log = logging.getLogger("fedpagkd.server")
+LEDGER = "ledger.json"  # the run's traffic and releases, written after every exchange
 
 
 class FederationError(RuntimeError):
@@ -61,12 +62,34 @@ class SiteInfo:
 
 @dataclass
 class Ledger:
-    """Bytes and messages per phase, both directions, and the egress log of every message."""
+    """Bytes and messages per phase, both directions, the egress log of every message, and
+    each NBI site's statistics releases (its DP budget).
+
+    Written to ``path`` after every exchange (not only with the state after a finished round):
+    what a site sent in a round that was interrupted stays in its audit log, and the releases
+    it made then stay counted in its epsilon, when the run resumes and does that round again."""
 
     bytes: dict[str, dict[str, int]] = field(default_factory=dict)
     egress: list[dict[str, Any]] = field(default_factory=list)
     # One entry per exchange: its wall time and each replying site's declared compute time.
     timing: list[dict[str, Any]] = field(default_factory=list)
+    releases: dict[str, int] = field(default_factory=dict)
+    path: Path | None = None
+
+    def write(self) -> None:
+        if self.path is not None:
+            atomic_write_json(self.path, {"bytes": self.bytes, "egress": self.egress, "timing": self.timing, "releases": self.releases})
+
+    def load(self) -> bool:
+        """Restore from ``path``; False when there is none (a run folder of an older release)."""
+        if self.path is None or not self.path.is_file():
+            return False
+        try:
+            saved = json.loads(self.path.read_text())
+        except json.JSONDecodeError as err:
+            raise StateError(f"{self.path} is not valid JSON ({err}); delete the run folder to start over") from err
+        self.bytes, self.egress, self.timing, self.releases = saved["bytes"], saved["egress"], saved["timing"], saved["releases"]
+        return True
 
     def add(self, phase: str, direction: str, site: str, payload: Payload) -> None:
         size = payload.num_bytes()
@@ -105,6 +128,7 @@ class Channel:
         for node_id, payload in requests.items():
             self.ledger.add(phase, "to_site", self.name(node_id), payload)
             messages.append(Message(to_recorddict(payload), dst_node_id=node_id, message_type=MESSAGE_TYPE[payload.kind]))
+        self.ledger.write()  # before sending: a crash while waiting keeps what was asked of the sites
         started = time.perf_counter()
         replies = list(self.grid.send_and_receive(messages, timeout=self.timeout))
         first = next(iter(requests.values()), None)
@@ -150,6 +174,7 @@ class Channel:
                 dropped[node_id] = f"no reply within {self.timeout:.0f} s (fed.round_timeout)"
         for node_id, reason in dropped.items():
             log.warning("[%s] dropped site '%s': %s", phase, self.name(node_id), reason)
+        self.ledger.write()
         return ok, dropped
 
 
@@ -166,7 +191,7 @@ class Protocol:
     def __init__(self, grid: Grid, cfg: Config, run_dir: Path):
         self.cfg, self.run_dir = cfg, run_dir
         self.dims = dims_of(cfg)
-        self.ledger = Ledger()
+        self.ledger = Ledger(path=run_dir / LEDGER)
         self.channel = Channel(grid, self.dims, cfg.fed.round_timeout, self.ledger)
         self.grid = grid
         self.distil = cfg.pagkd.use_pro or cfg.pagkd.use_den
@@ -217,9 +242,8 @@ class Protocol:
         self.class_prototypes = blocks.get("prototypes", self.class_prototypes)
         self.progress = Progress(**meta["progress"])
         self.metrics = meta["metrics"]
-        self.ledger.bytes = meta["bytes"]
-        self.ledger.egress = meta.get("egress", [])
-        self.ledger.timing = meta.get("timing", [])
+        if not self.ledger.load():
+            self.ledger.bytes, self.ledger.egress, self.ledger.timing = meta["bytes"], meta.get("egress", []), meta.get("timing", [])
         log.info("resuming %s at %s", self.run_dir, self.progress)
         return True
 
@@ -334,11 +358,11 @@ class Protocol:
         seed = self._seed(2, refresh)
         config = {"round": refresh, "seed": seed, "evaluate": evaluate_teacher}
         request = make("knowledge.seed", self.dims, config=config, weights={"teacher": self.teacher, "head": self.head})
+        self._account_releases(nodes)
         replies, dropped = self.channel.exchange("knowledge", {n: request for n in nodes})
         self._require(f"knowledge refresh {refresh} (seeds)", "nbi", len(replies), dropped)
         if evaluate_teacher:
             self._record_evaluation("teacher", self.cfg.fed.teacher_rounds, replies, "eval-examples")
-        self._account_releases(nodes)
         # Sorted by site name, not arrival order: the seeded k-means must not depend on who answers first.
         in_order = sorted(replies, key=self.channel.name)
         self.centroids = aggregation.initial_centroids([replies[n].arrays for n in in_order], self.dims, seed)
@@ -369,8 +393,8 @@ class Protocol:
             peers = json.dumps({self.channel.name(n): keys[n] for n in nodes}) if keys else ""
             config = {"round": refresh, "seed": seed, "iteration": iteration, "peers": peers, "attempt": attempt}
             request = make("knowledge.stats", self.dims, arrays=self.centroids, config=config)
-            replies, dropped = self.channel.exchange("knowledge", {n: request for n in nodes})
             self._account_releases(nodes)
+            replies, dropped = self.channel.exchange("knowledge", {n: request for n in nodes})
             self._require(step, "nbi", len(replies), dropped)
             in_order = [replies[n].arrays for n in sorted(replies, key=self.channel.name)]
             if not keys:
@@ -403,8 +427,9 @@ class Protocol:
 
     def _account_releases(self, asked: list[int]) -> None:
         """Count each NBI site's statistics releases (what its DP budget is spent on): every
-        site asked, whether or not its reply arrived or was used (it may have released it)."""
-        releases = self.metrics.setdefault("privacy", {}).setdefault("releases", {})
+        site asked, before it is asked, whether or not its reply arrives or is used (it may have
+        released it). The ledger is written before the request goes out."""
+        releases = self.ledger.releases
         for node_id in asked:
             name = self.channel.name(node_id)
             releases[name] = releases.get(name, 0) + 1
@@ -418,7 +443,7 @@ class Protocol:
         from flwr.serverapp import PrivacyConfig as AccountingConfig
 
         privacy = self.cfg.privacy
-        releases = self.metrics.get("privacy", {}).get("releases", {})
+        releases = self.ledger.releases
         report: dict[str, Any] = {"noise_multiplier": privacy.noise_multiplier, "clip": privacy.clip, "delta": privacy.delta,
                                   "secure_aggregation": privacy.secure_aggregation, "releases": releases, "epsilon": {}}
         for site, count in releases.items():

@@ -157,7 +157,10 @@ def test_a_killed_server_resumes_from_its_last_finished_round(federation, crashe
     sites = sorted(federation.sites)
     assert Counter(e["site"] for e in egress if e["kind"] == "discover") == Counter({f"node {federation.sites[n].node_id}": 2 for n in sites})
     rounds = Counter((e["site"], e["config"].get("round")) for e in egress if e["kind"] == "student.train")
-    assert rounds == {("wli-0", 1): 1, ("wli-1", 1): 1, ("wli-0", 2): 1, ("wli-1", 2): 1}, rounds
+    assert rounds[("wli-0", 1)] == rounds[("wli-1", 1)] == 1, rounds
+    # Round 2 is in it once from run B, and once more if run A had already asked for it when its
+    # ServerApp was killed (the ledger is written before each request goes out).
+    assert rounds[("wli-0", 2)] == rounds[("wli-1", 2)] in (1, 2), rounds
     assert len(egress) == sum(e["messages"] for e in metrics["bytes"].values())
     assert (second.run_dir / "student.safetensors").is_file()
 

@@ -190,7 +190,7 @@ def test_epsilon_is_flowers_rdp_accountant_over_every_release_and_falls_with_noi
     eps = []
     for sigma in (0.5, 1.0, 2.0):
         proto, _ = protocol(tiny_config(privacy__noise_multiplier=sigma), tmp_path)
-        proto.metrics["privacy"] = {"releases": {"nbi-0": 3, "nbi-1": 6}}
+        proto.ledger.releases = {"nbi-0": 3, "nbi-1": 6}
         report = proto.privacy_spent()
         accountant = RdpAccountant(PrivacyConfig(1e-5, 1, NeighboringRelation.ADD_OR_REMOVE_ONE, SamplingMethod.NO_AMPLIFICATION))
         accountant.compose(GaussianPrivacyEvent(sigma, 1, 1), count=6 * MECHANISMS_PER_RELEASE)
@@ -199,7 +199,7 @@ def test_epsilon_is_flowers_rdp_accountant_over_every_release_and_falls_with_noi
         eps.append(report["max_epsilon"])
     assert eps[0] > eps[1] > eps[2]
     proto, _ = protocol(tiny_config(), tmp_path)
-    proto.metrics["privacy"] = {"releases": {"nbi-0": 3}}
+    proto.ledger.releases = {"nbi-0": 3}
     assert proto.privacy_spent()["max_epsilon"] is None  # no noise, no guarantee claimed
 
 
@@ -215,6 +215,27 @@ def test_a_dp_run_reports_each_sites_releases_and_epsilon(tmp_path):
     # The noisy counts stay usable counts on the wire.
     sums = [from_recorddict(m.content) for m in grid.received if from_recorddict(m.content).kind == "knowledge.sums"]
     assert sums and all((p.arrays["image_count"] >= 0).all() for p in sums)
+
+
+def test_releases_of_an_interrupted_refresh_stay_counted_after_resume(tmp_path):
+    """A crash in the middle of a bank refresh: the sites did release their seeds and a Lloyd
+    step; the resumed run rebuilds the bank, and epsilon counts both attempts."""
+    from tests.test_workflow import Crash, crash_on
+
+    cfg = tiny_config(privacy__noise_multiplier=1.0)
+    run_dir = tmp_path / "run"
+    first = InProcessGrid(synthetic_node_configs(4), config_to_flat(cfg))
+    first.faults[102] = crash_on(first, MESSAGE_TYPE["knowledge.stats"], nth=2)  # nbi-1's 2nd Lloyd step
+    with pytest.raises(Crash):
+        run_federation(first, cfg, run_dir)
+    summary = run_federation(InProcessGrid(synthetic_node_configs(4), config_to_flat(cfg)), cfg, run_dir)
+    per_refresh = 1 + cfg.pagkd.kmeans_iters
+    # Asked in the crashed refresh: seeds + 2 steps for nbi-0 (asked before nbi-1 crashed the server), seeds + 2 for nbi-1.
+    assert summary["privacy"]["releases"] == {"nbi-0": 2 * per_refresh, "nbi-1": 2 * per_refresh}
+    # The audit log keeps the crashed refresh's messages: every knowledge message of both attempts.
+    egress = json.loads((run_dir / "egress.json").read_text())
+    seeds = [e for e in egress if e["kind"] == "knowledge.seeds"]
+    assert len(seeds) == 4 and len(egress) == sum(e["messages"] for e in summary["bytes"].values())
 
 
 # ------------------------------------------------------------------ secure aggregation, protocol
