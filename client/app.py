@@ -32,7 +32,7 @@ from common import secagg
 from common.losses import bank_from_statistics
 from common.metrics import score_histogram
 from common.models import build_query_head, build_student, build_teacher, pick_device
-from common.records import PROTOCOL_VERSION, Dims, Payload, PayloadError, make, validate
+from common.records import CLASS_PROTOTYPES, EVALUATION_FIELDS, PROTOCOL_VERSION, Dims, Payload, PayloadError, empty_statistics, make, validate
 
 log = logging.getLogger(__name__)
 app = ClientApp()
@@ -294,7 +294,7 @@ def student_round(request: Payload, site: SiteData, cfg: Config, dims: Dims, con
         class_prototypes=class_prototypes if counts.sum() > 0 else None,
     )
     losses = result.losses
-    prototypes = {"class_prototype_sum": np.zeros((dims.C, dims.D), np.float32), "class_prototype_count": np.zeros(dims.C, np.int64)}
+    prototypes = empty_statistics(CLASS_PROTOTYPES, dims)
     if result.class_prototype_sum is not None:
         prototypes = {"class_prototype_sum": result.class_prototype_sum.numpy(), "class_prototype_count": result.class_prototype_count.numpy()}
     return make(
@@ -335,9 +335,7 @@ def _test_scores(net, site: SiteData, cfg: Config, dims: Dims, evaluate: bool) -
     """Score histograms (C x B) and confusion (C x C) of ``net`` on the test split, with the
     ``eval-examples`` / ``eval-loss`` config; all zero when ``evaluate`` is false."""
     if not evaluate:
-        zeros = np.zeros((dims.C, dims.B), dtype=np.int64)
-        return {"score_positives": zeros, "score_negatives": zeros.copy(), "confusion": np.zeros((dims.C, dims.C), dtype=np.int64)}, {
-            "eval-examples": 0, "eval-loss": 0.0}
+        return empty_statistics(EVALUATION_FIELDS, dims), {"eval-examples": 0, "eval-loss": 0.0}
     loader = eval_loader(site.test, cfg.train.batch_size, cfg.data.num_workers)
     probs, labels, loss = predict(net, loader, pick_device(cfg.train.device), cfg.train.amp)
     hist = score_histogram(probs, labels, num_bins=dims.B)

@@ -21,7 +21,7 @@ from common.grouping import Group, cluster_assignment, cluster_statistics
 from common.losses import BACKGROUND, FOREGROUND, cam_token_labels
 from common.models import LesionQueryHead, PaGKDNet, group_prototypes
 from common.privacy import add_noise, clip_factors, count_sensitivity, group_sq_norms, max_group_size, noise_generator
-from common.records import Dims
+from common.records import BANK_STATISTICS, Dims, empty_statistics
 
 
 @dataclass
@@ -135,15 +135,7 @@ def _statistics(
     generator = torch.Generator().manual_seed(seed)
     privacy = cfg.privacy
     dp = privacy.noise_multiplier > 0
-    out = {
-        "prototype_sum": np.zeros((dims.C, dims.S, dims.M, dims.D), np.float32),
-        "prototype_sqsum": np.zeros((dims.C, dims.S, dims.M, dims.D), np.float32),
-        "prototype_count": np.zeros((dims.C, dims.S), np.int64),
-        "image_count": np.zeros(dims.C, np.int64),
-    }
-    for name in ("foreground", "background"):
-        out[f"{name}_sum"] = np.zeros((dims.C, dims.L, dims.D), np.float32)
-        out[f"{name}_count"] = np.zeros((dims.C, dims.L), np.int64)
+    out = empty_statistics(BANK_STATISTICS, dims)
     num_groups = len(knowledge.group_labels)
     for c in range(dims.C):
         blocks = _class_blocks(knowledge, dims, c, centroids)

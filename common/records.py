@@ -316,6 +316,11 @@ def make(kind: str, dims: Dims, *, arrays=None, config=None, weights=None) -> Pa
     return validate(payload, dims)
 
 
+def empty_statistics(fields: tuple[ArrayField, ...], dims: Dims) -> dict[str, np.ndarray]:
+    """All-zero arrays of the given fields (no knowledge yet, or a part a message leaves unused)."""
+    return {f.name: np.zeros(dims.resolve(f.shape), dtype=f.dtype) for f in fields}
+
+
 def weight_shapes(state: Mapping[str, np.ndarray]) -> dict[str, tuple[tuple[int, ...], str]]:
     """{param: (shape, dtype)} of a numpy state dict, the reference :func:`validate` checks against."""
     return {name: (tuple(a.shape), str(a.dtype)) for name, a in state.items()}

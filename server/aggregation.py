@@ -14,7 +14,7 @@ import torch
 
 from common.grouping import kmeans, update_centroids
 from common import secagg
-from common.records import BANK_STATISTICS, Dims, Payload, PayloadError, validate
+from common.records import BANK_STATISTICS, Dims, Payload, PayloadError, empty_statistics, validate
 
 State = dict[str, np.ndarray]
 
@@ -71,11 +71,6 @@ def sum_statistics(replies: Sequence[Mapping[str, np.ndarray]], names: Sequence[
 def bank_statistics(replies: Sequence[Mapping[str, np.ndarray]]) -> State:
     """The knowledge bank: summed :data:`common.records.BANK_STATISTICS` of the NBI sites."""
     return sum_statistics(replies, [f.name for f in BANK_STATISTICS])
-
-
-def empty_statistics(fields, dims: Dims) -> State:
-    """All-zero arrays of the given :class:`common.records.ArrayField` s (no knowledge yet)."""
-    return {f.name: np.zeros(dims.resolve(f.shape), dtype=f.dtype) for f in fields}
 
 
 def empty_bank(dims: Dims) -> State:

@@ -37,7 +37,9 @@ from common.data import default_class_names
 from common.metrics import ScoreHistogram, histogram_metrics
 from common.models import STUDENT_CHECKPOINT, build_query_head, build_student, build_teacher, save_checkpoint
 from common.privacy import MECHANISMS_PER_RELEASE
-from common.records import CLASS_PROTOTYPES, PROTOCOL_VERSION, Dims, Payload, PayloadError, make, reply_kind, validate, weight_shapes
+from common.records import (
+    CLASS_PROTOTYPES, PROTOCOL_VERSION, Dims, Payload, PayloadError, empty_statistics, make, reply_kind, validate, weight_shapes,
+)
 from server import aggregation
 from common.files import atomic_write_json
 from server.state import StateError, load_state, save_state
@@ -202,7 +204,7 @@ class Protocol:
         self.student = state_to_numpy(build_student(cfg.model, c))
         self.head = state_to_numpy(build_query_head(cfg.model, c))
         self.bank = aggregation.empty_bank(self.dims)
-        self.class_prototypes = aggregation.empty_statistics(CLASS_PROTOTYPES, self.dims)
+        self.class_prototypes = empty_statistics(CLASS_PROTOTYPES, self.dims)
         self.centroids: dict[str, np.ndarray] = {}
         self.progress = Progress()
         self.metrics: dict[str, Any] = {"teacher": [], "knowledge": [], "student": [], "evaluation": []}

@@ -14,13 +14,12 @@ import torch
 
 from client.knowledge import SiteKnowledge, knowledge_sums
 from common.losses import BACKGROUND, FOREGROUND, UNCERTAIN
-from common.records import BANK_STATISTICS, CENTROIDS, CLASS_PROTOTYPES, EVALUATION_FIELDS, KNOWLEDGE_SEEDS_FIELDS, Dims, make
+from common.records import BANK_STATISTICS, CENTROIDS, CLASS_PROTOTYPES, EVALUATION_FIELDS, KNOWLEDGE_SEEDS_FIELDS, Dims, empty_statistics, make
 from server.aggregation import (
     ROBUST,
     bank_statistics,
     clip_updates,
     empty_bank,
-    empty_statistics,
     initial_centroids,
     lloyd_centroids,
     norm_outliers,

@@ -21,8 +21,8 @@ from client.wire import MESSAGE_TYPE, from_recorddict, state_to_numpy, to_record
 from common.config import config_to_flat
 from common.data import SyntheticSiteSpec, write_image_folder
 from common.models import build_query_head, build_student, build_teacher
-from common.records import CLASS_PROTOTYPES, PROTOCOL_VERSION, REPLY_KIND, Payload, make, validate, weight_shapes
-from server.aggregation import empty_bank, empty_statistics, initial_centroids
+from common.records import CLASS_PROTOTYPES, PROTOCOL_VERSION, REPLY_KIND, Payload, empty_statistics, make, validate, weight_shapes
+from server.aggregation import empty_bank, initial_centroids
 from tests.conftest import tiny_config
 
 pytestmark = pytest.mark.usefixtures("single_thread", "task_identity")
