@@ -29,8 +29,8 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import ConcatDataset
 
 import common  # noqa: F401  (torchvision shim before timm)
-from client.site import _synthetic_site, synthetic_site_specs
-from client.train import balanced_loader, eval_loader, live_teacher_bank, predict, train_student, train_teacher
+from client.site import federation_sites
+from client.train import ValidationSelector, balanced_loader, eval_loader, live_teacher_bank, predict, train_student, train_teacher
 from common.config import Config, config_from_mapping, config_to_dict, register_hydra_schema
 from common.files import atomic_write_json
 from common.metrics import classification_metrics
@@ -59,14 +59,18 @@ REPORTED = ("auc", "accuracy", "sensitivity", "specificity")
 PAPER_PICCOLO_AUC = {"pagkd": 0.901, "wli_only": 0.712, "pro_only": 0.850, "den_only": 0.835}
 
 
-def pooled_data(cfg: Config):
-    sites = [_synthetic_site(name, spec, cfg.data.image_size) for name, spec in synthetic_site_specs(cfg)]
-    def pool(modality: str, split: str):
-        parts = [getattr(s, split) for s in sites if s.modality == modality]
+def pooled_data(cfg: Config) -> dict[tuple[str, str], ConcatDataset]:
+    """{(modality, split): every site's split of that modality pooled}, for the federation's
+    sites (embedded default or ``data.root``)."""
+    sites = federation_sites(cfg)
+
+    def pool(modality: str, split: str) -> ConcatDataset:
+        parts = [s.split(split) for s in sites if s.modality == modality]
         data = ConcatDataset(parts)
         data.labels = np.concatenate([p.labels for p in parts])  # for the balanced sampler
         return data
-    return pool("nbi", "train"), pool("nbi", "test"), pool("wli", "train"), pool("wli", "test")
+
+    return {(m, split): pool(m, split) for m in ("nbi", "wli") for split in ("train", "val", "test")}
 
 
 def with_variant(cfg: Config, variant: str) -> Config:
@@ -78,7 +82,7 @@ def run_seed(cfg: Config, seed: int, variants: list[str], done: dict[str, Any], 
     """Teacher once, then each student variant from the same initialisation. ``done`` holds
     this seed's finished results (skipped); ``record(name, metrics)`` saves each new one."""
     device = pick_device(cfg.train.device)
-    nbi_train, nbi_test, wli_train, wli_test = pooled_data(cfg)
+    data = pooled_data(cfg)
     c = cfg.data.num_classes
     bs, workers = cfg.train.batch_size, cfg.data.num_workers
     if all(v in done for v in ["nbi_teacher", *variants]):
@@ -87,10 +91,15 @@ def run_seed(cfg: Config, seed: int, variants: list[str], done: dict[str, Any], 
     torch.manual_seed(seed)
     teacher, teacher_head = build_teacher(cfg.model, c), build_query_head(cfg.model, c)
     started = time.time()
-    train_teacher(teacher, teacher_head, balanced_loader(nbi_train, bs, seed, workers), cfg, device, cfg.train.teacher_epochs, seed)
+    # Model selection on the validation split (best epoch by pooled val AUC); test read once.
+    selector = ValidationSelector(teacher, eval_loader(data["nbi", "val"], bs, workers), device, cfg.train.amp)
+    train_teacher(teacher, teacher_head, balanced_loader(data["nbi", "train"], bs, seed, workers), cfg, device,
+                  cfg.train.teacher_epochs, seed, on_epoch_end=selector)
+    selector.restore()
     if "nbi_teacher" not in done:
-        probs, labels, _ = predict(teacher, eval_loader(nbi_test, bs, workers), device, cfg.train.amp)
-        record("nbi_teacher", {**classification_metrics(probs, labels), "train_s": time.time() - started})
+        probs, labels, _ = predict(teacher, eval_loader(data["nbi", "test"], bs, workers), device, cfg.train.amp)
+        record("nbi_teacher", {**classification_metrics(probs, labels), "train_s": time.time() - started,
+                               "best_epoch": selector.best_epoch, "val_auc": selector.best_auc})
     teacher.eval().requires_grad_(False)
 
     torch.manual_seed(seed + 1)
@@ -108,14 +117,18 @@ def run_seed(cfg: Config, seed: int, variants: list[str], done: dict[str, Any], 
             student.load_state_dict(student_init)
         head = copy.deepcopy(teacher_head).requires_grad_(True)  # the shared head starts where the teacher left it
         if vcfg.pagkd.use_pro or vcfg.pagkd.use_den:
-            bank_source = live_teacher_bank(teacher, head, balanced_loader(nbi_train, bs, seed + 2, workers), vcfg, device, seed)
+            bank_source = live_teacher_bank(teacher, head, balanced_loader(data["nbi", "train"], bs, seed + 2, workers), vcfg,
+                                            device, seed)
         else:
             bank_source = lambda: None  # noqa: E731
         started = time.time()
-        train_student(student, head, balanced_loader(wli_train, bs, seed + 3, workers), bank_source, vcfg, device,
-                      vcfg.train.epochs, seed)
-        probs, labels, _ = predict(student, eval_loader(wli_test, bs, workers), device, cfg.train.amp)
-        record(variant, {**classification_metrics(probs, labels), "train_s": time.time() - started})
+        selector = ValidationSelector(student, eval_loader(data["wli", "val"], bs, workers), device, cfg.train.amp)
+        result = train_student(student, head, balanced_loader(data["wli", "train"], bs, seed + 3, workers), bank_source, vcfg,
+                               device, vcfg.train.epochs, seed, on_epoch_end=selector)
+        selector.restore()
+        probs, labels, _ = predict(student, eval_loader(data["wli", "test"], bs, workers), device, cfg.train.amp)
+        record(variant, {**classification_metrics(probs, labels), "train_s": time.time() - started,
+                         "best_epoch": selector.best_epoch, "val_auc": selector.best_auc, "train_losses": result.losses})
 
 
 def summarise(per_seed: dict[str, dict[str, dict[str, Any]]]) -> dict[str, dict[str, float]]:

@@ -25,14 +25,14 @@ from flwr.clientapp import ClientApp
 
 from client.knowledge import extract_site_knowledge, knowledge_seeds, knowledge_sums
 from client.site import SiteData, resolve_site
-from client.train import balanced_loader, eval_loader, predict, train_student, train_teacher
+from client.train import Span, balanced_loader, eval_loader, predict, train_student, train_teacher
 from client.wire import MESSAGE_TYPE, from_recorddict, load_numpy_state, state_to_numpy, to_recorddict
 from common.config import Config, config_from_flat
 from common import secagg
 from common.losses import bank_from_statistics
 from common.metrics import score_histogram
 from common.models import build_query_head, build_student, build_teacher, pick_device
-from common.records import CLASS_PROTOTYPES, EVALUATION_FIELDS, PROTOCOL_VERSION, Dims, Payload, PayloadError, empty_statistics, make, validate
+from common.records import CLASS_PROTOTYPES, EVALUATION_FIELDS, EVALUATION_SPLITS, PROTOCOL_VERSION, Dims, Payload, PayloadError, empty_statistics, make, validate
 
 log = logging.getLogger(__name__)
 app = ClientApp()
@@ -156,6 +156,7 @@ def discover(request: Payload, site: SiteData, cfg: Config, dims: Dims, context:
         dims,
         arrays={
             "train_class_counts": _class_counts(site.train.labels, dims.C),
+            "val_class_counts": _class_counts(site.val.labels if site.val is not None else [], dims.C),
             "test_class_counts": _class_counts(site.test.labels, dims.C),
         },
         config={"site-name": site.name, "modality": site.modality, "version": VERSION, "protocol": PROTOCOL_VERSION},
@@ -173,17 +174,25 @@ def _teacher_and_head(request: Payload, cfg: Config, dims: Dims):
 @app.train("teacher")
 @handles("teacher.train", ("nbi",))
 def teacher_round(request: Payload, site: SiteData, cfg: Config, dims: Dims, context: Context) -> Payload:
-    """Local teacher epochs on NBI (FedAvg'ed by the server)."""
+    """Local teacher epochs on NBI (FedAvg'ed by the server); the received (previous round's
+    global) teacher is scored first when asked (model selection on the val split)."""
     teacher, head = _teacher_and_head(request, cfg, dims)
+    scores, scored = _scores(teacher, site, cfg, dims, request.config["evaluate"])
     seed = site_seed(request.config["seed"], site.name)
     loader = balanced_loader(site.train, cfg.train.batch_size, seed, cfg.data.num_workers)
-    result = train_teacher(teacher, head, loader, cfg, pick_device(cfg.train.device), request.config["local-epochs"], seed)
+    result = train_teacher(teacher, head, loader, cfg, pick_device(cfg.train.device), request.config["local-epochs"], seed,
+                           span=_span(request))
     return make(
         "teacher.update",
         dims,
-        config={"num-examples": result.num_examples, "loss": result.losses.get("total", 0.0)},
+        arrays=scores,
+        config={"num-examples": result.num_examples, "loss": result.losses.get("total", 0.0), **scored},
         weights={"teacher": state_to_numpy(teacher), "head": state_to_numpy(head)},
     )
+
+
+def _span(request: Payload) -> Span:
+    return Span(request.config["schedule-start"], request.config["schedule-end"])
 
 
 def _site_knowledge(site: SiteData, cfg: Config, teacher, head, seed: int):
@@ -206,7 +215,7 @@ def knowledge_seed(request: Payload, site: SiteData, cfg: Config, dims: Dims, co
         local["secagg-private"], public_key = keys.private, secagg.public_key_hex(keys)
     context.state[_STATE_KNOWLEDGE] = ConfigRecord(local)
     knowledge = _site_knowledge(site, cfg, teacher, head, seed)
-    scores, scored = _test_scores(teacher, site, cfg, dims, request.config["evaluate"])
+    scores, scored = _scores(teacher, site, cfg, dims, request.config["evaluate"])
     return make(
         "knowledge.seeds", dims, arrays={**knowledge_seeds(knowledge, dims, cfg, seed), **scores},
         config={"groups": len(knowledge.group_labels), "public-key": public_key, **scored},
@@ -284,14 +293,14 @@ def student_round(request: Payload, site: SiteData, cfg: Config, dims: Dims, con
     counts = torch.from_numpy(request.arrays["class_prototype_count"])
     class_prototypes = (torch.from_numpy(request.arrays["class_prototype_sum"]) / counts.clamp_min(1)[:, None], counts > 0)
     # The received student is the previous round's global model: score it before training.
-    scores, scored = _test_scores(student, site, cfg, dims, request.config["evaluate"])
+    scores, scored = _scores(student, site, cfg, dims, request.config["evaluate"])
     seed = site_seed(request.config["seed"], site.name)
     loader = balanced_loader(site.train, cfg.train.batch_size, seed, cfg.data.num_workers)
     device = pick_device(cfg.train.device)
     result = train_student(
         student, head, loader, lambda: bank.to(device) if bank is not None else None, cfg, device,
         request.config["local-epochs"], seed, group_losses=request.config["group-losses"],
-        class_prototypes=class_prototypes if counts.sum() > 0 else None,
+        class_prototypes=class_prototypes if counts.sum() > 0 else None, span=_span(request),
     )
     losses = result.losses
     prototypes = empty_statistics(CLASS_PROTOTYPES, dims)
@@ -323,20 +332,25 @@ def evaluate(request: Payload, site: SiteData, cfg: Config, dims: Dims, context:
         raise PayloadError(f"evaluate: model '{model}' is not 'student' or 'teacher'")
     if site.modality != expected:
         raise RoleError(f"site '{site.name}' holds {site.modality.upper()} data; the {model} is evaluated on {expected.upper()} sites")
-    if request.config["split"] != "test":
-        raise PayloadError(f"evaluate: split '{request.config['split']}' is not available; sites evaluate on 'test'")
+    split = request.config["split"]
+    if split not in EVALUATION_SPLITS:
+        raise PayloadError(f"evaluate: split '{split}' is not one of {list(EVALUATION_SPLITS)}")
     net = (build_student if model == "student" else build_teacher)(cfg.model, dims.C)
     load_numpy_state(net, request.weights["net"], "net")
-    scores, scored = _test_scores(net, site, cfg, dims, True)
+    scores, scored = _scores(net, site, cfg, dims, split)
     return make("evaluation", dims, arrays=scores, config={"num-examples": scored["eval-examples"], "loss": scored["eval-loss"]})
 
 
-def _test_scores(net, site: SiteData, cfg: Config, dims: Dims, evaluate: bool) -> tuple[dict[str, np.ndarray], dict[str, int | float]]:
-    """Score histograms (C x B) and confusion (C x C) of ``net`` on the test split, with the
-    ``eval-examples`` / ``eval-loss`` config; all zero when ``evaluate`` is false."""
-    if not evaluate:
+def _scores(net, site: SiteData, cfg: Config, dims: Dims, split: str) -> tuple[dict[str, np.ndarray], dict[str, int | float]]:
+    """Score histograms (C x B) and confusion (C x C) of ``net`` on ``split`` ('val' or 'test'),
+    with the ``eval-examples`` / ``eval-loss`` config; all zero when ``split`` is '' (no
+    evaluation asked) or the site has no such split (it then scores nothing, and says so)."""
+    if not split:
         return empty_statistics(EVALUATION_FIELDS, dims), {"eval-examples": 0, "eval-loss": 0.0}
-    loader = eval_loader(site.test, cfg.train.batch_size, cfg.data.num_workers)
+    if split == "val" and site.val is None:
+        log.warning("site '%s' has no val split: it takes no part in model selection", site.name)
+        return empty_statistics(EVALUATION_FIELDS, dims), {"eval-examples": 0, "eval-loss": 0.0}
+    loader = eval_loader(site.split(split), cfg.train.batch_size, cfg.data.num_workers)
     probs, labels, loss = predict(net, loader, pick_device(cfg.train.device), cfg.train.amp)
     hist = score_histogram(probs, labels, num_bins=dims.B)
     arrays = {"score_positives": hist.positives, "score_negatives": hist.negatives, "confusion": hist.confusion}

@@ -28,6 +28,7 @@ from common.data import (
     SyntheticSiteSpec,
     build_transform,
     default_class_names,
+    has_split,
 )
 
 SITES_FILE = "sites.toml"
@@ -38,8 +39,16 @@ class SiteData:
     name: str
     modality: str
     train: Dataset  # training split (augmented per batch by the training loop)
-    test: Dataset  # held-out split for evaluation
+    test: Dataset  # held-out split for the final evaluation (read once, at the end)
     class_names: tuple[str, ...]
+    val: Dataset | None = None  # model-selection split (per-round evaluation); None: the site has none
+
+    def split(self, name: str) -> Dataset:
+        """The ``train`` / ``val`` / ``test`` split; a missing val split is an error naming the site."""
+        data = {"train": self.train, "val": self.val, "test": self.test}.get(name)
+        if data is None:
+            raise DataError(f"site '{self.name}' has no '{name}' split; add {name}/ (or manifest rows with split={name})")
+        return data
 
 
 def synthetic_site_specs(cfg: Config) -> list[tuple[str, SyntheticSiteSpec]]:
@@ -78,6 +87,7 @@ def _synthetic_site(name: str, spec: SyntheticSiteSpec, image_size: int) -> Site
         train=SyntheticEndoscopyDataset(spec, "train", build_transform(image_size)),
         test=SyntheticEndoscopyDataset(spec, "test", build_transform(image_size)),
         class_names=spec.class_names,
+        val=SyntheticEndoscopyDataset(spec, "val", build_transform(image_size)),
     )
 
 
@@ -92,7 +102,8 @@ def folder_site(name: str, modality: str, data_path: str | Path, cfg: Config) ->
     def split(split_name: str) -> FolderSiteDataset:
         return FolderSiteDataset(root, split_name, names, build_transform(size), expected_modality=modality)
 
-    return SiteData(name, modality, split("train"), split("test"), names)
+    val = split("val") if has_split(root, "val") else None
+    return SiteData(name, modality, split("train"), split("test"), names, val)
 
 
 def read_sites_file(root: str | Path) -> list[dict[str, str]]:
@@ -109,6 +120,14 @@ def read_sites_file(root: str | Path) -> list[dict[str, str]]:
         if missing:
             raise DataError(f"{path}: [[site]] number {number + 1} lacks {sorted(missing)}")
     return entries
+
+
+def federation_sites(cfg: Config) -> list[SiteData]:
+    """Every site of the run's federation, in partition order: the embedded synthetic one, or
+    the ``[[site]]`` entries of ``<data.root>/sites.toml`` (what benchmarks pool centrally)."""
+    if cfg.data.root:
+        return [folder_site(e["name"], e["modality"], Path(cfg.data.root) / e["path"], cfg) for e in read_sites_file(cfg.data.root)]
+    return [_synthetic_site(name, spec, cfg.data.image_size) for name, spec in synthetic_site_specs(cfg)]
 
 
 def resolve_site(node_config: Mapping[str, Any], cfg: Config) -> SiteData:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -29,7 +30,9 @@ from common.losses import (
     pagkd_loss,
     prototype_regulariser,
 )
+from common.metrics import classification_metrics
 from common.models import LesionQueryHead, PaGKDNet, group_prototypes
+from common.optim import ProgressSchedule, build_optimizer
 
 log = logging.getLogger(__name__)
 
@@ -70,10 +73,12 @@ def make_groups(labels: torch.Tensor, tokens: torch.Tensor, cfg: Config, generat
 
 
 def _epochs(
-    loader: DataLoader, epochs: int, first_epoch: int, cfg: Config, device: torch.device, seed: int
+    loader: DataLoader, epochs: int, first_epoch: int, cfg: Config, device: torch.device, seed: int,
+    on_epoch_end: Callable[[int], None] | None = None,
 ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
-    """(epoch, augmented images on device, labels on device) for each training batch."""
-    augment = BatchAugment(cfg.train.rotation_deg, cfg.train.flips, cfg.train.color_jitter)
+    """(epoch, augmented images on device, labels on device) for each training batch;
+    ``on_epoch_end(epoch)`` runs after each epoch's last batch (e.g. model selection)."""
+    augment = BatchAugment(cfg.train.rotation_deg, cfg.train.flips, cfg.train.color_jitter, cfg.train.augment)
     generator = torch.Generator().manual_seed(seed + 31)
     for epoch in range(first_epoch, first_epoch + epochs):
         if hasattr(loader.batch_sampler, "set_epoch"):
@@ -81,6 +86,41 @@ def _epochs(
         for images, labels in loader:
             images = augment(images.to(device, non_blocking=True), generator)
             yield epoch, to_device(images, device, cfg.train.channels_last), labels.to(device)
+        if on_epoch_end is not None:
+            on_epoch_end(epoch)
+
+
+@dataclass
+class Span:
+    """The share of the run's learning-rate schedule a call to a training loop covers
+    (:mod:`common.optim`): the whole run centrally, [(r-1)/R, r/R] in federated round r of R."""
+
+    start: float = 0.0
+    end: float = 1.0
+
+
+class ValidationSelector:
+    """Model selection on the validation split: after every epoch, score the network on
+    ``loader`` (macro one-vs-rest AUC) and keep a copy of the best weights; :meth:`restore`
+    loads them back. The test split is never read here."""
+
+    def __init__(self, net: PaGKDNet, loader: DataLoader, device: torch.device, amp: bool):
+        self.net, self.loader, self.device, self.amp = net, loader, device, amp
+        self.best_auc, self.best_epoch, self.best_state = -math.inf, -1, None
+        self.history: list[float] = []
+
+    def __call__(self, epoch: int) -> None:
+        probs, labels, _ = predict(self.net, self.loader, self.device, self.amp)
+        self.net.train()
+        auc = classification_metrics(probs, labels)["auc"]
+        self.history.append(float(auc))
+        if auc >= self.best_auc:  # ties go to the later (longer-trained) epoch
+            self.best_auc, self.best_epoch = float(auc), epoch
+            self.best_state = {k: v.detach().clone() for k, v in self.net.state_dict().items()}
+
+    def restore(self) -> None:
+        if self.best_state is not None:
+            self.net.load_state_dict(self.best_state)
 
 
 @dataclass
@@ -107,23 +147,28 @@ class _Mean:
         return TrainResult(num_examples, {k: v / max(self.steps, 1) for k, v in self.sums.items()})
 
 
-def _train_mode_optimizer(cfg: Config, net: PaGKDNet, head: LesionQueryHead, device: torch.device) -> torch.optim.Optimizer:
-    """Move both modules to the device in train mode; Adam over both (the paper's optimiser)."""
+def _train_mode_optimizer(
+    cfg: Config, net: PaGKDNet, head: LesionQueryHead, device: torch.device, steps: int, span: Span
+) -> tuple[torch.optim.Optimizer, ProgressSchedule]:
+    """Move both modules to the device in train mode; AdamW over both, with the run's schedule
+    over ``span`` spread across these ``steps``."""
     net.to(device).train()
     head.to(device).train()
-    return torch.optim.Adam(list(net.parameters()) + list(head.parameters()), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    optimizer = build_optimizer(list(net.parameters()) + list(head.parameters()), cfg.train)
+    return optimizer, ProgressSchedule(optimizer, cfg.train, steps, span.start, span.end)
 
 
 def train_teacher(
-    teacher: PaGKDNet, head: LesionQueryHead, loader: DataLoader, cfg: Config, device: torch.device, epochs: int, seed: int
+    teacher: PaGKDNet, head: LesionQueryHead, loader: DataLoader, cfg: Config, device: torch.device, epochs: int, seed: int,
+    span: Span = Span(), on_epoch_end: Callable[[int], None] | None = None,
 ) -> TrainResult:
     """NBI teacher: CE on the backbone + classifier; group CE on the (detached-feature) token
     embedding and the shared query head, so the NBI token space and queries are class-aware
-    before any student distils from them."""
-    optimizer = _train_mode_optimizer(cfg, teacher, head, device)
+    before any student distils from them. ``span``: the schedule's share this call covers."""
+    optimizer, schedule = _train_mode_optimizer(cfg, teacher, head, device, epochs * len(loader), span)
     generator = torch.Generator().manual_seed(seed)
     meter, seen = _Mean(), 0
-    for _, images, labels in _epochs(loader, epochs, 0, cfg, device, seed):
+    for _, images, labels in _epochs(loader, epochs, 0, cfg, device, seed, on_epoch_end):
         with autocast(device, cfg.train.amp):
             out = teacher(images)
             ce = F.cross_entropy(out.logits, labels)
@@ -133,6 +178,7 @@ def train_teacher(
             loss = ce + group_ce
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        schedule.step()
         optimizer.step()
         meter.add({"total": loss.item(), "ce": ce.item(), "group_ce": group_ce.item()})
         seen += len(labels)
@@ -151,6 +197,8 @@ def train_student(
     first_epoch: int = 0,
     group_losses: bool | None = None,
     class_prototypes: tuple[torch.Tensor, torch.Tensor] | None = None,
+    span: Span = Span(),
+    on_epoch_end: Callable[[int], None] | None = None,
 ) -> TrainResult:
     """WLI student: CE + GKD-Den + GKD-Pro against the bank that ``bank_source`` returns.
 
@@ -158,16 +206,17 @@ def train_student(
     ``group_losses`` forces the group terms on/off; None follows ``pagkd.warmup_epochs``.
     With ``fed.proto_weight`` > 0 (FedProto-style baseline) the loss adds that weight x the
     MSE of each image's mean embedded token to ``class_prototypes`` (global means [C, D], valid
-    [C]), and the result carries this site's class sums of those embeddings.
+    [C]), and the result carries this site's class sums of those embeddings. ``span``: the
+    schedule's share this call covers; ``on_epoch_end(epoch)`` e.g. a :class:`ValidationSelector`.
     """
-    optimizer = _train_mode_optimizer(cfg, student, head, device)
+    optimizer, schedule = _train_mode_optimizer(cfg, student, head, device, epochs * len(loader), span)
     generator = torch.Generator().manual_seed(seed)
     meter, seen = _Mean(), 0
     proto_weight = cfg.fed.proto_weight
     num_classes = student.classifier.out_features
     proto_sum = torch.zeros(num_classes, student.embed.out_channels, dtype=torch.float64)
     proto_count = torch.zeros(num_classes, dtype=torch.long)
-    for epoch, images, labels in _epochs(loader, epochs, first_epoch, cfg, device, seed):
+    for epoch, images, labels in _epochs(loader, epochs, first_epoch, cfg, device, seed, on_epoch_end):
         group_on = group_losses if group_losses is not None else epoch >= cfg.pagkd.warmup_epochs
         bank = bank_source()
         with autocast(device, cfg.train.amp):
@@ -195,6 +244,7 @@ def train_student(
                     proto_count += torch.bincount(labels.cpu(), minlength=num_classes)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        schedule.step()
         optimizer.step()
         meter.add(parts)
         seen += len(labels)

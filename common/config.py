@@ -46,8 +46,10 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    teacher: str = "resnet18"  # any timm model name
-    student: str = "resnet18"
+    # Any timm model name. pagkd_cnn_s (common/backbones.py, registered in timm) is the CPU
+    # default: 8 x 8 tokens at 64 px and it trains in minutes; preset=paper uses resnet50.
+    teacher: str = "pagkd_cnn_s"
+    student: str = "pagkd_cnn_s"
     embed_dim: int = 128  # D: token and prototype width
     num_queries: int = 12  # M: lesion-aware queries
     num_heads: int = 8
@@ -76,16 +78,21 @@ class PaGKDConfig:
 
 @dataclass
 class TrainConfig:
-    lr: float = 1e-3
-    weight_decay: float = 1e-8
+    lr: float = 3e-3  # peak learning rate of AdamW (common/optim.py)
+    weight_decay: float = 5e-4  # AdamW's decoupled weight decay
+    # cosine: warm-up over warmup_fraction of the run, then cosine decay (one-cycle's shape), one
+    # curve over all federated rounds | constant: the paper's fixed rate.
+    schedule: str = "cosine"
+    warmup_fraction: float = 0.2
     batch_size: int = 24
-    epochs: int = 15  # centralised epochs
-    teacher_epochs: int = 15  # centralised teacher epochs
+    epochs: int = 40  # centralised epochs
+    teacher_epochs: int = 40  # centralised teacher epochs
     local_epochs: int = 2  # federated: local epochs per round
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     amp: bool = True  # mixed precision where CUDA is used
-    rotation_deg: float = 180.0  # training augmentation (common.data.BatchAugment)
+    augment: str = "dihedral"  # dihedral (exact 90-degree turns + flips) | rotate (any angle, bilinear)
+    rotation_deg: float = 180.0  # augment=rotate only (common.data.BatchAugment)
     flips: bool = True
     color_jitter: float = 0.1
     channels_last: bool = True  # on CUDA
@@ -187,6 +194,9 @@ class Config:
             ("train.epochs", self.train.epochs >= 0, ">= 0"),
             ("train.local_epochs", self.train.local_epochs >= 1, ">= 1"),
             ("train.rotation_deg", 0 <= self.train.rotation_deg <= 180, "in [0, 180]"),
+            ("train.schedule", self.train.schedule in ("cosine", "constant"), "'cosine' or 'constant'"),
+            ("train.warmup_fraction", 0 <= self.train.warmup_fraction < 1, "in [0, 1)"),
+            ("train.augment", self.train.augment in ("dihedral", "rotate"), "'dihedral' or 'rotate'"),
             ("train.color_jitter", 0 <= self.train.color_jitter < 1, "in [0, 1)"),
             ("train.device", self.train.device == "auto" or self.train.device.split(":")[0] in ("cpu", "cuda", "mps"),
              "auto, cpu, cuda or cuda:N"),

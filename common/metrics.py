@@ -30,8 +30,14 @@ __all__ = [
     "confusion_matrix",
     "histogram_metrics",
     "histogram_roc",
+    "learning_problems",
     "score_histogram",
 ]
+
+# A model whose macro AUC is below this has not learned (chance is 0.5); one that predicts a
+# single class for more than COLLAPSED_SHARE of the images has collapsed.
+CHANCE_AUC = 0.55
+COLLAPSED_SHARE = 0.9
 
 
 def _auc_from_counts(positives: np.ndarray, negatives: np.ndarray) -> float:
@@ -279,3 +285,27 @@ def histogram_roc(hist: ScoreHistogram, class_id: int) -> tuple[np.ndarray, np.n
     tpr = np.concatenate([[0.0], np.cumsum(positives) / max(positives.sum(), 1.0)])
     fpr = np.concatenate([[0.0], np.cumsum(negatives) / max(negatives.sum(), 1.0)])
     return fpr, tpr
+
+
+def learning_problems(evaluation: dict) -> list[str]:
+    """Why an evaluation (``{"pooled": metrics, "histogram": {"confusion": [C, C]}}``, as the
+    server records it) shows a model that did not learn: macro AUC at chance (below
+    :data:`CHANCE_AUC`), or a collapsed confusion matrix (one class predicted for more than
+    :data:`COLLAPSED_SHARE` of the images, or a class present but never predicted right).
+    Empty when it learned."""
+    problems = []
+    auc = evaluation["pooled"]["auc"]
+    if not auc >= CHANCE_AUC:
+        problems.append(f"macro AUC {auc:.3f} is at chance (< {CHANCE_AUC})")
+    confusion = np.asarray(evaluation["histogram"]["confusion"], dtype=np.int64)  # [true C, predicted C]
+    total = confusion.sum()
+    if total > 0:
+        predicted = confusion.sum(axis=0)
+        top = int(predicted.argmax())
+        if predicted[top] > COLLAPSED_SHARE * total:
+            problems.append(f"collapsed: class {top} is predicted for {100 * predicted[top] / total:.0f} % of the images")
+        present = confusion.sum(axis=1) > 0
+        never = [int(c) for c in np.flatnonzero(present & (np.diag(confusion) == 0))]
+        if never:
+            problems.append(f"class(es) {never} present but never predicted right (recall 0)")
+    return problems

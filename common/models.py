@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import common  # noqa: F401  (torchvision shim before timm)
+import common.backbones  # noqa: F401  (registers the small CPU backbones in timm)
 import timm
 import torch
 from torch import nn

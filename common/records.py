@@ -19,7 +19,9 @@ from typing import Any, Mapping
 
 import numpy as np
 
-PROTOCOL_VERSION = 3  # 2: evaluations folded into knowledge.seeds and student.update; 3: secure aggregation, class prototypes
+# 2: evaluations folded into knowledge.seeds and student.update; 3: secure aggregation, class prototypes;
+# 4: learning-rate schedule spans, validation split (model selection), evaluations in teacher.update
+PROTOCOL_VERSION = 4
 
 
 # Longest config string accepted (a peer roster of ~700 sites fits): a larger one is refused, not parsed.
@@ -128,10 +130,17 @@ EVALUATION_FIELDS = (
     ArrayField("confusion", _I64, ("C", "C"), counts=True),
 )
 
-# An evaluation folded into another reply: test images scored (0: not evaluated) and their mean CE.
+# An evaluation folded into another reply: images scored (0: not evaluated) and their mean CE.
 EVALUATED = (("eval-examples", int), ("eval-loss", float))
 
 _ROUND = (("round", int), ("seed", int))
+# A training request's share of the run's learning-rate schedule (common/optim.py): progress
+# in [0, 1] at its first and after its last local step.
+_SPAN = (("schedule-start", float), ("schedule-end", float))
+# "evaluate": the split ('val' or 'test') on which to score the received model before the
+# local work, its evaluation riding on the reply; '' for none (all-zero histograms).
+_EVALUATE = (("evaluate", str),)
+EVALUATION_SPLITS = ("val", "test")
 
 # --------------------------------------------------------------------------- message kinds
 
@@ -143,15 +152,18 @@ SCHEMAS: dict[str, Schema] = {
             "metadata",
             arrays=(
                 ArrayField("train_class_counts", _I64, ("C",), counts=True),
+                ArrayField("val_class_counts", _I64, ("C",), counts=True),  # zeros: the site has no val split
                 ArrayField("test_class_counts", _I64, ("C",), counts=True),
             ),
             config=(("site-name", str), ("modality", str), ("version", str), ("protocol", int)),
         ),
-        Schema("teacher.train", config=_ROUND + (("local-epochs", int),), weights=("teacher", "head")),
-        Schema("teacher.update", config=(("num-examples", int), ("loss", float)), weights=("teacher", "head")),
-        # "evaluate": also score the teacher on the test split (its evaluation rides on this
-        # reply instead of costing a message of its own); all-zero histograms when false.
-        Schema("knowledge.seed", config=_ROUND + (("evaluate", bool),), weights=("teacher", "head")),
+        # The received teacher is the previous round's global one: "evaluate" scores it (val).
+        Schema("teacher.train", config=_ROUND + (("local-epochs", int),) + _SPAN + _EVALUATE, weights=("teacher", "head")),
+        Schema("teacher.update", arrays=EVALUATION_FIELDS, config=(("num-examples", int), ("loss", float)) + EVALUATED,
+               weights=("teacher", "head")),
+        # "evaluate": also score the (selected) teacher on the test split (its evaluation rides on
+        # this reply instead of costing a message of its own).
+        Schema("knowledge.seed", config=_ROUND + _EVALUATE, weights=("teacher", "head")),
         # "public-key": the site's X25519 key (hex) for this refresh's secure aggregation; "" when off.
         Schema("knowledge.seeds", arrays=KNOWLEDGE_SEEDS_FIELDS + EVALUATION_FIELDS,
                config=(("groups", int), ("public-key", str)) + EVALUATED),
@@ -163,9 +175,9 @@ SCHEMAS: dict[str, Schema] = {
         Schema(
             "student.train",
             arrays=BANK_STATISTICS + CLASS_PROTOTYPES,
-            # "evaluate": score the received global student (the previous round's) on the test
-            # split before training; the next round's request is the previous round's evaluation.
-            config=_ROUND + (("local-epochs", int), ("group-losses", bool), ("use-bank", bool), ("evaluate", bool)),
+            # "evaluate": score the received global student (the previous round's) on the val
+            # split before training: the next round's request is the previous round's evaluation.
+            config=_ROUND + (("local-epochs", int), ("group-losses", bool), ("use-bank", bool)) + _SPAN + _EVALUATE,
             weights=("student", "head"),
         ),
         Schema(
@@ -289,6 +301,11 @@ def validate(
     for spec in schema.arrays:
         _check_array(where, payload.arrays[spec.name], spec, dims)
     _check_config(where, payload.config, schema)
+    config = payload.config
+    if "evaluate" in config and config["evaluate"] not in ("", *EVALUATION_SPLITS):
+        raise PayloadError(f"{where}: config 'evaluate' = {config['evaluate']!r}, expected '' or one of {list(EVALUATION_SPLITS)}")
+    if "schedule-start" in config and not 0.0 <= config["schedule-start"] <= config["schedule-end"] <= 1.0:
+        raise PayloadError(f"{where}: schedule span [{config['schedule-start']}, {config['schedule-end']}] is not within [0, 1]")
     blocks = set(schema.weights)
     if set(payload.weights) != blocks:
         raise PayloadError(f"{where}: weight blocks {sorted(payload.weights)}, expected {sorted(blocks)}")

@@ -242,6 +242,22 @@ def simulate(
     return result
 
 
+def final_lines(metrics: Mapping[str, Any]) -> str:
+    """The run's end: the selected WLI student's test figures next to the NBI teacher's of the
+    same run, with the round each was selected from, and any model that did not learn."""
+    lines = []
+    for key, label in (("final", "WLI student"), ("final_teacher", "NBI teacher")):
+        figure = metrics.get(key)
+        if figure is None:
+            lines.append(f"final pooled {label}: none (no {label.split()[1]} rounds in this run)")
+            continue
+        lines.append(f"final pooled {label}: AUC {figure['auc']:.4f}  ACC {figure['accuracy']:.4f}  SENS {figure['sensitivity']:.4f}  "
+                     f"SPEC {figure['specificity']:.4f}  (test split, round {figure['selected_round']} selected on val)")
+    for model, problems in (metrics.get("not_learned") or {}).items():
+        lines.append(f"WARNING: the {model} did not learn: {'; '.join(problems)}")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("overrides", nargs="*", help="run-config overrides, e.g. fed.student_rounds=5 data.image_size=64")
@@ -263,10 +279,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"FAILED: {err}", file=sys.stderr)
         return 1
     metrics = json.loads((result.run_dir / "metrics.json").read_text())
-    final = metrics["final"] or {}
     print(f"\nrun {result.run_id} {result.status} in {result.wall_s:.0f} s -> {result.run_dir}")
-    print(f"final pooled WLI student: AUC {final.get('auc', float('nan')):.4f}  ACC {final.get('accuracy', float('nan')):.4f}  "
-          f"SENS {final.get('sensitivity', float('nan')):.4f}  SPEC {final.get('specificity', float('nan')):.4f}")
+    print(final_lines(metrics))
     print(f"knowledge bank = {100 * metrics['bank_share_of_student_upload']:.3f} % of one student upload")
     return 0
 

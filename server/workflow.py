@@ -34,7 +34,7 @@ from client.wire import MESSAGE_TYPE, compute_seconds, from_recorddict, state_to
 from common import secagg
 from common.config import Config, config_to_dict, config_to_flat
 from common.data import default_class_names
-from common.metrics import ScoreHistogram, histogram_metrics
+from common.metrics import ScoreHistogram, histogram_metrics, learning_problems
 from common.models import STUDENT_CHECKPOINT, build_query_head, build_student, build_teacher, save_checkpoint
 from common.privacy import MECHANISMS_PER_RELEASE
 from common.records import (
@@ -60,6 +60,7 @@ class SiteInfo:
     train_counts: list[int]
     test_counts: list[int]
     version: str
+    val_counts: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -207,8 +208,11 @@ class Protocol:
         self.class_prototypes = empty_statistics(CLASS_PROTOTYPES, self.dims)
         self.centroids: dict[str, np.ndarray] = {}
         self.progress = Progress()
-        self.metrics: dict[str, Any] = {"teacher": [], "knowledge": [], "student": [], "evaluation": []}
+        self.metrics: dict[str, Any] = {"teacher": [], "knowledge": [], "student": [], "evaluation": [], "selection": {}}
         self.sites: dict[int, SiteInfo] = {}
+        # Model selection: per model ("teacher", "student") the global weights of the round with the
+        # best pooled val AUC so far ({block: state}); metrics["selection"] says which round.
+        self.best: dict[str, dict[str, dict[str, np.ndarray]]] = {}
 
     # ------------------------------------------------------------------ persistence
 
@@ -217,6 +221,8 @@ class Protocol:
                   "prototypes": self.class_prototypes}
         if self.centroids:
             blocks["centroids"] = self.centroids
+        for model, weights in self.best.items():
+            blocks.update({f"best-{model}-{block}": state for block, state in weights.items()})
         meta = {
             "progress": self.progress.__dict__,
             "metrics": self.metrics,
@@ -241,9 +247,14 @@ class Protocol:
             raise StateError(f"run folder {self.run_dir} was started with another config (differs in {changed}); use a new fed.run_name")
         self.teacher, self.student, self.head, self.bank = blocks["teacher"], blocks["student"], blocks["head"], blocks["bank"]
         self.centroids = blocks.get("centroids", {})
+        for name, state in blocks.items():
+            if name.startswith("best-"):
+                _, model, block = name.split("-", 2)
+                self.best.setdefault(model, {})[block] = state
         self.class_prototypes = blocks.get("prototypes", self.class_prototypes)
         self.progress = Progress(**meta["progress"])
         self.metrics = meta["metrics"]
+        self.metrics.setdefault("selection", {})
         if not self.ledger.load():
             self.ledger.bytes, self.ledger.egress, self.ledger.timing = meta["bytes"], meta.get("egress", []), meta.get("timing", [])
         log.info("resuming %s at %s", self.run_dir, self.progress)
@@ -312,6 +323,7 @@ class Protocol:
                 train_counts=reply.arrays["train_class_counts"].tolist(),
                 test_counts=reply.arrays["test_class_counts"].tolist(),
                 version=reply.config["version"],
+                val_counts=reply.arrays["val_class_counts"].tolist(),
             )
             if reply.config["protocol"] != PROTOCOL_VERSION:
                 dropped[node_id] = f"protocol {reply.config['protocol']}, server speaks {PROTOCOL_VERSION}; upgrade the site"
@@ -339,13 +351,50 @@ class Protocol:
                 + (f" Refused: {reasons}" if reasons else "")
             )
 
+    def _span(self, round_: int, rounds: int) -> dict[str, float]:
+        """Round ``round_`` of ``rounds`` covers [(r-1)/R, r/R] of the learning-rate schedule."""
+        return {"schedule-start": (round_ - 1) / rounds, "schedule-end": round_ / rounds}
+
+    def _select(self, model: str, round_: int, evaluation: dict[str, Any], weights: dict[str, dict[str, np.ndarray]]) -> None:
+        """Keep round ``round_``'s global ``weights`` of ``model`` when their pooled val AUC is
+        the best so far (ties go to the later round: it trained longer)."""
+        if not evaluation:
+            return
+        auc = evaluation["pooled"]["auc"]
+        chosen = self.metrics["selection"].get(model)
+        if chosen is None or not auc < chosen["val_auc"]:
+            self.metrics["selection"][model] = {"round": round_, "val_auc": auc, "problems": learning_problems(evaluation)}
+            self.best[model] = {block: {k: a.copy() for k, a in state.items()} for block, state in weights.items()}
+
+    def _evaluated(self, model: str, round_: int, split: str) -> bool:
+        return any(e["model"] == model and e["round"] == round_ and e.get("split") == split for e in self.metrics["evaluation"])
+
+    def _finish_selection(self, model: str, rounds: int, weights: dict[str, dict[str, np.ndarray]]) -> dict[str, dict[str, np.ndarray]]:
+        """After the last of ``rounds`` rounds: score the last global model on val too, and return
+        the selected round's weights (the last ones when no site holds a val split). A selected
+        model at chance or collapsed is logged as not learned (metrics["selection"])."""
+        if not self._evaluated(model, rounds, "val"):
+            self._select(model, rounds, self.evaluate(model, rounds, "val", weights[model]), weights)
+        chosen = self.metrics["selection"].get(model)
+        if chosen is None:
+            log.warning("[selection] no site holds a val split: the %s of the last round (%d) is kept", model, rounds)
+            return weights
+        log.info("[selection] %s of round %d (pooled val AUC %.4f) of %d", model, chosen["round"], chosen["val_auc"], rounds)
+        for problem in chosen["problems"]:
+            log.warning("[selection] the %s did not learn: %s", model, problem)
+        return self.best[model]
+
     def teacher_round(self, round_: int) -> None:
         nodes = self._sample("nbi", self._seed(1, round_))
-        config = {"round": round_, "seed": self._seed(1, round_), "local-epochs": self.cfg.train.local_epochs}
+        config = {"round": round_, "seed": self._seed(1, round_), "local-epochs": self.cfg.train.local_epochs,
+                  **self._span(round_, self.cfg.fed.teacher_rounds), "evaluate": "val" if round_ > 1 else ""}
         request = make("teacher.train", self.dims, config=config, weights={"teacher": self.teacher, "head": self.head})
         reference = {"teacher": weight_shapes(self.teacher), "head": weight_shapes(self.head)}
         replies, dropped = self.channel.exchange("teacher", {n: request for n in nodes}, reference)
         self._require(f"teacher round {round_}", "nbi", len(replies), dropped)
+        if round_ > 1:  # the teacher sent is round_ - 1's global one
+            evaluation = self._record_evaluation("teacher", round_ - 1, replies, "eval-examples", "val")
+            self._select("teacher", round_ - 1, evaluation, {"teacher": self.teacher, "head": self.head})
         used = self._fedavg("teacher", "nbi", replies, {"teacher": self.teacher, "head": self.head})
         loss = float(np.mean([replies[n].config["loss"] for n in used]))
         self.metrics["teacher"].append({"round": round_, "loss": loss, "sites": [self.channel.name(n) for n in used]})
@@ -358,13 +407,13 @@ class Protocol:
         teacher the seeds come from), recorded as its evaluation."""
         nodes = sorted(self._sites_of("nbi"))
         seed = self._seed(2, refresh)
-        config = {"round": refresh, "seed": seed, "evaluate": evaluate_teacher}
+        config = {"round": refresh, "seed": seed, "evaluate": "test" if evaluate_teacher else ""}
         request = make("knowledge.seed", self.dims, config=config, weights={"teacher": self.teacher, "head": self.head})
         self._account_releases(nodes)
         replies, dropped = self.channel.exchange("knowledge", {n: request for n in nodes})
         self._require(f"knowledge refresh {refresh} (seeds)", "nbi", len(replies), dropped)
         if evaluate_teacher:
-            self._record_evaluation("teacher", self.cfg.fed.teacher_rounds, replies, "eval-examples")
+            self._record_evaluation("teacher", self.cfg.fed.teacher_rounds, replies, "eval-examples", "test")
         # Sorted by site name, not arrival order: the seeded k-means must not depend on who answers first.
         in_order = sorted(replies, key=self.channel.name)
         self.centroids = aggregation.initial_centroids([replies[n].arrays for n in in_order], self.dims, seed)
@@ -472,21 +521,22 @@ class Protocol:
             "local-epochs": self.cfg.train.local_epochs,
             "group-losses": bool(group_on),
             "use-bank": bool(self.distil),
-            # The global student sent is round_ - 1's: its evaluation rides on this round's
-            # replies (WLI sites only: the student is a WLI model).
-            "evaluate": round_ > 1,
+            **self._span(round_, fed.student_rounds),
         }
         weights = {"student": self.student, "head": self.head}
         arrays = {**self.bank, **self.class_prototypes}
+        # The global student sent is round_ - 1's: its val evaluation (model selection) rides on
+        # this round's replies, WLI sites only (the student is a WLI model).
         by_modality = {m: make("student.train", self.dims, arrays=arrays, weights=weights,
-                               config={**config, "evaluate": config["evaluate"] and m == "wli"}) for m in ("wli", "nbi")}
+                               config={**config, "evaluate": "val" if round_ > 1 and m == "wli" else ""}) for m in ("wli", "nbi")}
         requests = {n: by_modality[self.sites[n].modality] for n in nodes}
         reference = {"student": weight_shapes(self.student), "head": weight_shapes(self.head)}
         replies, dropped = self.channel.exchange("student", requests, reference)
         wli_replies = {n: r for n, r in replies.items() if self.sites[n].modality == "wli"}
         self._require(f"student round {round_}", "wli", len(wli_replies), dropped)
         if round_ > 1:
-            self._record_evaluation("student", round_ - 1, wli_replies, "eval-examples")
+            evaluation = self._record_evaluation("student", round_ - 1, wli_replies, "eval-examples", "val")
+            self._select("student", round_ - 1, evaluation, {"student": self.student, "head": self.head})
         used = self._fedavg("student", "wli", replies, {"student": self.student, "head": self.head})
         if fed.proto_weight > 0:  # FedProto-style: the global class prototypes are summed class means
             self.class_prototypes = aggregation.sum_statistics([replies[n].arrays for n in used], [f.name for f in CLASS_PROTOTYPES])
@@ -495,19 +545,21 @@ class Protocol:
         log.info("[student %d/%d] loss %.4f (ce %.4f den %.4f pro %.4f) from %d site(s)", round_, fed.student_rounds,
                  parts["loss"], parts["ce"], parts["den"], parts["pro"], len(used))
 
-    def evaluate(self, model: str, round_: int) -> dict[str, Any]:
-        """An evaluation of its own (the final student's): every site of the modality scores it."""
+    def evaluate(self, model: str, round_: int, split: str = "test", weights: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
+        """An evaluation of its own: every site of the model's modality scores ``weights``
+        (default: the current global model) on ``split``."""
         modality = "wli" if model == "student" else "nbi"
-        weights = self.student if model == "student" else self.teacher
+        if weights is None:
+            weights = self.student if model == "student" else self.teacher
         nodes = sorted(self._sites_of(modality))
-        request = make("evaluate", self.dims, config={"model": model, "split": "test"}, weights={"net": weights})
+        request = make("evaluate", self.dims, config={"model": model, "split": split}, weights={"net": weights})
         replies, dropped = self.channel.exchange("evaluate", {n: request for n in nodes}, {"net": weight_shapes(weights)})
-        self._require(f"evaluation of the {model} (round {round_})", modality, len(replies), dropped)
-        return self._record_evaluation(model, round_, replies, "num-examples")
+        self._require(f"{split} evaluation of the {model} (round {round_})", modality, len(replies), dropped)
+        return self._record_evaluation(model, round_, replies, "num-examples", split)
 
-    def _record_evaluation(self, model: str, round_: int, replies: dict[int, Payload], examples_key: str) -> dict[str, Any]:
-        """Pooled and per-site metrics from the score histograms the ``replies`` carry (those that
-        scored no image are left out)."""
+    def _record_evaluation(self, model: str, round_: int, replies: dict[int, Payload], examples_key: str, split: str) -> dict[str, Any]:
+        """Pooled and per-site metrics on ``split`` from the score histograms the ``replies`` carry
+        (those that scored no image are left out)."""
         replies = {n: r for n, r in replies.items() if r.config[examples_key] > 0}
         hists = {n: ScoreHistogram(r.arrays["score_positives"], r.arrays["score_negatives"], r.arrays["confusion"]) for n, r in replies.items()}
         if not hists:
@@ -517,14 +569,15 @@ class Protocol:
         result = {
             "model": model,
             "round": round_,
+            "split": split,
             "pooled": histogram_metrics(pooled),
             "sites": {self.channel.name(n): histogram_metrics(h) for n, h in hists.items()},
             "histogram": {"positives": pooled.positives.tolist(), "negatives": pooled.negatives.tolist(), "confusion": pooled.confusion.tolist()},
         }
         self.metrics["evaluation"].append(result)
         p = result["pooled"]
-        log.info("[evaluate %s, round %d] pooled AUC %.4f ACC %.4f SENS %.4f SPEC %.4f over %d site(s)", model, round_, p["auc"],
-                 p["accuracy"], p["sensitivity"], p["specificity"], len(replies))
+        log.info("[evaluate %s, round %d, %s] pooled AUC %.4f ACC %.4f SENS %.4f SPEC %.4f over %d site(s)", model, round_, split,
+                 p["auc"], p["accuracy"], p["sensitivity"], p["specificity"], len(replies))
         return result
 
     # ------------------------------------------------------------------ the run
@@ -540,7 +593,11 @@ class Protocol:
                 self.teacher_round(round_)
                 self.progress.teacher_rounds = round_
                 self.save()
-            if not self.distil and fed.teacher_rounds > 0 and not any(e["model"] == "teacher" for e in self.metrics["evaluation"]):
+            if fed.teacher_rounds > 0 and self.progress.refreshes == 0 and self.progress.student_rounds == 0:
+                selected = self._finish_selection("teacher", fed.teacher_rounds, {"teacher": self.teacher, "head": self.head})
+                self.teacher, self.head = selected["teacher"], selected["head"]
+                self.save()
+            if not self.distil and fed.teacher_rounds > 0 and not self._evaluated("teacher", fed.teacher_rounds, "test"):
                 self.evaluate("teacher", fed.teacher_rounds)  # no knowledge phase to carry it
                 self.save()
         if fed.student_init == "teacher" and self.progress.student_rounds == 0:
@@ -560,11 +617,21 @@ class Protocol:
             self.progress.student_rounds = round_
             self.save()
         final = fed.student_rounds
-        if final > 0 and not any(e["model"] == "student" and e["round"] == final for e in self.metrics["evaluation"]):
-            self.evaluate("student", final)
+        if final > 0 and not self._evaluated("student", final, "test"):
+            selected = self._finish_selection("student", final, {"student": self.student, "head": self.head})
+            self.student, self.head = selected["student"], selected["head"]
+            self.evaluate("student", final)  # the test split, read once: the selected student's figure
             self.save()
         self.metrics["wall_time_s"] = self.metrics.get("wall_time_s", 0.0) + time.time() - started
         return self.finish()
+
+    def _test_figure(self, model: str) -> dict[str, Any] | None:
+        tests = [e for e in self.metrics["evaluation"] if e["model"] == model and e.get("split") == "test"]
+        if not tests:
+            return None
+        figure = {**tests[-1]["pooled"], "round": tests[-1]["round"], "confusion": tests[-1]["histogram"]["confusion"]}
+        figure["selected_round"] = self.metrics["selection"].get(model, {}).get("round", tests[-1]["round"])
+        return figure
 
     def finish(self) -> dict[str, Any]:
         """Final outputs: metrics.json, egress.json, config.json, the student checkpoint, plots."""
@@ -580,7 +647,13 @@ class Protocol:
             "bank_bytes": bank_bytes,
             "bank_share_of_student_upload": bank_bytes / student_bytes,
             "sites": [s.__dict__ for s in self.sites.values()],
-            "final": self.metrics["evaluation"][-1]["pooled"] if self.metrics["evaluation"] else None,
+            # The selected global student's test figures (None without student rounds: a
+            # teacher's figure is never reported as the student's), and the teacher's.
+            "final": self._test_figure("student"),
+            "final_teacher": self._test_figure("teacher"),
+            # Models that did not learn (val AUC at chance or a collapsed confusion matrix of the
+            # selected round): a run says so rather than ending with a quiet number.
+            "not_learned": {model: chosen["problems"] for model, chosen in self.metrics["selection"].items() if chosen["problems"]},
             "privacy": self.privacy_spent(),
         }
         atomic_write_json(self.run_dir / "metrics.json", summary)
