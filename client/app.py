@@ -148,17 +148,18 @@ def _class_counts(labels: np.ndarray, num_classes: int) -> np.ndarray:
 @app.query("discover")
 @handles("discover", ("nbi", "wli"))
 def discover(request: Payload, site: SiteData, cfg: Config, dims: Dims, context: Context) -> Payload:
-    """Metadata only: modality, class counts, software version."""
-    if len(site.class_names) != dims.C:
-        raise ValueError(f"site '{site.name}' has {len(site.class_names)} classes, the run expects {dims.C}")
+    """Metadata only: modality, class names and counts, software version. The names go even
+    when they differ from the run's: the server compares every site's and says what to fix."""
+    classes = len(site.class_names)
     return make(
         "metadata",
         dims,
         arrays={
-            "train_class_counts": _class_counts(site.train.labels, dims.C),
-            "test_class_counts": _class_counts(site.test.labels, dims.C),
+            "train_class_counts": _class_counts(site.train.labels, classes),
+            "test_class_counts": _class_counts(site.test.labels, classes),
         },
-        config={"site-name": site.name, "modality": site.modality, "version": VERSION, "protocol": PROTOCOL_VERSION},
+        config={"site-name": site.name, "modality": site.modality, "version": VERSION, "protocol": PROTOCOL_VERSION,
+                "class-names": json.dumps(list(site.class_names))},
     )
 
 

@@ -66,6 +66,44 @@ def default_class_names(num_classes: int) -> tuple[str, ...]:
     return (DEFAULT_CLASS_NAMES + extra)[:num_classes]
 
 
+def class_names_source(configured: Sequence[str], root: str | os.PathLike | None = None) -> str:
+    """Where a site's class names came from, for error messages that say what to change."""
+    if configured:
+        return "the run's data.class_names"
+    where = f" of {Path(root) / 'train'}" if root is not None else ""
+    return f"the class folders{where} (ImageFolder: sorted folder names)"
+
+
+def discover_class_names(root: str | os.PathLike) -> tuple[str, ...] | None:
+    """A real site's class names, in label order, as torchvision's ImageFolder finds them.
+
+    With a ``manifest.csv``: the sorted distinct labels that are names (a manifest of class
+    indices only names nothing -> None). Otherwise the sorted non-hidden folders of
+    ``<root>/train`` (None when that folder is missing: :class:`FolderSiteDataset` then says
+    what to create). Every site of a federation must find the same names: the server checks.
+    """
+    root = Path(root)
+    manifest = root / MANIFEST_FILE
+    if manifest.is_file():
+        try:
+            with manifest.open(newline="") as fh:
+                rows = list(csv.DictReader(fh))
+        except (UnicodeDecodeError, csv.Error):
+            return None  # FolderSiteDataset reports the unreadable manifest with its fix
+        labels = {(row.get("label") or "").strip() for row in rows}
+        names = sorted(label for label in labels if label and not label.isdigit())
+        return tuple(names) or None
+    train = root / "train"
+    if not train.is_dir():
+        return None
+    return tuple(sorted(p.name for p in train.iterdir() if p.is_dir() and not p.name.startswith(".")))
+
+
+def normalise_modality(modality: str, where: str) -> str:
+    """``'NBI'`` or ``'nbi'`` -> ``'nbi'``; anything else is a DataError naming ``where``."""
+    return _check_modality(str(modality).strip().lower(), where)
+
+
 def _check_split(split: str) -> str:
     if split not in SPLITS:
         raise DataError(f"split={split!r} is not one of {list(SPLITS)}; pass one of those")
@@ -623,11 +661,13 @@ class FolderSiteDataset(torch.utils.data.Dataset):
         class_names: Sequence[str],
         transform: Callable | None = None,
         expected_modality: str | None = None,
+        names_source: str = "the configured class names",
     ) -> None:
         self.root = Path(root)
         self.split = _check_split(split)
         self.class_names = tuple(class_names)
         self.transform = transform
+        self.names_source = names_source  # said in errors: what the user changes to fix a class
         if len(self.class_names) < 2 or len(set(self.class_names)) != len(self.class_names):
             raise DataError(f"class_names={list(self.class_names)}: need at least 2 distinct class names")
         if expected_modality is not None:
@@ -659,8 +699,10 @@ class FolderSiteDataset(torch.utils.data.Dataset):
             raise DataError(f'{site_file} has no "modality" key; write {{"modality": "wli" or "nbi"}} or delete it')
         modality = _check_modality(str(meta["modality"]).lower(), str(site_file))
         declared = meta.get("class_names")
-        if declared is not None and list(declared) != list(self.class_names):
-            log.warning("%s declares class_names %s; using the configured %s", site_file, declared, list(self.class_names))
+        # Order may differ (discovered names are sorted, a writer may list them in label order);
+        # other names mean the declaration is stale.
+        if declared is not None and sorted(map(str, declared)) != sorted(self.class_names):
+            log.warning("%s declares class_names %s; using %s from %s", site_file, declared, list(self.class_names), self.names_source)
         if expected is not None and modality != expected:
             raise DataError(
                 f"{site_file} declares modality {modality!r} but this site is configured as {expected!r}; "
@@ -671,7 +713,7 @@ class FolderSiteDataset(torch.utils.data.Dataset):
     def _class_error(self, what: str, where: str) -> DataError:
         return DataError(
             f"{where}: unknown class {what!r}; expected one of {list(self.class_names)}. Rename or remove it, "
-            "or add it to the configured class names"
+            f"or set data.class_names to this federation's classes (now: {self.names_source})"
         )
 
     def _scan_folders(self) -> tuple[list[Path], list[int]]:
@@ -710,7 +752,7 @@ class FolderSiteDataset(torch.utils.data.Dataset):
                     state = "has no .png/.jpg images" if folder.is_dir() else "is missing"
                     raise DataError(
                         f"class folder {folder} {state}: every class needs training images; add images "
-                        f"there or drop {name!r} from the configured class names"
+                        f"there or drop {name!r} from {self.names_source}"
                     )
         return paths, labels
 
@@ -764,7 +806,7 @@ class FolderSiteDataset(torch.utils.data.Dataset):
                 if count == 0:
                     raise DataError(
                         f"{manifest}: class {name!r} has no training images; add rows with label={name} "
-                        f"split=train or drop {name!r} from the configured class names"
+                        f"split=train or drop {name!r} from {self.names_source}"
                     )
         return paths, labels
 

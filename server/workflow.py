@@ -33,12 +33,14 @@ from client.app import dims_of
 from client.wire import MESSAGE_TYPE, compute_seconds, from_recorddict, state_to_numpy, to_recorddict
 from common import secagg
 from common.config import Config, config_to_dict, config_to_flat
-from common.data import default_class_names
+from client.site import run_class_names
+from common.config import parse_class_names
 from common.metrics import ScoreHistogram, histogram_metrics
 from common.models import STUDENT_CHECKPOINT, build_query_head, build_student, build_teacher, save_checkpoint
 from common.privacy import MECHANISMS_PER_RELEASE
 from common.records import (
-    CLASS_PROTOTYPES, PROTOCOL_VERSION, Dims, Payload, PayloadError, empty_statistics, make, reply_kind, validate, weight_shapes,
+    CLASS_PROTOTYPES, PROTOCOL_VERSION, Dims, Payload, PayloadError, empty_statistics, make, metadata_class_names, reply_kind, validate,
+    weight_shapes,
 )
 from server import aggregation
 from common.files import atomic_write_json
@@ -60,6 +62,7 @@ class SiteInfo:
     train_counts: list[int]
     test_counts: list[int]
     version: str
+    class_names: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -209,6 +212,7 @@ class Protocol:
         self.progress = Progress()
         self.metrics: dict[str, Any] = {"teacher": [], "knowledge": [], "student": [], "evaluation": []}
         self.sites: dict[int, SiteInfo] = {}
+        self.class_names = run_class_names(cfg)  # replaced by the sites' agreed names at discovery
 
     # ------------------------------------------------------------------ persistence
 
@@ -312,6 +316,7 @@ class Protocol:
                 train_counts=reply.arrays["train_class_counts"].tolist(),
                 test_counts=reply.arrays["test_class_counts"].tolist(),
                 version=reply.config["version"],
+                class_names=list(metadata_class_names(reply)),
             )
             if reply.config["protocol"] != PROTOCOL_VERSION:
                 dropped[node_id] = f"protocol {reply.config['protocol']}, server speaks {PROTOCOL_VERSION}; upgrade the site"
@@ -338,6 +343,39 @@ class Protocol:
                 f"not enough sites to start ({', '.join(missing)}). Found: {', '.join(names) or 'none'}."
                 + (f" Refused: {reasons}" if reasons else "")
             )
+        self.class_names = self.agreed_class_names()
+
+    def agreed_class_names(self) -> tuple[str, ...]:
+        """The class names every discovered site reported, checked against the run's.
+
+        With ``data.class_names`` set, sites map their folders to those names (a site with
+        other folders refuses with its own error); with it empty, each site discovers its
+        names, so they must agree with each other and number ``data.num_classes``. Raises a
+        :class:`FederationError` listing every site's names and the fix."""
+        found = {s.name: tuple(s.class_names) for s in self.sites.values()}
+        listing = "; ".join(f"'{name}': {list(names)}" for name, names in found.items())
+        configured = parse_class_names(self.cfg.data.class_names)
+        distinct = sorted(set(found.values()))
+        if len(distinct) > 1:
+            raise FederationError(
+                f"the sites disagree on the class names ({listing}). Give every site the same class folders "
+                "(or manifest labels): rename or remove the odd ones at the sites that differ, or set "
+                "data.class_names='name1,name2,...' on the run so every site is checked against one list"
+            )
+        agreed = distinct[0] if distinct else run_class_names(self.cfg)
+        expected = configured or run_class_names(self.cfg)
+        if configured and agreed != configured:
+            raise FederationError(f"the sites report class names {list(agreed)} but the run's data.class_names is "
+                                  f"{list(configured)} ({listing}); make them the same (order included)")
+        if not configured and len(agreed) != self.cfg.data.num_classes:
+            raise FederationError(
+                f"the sites have {len(agreed)} classes {list(agreed)} but the run expects data.num_classes="
+                f"{self.cfg.data.num_classes} ({list(expected)}); run with data.class_names='{','.join(agreed)}' "
+                "(data.num_classes then follows)"
+            )
+        if agreed != expected:
+            log.info("[discover] class names from the sites: %s", list(agreed))
+        return agreed
 
     def teacher_round(self, round_: int) -> None:
         nodes = self._sample("nbi", self._seed(1, round_))
@@ -580,13 +618,14 @@ class Protocol:
             "bank_bytes": bank_bytes,
             "bank_share_of_student_upload": bank_bytes / student_bytes,
             "sites": [s.__dict__ for s in self.sites.values()],
+            "class_names": list(self.class_names),
             "final": self.metrics["evaluation"][-1]["pooled"] if self.metrics["evaluation"] else None,
             "privacy": self.privacy_spent(),
         }
         atomic_write_json(self.run_dir / "metrics.json", summary)
         atomic_write_json(self.run_dir / "egress.json", self.ledger.egress)
         atomic_write_json(self.run_dir / "config.json", config_to_dict(self.cfg))
-        save_checkpoint(self.run_dir / STUDENT_CHECKPOINT, self.student, self.cfg, default_class_names(self.cfg.data.num_classes))
+        save_checkpoint(self.run_dir / STUDENT_CHECKPOINT, self.student, self.cfg, self.class_names)
         write_plots(self.run_dir, summary)
         log.info("run finished: %s", self.run_dir)
         return summary
