@@ -164,7 +164,7 @@ def discover(request: Payload, site: SiteData, cfg: Config, dims: Dims, context:
 
 
 def _teacher_and_head(request: Payload, cfg: Config, dims: Dims):
-    teacher = build_teacher(cfg.model, dims.C)
+    teacher = build_teacher(cfg.model, dims.C, initial=False)
     head = build_query_head(cfg.model, dims.C)
     load_numpy_state(teacher, request.weights["teacher"], "teacher")
     load_numpy_state(head, request.weights["head"], "head")
@@ -223,7 +223,7 @@ def knowledge_stats(request: Payload, site: SiteData, cfg: Config, dims: Dims, c
     local = context.state.config_records[_STATE_KNOWLEDGE]
     if local["round"] != request.config["round"]:
         raise RuntimeError(f"site '{site.name}' holds the teacher of refresh {local['round']}, not {request.config['round']}")
-    teacher = build_teacher(cfg.model, dims.C)
+    teacher = build_teacher(cfg.model, dims.C, initial=False)
     head = build_query_head(cfg.model, dims.C)
     teacher.load_state_dict(context.state.array_records[_STATE_TEACHER].to_torch_state_dict())
     head.load_state_dict(context.state.array_records[_STATE_HEAD].to_torch_state_dict())
@@ -271,7 +271,7 @@ def student_modalities(cfg: Config) -> tuple[str, ...]:
 def student_round(request: Payload, site: SiteData, cfg: Config, dims: Dims, context: Context) -> Payload:
     """Local student epochs with CE + GKD-Pro + GKD-Den against the NBI bank (WLI sites; the
     FedProto-style baseline adds its prototype regulariser)."""
-    student = build_student(cfg.model, dims.C)
+    student = build_student(cfg.model, dims.C, initial=False)
     head = build_query_head(cfg.model, dims.C)
     load_numpy_state(student, request.weights["student"], "student")
     load_numpy_state(head, request.weights["head"], "head")
@@ -326,7 +326,7 @@ def evaluate(request: Payload, site: SiteData, cfg: Config, dims: Dims, context:
         raise RoleError(f"site '{site.name}' holds {site.modality.upper()} data; the {model} is evaluated on {expected.upper()} sites")
     if request.config["split"] != "test":
         raise PayloadError(f"evaluate: split '{request.config['split']}' is not available; sites evaluate on 'test'")
-    net = (build_student if model == "student" else build_teacher)(cfg.model, dims.C)
+    net = (build_student if model == "student" else build_teacher)(cfg.model, dims.C, initial=False)
     load_numpy_state(net, request.weights["net"], "net")
     scores, scored = _test_scores(net, site, cfg, dims, True)
     return make("evaluation", dims, arrays=scores, config={"num-examples": scored["eval-examples"], "loss": scored["eval-loss"]})

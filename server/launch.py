@@ -259,7 +259,7 @@ def simulate(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="fedpagkd simulate", description=__doc__.split("\n\n")[0])
     parser.add_argument("overrides", nargs="*", help="run-config overrides, e.g. fed.student_rounds=5 data.image_size=64")
     parser.add_argument("--supernodes", type=int, default=None, help="default: data.nbi_sites + data.wli_sites (or sites.toml)")
     parser.add_argument("--cpus-per-client", type=int, default=1)
