@@ -32,6 +32,7 @@ from common import secagg
 from common.losses import bank_from_statistics
 from common.metrics import score_histogram
 from common.models import build_query_head, build_student, build_teacher, pick_device
+from common.progress import configure_logging, site_log
 from common.records import CLASS_PROTOTYPES, EVALUATION_FIELDS, PROTOCOL_VERSION, Dims, Payload, PayloadError, empty_statistics, make, validate
 
 log = logging.getLogger(__name__)
@@ -107,6 +108,7 @@ def handles(
     def decorate(handler: Handler) -> Callable[[Message, Context], Message]:
         def wrapped(message: Message, context: Context) -> Message:
             started = time.perf_counter()
+            configure_logging(site_log.name)
             site_name = str(context.node_config.get("site-name", f"partition-{context.node_config.get('partition-id', '?')}"))
             try:
                 if delay := drill_delays().get(kind, 0.0):
@@ -128,6 +130,9 @@ def handles(
                 torch.manual_seed(site_seed(int(request.config.get("seed", 0)), site.name))
                 reply = handler(request, site, cfg, dims, context)
                 validate(reply, dims, sender=f"site '{site.name}'")
+                round_ = request.config.get("round")
+                site_log.info("site '%s': %s%s done in %.1f s%s", site.name, kind, f" (round {round_})" if round_ is not None else "",
+                              time.perf_counter() - started, _loss_note(reply))
             except Exception as err:  # noqa: BLE001 - every failure must reach the server as a reply
                 log.exception("site '%s' refused '%s'", site_name, kind)
                 reason = f"{type(err).__name__}: {err}"  # bounded: the server refuses over-long strings
@@ -139,6 +144,13 @@ def handles(
         return wrapped
 
     return decorate
+
+
+def _loss_note(reply: Payload) -> str:
+    """``, loss 0.1234 over 96 images`` for a training reply (the per-round progress line)."""
+    if "loss" not in reply.config or "num-examples" not in reply.config:
+        return ""
+    return f", loss {reply.config['loss']:.4f} over {reply.config['num-examples']} images"
 
 
 def _class_counts(labels: np.ndarray, num_classes: int) -> np.ndarray:

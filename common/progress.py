@@ -13,8 +13,27 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("fedpagkd.progress")
+# Progress lines of a site's loops (local epochs, extraction, evaluation): under "fedpagkd" so
+# configure_logging shows them in SuperNode / Ray worker output.
+site_log = logging.getLogger("fedpagkd.site")
 T = TypeVar("T")
+
+
+def configure_logging(name: str = "fedpagkd") -> None:
+    """INFO lines of our own logger ``name`` (and its children) on stderr; the root logger
+    (httpx, grpc) is left alone. Idempotent. The ServerApp configures "fedpagkd", a ClientApp
+    only "fedpagkd.site" (a process that runs both, the in-process runtime, then prints each
+    line once, and the server's records still reach a test's log capture)."""
+    logger = logging.getLogger(name)
+    if logger.level == logging.NOTSET:
+        logger.setLevel(logging.INFO)
+    if not any(getattr(h, "_fedpagkd", False) for h in logger.handlers):
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+        handler._fedpagkd = True  # ours: added once per process
+        logger.addHandler(handler)
+        logger.propagate = False
 
 
 def progress(items: Iterable[T], desc: str, total: int | None = None) -> Iterator[T] | Iterable[T]:
@@ -42,9 +61,12 @@ class MetricsBoard:
 
     SUBDIR = "tensorboard"
 
-    def __init__(self, run_dir: str | Path, writer_class: type | None = None):
-        cls = writer_class or _summary_writer_class()
+    def __init__(self, run_dir: str | Path | None, writer_class: type | None = None):
+        """``run_dir`` None: a silent no-op (a protocol built but not run)."""
         self.writer: Any = None
+        if run_dir is None:
+            return
+        cls = writer_class or _summary_writer_class()
         if cls is None:
             log.info("TensorBoard event files skipped: the optional 'tensorboard' package is not installed "
                      "(pip install 'fedpagkd[tensorboard]'); metrics.json has every round")

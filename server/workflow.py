@@ -38,6 +38,7 @@ from common.config import parse_class_names
 from common.metrics import ScoreHistogram, histogram_metrics
 from common.models import STUDENT_CHECKPOINT, build_query_head, build_student, build_teacher, save_checkpoint
 from common.privacy import MECHANISMS_PER_RELEASE
+from common.progress import MetricsBoard
 from common.records import (
     CLASS_PROTOTYPES, PROTOCOL_VERSION, Dims, Payload, PayloadError, empty_statistics, make, metadata_class_names, reply_kind, validate,
     weight_shapes,
@@ -213,6 +214,7 @@ class Protocol:
         self.metrics: dict[str, Any] = {"teacher": [], "knowledge": [], "student": [], "evaluation": []}
         self.sites: dict[int, SiteInfo] = {}
         self.class_names = run_class_names(cfg)  # replaced by the sites' agreed names at discovery
+        self.board = MetricsBoard(None)  # a real one once run() starts (TensorBoard, where installed)
 
     # ------------------------------------------------------------------ persistence
 
@@ -387,6 +389,7 @@ class Protocol:
         used = self._fedavg("teacher", "nbi", replies, {"teacher": self.teacher, "head": self.head})
         loss = float(np.mean([replies[n].config["loss"] for n in used]))
         self.metrics["teacher"].append({"round": round_, "loss": loss, "sites": [self.channel.name(n) for n in used]})
+        self.board.scalars("teacher", {"loss": loss}, round_)
         log.info("[teacher %d/%d] loss %.4f from %d NBI site(s)", round_, self.cfg.fed.teacher_rounds, loss, len(used))
 
     def refresh_bank(self, refresh: int, evaluate_teacher: bool = False) -> None:
@@ -420,6 +423,7 @@ class Protocol:
              "bank_bytes": int(sum(a.nbytes for a in self.bank.values()))}
         )
         log.info("[knowledge %d] bank from %d group(s) of %s images per class, %d NBI site(s)", refresh, groups, images, len(nodes))
+        self.board.scalars("knowledge", {"groups": groups, "images": int(sum(images))}, refresh)
 
     def _lloyd_step(self, refresh: int, seed: int, iteration: int, nodes: list[int], keys: dict[int, str]):
         """One federated Lloyd step: the NBI sites' sums at the current centroids, aggregated
@@ -530,6 +534,7 @@ class Protocol:
             self.class_prototypes = aggregation.sum_statistics([replies[n].arrays for n in used], [f.name for f in CLASS_PROTOTYPES])
         parts = {k: float(np.mean([replies[n].config[k] for n in used])) for k in ("loss", "ce", "den", "pro")}
         self.metrics["student"].append({"round": round_, **parts, "sites": [self.channel.name(n) for n in used]})
+        self.board.scalars("student", parts, round_)
         log.info("[student %d/%d] loss %.4f (ce %.4f den %.4f pro %.4f) from %d site(s)", round_, fed.student_rounds,
                  parts["loss"], parts["ce"], parts["den"], parts["pro"], len(used))
 
@@ -560,6 +565,7 @@ class Protocol:
             "histogram": {"positives": pooled.positives.tolist(), "negatives": pooled.negatives.tolist(), "confusion": pooled.confusion.tolist()},
         }
         self.metrics["evaluation"].append(result)
+        self.board.scalars(f"evaluate_{model}", {"pooled": result["pooled"], "sites": result["sites"]}, round_)
         p = result["pooled"]
         log.info("[evaluate %s, round %d] pooled AUC %.4f ACC %.4f SENS %.4f SPEC %.4f over %d site(s)", model, round_, p["auc"],
                  p["accuracy"], p["sensitivity"], p["specificity"], len(replies))
@@ -569,6 +575,7 @@ class Protocol:
 
     def run(self) -> dict[str, Any]:
         started = time.time()
+        self.board = MetricsBoard(self.run_dir)
         self.resume()
         self.discover()
         self.save()
@@ -627,6 +634,7 @@ class Protocol:
         atomic_write_json(self.run_dir / "config.json", config_to_dict(self.cfg))
         save_checkpoint(self.run_dir / STUDENT_CHECKPOINT, self.student, self.cfg, self.class_names)
         write_plots(self.run_dir, summary)
+        self.board.close()
         log.info("run finished: %s", self.run_dir)
         return summary
 
