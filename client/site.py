@@ -68,6 +68,7 @@ def synthetic_site_specs(cfg: Config) -> list[tuple[str, SyntheticSiteSpec]]:
             render_shift=float(rng.uniform(0, d.render_shift)) if d.render_shift > 0 else 0.0,
             seed=cfg.train.seed * 1000 + index,
             image_size=d.image_size,
+            names=parse_class_names(d.class_names) or None,
         )
         sites.append((f"{modality}-{number}", spec))
     return sites
@@ -160,6 +161,4 @@ def resolve_site(node_config: Mapping[str, Any], cfg: Config) -> SiteData:
             f"sites; set num-supernodes={len(specs)} or raise those counts"
         )
     name, spec = specs[partition]
-    site = _synthetic_site(name, spec, cfg.data.image_size)
-    site.class_names = run_class_names(cfg)  # data.class_names relabels the synthetic classes
-    return site
+    return _synthetic_site(name, spec, cfg.data.image_size)

@@ -139,9 +139,14 @@ class SyntheticSiteSpec:
     render_shift: float = 0.0
     seed: int = 0
     image_size: int = 64
+    names: tuple[str, ...] | None = None  # class names in label order (None: default_class_names)
 
     def __post_init__(self) -> None:
         _check_modality(self.modality, "SyntheticSiteSpec.modality")
+        if self.names is not None:
+            object.__setattr__(self, "names", tuple(str(n) for n in self.names))
+            if len(self.names) != self.num_classes or len(set(self.names)) != len(self.names):
+                raise DataError(f"SyntheticSiteSpec.names={list(self.names)}: give num_classes={self.num_classes} distinct names")
         for name in ("num_train", "num_val", "num_test"):
             value = getattr(self, name)
             if not isinstance(value, (int, np.integer)) or value < 0:
@@ -172,7 +177,7 @@ class SyntheticSiteSpec:
 
     @property
     def class_names(self) -> tuple[str, ...]:
-        return default_class_names(self.num_classes)
+        return self.names or default_class_names(self.num_classes)
 
 
 # Latent lesion biology. Every image draws a "severity" s around its class's position on [0, 1]

@@ -151,3 +151,10 @@ def test_write_synthetic_refuses_bad_arguments(tmp_path, capsys):
     assert write_synthetic_main([str(tmp_path / "b"), *SMALL, "--site-names", "x"]) == 2
     assert "one distinct name per site" in capsys.readouterr().err
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_write_synthetic_uses_the_configured_class_names(tmp_path):
+    out = tmp_path / "rehearsal"
+    assert write_synthetic_main([str(out), *SMALL, "data.class_names=hyperplastic,adenoma"]) == 0
+    assert sorted(p.name for p in (out / "nbi-0" / "train").iterdir()) == ["adenoma", "hyperplastic"]
+    assert json.loads((out / "nbi-0" / "site.json").read_text())["class_names"] == ["hyperplastic", "adenoma"]
