@@ -32,6 +32,7 @@ from common import secagg
 from common.losses import bank_from_statistics
 from common.metrics import score_histogram
 from common.models import build_query_head, build_student, build_teacher, pick_device
+from common.progress import configure_logging, site_log
 from common.records import CLASS_PROTOTYPES, EVALUATION_FIELDS, EVALUATION_SPLITS, PROTOCOL_VERSION, Dims, Payload, PayloadError, empty_statistics, make, validate
 
 log = logging.getLogger(__name__)
@@ -107,6 +108,7 @@ def handles(
     def decorate(handler: Handler) -> Callable[[Message, Context], Message]:
         def wrapped(message: Message, context: Context) -> Message:
             started = time.perf_counter()
+            configure_logging(site_log.name)
             site_name = str(context.node_config.get("site-name", f"partition-{context.node_config.get('partition-id', '?')}"))
             try:
                 if delay := drill_delays().get(kind, 0.0):
@@ -128,6 +130,9 @@ def handles(
                 torch.manual_seed(site_seed(int(request.config.get("seed", 0)), site.name))
                 reply = handler(request, site, cfg, dims, context)
                 validate(reply, dims, sender=f"site '{site.name}'")
+                round_ = request.config.get("round")
+                site_log.info("site '%s': %s%s done in %.1f s%s", site.name, kind, f" (round {round_})" if round_ is not None else "",
+                              time.perf_counter() - started, _loss_note(reply))
             except Exception as err:  # noqa: BLE001 - every failure must reach the server as a reply
                 log.exception("site '%s' refused '%s'", site_name, kind)
                 reason = f"{type(err).__name__}: {err}"  # bounded: the server refuses over-long strings
@@ -141,6 +146,13 @@ def handles(
     return decorate
 
 
+def _loss_note(reply: Payload) -> str:
+    """``, loss 0.1234 over 96 images`` for a training reply (the per-round progress line)."""
+    if "loss" not in reply.config or "num-examples" not in reply.config:
+        return ""
+    return f", loss {reply.config['loss']:.4f} over {reply.config['num-examples']} images"
+
+
 def _class_counts(labels: np.ndarray, num_classes: int) -> np.ndarray:
     return np.bincount(np.asarray(labels, dtype=np.int64), minlength=num_classes)[:num_classes].astype(np.int64)
 
@@ -148,23 +160,24 @@ def _class_counts(labels: np.ndarray, num_classes: int) -> np.ndarray:
 @app.query("discover")
 @handles("discover", ("nbi", "wli"))
 def discover(request: Payload, site: SiteData, cfg: Config, dims: Dims, context: Context) -> Payload:
-    """Metadata only: modality, class counts, software version."""
-    if len(site.class_names) != dims.C:
-        raise ValueError(f"site '{site.name}' has {len(site.class_names)} classes, the run expects {dims.C}")
+    """Metadata only: modality, class names and counts, software version. The names go even
+    when they differ from the run's: the server compares every site's and says what to fix."""
+    classes = len(site.class_names)
     return make(
         "metadata",
         dims,
         arrays={
-            "train_class_counts": _class_counts(site.train.labels, dims.C),
-            "val_class_counts": _class_counts(site.val.labels if site.val is not None else [], dims.C),
-            "test_class_counts": _class_counts(site.test.labels, dims.C),
+            "train_class_counts": _class_counts(site.train.labels, classes),
+            "val_class_counts": _class_counts(site.val.labels if site.val is not None else [], classes),
+            "test_class_counts": _class_counts(site.test.labels, classes),
         },
-        config={"site-name": site.name, "modality": site.modality, "version": VERSION, "protocol": PROTOCOL_VERSION},
+        config={"site-name": site.name, "modality": site.modality, "version": VERSION, "protocol": PROTOCOL_VERSION,
+                "class-names": json.dumps(list(site.class_names))},
     )
 
 
 def _teacher_and_head(request: Payload, cfg: Config, dims: Dims):
-    teacher = build_teacher(cfg.model, dims.C)
+    teacher = build_teacher(cfg.model, dims.C, initial=False)
     head = build_query_head(cfg.model, dims.C)
     load_numpy_state(teacher, request.weights["teacher"], "teacher")
     load_numpy_state(head, request.weights["head"], "head")
@@ -231,7 +244,7 @@ def knowledge_stats(request: Payload, site: SiteData, cfg: Config, dims: Dims, c
     local = context.state.config_records[_STATE_KNOWLEDGE]
     if local["round"] != request.config["round"]:
         raise RuntimeError(f"site '{site.name}' holds the teacher of refresh {local['round']}, not {request.config['round']}")
-    teacher = build_teacher(cfg.model, dims.C)
+    teacher = build_teacher(cfg.model, dims.C, initial=False)
     head = build_query_head(cfg.model, dims.C)
     teacher.load_state_dict(context.state.array_records[_STATE_TEACHER].to_torch_state_dict())
     head.load_state_dict(context.state.array_records[_STATE_HEAD].to_torch_state_dict())
@@ -279,7 +292,7 @@ def student_modalities(cfg: Config) -> tuple[str, ...]:
 def student_round(request: Payload, site: SiteData, cfg: Config, dims: Dims, context: Context) -> Payload:
     """Local student epochs with CE + GKD-Pro + GKD-Den against the NBI bank (WLI sites; the
     FedProto-style baseline adds its prototype regulariser)."""
-    student = build_student(cfg.model, dims.C)
+    student = build_student(cfg.model, dims.C, initial=False)
     head = build_query_head(cfg.model, dims.C)
     load_numpy_state(student, request.weights["student"], "student")
     load_numpy_state(head, request.weights["head"], "head")
@@ -335,7 +348,7 @@ def evaluate(request: Payload, site: SiteData, cfg: Config, dims: Dims, context:
     split = request.config["split"]
     if split not in EVALUATION_SPLITS:
         raise PayloadError(f"evaluate: split '{split}' is not one of {list(EVALUATION_SPLITS)}")
-    net = (build_student if model == "student" else build_teacher)(cfg.model, dims.C)
+    net = (build_student if model == "student" else build_teacher)(cfg.model, dims.C, initial=False)
     load_numpy_state(net, request.weights["net"], "net")
     scores, scored = _scores(net, site, cfg, dims, split)
     return make("evaluation", dims, arrays=scores, config={"num-examples": scored["eval-examples"], "loss": scored["eval-loss"]})

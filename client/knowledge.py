@@ -9,6 +9,7 @@ sends, so every Lloyd iteration of the federated k-means sees the same groups.
 from __future__ import annotations
 
 import dataclasses
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,6 +21,7 @@ from common.config import Config
 from common.grouping import Group, cluster_assignment, cluster_statistics
 from common.losses import BACKGROUND, FOREGROUND, cam_token_labels
 from common.models import LesionQueryHead, PaGKDNet, group_prototypes
+from common.progress import progress, site_log
 from common.privacy import add_noise, clip_factors, count_sensitivity, group_sq_norms, max_group_size, noise_generator
 from common.records import BANK_STATISTICS, Dims, empty_statistics
 
@@ -47,7 +49,8 @@ def extract_site_knowledge(
     teacher.to(device).eval()
     head.to(device).eval()
     tokens, token_labels, classes = [], [], []
-    for images, labels in loader:
+    started = time.perf_counter()
+    for images, labels in progress(loader, "extract", len(loader)):
         images, labels = images.to(device), labels.to(device)
         with autocast(device, cfg.train.amp):
             out = teacher(images)
@@ -67,6 +70,8 @@ def extract_site_knowledge(
         p, gl, _ = group_prototypes(head, all_tokens, groups[start : start + 64])
         prototypes.append(p.float())
         group_labels.append(gl)
+    site_log.info("knowledge extraction: %d images, %d group(s) of >= %d in %.1f s", len(all_classes), len(groups),
+                  cfg.pagkd.min_group_size, time.perf_counter() - started)
     kept = torch.cat([g.indices for g in groups]) if groups else torch.zeros(0, dtype=torch.long)
     kept = kept.to(all_tokens.device)
     dim = all_tokens.shape[-1]

@@ -96,7 +96,7 @@ def export_model(checkpoint: Path, fmt: str, out: Path, atol: float = 1e-4) -> f
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Use a trained FedPaGKD WLI student")
+    parser = argparse.ArgumentParser(prog="fedpagkd", description="Use a trained FedPaGKD WLI student")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("predict", help="CSV of class probabilities for a folder of WLI images")
     p.add_argument("--checkpoint", type=Path, required=True)

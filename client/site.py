@@ -19,16 +19,18 @@ from typing import Any, Mapping
 import numpy as np
 from torch.utils.data import Dataset
 
-from common.config import Config
+from common.config import Config, parse_class_names
 from common.data import (
-    MODALITIES,
     DataError,
     FolderSiteDataset,
     SyntheticEndoscopyDataset,
     SyntheticSiteSpec,
     build_transform,
+    class_names_source,
     default_class_names,
     has_split,
+    discover_class_names,
+    normalise_modality,
 )
 
 SITES_FILE = "sites.toml"
@@ -75,6 +77,7 @@ def synthetic_site_specs(cfg: Config) -> list[tuple[str, SyntheticSiteSpec]]:
             render_shift=float(rng.uniform(0, d.render_shift)) if d.render_shift > 0 else 0.0,
             seed=cfg.train.seed * 1000 + index,
             image_size=d.image_size,
+            names=parse_class_names(d.class_names) or None,
         )
         sites.append((f"{modality}-{number}", spec))
     return sites
@@ -91,16 +94,34 @@ def _synthetic_site(name: str, spec: SyntheticSiteSpec, image_size: int) -> Site
     )
 
 
+def run_class_names(cfg: Config) -> tuple[str, ...]:
+    """The run's class names: ``data.class_names`` when set, else the synthetic defaults for
+    ``data.num_classes`` (what a real site's discovered names are compared against)."""
+    return parse_class_names(cfg.data.class_names) or default_class_names(cfg.data.num_classes)
+
+
+def site_class_names(root: str | Path, cfg: Config) -> tuple[tuple[str, ...], str]:
+    """(class names, where they came from) of a real site: ``data.class_names`` when set, else
+    discovered from its folders or manifest (:func:`common.data.discover_class_names`), else
+    (a manifest of class indices) the defaults for ``data.num_classes``."""
+    configured = parse_class_names(cfg.data.class_names)
+    if configured:
+        return configured, class_names_source(configured)
+    found = discover_class_names(root)
+    if found is None:
+        return default_class_names(cfg.data.num_classes), f"the default names for data.num_classes={cfg.data.num_classes}"
+    return found, class_names_source((), root)
+
+
 def folder_site(name: str, modality: str, data_path: str | Path, cfg: Config) -> SiteData:
     """A real site's data; structure errors raise :class:`DataError` naming the path."""
-    if modality not in MODALITIES:
-        raise DataError(f"site '{name}': modality '{modality}' is not one of {MODALITIES}; fix the node config")
+    modality = normalise_modality(modality, f"site '{name}' (its node config or {SITES_FILE} entry)")
     root = Path(data_path)
-    names = default_class_names(cfg.data.num_classes)
+    names, source = site_class_names(root, cfg)
     size = cfg.data.image_size
 
     def split(split_name: str) -> FolderSiteDataset:
-        return FolderSiteDataset(root, split_name, names, build_transform(size), expected_modality=modality)
+        return FolderSiteDataset(root, split_name, names, build_transform(size), expected_modality=modality, names_source=source)
 
     val = split("val") if has_split(root, "val") else None
     return SiteData(name, modality, split("train"), split("test"), names, val)

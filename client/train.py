@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import time
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -33,6 +34,7 @@ from common.losses import (
 from common.metrics import classification_metrics
 from common.models import LesionQueryHead, PaGKDNet, group_prototypes
 from common.optim import ProgressSchedule, build_optimizer
+from common.progress import progress, site_log
 
 log = logging.getLogger(__name__)
 
@@ -83,9 +85,12 @@ def _epochs(
     for epoch in range(first_epoch, first_epoch + epochs):
         if hasattr(loader.batch_sampler, "set_epoch"):
             loader.batch_sampler.set_epoch(epoch)
-        for images, labels in loader:
+        started, seen = time.perf_counter(), 0
+        for images, labels in progress(loader, f"epoch {epoch + 1}", len(loader)):
             images = augment(images.to(device, non_blocking=True), generator)
+            seen += len(labels)
             yield epoch, to_device(images, device, cfg.train.channels_last), labels.to(device)
+        site_log.info("local epoch %d/%d: %d images in %.1f s", epoch - first_epoch + 1, epochs, seen, time.perf_counter() - started)
         if on_epoch_end is not None:
             on_epoch_end(epoch)
 
@@ -287,7 +292,7 @@ def predict(net: PaGKDNet, loader: DataLoader, device: torch.device, amp: bool =
     """Class probabilities [N, C], labels [N] and mean CE over a loader."""
     net.to(device).eval()
     probs, labels, loss_sum = [], [], 0.0
-    for images, target in loader:
+    for images, target in progress(loader, "evaluate", len(loader)):
         images = images.to(device)
         with autocast(device, amp):
             logits = net(images).logits.float()

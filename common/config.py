@@ -23,7 +23,13 @@ class ConfigError(ValueError):
 
 @dataclass
 class DataConfig:
+    # Follows from class_names when that is set (its length); otherwise the count of the
+    # synthetic default names (common.data.default_class_names) or of the sites' discovered ones.
     num_classes: int = 3
+    # Comma-separated class names in label order, e.g. "hyperplastic,adenoma". Empty: the sites
+    # discover them (ImageFolder: the sorted class folders of train/; a manifest: its sorted
+    # labels) and the server checks at discovery that every site found the same ones.
+    class_names: str = ""
     image_size: int = 64
     # Built-in synthetic federation (used when ``root`` is empty).
     nbi_sites: int = 2
@@ -54,7 +60,13 @@ class ModelConfig:
     num_queries: int = 12  # M: lesion-aware queries
     num_heads: int = 8
     output_stride: int = 32  # 16 or 8 dilate the last stage: more tokens per image (timm backbones that support it)
-    teacher_weights: str = ""  # local .safetensors or torch state-dict file; never a hub
+    # Start from timm's pretrained weights (ImageNet for resnet50): timm's local cache, or the
+    # Hugging Face hub where the machine is online. Only the coordinator (server) and the
+    # centralised reference load them: sites receive the initial weights from the server.
+    pretrained: bool = False
+    # Local .safetensors or torch state-dict files (e.g. from `fedpagkd fetch-weights` on a
+    # connected machine); when set they replace model.pretrained for that network, offline.
+    teacher_weights: str = ""
     student_weights: str = ""
 
 
@@ -234,6 +246,26 @@ class Config:
         return self
 
 
+def parse_class_names(text: str, key: str = "data.class_names") -> tuple[str, ...]:
+    """``"hyperplastic, adenoma"`` -> ``("hyperplastic", "adenoma")``; ``""`` -> ``()`` (discover).
+
+    Refuses (naming ``key``) fewer than 2 names, an empty or repeated name, and a name that
+    cannot be a class folder (a path separator or a leading dot)."""
+    if not text.strip():
+        return ()
+    names = tuple(part.strip() for part in text.split(","))
+    fix = f"give at least 2 distinct comma-separated names, e.g. {key}='hyperplastic,adenoma'"
+    if len(names) < 2 or any(not n for n in names):
+        raise ConfigError(f"config key '{key}' = {text!r}: {fix}")
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ConfigError(f"config key '{key}' = {text!r} repeats {repeated}: {fix}")
+    bad = [n for n in names if "/" in n or "\\" in n or n.startswith(".")]
+    if bad:
+        raise ConfigError(f"config key '{key}' = {text!r}: {bad} cannot be class folder names (no '/', '\\' or leading '.')")
+    return names
+
+
 def _field_types(cls: type) -> dict[str, Any]:
     hints = typing.get_type_hints(cls)
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
@@ -310,6 +342,9 @@ def config_from_flat(values: Mapping[str, Any], base: Config | None = None) -> C
                 f"unknown config key '{raw_key}': section '{section}' has {sorted(fields)}"
             )
         setattr(getattr(cfg, section), name, _coerce(raw_key, value, fields[name]))
+    names = parse_class_names(cfg.data.class_names)
+    if names:  # the names define the classes; Flower's run config always carries a num_classes too
+        cfg.data.num_classes = len(names)
     return cfg.validate()
 
 
@@ -351,6 +386,7 @@ __all__ = [
     "config_keys",
     "config_to_dict",
     "config_to_flat",
+    "parse_class_names",
 ]
 
 

@@ -66,6 +66,44 @@ def default_class_names(num_classes: int) -> tuple[str, ...]:
     return (DEFAULT_CLASS_NAMES + extra)[:num_classes]
 
 
+def class_names_source(configured: Sequence[str], root: str | os.PathLike | None = None) -> str:
+    """Where a site's class names came from, for error messages that say what to change."""
+    if configured:
+        return "the run's data.class_names"
+    where = f" of {Path(root) / 'train'}" if root is not None else ""
+    return f"the class folders{where} (ImageFolder: sorted folder names)"
+
+
+def discover_class_names(root: str | os.PathLike) -> tuple[str, ...] | None:
+    """A real site's class names, in label order, as torchvision's ImageFolder finds them.
+
+    With a ``manifest.csv``: the sorted distinct labels that are names (a manifest of class
+    indices only names nothing -> None). Otherwise the sorted non-hidden folders of
+    ``<root>/train`` (None when that folder is missing: :class:`FolderSiteDataset` then says
+    what to create). Every site of a federation must find the same names: the server checks.
+    """
+    root = Path(root)
+    manifest = root / MANIFEST_FILE
+    if manifest.is_file():
+        try:
+            with manifest.open(newline="") as fh:
+                rows = list(csv.DictReader(fh))
+        except (UnicodeDecodeError, csv.Error):
+            return None  # FolderSiteDataset reports the unreadable manifest with its fix
+        labels = {(row.get("label") or "").strip() for row in rows}
+        names = sorted(label for label in labels if label and not label.isdigit())
+        return tuple(names) or None
+    train = root / "train"
+    if not train.is_dir():
+        return None
+    return tuple(sorted(p.name for p in train.iterdir() if p.is_dir() and not p.name.startswith(".")))
+
+
+def normalise_modality(modality: str, where: str) -> str:
+    """``'NBI'`` or ``'nbi'`` -> ``'nbi'``; anything else is a DataError naming ``where``."""
+    return _check_modality(str(modality).strip().lower(), where)
+
+
 def _check_split(split: str) -> str:
     if split not in SPLITS:
         raise DataError(f"split={split!r} is not one of {list(SPLITS)}; pass one of those")
@@ -101,9 +139,14 @@ class SyntheticSiteSpec:
     render_shift: float = 0.0
     seed: int = 0
     image_size: int = 64
+    names: tuple[str, ...] | None = None  # class names in label order (None: default_class_names)
 
     def __post_init__(self) -> None:
         _check_modality(self.modality, "SyntheticSiteSpec.modality")
+        if self.names is not None:
+            object.__setattr__(self, "names", tuple(str(n) for n in self.names))
+            if len(self.names) != self.num_classes or len(set(self.names)) != len(self.names):
+                raise DataError(f"SyntheticSiteSpec.names={list(self.names)}: give num_classes={self.num_classes} distinct names")
         for name in ("num_train", "num_val", "num_test"):
             value = getattr(self, name)
             if not isinstance(value, (int, np.integer)) or value < 0:
@@ -134,7 +177,7 @@ class SyntheticSiteSpec:
 
     @property
     def class_names(self) -> tuple[str, ...]:
-        return default_class_names(self.num_classes)
+        return self.names or default_class_names(self.num_classes)
 
 
 # Latent lesion biology. Every image draws a "severity" s around its class's position on [0, 1]
@@ -637,11 +680,13 @@ class FolderSiteDataset(torch.utils.data.Dataset):
         class_names: Sequence[str],
         transform: Callable | None = None,
         expected_modality: str | None = None,
+        names_source: str = "the configured class names",
     ) -> None:
         self.root = Path(root)
         self.split = _check_split(split)
         self.class_names = tuple(class_names)
         self.transform = transform
+        self.names_source = names_source  # said in errors: what the user changes to fix a class
         if len(self.class_names) < 2 or len(set(self.class_names)) != len(self.class_names):
             raise DataError(f"class_names={list(self.class_names)}: need at least 2 distinct class names")
         if expected_modality is not None:
@@ -673,8 +718,10 @@ class FolderSiteDataset(torch.utils.data.Dataset):
             raise DataError(f'{site_file} has no "modality" key; write {{"modality": "wli" or "nbi"}} or delete it')
         modality = _check_modality(str(meta["modality"]).lower(), str(site_file))
         declared = meta.get("class_names")
-        if declared is not None and list(declared) != list(self.class_names):
-            log.warning("%s declares class_names %s; using the configured %s", site_file, declared, list(self.class_names))
+        # Order may differ (discovered names are sorted, a writer may list them in label order);
+        # other names mean the declaration is stale.
+        if declared is not None and sorted(map(str, declared)) != sorted(self.class_names):
+            log.warning("%s declares class_names %s; using %s from %s", site_file, declared, list(self.class_names), self.names_source)
         if expected is not None and modality != expected:
             raise DataError(
                 f"{site_file} declares modality {modality!r} but this site is configured as {expected!r}; "
@@ -685,7 +732,7 @@ class FolderSiteDataset(torch.utils.data.Dataset):
     def _class_error(self, what: str, where: str) -> DataError:
         return DataError(
             f"{where}: unknown class {what!r}; expected one of {list(self.class_names)}. Rename or remove it, "
-            "or add it to the configured class names"
+            f"or set data.class_names to this federation's classes (now: {self.names_source})"
         )
 
     def _scan_folders(self) -> tuple[list[Path], list[int]]:
@@ -724,7 +771,7 @@ class FolderSiteDataset(torch.utils.data.Dataset):
                     state = "has no .png/.jpg images" if folder.is_dir() else "is missing"
                     raise DataError(
                         f"class folder {folder} {state}: every class needs training images; add images "
-                        f"there or drop {name!r} from the configured class names"
+                        f"there or drop {name!r} from {self.names_source}"
                     )
         return paths, labels
 
@@ -778,7 +825,7 @@ class FolderSiteDataset(torch.utils.data.Dataset):
                 if count == 0:
                     raise DataError(
                         f"{manifest}: class {name!r} has no training images; add rows with label={name} "
-                        f"split=train or drop {name!r} from the configured class names"
+                        f"split=train or drop {name!r} from {self.names_source}"
                     )
         return paths, labels
 

@@ -133,17 +133,20 @@ def group_prototypes(
     return prototypes, labels, attention
 
 
-def build_teacher(cfg: ModelConfig, num_classes: int) -> PaGKDNet:
+def build_teacher(cfg: ModelConfig, num_classes: int, initial: bool = True) -> PaGKDNet:
+    """The NBI teacher; with ``initial``, its starting weights (:func:`init_weights`). Sites
+    pass ``initial=False``: they receive the weights from the server at once."""
     net = PaGKDNet(cfg.teacher, num_classes, cfg.embed_dim, detach_embed=True, output_stride=cfg.output_stride)
-    if cfg.teacher_weights:
-        load_weights(net, cfg.teacher_weights)
+    if initial:
+        init_weights(net, cfg.teacher, cfg.teacher_weights, cfg.pretrained)
     return net
 
 
-def build_student(cfg: ModelConfig, num_classes: int) -> PaGKDNet:
+def build_student(cfg: ModelConfig, num_classes: int, initial: bool = True) -> PaGKDNet:
+    """The WLI student; ``initial`` as :func:`build_teacher`."""
     net = PaGKDNet(cfg.student, num_classes, cfg.embed_dim, output_stride=cfg.output_stride)
-    if cfg.student_weights:
-        load_weights(net, cfg.student_weights)
+    if initial:
+        init_weights(net, cfg.student, cfg.student_weights, cfg.pretrained)
     return net
 
 
@@ -169,8 +172,14 @@ def load_weights(module: nn.Module, path: str | Path, strict: bool = False) -> N
         state = torch.load(path, map_location="cpu", weights_only=True)
         if isinstance(state, dict) and "state_dict" in state:
             state = state["state_dict"]
+    load_matching(module, state, f"weights file '{path}'", strict)
+
+
+def load_matching(module: nn.Module, state: dict[str, torch.Tensor], source: str, strict: bool = False) -> int:
+    """Copy the tensors of ``state`` whose names and shapes match ``module`` (timm's plain
+    backbone keys also match under ``backbone.``) -> how many; ``source`` names the origin in
+    errors and the log line. Nothing matching is an error."""
     own = module.state_dict()
-    # Accept backbone-only files (timm's plain model keys) by also matching under 'backbone.'.
     matched = {}
     for name, tensor in state.items():
         for candidate in (name, f"backbone.{name}"):
@@ -178,12 +187,73 @@ def load_weights(module: nn.Module, path: str | Path, strict: bool = False) -> N
                 matched[candidate] = tensor
                 break
     if not matched:
-        raise ValueError(f"weights file '{path}' has no tensor matching this model's names and shapes")
+        raise ValueError(f"{source} has no tensor matching this model's names and shapes (another backbone?)")
     skipped = sorted(set(own) - set(matched))
     if strict and skipped:
-        raise ValueError(f"weights file '{path}' lacks {len(skipped)} tensors, e.g. {skipped[:3]}")
+        raise ValueError(f"{source} lacks {len(skipped)} tensors, e.g. {skipped[:3]}")
     module.load_state_dict(matched, strict=False)
-    log.info("loaded %d/%d tensors from %s (%d left at init)", len(matched), len(own), path, len(skipped))
+    log.info("loaded %d/%d tensors from %s (%d left at init)", len(matched), len(own), source, len(skipped))
+    return len(matched)
+
+
+class PretrainedWeightsError(RuntimeError):
+    """timm's pretrained weights could not be had here; the message says how to get them offline."""
+
+
+def pretrained_backbone_state(backbone: str, file: str | Path | None = None) -> dict[str, torch.Tensor]:
+    """timm's pretrained weights of ``backbone`` without its classifier (the state dict of
+    ``timm.create_model(backbone, pretrained=True, num_classes=0)``): from timm's / Hugging
+    Face's local cache, else the hub where the machine is online; from ``file`` instead when
+    given (any weights file timm reads, e.g. one written by :func:`save_backbone_weights`)."""
+    overlay = {"file": str(file)} if file else None
+    try:
+        model = timm.create_model(backbone, pretrained=True, num_classes=0, pretrained_cfg_overlay=overlay)
+    except RuntimeError as err:
+        if "Unknown model" in str(err):
+            raise ValueError(f"model '{backbone}' is not a timm model name ({err}); see timm.list_models()") from err
+        raise PretrainedWeightsError(_offline_fix(backbone, err)) from err
+    except Exception as err:  # noqa: BLE001 - offline hub, missing cache, no pretrained tag: all say the same fix
+        raise PretrainedWeightsError(_offline_fix(backbone, err)) from err
+    return model.state_dict()
+
+
+def _offline_fix(backbone: str, err: Exception) -> str:
+    return (f"cannot load timm's pretrained weights for '{backbone}' ({type(err).__name__}: {err}). On a machine with "
+            f"internet run `fedpagkd fetch-weights {backbone} --out {backbone}.safetensors`, copy the file here and set "
+            "model.teacher_weights / model.student_weights to its path; or set model.pretrained=false to start from scratch")
+
+
+def load_pretrained(module: nn.Module, backbone: str) -> int:
+    """Load timm's pretrained ``backbone`` weights into ``module`` (a :class:`PaGKDNet` or a
+    bare timm model) -> tensors loaded; :class:`PretrainedWeightsError` with the offline fix."""
+    return load_matching(module, pretrained_backbone_state(backbone), f"timm's pretrained '{backbone}'")
+
+
+def init_weights(net: nn.Module, backbone: str, weights_file: str = "", pretrained: bool = False) -> None:
+    """A network's starting weights: a local ``weights_file`` (offline) when set, else timm's
+    pretrained weights when ``pretrained``, else timm's random initialisation."""
+    if weights_file:
+        load_weights(net, weights_file)
+    elif pretrained:
+        load_pretrained(net, backbone)
+
+
+def save_backbone_weights(backbone: str, out: str | Path) -> Path:
+    """Fetch timm's pretrained ``backbone`` (cache or hub) into a new ``.safetensors`` file to
+    copy to an offline machine (``model.teacher_weights=...``). An existing ``out`` is refused."""
+    from safetensors.torch import save_file
+
+    from common.files import atomic_write
+
+    out = Path(out)
+    if out.suffix != ".safetensors":
+        raise ValueError(f"--out {out}: give a file name ending in .safetensors")
+    if out.exists():
+        raise FileExistsError(f"{out} already exists; choose another --out or delete it first")
+    state = {k: v.contiguous() for k, v in pretrained_backbone_state(backbone).items()}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(out, lambda tmp: save_file(state, tmp, metadata={"backbone": backbone, "source": "timm pretrained"}))
+    return out
 
 
 def pick_device(name: str = "auto") -> torch.device:

@@ -13,6 +13,8 @@ Payload to a ``RecordDict`` and back, byte for byte.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping
@@ -155,7 +157,10 @@ SCHEMAS: dict[str, Schema] = {
                 ArrayField("val_class_counts", _I64, ("C",), counts=True),  # zeros: the site has no val split
                 ArrayField("test_class_counts", _I64, ("C",), counts=True),
             ),
-            config=(("site-name", str), ("modality", str), ("version", str), ("protocol", int)),
+            # "class-names": JSON list of the site's class names in label order; its length is
+            # the C of this reply's counts (see metadata_class_names), so a site whose classes
+            # differ from the run's can still say which it has and the server can list them.
+            config=(("site-name", str), ("modality", str), ("version", str), ("protocol", int), ("class-names", str)),
         ),
         # The received teacher is the previous round's global one: "evaluate" scores it (val).
         Schema("teacher.train", config=_ROUND + (("local-epochs", int),) + _SPAN + _EVALUATE, weights=("teacher", "head")),
@@ -288,6 +293,8 @@ def validate(
     is checked for finiteness only. ``sender`` names the site in error messages.
     """
     where = f"{sender} ({payload.kind})"
+    if payload.kind == "metadata" and "class-names" in payload.config:  # a site's counts are over its own classes
+        dims = dataclasses.replace(dims, C=len(metadata_class_names(payload, sender)))
     schema = SCHEMAS.get(payload.kind)
     if schema is None:
         raise PayloadError(f"{sender}: unknown message kind '{payload.kind}'; known: {sorted(SCHEMAS)}")
@@ -325,6 +332,18 @@ def validate(
         else:
             _check_weights(where, block, weights, reference)
     return payload
+
+
+def metadata_class_names(payload: Payload, sender: str = "message") -> tuple[str, ...]:
+    """The class names a ``metadata`` reply declares (its ``class-names`` JSON list)."""
+    text = payload.config.get("class-names")
+    try:
+        names = json.loads(text) if isinstance(text, str) else None
+    except json.JSONDecodeError:
+        names = None
+    if not isinstance(names, list) or len(names) < 2 or not all(isinstance(n, str) for n in names):
+        raise PayloadError(f"{sender} (metadata): config 'class-names' = {text!r} should be a JSON list of >= 2 class names")
+    return tuple(names)
 
 
 def make(kind: str, dims: Dims, *, arrays=None, config=None, weights=None) -> Payload:

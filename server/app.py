@@ -10,20 +10,10 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from common.config import config_from_flat
+from common.progress import configure_logging
 from server.workflow import run_federation
 
 app = ServerApp()
-
-
-def configure_logging() -> None:
-    """Progress lines of our own loggers only; the root logger (httpx, grpc) is left alone."""
-    logger = logging.getLogger("fedpagkd")
-    if not logger.handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
-        logger.addHandler(handler)
-        logger.setLevel(logging.INFO)
-        logger.propagate = False
 
 
 def run_folder(run_dir: str, run_name: str) -> Path:

@@ -4,7 +4,7 @@
 command on a machine-wide port. This launcher gives each call its own ``FLWR_HOME`` and a
 free port, submits the run, streams its log (progress per round), reads the final status with
 ``flwr list``, stops the SuperLink it started by PID, and raises when the run did not
-complete. CLI: ``python -m server.launch [--sites-nbi 2 --sites-wli 2] [key=value ...]``.
+complete. CLI: ``fedpagkd simulate [--supernodes N] [key=value ...]`` (= ``python -m server.launch``).
 """
 
 from __future__ import annotations
@@ -110,26 +110,40 @@ def stop_superlink(port: int, grace_s: float = 10.0) -> None:
         os.kill(pid, signal.SIGKILL)
 
 
-def preflight(run_config: Mapping[str, Any], num_supernodes: int, cpus_per_client: int = 1, gpus_per_client: float = 0.0) -> None:
+def preflight(
+    run_config: Mapping[str, Any], num_supernodes: int, cpus_per_client: int = 1, gpus_per_client: float = 0.0, report=print
+) -> dict[str, Any]:
     """Refuse, before Ray starts, a run that cannot work here; the message lists every problem
     and its fix. Checks the run config, the sites (synthetic or ``sites.toml``) against the
-    SuperNodes asked for, and the CPUs/GPUs asked for against this machine's."""
+    SuperNodes asked for, and the CPUs/GPUs asked for against this machine's. With
+    ``data.root`` it also checks every site's folder (:func:`client.sitecheck.check_federation`:
+    splits, class names, counts, modality declarations; no decoding) and passes one summary
+    table to ``report``. Returns the run-config keys the sites settle: with ``data.class_names``
+    empty, the class names they agree on (so every site and the server use that one list)."""
     import common  # noqa: F401  (torchvision shim)
     import torch
-    from client.site import read_sites_file
+    from client.sitecheck import check_federation, format_reports
     from common.config import config_from_flat
 
     from common.config import ConfigError
-    from common.data import DataError
 
     try:
         cfg = config_from_flat(run_config)  # names an unknown key or a bad value
-        sites = read_sites_file(cfg.data.root) if cfg.data.root else []
-    except (ConfigError, DataError) as err:
+    except ConfigError as err:
         raise SimulationError(f"the run cannot start: {err}") from err
-    problems = []
+    problems: list[str] = []
+    settled: dict[str, Any] = {}
     if cfg.data.root:
-        modalities = [s["modality"] for s in sites]
+        reports, problems = check_federation(cfg.data.root, cfg)
+        if not reports:  # no readable sites.toml: nothing else can be checked
+            raise SimulationError("the run cannot start:\n  - " + "\n  - ".join(problems))
+        report(format_reports(reports, problems))
+        problems += [f"site '{r.name}': {p}" for r in reports for p in r.problems]
+        names = {r.class_names for r in reports if r.class_names}
+        if not cfg.data.class_names and len(names) == 1:
+            agreed = next(iter(names))
+            settled = {"data.class_names": ",".join(agreed), "data.num_classes": len(agreed)}
+        modalities = [r.modality for r in reports]
         where = f"{cfg.data.root}/sites.toml"
     else:
         modalities = ["nbi"] * cfg.data.nbi_sites + ["wli"] * cfg.data.wli_sites
@@ -158,6 +172,7 @@ def preflight(run_config: Mapping[str, Any], num_supernodes: int, cpus_per_clien
         problems.append(f"train.device = '{cfg.train.device}' but no CUDA GPU is visible: use train.device=auto or cpu")
     if problems:
         raise SimulationError("the run cannot start:\n  - " + "\n  - ".join(problems))
+    return settled
 
 
 def simulate(
@@ -181,14 +196,15 @@ def simulate(
     made absolute (the ServerApp's cwd is the SuperLink's, not the app's). ``work_dir``
     (default: a temp dir) holds this run's FLWR_HOME, Ray temp files and the SuperLink log.
     """
+    settled: dict[str, Any] = {}
     if check:
-        preflight(run_config, num_supernodes, cpus_per_client, gpus_per_client)
+        settled = preflight(run_config, num_supernodes, cpus_per_client, gpus_per_client, report=print if stream else lambda _: None)
     work = Path(work_dir or tempfile.mkdtemp(prefix="fedpagkd-"))
     flwr_home = work / "flwr-home"
     ray_tmp = Path(tempfile.mkdtemp(prefix="fpr-"))  # short: Ray's unix socket paths are length-limited
     flwr_home.mkdir(parents=True, exist_ok=True)
     (flwr_home / "config.toml").write_text('[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = ":local:"\n')
-    overrides = dict(run_config)
+    overrides = dict(run_config) | settled
     overrides["fed.run_dir"] = str(Path(overrides.get("fed.run_dir", REPO / "runs")).resolve())
     overrides.setdefault("fed.run_name", time.strftime("%Y%m%d-%H%M%S"))
     port = free_port()
@@ -259,7 +275,7 @@ def final_lines(metrics: Mapping[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="fedpagkd simulate", description=__doc__.split("\n\n")[0])
     parser.add_argument("overrides", nargs="*", help="run-config overrides, e.g. fed.student_rounds=5 data.image_size=64")
     parser.add_argument("--supernodes", type=int, default=None, help="default: data.nbi_sites + data.wli_sites (or sites.toml)")
     parser.add_argument("--cpus-per-client", type=int, default=1)
@@ -268,11 +284,19 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     import common  # noqa: F401  (torchvision shim)
     from client.site import read_sites_file
-    from common.config import config_from_flat
+    from common.config import ConfigError, config_from_flat
+    from common.data import DataError
 
-    overrides = dict(item.split("=", 1) for item in args.overrides)
-    cfg = config_from_flat(overrides)  # fail here, with a clear message, before Ray starts
-    supernodes = args.supernodes or (len(read_sites_file(cfg.data.root)) if cfg.data.root else cfg.data.nbi_sites + cfg.data.wli_sites)
+    try:
+        bad = [item for item in args.overrides if "=" not in item]
+        if bad:
+            raise ConfigError(f"{bad} are not key=value run-config overrides (e.g. fed.student_rounds=5)")
+        overrides = dict(item.split("=", 1) for item in args.overrides)
+        cfg = config_from_flat(overrides)  # fail here, with a clear message, before Ray starts
+        supernodes = args.supernodes or (len(read_sites_file(cfg.data.root)) if cfg.data.root else cfg.data.nbi_sites + cfg.data.wli_sites)
+    except (ConfigError, DataError) as err:
+        print(f"FAILED: the run cannot start: {err}", file=sys.stderr)
+        return 1
     try:
         result = simulate(overrides, supernodes, args.cpus_per_client, args.gpus_per_client, stream=not args.quiet)
     except SimulationError as err:

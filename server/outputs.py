@@ -35,7 +35,7 @@ def write_plots(run_dir: Path, summary: dict[str, Any]) -> list[Path]:
 
     last = evaluations[-1]["histogram"]
     hist = ScoreHistogram(np.array(last["positives"]), np.array(last["negatives"]), np.array(last["confusion"]))
-    names = default_class_names(hist.num_classes)
+    names = summary.get("class_names") or default_class_names(hist.num_classes)
     fig, ax = plt.subplots(figsize=(5, 5))
     for c in range(hist.num_classes):
         fpr, tpr = histogram_roc(hist, c)

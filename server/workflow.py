@@ -33,12 +33,15 @@ from client.app import dims_of
 from client.wire import MESSAGE_TYPE, compute_seconds, from_recorddict, state_to_numpy, to_recorddict
 from common import secagg
 from common.config import Config, config_to_dict, config_to_flat
-from common.data import default_class_names
+from client.site import run_class_names
+from common.config import parse_class_names
 from common.metrics import ScoreHistogram, histogram_metrics, learning_problems
 from common.models import STUDENT_CHECKPOINT, build_query_head, build_student, build_teacher, save_checkpoint
 from common.privacy import MECHANISMS_PER_RELEASE
+from common.progress import MetricsBoard
 from common.records import (
-    CLASS_PROTOTYPES, PROTOCOL_VERSION, Dims, Payload, PayloadError, empty_statistics, make, reply_kind, validate, weight_shapes,
+    CLASS_PROTOTYPES, PROTOCOL_VERSION, Dims, Payload, PayloadError, empty_statistics, make, metadata_class_names, reply_kind, validate,
+    weight_shapes,
 )
 from server import aggregation
 from common.files import atomic_write_json
@@ -61,6 +64,7 @@ class SiteInfo:
     test_counts: list[int]
     version: str
     val_counts: list[int] = field(default_factory=list)
+    class_names: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -213,6 +217,8 @@ class Protocol:
         # Model selection: per model ("teacher", "student") the global weights of the round with the
         # best pooled val AUC so far ({block: state}); metrics["selection"] says which round.
         self.best: dict[str, dict[str, dict[str, np.ndarray]]] = {}
+        self.class_names = run_class_names(cfg)  # replaced by the sites' agreed names at discovery
+        self.board = MetricsBoard(None)  # a real one once run() starts (TensorBoard, where installed)
 
     # ------------------------------------------------------------------ persistence
 
@@ -324,6 +330,7 @@ class Protocol:
                 test_counts=reply.arrays["test_class_counts"].tolist(),
                 version=reply.config["version"],
                 val_counts=reply.arrays["val_class_counts"].tolist(),
+                class_names=list(metadata_class_names(reply)),
             )
             if reply.config["protocol"] != PROTOCOL_VERSION:
                 dropped[node_id] = f"protocol {reply.config['protocol']}, server speaks {PROTOCOL_VERSION}; upgrade the site"
@@ -350,6 +357,39 @@ class Protocol:
                 f"not enough sites to start ({', '.join(missing)}). Found: {', '.join(names) or 'none'}."
                 + (f" Refused: {reasons}" if reasons else "")
             )
+        self.class_names = self.agreed_class_names()
+
+    def agreed_class_names(self) -> tuple[str, ...]:
+        """The class names every discovered site reported, checked against the run's.
+
+        With ``data.class_names`` set, sites map their folders to those names (a site with
+        other folders refuses with its own error); with it empty, each site discovers its
+        names, so they must agree with each other and number ``data.num_classes``. Raises a
+        :class:`FederationError` listing every site's names and the fix."""
+        found = {s.name: tuple(s.class_names) for s in self.sites.values()}
+        listing = "; ".join(f"'{name}': {list(names)}" for name, names in found.items())
+        configured = parse_class_names(self.cfg.data.class_names)
+        distinct = sorted(set(found.values()))
+        if len(distinct) > 1:
+            raise FederationError(
+                f"the sites disagree on the class names ({listing}). Give every site the same class folders "
+                "(or manifest labels): rename or remove the odd ones at the sites that differ, or set "
+                "data.class_names='name1,name2,...' on the run so every site is checked against one list"
+            )
+        agreed = distinct[0] if distinct else run_class_names(self.cfg)
+        expected = configured or run_class_names(self.cfg)
+        if configured and agreed != configured:
+            raise FederationError(f"the sites report class names {list(agreed)} but the run's data.class_names is "
+                                  f"{list(configured)} ({listing}); make them the same (order included)")
+        if not configured and len(agreed) != self.cfg.data.num_classes:
+            raise FederationError(
+                f"the sites have {len(agreed)} classes {list(agreed)} but the run expects data.num_classes="
+                f"{self.cfg.data.num_classes} ({list(expected)}); run with data.class_names='{','.join(agreed)}' "
+                "(data.num_classes then follows)"
+            )
+        if agreed != expected:
+            log.info("[discover] class names from the sites: %s", list(agreed))
+        return agreed
 
     def _span(self, round_: int, rounds: int) -> dict[str, float]:
         """Round ``round_`` of ``rounds`` covers [(r-1)/R, r/R] of the learning-rate schedule."""
@@ -398,6 +438,7 @@ class Protocol:
         used = self._fedavg("teacher", "nbi", replies, {"teacher": self.teacher, "head": self.head})
         loss = float(np.mean([replies[n].config["loss"] for n in used]))
         self.metrics["teacher"].append({"round": round_, "loss": loss, "sites": [self.channel.name(n) for n in used]})
+        self.board.scalars("teacher", {"loss": loss}, round_)
         log.info("[teacher %d/%d] loss %.4f from %d NBI site(s)", round_, self.cfg.fed.teacher_rounds, loss, len(used))
 
     def refresh_bank(self, refresh: int, evaluate_teacher: bool = False) -> None:
@@ -431,6 +472,7 @@ class Protocol:
              "bank_bytes": int(sum(a.nbytes for a in self.bank.values()))}
         )
         log.info("[knowledge %d] bank from %d group(s) of %s images per class, %d NBI site(s)", refresh, groups, images, len(nodes))
+        self.board.scalars("knowledge", {"groups": groups, "images": int(sum(images))}, refresh)
 
     def _lloyd_step(self, refresh: int, seed: int, iteration: int, nodes: list[int], keys: dict[int, str]):
         """One federated Lloyd step: the NBI sites' sums at the current centroids, aggregated
@@ -542,6 +584,7 @@ class Protocol:
             self.class_prototypes = aggregation.sum_statistics([replies[n].arrays for n in used], [f.name for f in CLASS_PROTOTYPES])
         parts = {k: float(np.mean([replies[n].config[k] for n in used])) for k in ("loss", "ce", "den", "pro")}
         self.metrics["student"].append({"round": round_, **parts, "sites": [self.channel.name(n) for n in used]})
+        self.board.scalars("student", parts, round_)
         log.info("[student %d/%d] loss %.4f (ce %.4f den %.4f pro %.4f) from %d site(s)", round_, fed.student_rounds,
                  parts["loss"], parts["ce"], parts["den"], parts["pro"], len(used))
 
@@ -575,6 +618,7 @@ class Protocol:
             "histogram": {"positives": pooled.positives.tolist(), "negatives": pooled.negatives.tolist(), "confusion": pooled.confusion.tolist()},
         }
         self.metrics["evaluation"].append(result)
+        self.board.scalars(f"evaluate_{model}", {"pooled": result["pooled"], "sites": result["sites"]}, round_)
         p = result["pooled"]
         log.info("[evaluate %s, round %d, %s] pooled AUC %.4f ACC %.4f SENS %.4f SPEC %.4f over %d site(s)", model, round_, split,
                  p["auc"], p["accuracy"], p["sensitivity"], p["specificity"], len(replies))
@@ -584,6 +628,7 @@ class Protocol:
 
     def run(self) -> dict[str, Any]:
         started = time.time()
+        self.board = MetricsBoard(self.run_dir)
         self.resume()
         self.discover()
         self.save()
@@ -647,6 +692,7 @@ class Protocol:
             "bank_bytes": bank_bytes,
             "bank_share_of_student_upload": bank_bytes / student_bytes,
             "sites": [s.__dict__ for s in self.sites.values()],
+            "class_names": list(self.class_names),
             # The selected global student's test figures (None without student rounds: a
             # teacher's figure is never reported as the student's), and the teacher's.
             "final": self._test_figure("student"),
@@ -659,8 +705,9 @@ class Protocol:
         atomic_write_json(self.run_dir / "metrics.json", summary)
         atomic_write_json(self.run_dir / "egress.json", self.ledger.egress)
         atomic_write_json(self.run_dir / "config.json", config_to_dict(self.cfg))
-        save_checkpoint(self.run_dir / STUDENT_CHECKPOINT, self.student, self.cfg, default_class_names(self.cfg.data.num_classes))
+        save_checkpoint(self.run_dir / STUDENT_CHECKPOINT, self.student, self.cfg, self.class_names)
         write_plots(self.run_dir, summary)
+        self.board.close()
         log.info("run finished: %s", self.run_dir)
         return summary
 

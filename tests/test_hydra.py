@@ -30,6 +30,7 @@ def test_presets_and_experiments_compose_to_valid_configs():
     assert cpu.model.student == "resnet18" and cpu.data.image_size == 64 and bench["seeds"] == [0, 1, 2]
     paper, _ = _compose("centralised", ["preset=paper"])
     assert (paper.model.student, paper.data.image_size, paper.pagkd.pro_weight, paper.train.lr) == ("resnet50", 448, 0.001, 1e-4)
+    assert paper.model.pretrained  # ImageNet-initialised ResNet-50, as the paper
     wli_only, sim = _compose("federated", ["experiment=wli_only", "sim.cpus_per_client=2"])
     assert not wli_only.pagkd.use_pro and not wli_only.pagkd.use_den and sim["cpus_per_client"] == 2
     adaptive, _ = _compose("federated", ["experiment=adaptive", "model.output_stride=16"])

@@ -51,10 +51,15 @@ def test_more_supernodes_than_sites_is_refused():
 
 
 def test_sites_file_decides_the_number_of_sites(tmp_path):
+    from tests.test_class_names import write_tree
+
     (tmp_path / "sites.toml").write_text(
         '[[site]]\nname = "a"\nmodality = "nbi"\npath = "a"\n\n[[site]]\nname = "b"\nmodality = "wli"\npath = "b"\n'
     )
-    preflight({"data.root": str(tmp_path)}, 2)
+    for name in ("a", "b"):
+        write_tree(tmp_path / name, {"adenoma": 1, "hyperplastic": 1})
+    assert preflight({"data.root": str(tmp_path)}, 2, report=lambda _: None) == {
+        "data.class_names": "adenoma,hyperplastic", "data.num_classes": 2}
     assert "sites.toml gives 2 site(s)" in refusal({"data.root": str(tmp_path)}, supernodes=3)
     assert "no sites.toml" in refusal({"data.root": str(tmp_path / "missing")}, supernodes=2)
 

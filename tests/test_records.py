@@ -3,6 +3,8 @@ kind of corruption is refused with a PayloadError that names the offending key."
 
 from __future__ import annotations
 
+import json
+
 import dataclasses
 import math
 from collections import Counter
@@ -62,9 +64,14 @@ def valid_payload(kind: str, dims: Dims = DIMS, seed: int = 0) -> Payload:
     return Payload(
         kind,
         arrays={spec.name: _fill(spec, dims, rng) for spec in schema.arrays},
-        config={key: CONFIG_VALUES[kind_] for key, kind_ in schema.config},
+        config={key: CLASS_NAMES_JSON(dims) if key == "class-names" else CONFIG_VALUES[kind_] for key, kind_ in schema.config},
         weights={block: _weight_block(rng) for block in schema.weights},
     )
+
+
+def CLASS_NAMES_JSON(dims: Dims) -> str:
+    """A metadata reply's class names: one per class of the run (its counts' C)."""
+    return json.dumps([f"class-{c}" for c in range(dims.C)])
 
 
 def reference_of(payload: Payload) -> dict[str, dict[str, tuple[tuple[int, ...], str]]]:
@@ -450,3 +457,28 @@ def test_oversized_payloads_are_refused_naming_the_key():
     with pytest.raises(PayloadError, match=r"config 'reason' is 65537 characters long"):
         validate(Payload("error", config={"site-name": "a", "reason": reason}), dims)
     validate(Payload("error", config={"site-name": "a", "reason": "x" * MAX_STRING_CHARS}), dims)  # the limit itself is fine
+
+
+# --------------------------------------------------------------------------- class names (issue 13)
+
+
+def test_metadata_counts_are_over_the_sites_own_class_names():
+    """A site with 2 classes in a 3-class run still sends valid metadata: the server then
+    lists its names instead of a shape error."""
+    from common.records import metadata_class_names
+
+    payload = valid_payload("metadata", dataclasses.replace(DIMS, C=2))
+    payload.config["class-names"] = json.dumps(["adenoma", "hyperplastic"])
+    assert validate(payload, DIMS) is payload
+    assert metadata_class_names(payload) == ("adenoma", "hyperplastic")
+    payload.config["class-names"] = json.dumps(["a", "b", "c"])  # 3 names, 2 counts
+    with pytest.raises(PayloadError, match="train_class_counts"):
+        validate(payload, DIMS)
+
+
+@pytest.mark.parametrize("text", ["x", "[]", '["only"]', "[1, 2]", '{"a": 1}'])
+def test_metadata_refuses_class_names_that_are_not_a_list_of_names(text):
+    payload = valid_payload("metadata")
+    payload.config["class-names"] = text
+    with pytest.raises(PayloadError, match="class-names"):
+        validate(payload, DIMS)

@@ -384,7 +384,7 @@ def register_commands(out: Path, sites: Sequence[str], connection: str) -> list[
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="make_certs.py",
+        prog="fedpagkd certs",  # = python deploy/certs/make_certs.py
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

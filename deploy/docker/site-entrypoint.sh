@@ -21,6 +21,7 @@ warn() { echo "fedpagkd-site: WARNING: $*" >&2; }
 
 SITE_NAME="${FEDPAGKD_SITE_NAME:-}"
 MODALITY="${FEDPAGKD_MODALITY:-}"
+MODALITY="${MODALITY,,}"  # 'NBI' and 'nbi' are the same (the ClientApp accepts both too)
 SUPERLINK="${FEDPAGKD_SUPERLINK:-}"
 DATA_PATH="${FEDPAGKD_DATA_PATH:-/data}"
 CA_CERT="${FEDPAGKD_CA_CERT:-/run/secrets/ca.crt}"
@@ -33,7 +34,7 @@ HEALTH="${FLWR_HEALTH_ADDRESS:-127.0.0.1:9098}"
 case "$MODALITY" in
   wli|nbi) ;;
   "") die "FEDPAGKD_MODALITY is not set: use 'wli' (white light) or 'nbi' (narrow band)" ;;
-  *) die "FEDPAGKD_MODALITY='$MODALITY' is invalid: use 'wli' or 'nbi' (lower case)" ;;
+  *) die "FEDPAGKD_MODALITY='${FEDPAGKD_MODALITY}' is invalid: use 'wli' or 'nbi' (any case)" ;;
 esac
 [[ -n "$SUPERLINK" ]] || die "FEDPAGKD_SUPERLINK is not set (coordinator address host:port, e.g. coordinator.example.org:8000)"
 [[ "$SUPERLINK" == *:* ]] || die "FEDPAGKD_SUPERLINK='$SUPERLINK' has no port (expected host:port)"
