@@ -281,6 +281,7 @@ class Loopback:
         self.supernodes: dict[str, Proc] = {}
         self.superlink: Proc | None = None
         self.port: int | None = None
+        self.control_port: int | None = None
         self._restarts: dict[str, int] = {}
         self.run_ids: list[str] = []  # every run submitted, in order
 
@@ -375,9 +376,17 @@ class Loopback:
 
     @property
     def address(self) -> str:
+        """The Fleet API listener: what the SuperNodes dial."""
         if self.port is None:
             raise LoopbackError("the SuperLink is not started")
         return f"127.0.0.1:{self.port}"
+
+    @property
+    def control_address(self) -> str:
+        """The Control (+ Runtime) API listener: the operator's ``flwr`` CLI only."""
+        if self.control_port is None:
+            raise LoopbackError("the SuperLink is not started")
+        return f"127.0.0.1:{self.control_port}"
 
     def env(self, home: str, extra: Mapping[str, str] | None = None) -> dict[str, str]:
         """The environment of one process: its own FLWR_HOME, no dependency installation, one
@@ -418,16 +427,17 @@ class Loopback:
     # ------------------------------------------------------------------ SuperLink and CLI
 
     def start_superlink(self, timeout: float = 90.0) -> Proc:
-        self.port = free_port()
+        self.port, self.control_port = free_port(), free_port()
         cmd = [
-            str(BIN / "flower-superlink"),
+            # flower-superlink with the Control API on its own listener (deploy/superlink.py)
+            sys.executable, str(REPO / "deploy" / "superlink.py"),
+            "--fleet-api-address", self.address,
+            "--control-api-address", self.control_address,
             "--ssl-ca-certfile", str(self.ca_cert),
             "--ssl-certfile", str(self.certs / "server.pem"),
             "--ssl-keyfile", str(self.certs / "server.key"),
             "--enable-supernode-auth",
             "--disable-runtime-dependency-installation",
-            "--host", "127.0.0.1",
-            "--port", str(self.port),
             "--database", str(self.work / "superlink-state.db"),
         ]
         # cwd = the ServerApp's cwd: the work folder (fed.run_dir is absolute anyway).
@@ -436,7 +446,7 @@ class Loopback:
         while time.time() < deadline:
             if not self.superlink.alive():
                 raise LoopbackError(f"flower-superlink exited with {self.superlink.popen.returncode}: see {self.superlink.log}")
-            if "Uvicorn running on https://" in self.superlink.text():
+            if "Application startup complete" in self.superlink.text():
                 break
             time.sleep(0.3)
         else:
@@ -444,31 +454,33 @@ class Loopback:
         self.write_cli_config()
         return self.superlink
 
-    def write_cli_config(self, root_certificates: Path | None = None) -> Path:
-        home = self.homes / "cli"
-        home.mkdir(parents=True, exist_ok=True)
+    def write_cli_config(self, root_certificates: Path | None = None, home: str = "cli", address: str | None = None) -> Path:
+        """The ``flwr`` CLI config of ``homes/<home>``: connection ``loopback`` to ``address``
+        (default: the operator's control listener)."""
+        folder = self.homes / home
+        folder.mkdir(parents=True, exist_ok=True)
         ca = Path(root_certificates or self.ca_cert).resolve()
         text = (
             f'[superlink]\ndefault = "{CONNECTION}"\n\n'
             f"[superlink.{CONNECTION}]\n"
-            f'address = "{self.address}"\n'
+            f'address = "{address or self.control_address}"\n'
             f'root-certificates = "{ca}"\n'
         )
-        (home / "config.toml").write_text(text)
-        return home / "config.toml"
+        (folder / "config.toml").write_text(text)
+        return folder / "config.toml"
 
-    def flwr(self, *args: str, timeout: float = 120.0, check: bool = True) -> subprocess.CompletedProcess:
-        """Run the ``flwr`` CLI against this SuperLink (home ``homes/cli``); stdout captured."""
+    def flwr(self, *args: str, timeout: float = 120.0, check: bool = True, home: str = "cli") -> subprocess.CompletedProcess:
+        """Run the ``flwr`` CLI against this SuperLink (FLWR_HOME ``homes/<home>``); stdout captured."""
         cmd = [str(BIN / "flwr"), *args]
-        proc = subprocess.run(cmd, env=self.env("cli"), cwd=self.work, capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(cmd, env=self.env(home), cwd=self.work, capture_output=True, text=True, timeout=timeout)
         with open(self.logs / "flwr-cli.log", "a") as log:
             log.write(f"\n$ {shlex.join(cmd)}\n[exit {proc.returncode}]\n{proc.stdout}{proc.stderr}")
         if check and proc.returncode != 0:
             raise LoopbackError(f"{shlex.join(cmd[:3])} failed (exit {proc.returncode}): {(proc.stderr or proc.stdout).strip()}")
         return proc
 
-    def flwr_json(self, *args: str, timeout: float = 120.0) -> dict[str, Any]:
-        proc = self.flwr(*args, "--format", "json", timeout=timeout, check=False)
+    def flwr_json(self, *args: str, timeout: float = 120.0, home: str = "cli") -> dict[str, Any]:
+        proc = self.flwr(*args, "--format", "json", timeout=timeout, check=False, home=home)
         try:
             out = json.loads(proc.stdout)
         except json.JSONDecodeError as err:
