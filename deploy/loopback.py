@@ -264,6 +264,10 @@ class Loopback:
     verbose: bool = False
     # Extra environment of a site's own SuperNode (its ClientApps inherit it), e.g. a drill knob.
     site_env: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
+    # Extra node config of every site (e.g. {"device": "cpu"}) and of one site (by name); each site
+    # always gets its own state-dir (``<work>/site-state/<name>``: its egress log).
+    node_config: Mapping[str, str] = field(default_factory=dict)
+    site_node_config: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.work = Path(self.work).resolve()
@@ -282,6 +286,7 @@ class Loopback:
         self.superlink: Proc | None = None
         self.port: int | None = None
         self.control_port: int | None = None
+        self.health_port: int | None = None
         self._restarts: dict[str, int] = {}
         self.run_ids: list[str] = []  # every run submitted, in order
 
@@ -427,7 +432,7 @@ class Loopback:
     # ------------------------------------------------------------------ SuperLink and CLI
 
     def start_superlink(self, timeout: float = 90.0) -> Proc:
-        self.port, self.control_port = free_port(), free_port()
+        self.port, self.control_port, self.health_port = free_port(), free_port(), free_port()
         cmd = [
             # flower-superlink with the Control API on its own listener (deploy/superlink.py)
             sys.executable, str(REPO / "deploy" / "superlink.py"),
@@ -439,6 +444,7 @@ class Loopback:
             "--enable-supernode-auth",
             "--disable-runtime-dependency-installation",
             "--database", str(self.work / "superlink-state.db"),
+            "--health-server-address", f"127.0.0.1:{self.health_port}",
         ]
         # cwd = the ServerApp's cwd: the work folder (fed.run_dir is absolute anyway).
         self.superlink = self.spawn("superlink", cmd, "superlink", cwd=self.work)
@@ -479,20 +485,31 @@ class Loopback:
             raise LoopbackError(f"{shlex.join(cmd[:3])} failed (exit {proc.returncode}): {(proc.stderr or proc.stdout).strip()}")
         return proc
 
-    def flwr_json(self, *args: str, timeout: float = 120.0, home: str = "cli") -> dict[str, Any]:
+    def flwr_json_raw(self, *args: str, timeout: float = 120.0, home: str = "cli") -> dict[str, Any]:
+        """``flwr ... --format json`` parsed, whether it succeeded or not."""
         proc = self.flwr(*args, "--format", "json", timeout=timeout, check=False, home=home)
         try:
-            out = json.loads(proc.stdout)
+            return json.loads(proc.stdout)
         except json.JSONDecodeError as err:
             raise LoopbackError(f"flwr {' '.join(args[:2])}: no JSON (exit {proc.returncode}): {proc.stdout}{proc.stderr}") from err
+
+    def flwr_json(self, *args: str, timeout: float = 120.0, home: str = "cli") -> dict[str, Any]:
+        out = self.flwr_json_raw(*args, timeout=timeout, home=home)
         if not out.get("success", False):
             raise LoopbackError(f"flwr {' '.join(args[:2])} failed: {out}")
         return out
 
+    @property
+    def registry(self) -> Path:
+        return self.work / "registry.json"
+
     def register(self, site: Site) -> int:
-        """``flwr supernode register <site>.pub`` -> the node id the SuperLink created."""
-        out = self.flwr_json("supernode", "register", str(site.pub), CONNECTION, "--name", site.name)
-        site.node_id = int(out["node-id"])
+        """The operator's register script (``deploy/registry.py``: ``flwr supernode register`` +
+        the site registry) -> the node id the SuperLink created."""
+        from deploy import registry
+
+        entry = registry.register(self.flwr_json, self.registry, site.pub, site.name, CONNECTION)
+        site.node_id = int(entry["node-id"])
         self._say(f"registered {site.name}: node {site.node_id}")
         return site.node_id
 
@@ -510,7 +527,9 @@ class Loopback:
         max_retries: int | None = None, max_wait_time: float | None = None,
     ) -> list[str]:
         """``root_certificates=""`` leaves ``--root-certificates`` out (TLS against the system CAs)."""
+        extra = {"state-dir": str(self.site_state(site.name)), **self.node_config, **self.site_node_config.get(site.name, {})}
         node_config = f"site-name='{site.name}' modality='{site.modality}' data-path='{site.data_path}'"
+        node_config += "".join(f" {key}='{value}'" for key, value in extra.items())
         ca = self.ca_cert if root_certificates is None else root_certificates
         return [
             str(BIN / "flower-supernode"),
@@ -573,6 +592,10 @@ class Loopback:
         except subprocess.TimeoutExpired:
             return None
 
+    def site_state(self, name: str) -> Path:
+        """A site's own state folder (node config ``state-dir``): its ``egress.jsonl``."""
+        return self.work / "site-state" / name
+
     def unregistered_key(self, name: str) -> Path:
         """A fresh OpenSSH EC P-384 key pair that was never registered (``certs/<name>``)."""
         from deploy.certs import make_certs
@@ -625,12 +648,12 @@ class Loopback:
 
     # ------------------------------------------------------------------ runs
 
-    def submit(self, run_config: Mapping[str, Any] | None = None) -> tuple[str, dict[str, Any]]:
-        """``flwr run <repo> loopback --format json --run-config ...`` -> (run id, the full run config)."""
+    def submit(self, run_config: Mapping[str, Any] | None = None, app_dir: Path = REPO) -> tuple[str, dict[str, Any]]:
+        """``flwr run <app_dir> loopback --format json --run-config ...`` -> (run id, the full run config)."""
         config = {**self.config, **dict(run_config or {})}
         config["fed.run_dir"] = str(Path(config.get("fed.run_dir") or self.runs).resolve())
         config.setdefault("fed.run_name", time.strftime("run-%Y%m%d-%H%M%S"))
-        out = self.flwr_json("run", str(REPO), CONNECTION, "--run-config", run_config_arg(config), timeout=300)
+        out = self.flwr_json("run", str(app_dir), CONNECTION, "--run-config", run_config_arg(config), timeout=300)
         run_id = str(out["run-id"])
         self.run_ids.append(run_id)
         self._say(f"submitted run {run_id} ({config['fed.run_name']})")
@@ -685,7 +708,7 @@ class Loopback:
     def run(
         self, run_config: Mapping[str, Any] | None = None, timeout: float = 900.0,
         on_poll: Callable[[dict[str, Any] | None, "Loopback", Path], None] | None = None,
-        status_every_s: float = 20.0,
+        status_every_s: float = 20.0, app_dir: Path = REPO,
     ) -> RunResult:
         """Submit, follow and wait for one run.
 
@@ -696,7 +719,7 @@ class Loopback:
         self, log file)`` runs about every second.
         """
         started = time.time()
-        run_id, config = self.submit(run_config)
+        run_id, config = self.submit(run_config, app_dir)
         follower = self.follow_log(run_id)
         deadline = started + timeout
         row: dict[str, Any] | None = None
