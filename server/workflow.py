@@ -158,6 +158,7 @@ class Channel:
                 self.ledger.add(phase, "from_site", site, payload)
                 if payload.kind == "error":
                     validate(payload, self.dims, sender=f"site '{site}'")
+                    self.names.setdefault(node_id, str(payload.config.get("site-name") or site))  # a refusal before discovery
                     dropped[node_id] = payload.config["reason"]
                     continue
                 expected = reply_kind(requests[node_id])
@@ -319,7 +320,7 @@ class Protocol:
             self.sites[node_id] = info
             self.channel.names[node_id] = info.name
         # The discovery exchange was logged before the names were known: name it after the replies.
-        self.ledger.rename({f"node {n}": str(r.config.get("site-name") or f"node {n}") for n, r in replies.items()})
+        self.ledger.rename({f"node {n}": name for n, name in self.channel.names.items()})
         self.ledger.write()
         names = [f"{s.name} ({s.modality}, {sum(s.train_counts)} train)" for s in self.sites.values()]
         log.info("discovered %d site(s): %s", len(self.sites), ", ".join(names))

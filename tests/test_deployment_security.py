@@ -124,6 +124,9 @@ def test_modified_bundle_is_refused(federation, trusted_run, digest, tmp_path_fa
         print(f"{name}: {line.strip()[:240]}")
     run_log = result.log.read_text(errors="replace")
     assert "refuses app bundle" in run_log, run_log[-3000:]
+    assert "'wli-0': UntrustedBundle" in run_log, run_log[-3000:]  # named by site, not "node <id>"
+    entries = json.loads((result.run_dir / "ledger.json").read_text())["egress"]
+    assert {e["site"] for e in entries} == {"nbi-0", "wli-0"}, {e["site"] for e in entries}
     # The site's own egress log records that it answered only with refusals for that run.
     for name in federation.sites:
         sent = [json.loads(ln) for ln in (federation.site_state(name) / "egress.jsonl").read_text().splitlines()]
@@ -203,6 +206,7 @@ def test_no_app_process_outlives_its_service(federation, trusted_run):
     helpers = [p for p in loopback._descendants(proc.pid) if p not in clientapps]
     started = time.time()
     os.kill(proc.pid, signal.SIGKILL)  # the SuperNode alone, as a crash or an OOM kill does
+    proc.popen.wait(timeout=10)  # reaped, as systemd or init does (a zombie still "exists" for os.kill(pid, 0))
     left = _wait_gone(clientapps + helpers, 30.0)
     print(f"\nSuperNode killed: ClientApp(s) {clientapps} and helpers {helpers}; left after {time.time() - started:.0f} s: {left}")
     assert not left, {p: loopback._cmdline(p) for p in left}
@@ -212,6 +216,7 @@ def test_no_app_process_outlives_its_service(federation, trusted_run):
     helpers = [p for p in loopback._descendants(fed.superlink.pid) if p not in serverapps]
     started = time.time()
     os.kill(fed.superlink.pid, signal.SIGKILL)
+    fed.superlink.popen.wait(timeout=10)
     left = _wait_gone(serverapps + helpers, 30.0)
     print(f"SuperLink killed: ServerApp(s) {serverapps} and helpers {helpers}; left after {time.time() - started:.0f} s: {left}")
     assert not left, {p: loopback._cmdline(p) for p in left}
