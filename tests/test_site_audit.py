@@ -184,3 +184,46 @@ def test_registry_register_and_status(tmp_path: Path) -> None:
     ssh_keygen = subprocess.run(["ssh-keygen", "-lf", str(tmp_path / "nbi-a.pub")], capture_output=True, text=True)
     if ssh_keygen.returncode == 0:
         assert ssh_keygen.stdout.split()[1] == rows["nbi-a"]["fingerprint"]
+
+
+# ----------------------------------------------------------------- service files
+
+
+def test_coordinator_keeps_the_control_api_apart() -> None:
+    entry = (ROOT / "deploy" / "docker" / "coordinator-entrypoint.sh").read_text()
+    assert "exec fedpagkd-superlink" in entry and "--control-api-address" in entry and "--fleet-api-address" in entry
+    compose = (ROOT / "deploy" / "compose" / "coordinator.yaml").read_text()
+    assert '"${FEDPAGKD_CONTROL_PUBLISH:-127.0.0.1:9093}:9093"' in compose
+    assert "!deploy/superlink.py" in (ROOT / "deploy" / "docker" / "coordinator.Dockerfile.dockerignore").read_text()
+
+
+@pytest.mark.parametrize("unit", ["fedpagkd-coordinator.service", "fedpagkd-site.service"])
+def test_systemd_units(unit: str) -> None:
+    text = (ROOT / "deploy" / "systemd" / unit).read_text()
+    for line in ("Restart=on-failure", "KillMode=control-group", "RestartMaxDelaySec=", "StateDirectory=", "WorkingDirectory=",
+                 "Environment=FLWR_HOME=", "StartLimitBurst="):
+        assert line in text, (unit, line)
+    assert "--insecure" not in text
+    if unit == "fedpagkd-site.service":
+        assert "state-dir=" in text and "app-digest=" in text and "device=" in text
+
+
+def test_split_superlink_refuses_control_paths_on_the_fleet_port() -> None:
+    import asyncio
+
+    from deploy.superlink import ApiSplit
+
+    seen, sent = [], []
+
+    async def app(scope, receive, send):
+        seen.append(scope["path"])
+
+    async def send(message):
+        sent.append(message)
+
+    split = ApiSplit(app, fleet_port=8000)
+    for path, port in (("/v1/fleet/pull-messages", 8000), ("/health", 8000), ("/v1/control/list-runs", 9093),
+                       ("/v1/runtime/pull-messages", 9093), ("/v1/control/list-runs", 8000), ("/v1/runtime/x", 8000)):
+        asyncio.run(split({"type": "http", "path": path, "server": ("0.0.0.0", port)}, None, send))
+    assert seen == ["/v1/fleet/pull-messages", "/health", "/v1/control/list-runs", "/v1/runtime/pull-messages"]
+    assert [m["status"] for m in sent if m["type"] == "http.response.start"] == [403, 403]
