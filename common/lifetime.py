@@ -38,17 +38,25 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
+def _name(args: list[str], default: str) -> str:
+    """The program of a command line: its script when the first word is a Python interpreter."""
+    words = [Path(a).name for a in args if a]
+    if words and words[0].startswith("python") and len(words) > 1:
+        return words[1]
+    return words[0] if words else default
+
+
 def watched_pids(pid: int | None = None) -> dict[int, str]:
     """The processes whose end ends this one: the parent and, when the parent is a SuperExec,
     the service it names with ``--parent-pid``."""
     parent = os.getppid() if pid is None else pid
     args = _cmdline(parent)
-    watched = {parent: " ".join(args[:1]) or "parent"}
+    watched = {parent: _name(args, "parent")}
     if "--parent-pid" in args:
         index = args.index("--parent-pid")
         if index + 1 < len(args) and args[index + 1].isdigit():
             service = int(args[index + 1])
-            watched[service] = " ".join(_cmdline(service)[:2]) or "service"
+            watched[service] = _name(_cmdline(service), "service")
     return watched
 
 

@@ -227,3 +227,20 @@ def test_split_superlink_refuses_control_paths_on_the_fleet_port() -> None:
         asyncio.run(split({"type": "http", "path": path, "server": ("0.0.0.0", port)}, None, send))
     assert seen == ["/v1/fleet/pull-messages", "/health", "/v1/control/list-runs", "/v1/runtime/pull-messages"]
     assert [m["status"] for m in sent if m["type"] == "http.response.start"] == [403, 403]
+
+
+def test_lifetime_watches_the_superexec_and_its_service(tmp_path: Path) -> None:
+    from common.lifetime import watched_pids
+
+    service = subprocess.Popen(["sleep", "60"])
+    fake = tmp_path / "flower-superexec"
+    fake.write_text("import time\ntime.sleep(60)\n")
+    child = subprocess.Popen([sys.executable, str(fake), "--parent-pid", str(service.pid)])
+    try:
+        time.sleep(0.5)
+        assert watched_pids(child.pid) == {child.pid: "flower-superexec", service.pid: "sleep"}
+    finally:
+        child.kill()
+        service.kill()
+        child.wait()
+        service.wait()
