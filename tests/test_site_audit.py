@@ -244,3 +244,16 @@ def test_lifetime_watches_the_superexec_and_its_service(tmp_path: Path) -> None:
         service.kill()
         child.wait()
         service.wait()
+
+
+@pytest.mark.parametrize(("status", "code"), [("finished:completed", 0), ("finished:failed", 1)])
+def test_follow_exits_with_the_run_outcome(tmp_path: Path, monkeypatch, capsys, status: str, code: int) -> None:
+    from deploy import follow
+
+    fake = tmp_path / "flwr"
+    fake.write_text("#!/bin/sh\nif [ \"$1\" = list ]; then echo '{\"success\": true, \"runs\": [{\"status\": \"%s\", "
+                    "\"status-details\": \"why\"}]}'; else echo streaming; fi\n" % status)
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{__import__('os').environ['PATH']}")
+    assert follow.main(["42", "conn"]) == code
+    assert f"run 42: {status} (why)" in capsys.readouterr().out
