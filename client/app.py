@@ -23,6 +23,8 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 
+from client import policy
+from client.egress import logged
 from client.knowledge import extract_site_knowledge, knowledge_seeds, knowledge_sums
 from client.site import SiteData, resolve_site
 from client.train import Span, balanced_loader, eval_loader, predict, train_student, train_teacher
@@ -110,11 +112,13 @@ def handles(
             started = time.perf_counter()
             configure_logging(site_log.name)
             site_name = str(context.node_config.get("site-name", f"partition-{context.node_config.get('partition-id', '?')}"))
+            policy.guard_process()  # a deployment ClientApp ends with its SuperNode
             try:
+                policy.check_bundle(context.node_config, site_name)  # before anything of the request is read
                 if delay := drill_delays().get(kind, 0.0):
                     log.warning("drill (%s): site '%s' waits %.1f s before handling '%s'", DRILL_DELAY_ENV, site_name, delay, kind)
                     time.sleep(delay)
-                cfg = config_from_flat(context.run_config)
+                cfg = policy.site_config(config_from_flat(context.run_config), context.node_config, site_name)
                 dims = dims_of(cfg)
                 request = validate(from_recorddict(message.content, "server"), dims, sender="server")
                 if request.kind != kind:
@@ -137,6 +141,8 @@ def handles(
                 log.exception("site '%s' refused '%s'", site_name, kind)
                 reason = f"{type(err).__name__}: {err}"  # bounded: the server refuses over-long strings
                 reply = Payload("error", config={"site-name": site_name, "reason": reason[:4000]})
+            reply = logged(reply, context.node_config, site=site_name, run_id=context.run_id,  # the site's own record, before it leaves
+                           run_name=str(context.run_config.get("fed.run_name", "")), request=kind)
             return Message(to_recorddict(reply, compute_s=time.perf_counter() - started), reply_to=message)
 
         # Not functools.wraps: Flower inspects the (message, context) signature of what it registers.

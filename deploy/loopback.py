@@ -264,6 +264,10 @@ class Loopback:
     verbose: bool = False
     # Extra environment of a site's own SuperNode (its ClientApps inherit it), e.g. a drill knob.
     site_env: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
+    # Extra node config of every site (e.g. {"device": "cpu"}) and of one site (by name); each site
+    # always gets its own state-dir (``<work>/site-state/<name>``: its egress log).
+    node_config: Mapping[str, str] = field(default_factory=dict)
+    site_node_config: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.work = Path(self.work).resolve()
@@ -281,6 +285,8 @@ class Loopback:
         self.supernodes: dict[str, Proc] = {}
         self.superlink: Proc | None = None
         self.port: int | None = None
+        self.control_port: int | None = None
+        self.health_port: int | None = None
         self._restarts: dict[str, int] = {}
         self.run_ids: list[str] = []  # every run submitted, in order
 
@@ -375,9 +381,17 @@ class Loopback:
 
     @property
     def address(self) -> str:
+        """The Fleet API listener: what the SuperNodes dial."""
         if self.port is None:
             raise LoopbackError("the SuperLink is not started")
         return f"127.0.0.1:{self.port}"
+
+    @property
+    def control_address(self) -> str:
+        """The Control (+ Runtime) API listener: the operator's ``flwr`` CLI only."""
+        if self.control_port is None:
+            raise LoopbackError("the SuperLink is not started")
+        return f"127.0.0.1:{self.control_port}"
 
     def env(self, home: str, extra: Mapping[str, str] | None = None) -> dict[str, str]:
         """The environment of one process: its own FLWR_HOME, no dependency installation, one
@@ -418,17 +432,19 @@ class Loopback:
     # ------------------------------------------------------------------ SuperLink and CLI
 
     def start_superlink(self, timeout: float = 90.0) -> Proc:
-        self.port = free_port()
+        self.port, self.control_port, self.health_port = free_port(), free_port(), free_port()
         cmd = [
-            str(BIN / "flower-superlink"),
+            # flower-superlink with the Control API on its own listener (deploy/superlink.py)
+            sys.executable, str(REPO / "deploy" / "superlink.py"),
+            "--fleet-api-address", self.address,
+            "--control-api-address", self.control_address,
             "--ssl-ca-certfile", str(self.ca_cert),
             "--ssl-certfile", str(self.certs / "server.pem"),
             "--ssl-keyfile", str(self.certs / "server.key"),
             "--enable-supernode-auth",
             "--disable-runtime-dependency-installation",
-            "--host", "127.0.0.1",
-            "--port", str(self.port),
             "--database", str(self.work / "superlink-state.db"),
+            "--health-server-address", f"127.0.0.1:{self.health_port}",
         ]
         # cwd = the ServerApp's cwd: the work folder (fed.run_dir is absolute anyway).
         self.superlink = self.spawn("superlink", cmd, "superlink", cwd=self.work)
@@ -436,7 +452,7 @@ class Loopback:
         while time.time() < deadline:
             if not self.superlink.alive():
                 raise LoopbackError(f"flower-superlink exited with {self.superlink.popen.returncode}: see {self.superlink.log}")
-            if "Uvicorn running on https://" in self.superlink.text():
+            if "Application startup complete" in self.superlink.text():
                 break
             time.sleep(0.3)
         else:
@@ -444,43 +460,56 @@ class Loopback:
         self.write_cli_config()
         return self.superlink
 
-    def write_cli_config(self, root_certificates: Path | None = None) -> Path:
-        home = self.homes / "cli"
-        home.mkdir(parents=True, exist_ok=True)
+    def write_cli_config(self, root_certificates: Path | None = None, home: str = "cli", address: str | None = None) -> Path:
+        """The ``flwr`` CLI config of ``homes/<home>``: connection ``loopback`` to ``address``
+        (default: the operator's control listener)."""
+        folder = self.homes / home
+        folder.mkdir(parents=True, exist_ok=True)
         ca = Path(root_certificates or self.ca_cert).resolve()
         text = (
             f'[superlink]\ndefault = "{CONNECTION}"\n\n'
             f"[superlink.{CONNECTION}]\n"
-            f'address = "{self.address}"\n'
+            f'address = "{address or self.control_address}"\n'
             f'root-certificates = "{ca}"\n'
         )
-        (home / "config.toml").write_text(text)
-        return home / "config.toml"
+        (folder / "config.toml").write_text(text)
+        return folder / "config.toml"
 
-    def flwr(self, *args: str, timeout: float = 120.0, check: bool = True) -> subprocess.CompletedProcess:
-        """Run the ``flwr`` CLI against this SuperLink (home ``homes/cli``); stdout captured."""
+    def flwr(self, *args: str, timeout: float = 120.0, check: bool = True, home: str = "cli") -> subprocess.CompletedProcess:
+        """Run the ``flwr`` CLI against this SuperLink (FLWR_HOME ``homes/<home>``); stdout captured."""
         cmd = [str(BIN / "flwr"), *args]
-        proc = subprocess.run(cmd, env=self.env("cli"), cwd=self.work, capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(cmd, env=self.env(home), cwd=self.work, capture_output=True, text=True, timeout=timeout)
         with open(self.logs / "flwr-cli.log", "a") as log:
             log.write(f"\n$ {shlex.join(cmd)}\n[exit {proc.returncode}]\n{proc.stdout}{proc.stderr}")
         if check and proc.returncode != 0:
             raise LoopbackError(f"{shlex.join(cmd[:3])} failed (exit {proc.returncode}): {(proc.stderr or proc.stdout).strip()}")
         return proc
 
-    def flwr_json(self, *args: str, timeout: float = 120.0) -> dict[str, Any]:
-        proc = self.flwr(*args, "--format", "json", timeout=timeout, check=False)
+    def flwr_json_raw(self, *args: str, timeout: float = 120.0, home: str = "cli") -> dict[str, Any]:
+        """``flwr ... --format json`` parsed, whether it succeeded or not."""
+        proc = self.flwr(*args, "--format", "json", timeout=timeout, check=False, home=home)
         try:
-            out = json.loads(proc.stdout)
+            return json.loads(proc.stdout)
         except json.JSONDecodeError as err:
             raise LoopbackError(f"flwr {' '.join(args[:2])}: no JSON (exit {proc.returncode}): {proc.stdout}{proc.stderr}") from err
+
+    def flwr_json(self, *args: str, timeout: float = 120.0, home: str = "cli") -> dict[str, Any]:
+        out = self.flwr_json_raw(*args, timeout=timeout, home=home)
         if not out.get("success", False):
             raise LoopbackError(f"flwr {' '.join(args[:2])} failed: {out}")
         return out
 
+    @property
+    def registry(self) -> Path:
+        return self.work / "registry.json"
+
     def register(self, site: Site) -> int:
-        """``flwr supernode register <site>.pub`` -> the node id the SuperLink created."""
-        out = self.flwr_json("supernode", "register", str(site.pub), CONNECTION, "--name", site.name)
-        site.node_id = int(out["node-id"])
+        """The operator's register script (``deploy/registry.py``: ``flwr supernode register`` +
+        the site registry) -> the node id the SuperLink created."""
+        from deploy import registry
+
+        entry = registry.register(self.flwr_json, self.registry, site.pub, site.name, CONNECTION)
+        site.node_id = int(entry["node-id"])
         self._say(f"registered {site.name}: node {site.node_id}")
         return site.node_id
 
@@ -498,7 +527,9 @@ class Loopback:
         max_retries: int | None = None, max_wait_time: float | None = None,
     ) -> list[str]:
         """``root_certificates=""`` leaves ``--root-certificates`` out (TLS against the system CAs)."""
+        extra = {"state-dir": str(self.site_state(site.name)), **self.node_config, **self.site_node_config.get(site.name, {})}
         node_config = f"site-name='{site.name}' modality='{site.modality}' data-path='{site.data_path}'"
+        node_config += "".join(f" {key}='{value}'" for key, value in extra.items())
         ca = self.ca_cert if root_certificates is None else root_certificates
         return [
             str(BIN / "flower-supernode"),
@@ -561,6 +592,10 @@ class Loopback:
         except subprocess.TimeoutExpired:
             return None
 
+    def site_state(self, name: str) -> Path:
+        """A site's own state folder (node config ``state-dir``): its ``egress.jsonl``."""
+        return self.work / "site-state" / name
+
     def unregistered_key(self, name: str) -> Path:
         """A fresh OpenSSH EC P-384 key pair that was never registered (``certs/<name>``)."""
         from deploy.certs import make_certs
@@ -613,12 +648,12 @@ class Loopback:
 
     # ------------------------------------------------------------------ runs
 
-    def submit(self, run_config: Mapping[str, Any] | None = None) -> tuple[str, dict[str, Any]]:
-        """``flwr run <repo> loopback --format json --run-config ...`` -> (run id, the full run config)."""
+    def submit(self, run_config: Mapping[str, Any] | None = None, app_dir: Path = REPO) -> tuple[str, dict[str, Any]]:
+        """``flwr run <app_dir> loopback --format json --run-config ...`` -> (run id, the full run config)."""
         config = {**self.config, **dict(run_config or {})}
         config["fed.run_dir"] = str(Path(config.get("fed.run_dir") or self.runs).resolve())
         config.setdefault("fed.run_name", time.strftime("run-%Y%m%d-%H%M%S"))
-        out = self.flwr_json("run", str(REPO), CONNECTION, "--run-config", run_config_arg(config), timeout=300)
+        out = self.flwr_json("run", str(app_dir), CONNECTION, "--run-config", run_config_arg(config), timeout=300)
         run_id = str(out["run-id"])
         self.run_ids.append(run_id)
         self._say(f"submitted run {run_id} ({config['fed.run_name']})")
@@ -673,7 +708,7 @@ class Loopback:
     def run(
         self, run_config: Mapping[str, Any] | None = None, timeout: float = 900.0,
         on_poll: Callable[[dict[str, Any] | None, "Loopback", Path], None] | None = None,
-        status_every_s: float = 20.0,
+        status_every_s: float = 20.0, app_dir: Path = REPO,
     ) -> RunResult:
         """Submit, follow and wait for one run.
 
@@ -684,7 +719,7 @@ class Loopback:
         self, log file)`` runs about every second.
         """
         started = time.time()
-        run_id, config = self.submit(run_config)
+        run_id, config = self.submit(run_config, app_dir)
         follower = self.follow_log(run_id)
         deadline = started + timeout
         row: dict[str, Any] | None = None

@@ -33,6 +33,7 @@ from client.app import dims_of
 from client.wire import MESSAGE_TYPE, compute_seconds, from_recorddict, state_to_numpy, to_recorddict
 from common import secagg
 from common.config import Config, config_to_dict, config_to_flat
+from common.egress import describe
 from client.site import run_class_names
 from common.config import parse_class_names
 from common.metrics import ScoreHistogram, histogram_metrics, learning_problems
@@ -103,18 +104,12 @@ class Ledger:
         entry = self.bytes.setdefault(phase, {"sent": 0, "received": 0, "messages": 0})
         entry["sent" if direction == "to_site" else "received"] += size
         entry["messages"] += 1
-        self.egress.append(
-            {
-                "phase": phase,
-                "direction": direction,
-                "site": site,
-                "kind": payload.kind,
-                "bytes": size,
-                "arrays": {k: {"shape": list(v.shape), "dtype": str(v.dtype)} for k, v in payload.arrays.items()},
-                "weights": {b: {"tensors": len(w), "bytes": int(sum(a.nbytes for a in w.values()))} for b, w in payload.weights.items()},
-                "config": {k: v for k, v in payload.config.items() if isinstance(v, (int, float, bool, str))},
-            }
-        )
+        self.egress.append({"phase": phase, "direction": direction, "site": site, **describe(payload)})  # a site logs the same
+
+    def rename(self, names: dict[str, str]) -> None:
+        """Entries logged under a placeholder (``node <id>`` before discovery) get the site's name."""
+        for entry in self.egress:
+            entry["site"] = names.get(entry["site"], entry["site"])
 
 
 class Channel:
@@ -168,6 +163,7 @@ class Channel:
                 self.ledger.add(phase, "from_site", site, payload)
                 if payload.kind == "error":
                     validate(payload, self.dims, sender=f"site '{site}'")
+                    self.names.setdefault(node_id, str(payload.config.get("site-name") or site))  # a refusal before discovery
                     dropped[node_id] = payload.config["reason"]
                     continue
                 expected = reply_kind(requests[node_id])
@@ -342,6 +338,9 @@ class Protocol:
                 continue
             self.sites[node_id] = info
             self.channel.names[node_id] = info.name
+        # The discovery exchange was logged before the names were known: name it after the replies.
+        self.ledger.rename({f"node {n}": name for n, name in self.channel.names.items()})
+        self.ledger.write()
         names = [f"{s.name} ({s.modality}, {sum(s.train_counts)} train)" for s in self.sites.values()]
         log.info("discovered %d site(s): %s", len(self.sites), ", ".join(names))
         missing = []

@@ -167,8 +167,10 @@ def make_server_cert(
     days: int = 397,
     common_name: str | None = None,
     org: str = "FedPaGKD",
+    hours: float | None = None,
 ) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
-    """Create the SuperLink server key and certificate, signed by ``ca_key``.
+    """Create the SuperLink server key and certificate, signed by ``ca_key``, valid ``days``
+    (or ``hours`` when given: a short-lived certificate, e.g. for an expiry drill).
 
     ``sans`` are host names and/or IP literals; clients check the address they dial
     (``--superlink host:port`` on a SuperNode, ``address`` in the flwr CLI config, and
@@ -180,7 +182,8 @@ def make_server_cert(
         common_name = dns[0] if dns else str(general_names[0].value)
     key = ec.generate_private_key(CURVE())
     now = _now()
-    not_after = min(now + dt.timedelta(days=days), ca_cert.not_valid_after_utc)
+    lifetime = dt.timedelta(hours=hours) if hours is not None else dt.timedelta(days=days)
+    not_after = min(now + lifetime, ca_cert.not_valid_after_utc)
     ca_ski = ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
     cert = (
         x509.CertificateBuilder()
@@ -326,6 +329,7 @@ def generate(
     force: bool = False,
     tls: bool = True,
     reuse_ca: bool = False,
+    hours: float | None = None,
 ) -> list[Path]:
     """Create every file; return the written paths. Raises CertError on refusal.
 
@@ -359,7 +363,7 @@ def generate(
             _write(CA_CERT, cert_to_pem(ca_cert), 0o644)
         else:
             ca_key, ca_cert = ca
-        srv_key, srv_cert = make_server_cert(ca_key, ca_cert, sans, days=days)
+        srv_key, srv_cert = make_server_cert(ca_key, ca_cert, sans, days=days, hours=hours)
         _write(SERVER_KEY, key_to_pem(srv_key), 0o600)
         _write(SERVER_CERT, cert_to_pem(srv_cert), 0o644)
     for site in sites:
@@ -402,6 +406,13 @@ def build_parser() -> argparse.ArgumentParser:
         "127.0.0.1 (the SuperLink's internal SuperExec dials those). Default: %(default)s",
     )
     p.add_argument("--days", type=int, default=397, help="server certificate validity in days (default: %(default)s)")
+    p.add_argument(
+        "--hours",
+        type=float,
+        default=None,
+        help="server certificate validity in hours instead of --days (a short-lived certificate, "
+        "e.g. to rehearse expiry: the health check fails --min-days before it runs out)",
+    )
     p.add_argument("--ca-days", type=int, default=3650, help="CA validity in days (default: %(default)s)")
     p.add_argument("--force", action="store_true", help="overwrite existing keys and certificates")
     p.add_argument(
@@ -427,8 +438,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        if args.days <= 0 or args.ca_days <= 0:
-            raise CertError("--days and --ca-days must be positive")
+        if args.days <= 0 or args.ca_days <= 0 or (args.hours is not None and args.hours <= 0):
+            raise CertError("--days, --hours and --ca-days must be positive")
         sites = parse_sites(args.sites)
         sans = [s for s in args.san.split(",") if s.strip()]
         tls = not args.sites_only
@@ -442,7 +453,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
         written = generate(
             args.out, sites, sans, days=args.days, ca_days=args.ca_days,
-            force=args.force, tls=tls, reuse_ca=args.reuse_ca,
+            force=args.force, tls=tls, reuse_ca=args.reuse_ca, hours=args.hours,
         )
     except CertError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -4,7 +4,9 @@
 #
 # Environment:
 #   FEDPAGKD_SUPERLINK_HOST  default 0.0.0.0 (listen address inside the container)
-#   FEDPAGKD_SUPERLINK_PORT  default 8000 (Fleet + Control + Runtime API, HTTPS)
+#   FEDPAGKD_SUPERLINK_PORT  default 8000 (Fleet API, HTTPS: the port the sites dial)
+#   FEDPAGKD_CONTROL_ADDRESS default 0.0.0.0:9093 (Control + Runtime API, HTTPS: the operator's
+#                            flwr CLI only; compose publishes it on the host's 127.0.0.1 only)
 #   FEDPAGKD_STATE_DIR       default /var/lib/fedpagkd (volume: state.db, FABs, run outputs)
 #   FEDPAGKD_CA_CERT / FEDPAGKD_SERVER_CERT / FEDPAGKD_SERVER_KEY
 #                            default /run/secrets/{ca.crt,server.pem,server.key}
@@ -33,15 +35,20 @@ grep -q "PRIVATE KEY" "$SERVER_KEY" || die "$SERVER_KEY is not a PEM private key
 [[ -d "$STATE_DIR" && -w "$STATE_DIR" ]] || die "$STATE_DIR is not a writable folder (mount the state volume)"
 mkdir -p "${FLWR_HOME:-$STATE_DIR/flwr-home}"
 
-echo "fedpagkd-coordinator: SuperLink on https://$HOST:$PORT (TLS, SuperNode auth on), state $STATE_DIR/state.db"
-exec flower-superlink \
+CONTROL="${FEDPAGKD_CONTROL_ADDRESS:-0.0.0.0:9093}"
+[[ "${CONTROL##*:}" != "$PORT" ]] || die "FEDPAGKD_CONTROL_ADDRESS=$CONTROL uses the Fleet API port $PORT: give the Control API its own port"
+export FEDPAGKD_STATE_DIR="$STATE_DIR"  # the ServerApp takes a relative fed.run_dir from here
+
+echo "fedpagkd-coordinator: SuperLink Fleet API on https://$HOST:$PORT, Control API on https://$CONTROL (TLS, SuperNode auth on), state $STATE_DIR/state.db"
+# flower-superlink with the Control API on its own listener (deploy/superlink.py)
+exec fedpagkd-superlink \
+  --fleet-api-address "$HOST:$PORT" \
+  --control-api-address "$CONTROL" \
   --ssl-ca-certfile "$CA_CERT" \
   --ssl-certfile "$SERVER_CERT" \
   --ssl-keyfile "$SERVER_KEY" \
   --enable-supernode-auth \
   --disable-runtime-dependency-installation \
-  --host "$HOST" \
-  --port "$PORT" \
   --database "$STATE_DIR/state.db" \
   --health-server-address "$HEALTH" \
   "$@"

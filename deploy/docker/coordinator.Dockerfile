@@ -62,6 +62,7 @@ RUN groupadd --system --gid "${APP_GID}" fedpagkd \
 COPY --from=build /opt/venv /opt/venv
 COPY --chmod=0755 deploy/docker/coordinator-entrypoint.sh /usr/local/bin/fedpagkd-coordinator
 COPY --chmod=0755 deploy/docker/healthcheck.py /usr/local/bin/fedpagkd-healthcheck
+COPY --chmod=0755 deploy/superlink.py /usr/local/bin/fedpagkd-superlink
 
 # State (SQLite link state, FLWR_HOME with installed FABs, ServerApp outputs: the
 # ServerApp's working directory is /var/lib/fedpagkd) lives in one volume.
@@ -90,7 +91,7 @@ VOLUME ["/var/lib/fedpagkd"]
 EXPOSE 8000
 
 HEALTHCHECK --interval=30s --timeout=10s --start-period=30s --retries=3 \
-    CMD ["python", "/usr/local/bin/fedpagkd-healthcheck"]
+    CMD ["python", "/usr/local/bin/fedpagkd-healthcheck", "127.0.0.1:9099", "--superexec", "--cert", "/run/secrets/server.pem"]
 
 ENTRYPOINT ["/usr/local/bin/fedpagkd-coordinator"]
 CMD []

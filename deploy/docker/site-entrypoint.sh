@@ -11,6 +11,12 @@
 #   FEDPAGKD_AUTH_KEY       default /run/secrets/supernode_auth_key (OpenSSH EC P-384)
 #   FEDPAGKD_MAX_RETRIES    optional, give up connecting after N tries (default: never)
 #   FEDPAGKD_MAX_WAIT_TIME  optional, give up connecting after N seconds (default: never)
+#   FEDPAGKD_STATE_DIR      default /var/lib/fedpagkd-site (writable volume: egress.jsonl, what
+#                           this site sent; node config state-dir)
+#   FEDPAGKD_APP_DIGEST     optional, sha256:... of the only app bundle this site runs (node
+#                           config app-digest; `python -m deploy.bundle` prints it)
+#   FEDPAGKD_DEVICE         optional, this site's device (cpu | cuda | cuda:N | auto; node config
+#                           device), instead of the coordinator's train.device
 #   FEDPAGKD_EXTRA_NODE_CONFIG  optional, extra "key=value ..." node-config pairs
 #   FLWR_HEALTH_ADDRESS     default 127.0.0.1:9098 (in-container gRPC health server)
 # Extra arguments to the container are appended to flower-supernode.
@@ -77,8 +83,19 @@ if [[ -w "$DATA_PATH" ]]; then
 fi
 
 mkdir -p "${FLWR_HOME:-$HOME/.flwr}"
+STATE_DIR="${FEDPAGKD_STATE_DIR:-/var/lib/fedpagkd-site}"
+mkdir -p "$STATE_DIR" 2>/dev/null || true
+[[ -d "$STATE_DIR" && -w "$STATE_DIR" ]] || die "state folder $STATE_DIR is not writable by uid $(id -u): mount a volume there (its egress.jsonl is this site's record of what it sent)"
+APP_DIGEST="${FEDPAGKD_APP_DIGEST:-}"
+[[ -z "$APP_DIGEST" || "$APP_DIGEST" =~ ^sha256:[0-9a-f]{64}$ ]] \
+  || die "FEDPAGKD_APP_DIGEST='$APP_DIGEST' is not sha256:<64 hex digits> (python -m deploy.bundle prints it)"
+[[ -n "$APP_DIGEST" ]] || warn "FEDPAGKD_APP_DIGEST is not set: this site runs whatever app bundle the coordinator submits"
+DEVICE="${FEDPAGKD_DEVICE:-}"
+[[ "$DEVICE" =~ ^(|cpu|auto|cuda|cuda:[0-9]+)$ ]] || die "FEDPAGKD_DEVICE='$DEVICE' is invalid: use cpu, auto, cuda or cuda:N"
 
-NODE_CONFIG="site-name='$SITE_NAME' modality='$MODALITY' data-path='$DATA_PATH'"
+NODE_CONFIG="site-name='$SITE_NAME' modality='$MODALITY' data-path='$DATA_PATH' state-dir='$STATE_DIR'"
+[[ -z "$APP_DIGEST" ]] || NODE_CONFIG="$NODE_CONFIG app-digest='$APP_DIGEST'"
+[[ -z "$DEVICE" ]] || NODE_CONFIG="$NODE_CONFIG device='$DEVICE'"
 if [[ -n "${FEDPAGKD_EXTRA_NODE_CONFIG:-}" ]]; then
   NODE_CONFIG="$NODE_CONFIG $FEDPAGKD_EXTRA_NODE_CONFIG"
 fi

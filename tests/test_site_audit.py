@@ -1,0 +1,259 @@
+"""Fast checks of the deployment's audit and trust pieces (no Flower processes): egress log and its
+comparison, bundle digest and contents, the site's pin and device, health probes, registry."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from client import egress as site_egress
+from client import policy
+from common.bundle import fab_digest, tree_digest
+from common.egress import compare, describe
+from common.records import Payload
+from deploy import bundle, registry
+
+ROOT = Path(__file__).resolve().parents[1]
+HEALTHCHECK = ROOT / "deploy" / "docker" / "healthcheck.py"
+
+
+def _payload(groups: int = 3) -> Payload:
+    return Payload("knowledge.sums", arrays={"prototype_sum": np.zeros((3, 1, 4, 8), np.float32)},
+                   config={"groups": groups}, weights={"student": {"w": np.zeros(5, np.float32)}})
+
+
+# ----------------------------------------------------------------- egress
+
+
+def test_site_log_round_trip_and_compare(tmp_path: Path) -> None:
+    node_config = {"state-dir": str(tmp_path / "state")}
+    for groups in (3, 4):
+        reply = site_egress.logged(_payload(groups), node_config, site="nbi-a", run_id=7, run_name="r1", request="knowledge.stats")
+        assert reply.kind == "knowledge.sums"
+    lines = (tmp_path / "state" / "egress.jsonl").read_text().splitlines()
+    assert len(lines) == 2
+    entry = json.loads(lines[0])
+    assert entry["arrays"] == {"prototype_sum": {"shape": [3, 1, 4, 8], "dtype": "float32"}}
+    assert entry["config"] == {"groups": 3} and entry["run-id"] == 7 and entry["site"] == "nbi-a"
+    coordinator = [{"phase": "knowledge", "direction": "from_site", "site": "nbi-a", **describe(_payload(g))} for g in (4, 3)]
+    run_dir = tmp_path / "runs" / "r1"
+    run_dir.mkdir(parents=True)
+    (run_dir / "egress.json").write_text(json.dumps(coordinator))
+    assert site_egress.main(["compare", "--site-log", str(tmp_path / "state" / "egress.jsonl"), "--coordinator", str(run_dir / "egress.json")]) == 0
+    # The coordinator lists a message the site never sent, and misses one it did.
+    (run_dir / "egress.json").write_text(json.dumps([coordinator[0], {**coordinator[1], "bytes": 1}]))
+    assert site_egress.main(["compare", "--site-log", str(tmp_path / "state" / "egress.jsonl"), "--coordinator", str(run_dir / "egress.json")]) == 1
+    problems = compare("nbi-a", [json.loads(line) for line in lines], [coordinator[0], {**coordinator[1], "bytes": 1}])
+    assert len(problems) == 2 and "does not list" in problems[0] and "did not send" in problems[1]
+
+
+def test_unwritable_site_log_turns_the_reply_into_an_error(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    reply = site_egress.logged(_payload(), {"state-dir": str(blocker)}, site="nbi-a", run_id=1, run_name="", request="x")
+    assert reply.kind == "error" and "egress log" in reply.config["reason"] and "state-dir" in reply.config["reason"]
+    assert site_egress.logged(_payload(), {}, site="s", run_id=1, run_name="", request="x").kind == "knowledge.sums"
+
+
+# ----------------------------------------------------------------- bundle
+
+
+@pytest.fixture(scope="module")
+def fab() -> bytes:
+    return bundle.build(ROOT)
+
+
+def test_bundle_holds_the_app_code_only(fab: bytes) -> None:
+    info = bundle.summary(fab)
+    assert set(info["top-level"]) == {".info", "client", "common", "server", "pyproject.toml"}, info["top-level"]
+    assert info["bytes"] < 400_000, info["bytes"]
+
+
+def test_fab_digest_equals_installed_tree_digest(fab: bytes, tmp_path: Path) -> None:
+    with zipfile.ZipFile(io.BytesIO(fab)) as archive:
+        archive.extractall(tmp_path)
+    (tmp_path / "client" / "__pycache__").mkdir(exist_ok=True)
+    (tmp_path / "client" / "__pycache__" / "app.cpython-311.pyc").write_bytes(b"x")  # byte code does not count
+    assert tree_digest(tmp_path) == fab_digest(fab)
+    (tmp_path / "client" / "app.py").write_text((tmp_path / "client" / "app.py").read_text() + "\n#\n")
+    assert tree_digest(tmp_path) != fab_digest(fab)
+
+
+def test_pin_refuses_another_bundle(caplog) -> None:
+    policy.check_bundle({}, "s")  # no pin: nothing checked
+    policy.check_bundle({"app-digest": policy.running_digest()}, "s")
+    with pytest.raises(policy.UntrustedBundle, match="refuses app bundle"):
+        policy.check_bundle({"app-digest": "sha256:" + "0" * 64}, "wli-a")
+    assert "REFUSES app bundle" in caplog.text
+
+
+def test_site_device_replaces_train_device() -> None:
+    from tests.conftest import tiny_config
+
+    cfg = tiny_config(train__device="cuda:7")
+    assert policy.site_config(cfg, {"device": "cpu"}, "s").train.device == "cpu"
+    assert policy.site_config(cfg, {}, "s").train.device == "cuda:7"
+    with pytest.raises(ValueError, match="node config device='nonsense'"):
+        policy.site_config(cfg, {"device": "nonsense"}, "s")
+
+
+# ----------------------------------------------------------------- health
+
+
+def _health(*args: str) -> subprocess.CompletedProcess:
+    # No health server listens on port 9 (discard): only the other checks decide the message.
+    return subprocess.run([sys.executable, str(HEALTHCHECK), "127.0.0.1:9", *args], capture_output=True, text=True, timeout=60)
+
+
+def test_certificate_expiry_is_unhealthy(tmp_path: Path) -> None:
+    sys.path.insert(0, str(HEALTHCHECK.parent))
+    import healthcheck
+    from deploy.certs import make_certs
+
+    assert make_certs.main(["--out", str(tmp_path / "short"), "--hours", "0.0005", "--san", "localhost"]) == 0
+    assert make_certs.main(["--out", str(tmp_path / "day"), "--hours", "24", "--san", "localhost"]) == 0
+    assert make_certs.main(["--out", str(tmp_path / "year"), "--san", "localhost"]) == 0
+    time.sleep(2.5)
+    assert "EXPIRED" in healthcheck.check_certificate(tmp_path / "short" / "server.pem", 0)
+    assert "in 1.0 days" in healthcheck.check_certificate(tmp_path / "day" / "server.pem", 2)
+    assert healthcheck.check_certificate(tmp_path / "day" / "server.pem", 0.5) is None
+    assert healthcheck.check_certificate(tmp_path / "year" / "server.pem", 14) is None
+    out = _health("--cert", str(tmp_path / "short" / "server.pem"))
+    assert out.returncode == 1 and "EXPIRED" in out.stderr and "make_certs.py --reuse-ca" in out.stderr
+
+
+def test_superexec_and_reach_checks(tmp_path: Path) -> None:
+    sys.path.insert(0, str(HEALTHCHECK.parent))
+    import healthcheck
+
+    service = subprocess.Popen(["sleep", "60"])
+    fake = tmp_path / "flower-superexec"
+    fake.write_text("import time\ntime.sleep(60)\n")
+    child = subprocess.Popen([sys.executable, str(fake), "--parent-pid", str(service.pid)])
+    try:
+        deadline = time.time() + 10
+        while healthcheck.check_superexec(service.pid) is not None and time.time() < deadline:
+            time.sleep(0.1)
+        assert healthcheck.check_superexec(service.pid) is None
+        child.kill()
+        child.wait()
+        assert "no flower-superexec child" in healthcheck.check_superexec(service.pid)
+    finally:
+        child.kill()
+        service.kill()
+        service.wait()
+    assert "unreachable" in healthcheck.check_reach("127.0.0.1:9", None)
+
+
+# ----------------------------------------------------------------- registry
+
+
+def test_registry_register_and_status(tmp_path: Path) -> None:
+    from deploy.certs import make_certs
+
+    make_certs.generate(tmp_path, ["nbi-a", "wli-b"], [], force=True, tls=False)
+    calls = []
+
+    def flwr_json(*args: str) -> dict:
+        calls.append(args)
+        if args[:2] == ("supernode", "register"):
+            return {"success": True, "node-id": 11 if "nbi-a" in args[2] else 22}
+        return {"success": True, "nodes": [
+            {"node-id": "11", "status": "online", "online-at": "2026-12-01 10:00:00Z", "offline-at": "N/A"},
+            {"node-id": "22", "status": "offline", "online-at": "N/A", "offline-at": "2026-12-01 09:00:00Z"},
+            {"node-id": "33", "status": "registered", "online-at": "N/A", "offline-at": "N/A"},
+        ]}
+
+    reg = tmp_path / "registry.json"
+    registry.register(flwr_json, reg, tmp_path / "nbi-a.pub", "nbi-a", "c")
+    registry.register(flwr_json, reg, tmp_path / "wli-b.pub", "wli-b", "c")
+    with pytest.raises(registry.RegistryError, match="already registered as site 'nbi-a'"):
+        registry.register(flwr_json, reg, tmp_path / "nbi-a.pub", "other", "c")
+    rows = {r["site"]: r for r in registry.status(flwr_json, reg, "c")}
+    assert rows["nbi-a"]["last-contact"] == "online since 2026-12-01 10:00:00Z"
+    assert rows["wli-b"]["last-contact"] == "last seen 2026-12-01 09:00:00Z"
+    assert rows["(not in registry)"]["node-id"] == "33"
+    ssh_keygen = subprocess.run(["ssh-keygen", "-lf", str(tmp_path / "nbi-a.pub")], capture_output=True, text=True)
+    if ssh_keygen.returncode == 0:
+        assert ssh_keygen.stdout.split()[1] == rows["nbi-a"]["fingerprint"]
+
+
+# ----------------------------------------------------------------- service files
+
+
+def test_coordinator_keeps_the_control_api_apart() -> None:
+    entry = (ROOT / "deploy" / "docker" / "coordinator-entrypoint.sh").read_text()
+    assert "exec fedpagkd-superlink" in entry and "--control-api-address" in entry and "--fleet-api-address" in entry
+    compose = (ROOT / "deploy" / "compose" / "coordinator.yaml").read_text()
+    assert '"${FEDPAGKD_CONTROL_PUBLISH:-127.0.0.1:9093}:9093"' in compose
+    assert "!deploy/superlink.py" in (ROOT / "deploy" / "docker" / "coordinator.Dockerfile.dockerignore").read_text()
+
+
+@pytest.mark.parametrize("unit", ["fedpagkd-coordinator.service", "fedpagkd-site.service"])
+def test_systemd_units(unit: str) -> None:
+    text = (ROOT / "deploy" / "systemd" / unit).read_text()
+    for line in ("Restart=on-failure", "KillMode=control-group", "RestartMaxDelaySec=", "StateDirectory=", "WorkingDirectory=",
+                 "Environment=FLWR_HOME=", "StartLimitBurst="):
+        assert line in text, (unit, line)
+    assert "--insecure" not in text
+    if unit == "fedpagkd-site.service":
+        assert "state-dir=" in text and "app-digest=" in text and "device=" in text
+
+
+def test_split_superlink_refuses_control_paths_on_the_fleet_port() -> None:
+    import asyncio
+
+    from deploy.superlink import ApiSplit
+
+    seen, sent = [], []
+
+    async def app(scope, receive, send):
+        seen.append(scope["path"])
+
+    async def send(message):
+        sent.append(message)
+
+    split = ApiSplit(app, fleet_port=8000)
+    for path, port in (("/v1/fleet/pull-messages", 8000), ("/health", 8000), ("/v1/control/list-runs", 9093),
+                       ("/v1/runtime/pull-messages", 9093), ("/v1/control/list-runs", 8000), ("/v1/runtime/x", 8000)):
+        asyncio.run(split({"type": "http", "path": path, "server": ("0.0.0.0", port)}, None, send))
+    assert seen == ["/v1/fleet/pull-messages", "/health", "/v1/control/list-runs", "/v1/runtime/pull-messages"]
+    assert [m["status"] for m in sent if m["type"] == "http.response.start"] == [403, 403]
+
+
+def test_lifetime_watches_the_superexec_and_its_service(tmp_path: Path) -> None:
+    from common.lifetime import watched_pids
+
+    service = subprocess.Popen(["sleep", "60"])
+    fake = tmp_path / "flower-superexec"
+    fake.write_text("import time\ntime.sleep(60)\n")
+    child = subprocess.Popen([sys.executable, str(fake), "--parent-pid", str(service.pid)])
+    try:
+        time.sleep(0.5)
+        assert watched_pids(child.pid) == {child.pid: "flower-superexec", service.pid: "sleep"}
+    finally:
+        child.kill()
+        service.kill()
+        child.wait()
+        service.wait()
+
+
+@pytest.mark.parametrize(("status", "code"), [("finished:completed", 0), ("finished:failed", 1)])
+def test_follow_exits_with_the_run_outcome(tmp_path: Path, monkeypatch, capsys, status: str, code: int) -> None:
+    from deploy import follow
+
+    fake = tmp_path / "flwr"
+    fake.write_text("#!/bin/sh\nif [ \"$1\" = list ]; then echo '{\"success\": true, \"runs\": [{\"status\": \"%s\", "
+                    "\"status-details\": \"why\"}]}'; else echo streaming; fi\n" % status)
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{__import__('os').environ['PATH']}")
+    assert follow.main(["42", "conn"]) == code
+    assert f"run 42: {status} (why)" in capsys.readouterr().out
