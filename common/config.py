@@ -99,7 +99,7 @@ class TrainConfig:
     batch_size: int = 24
     epochs: int = 40  # centralised epochs
     teacher_epochs: int = 40  # centralised teacher epochs
-    local_epochs: int = 2  # federated: local epochs per round
+    local_epochs: int = 4  # federated: local epochs per round (x rounds = the centralised epochs)
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     amp: bool = True  # mixed precision where CUDA is used
@@ -112,8 +112,8 @@ class TrainConfig:
 
 @dataclass
 class FederationConfig:
-    teacher_rounds: int = 3
-    student_rounds: int = 6
+    teacher_rounds: int = 10
+    student_rounds: int = 10
     bank_refresh_every: int = 0  # T: refresh the NBI bank every T student rounds (0 = never)
     min_nbi_sites: int = 1
     min_wli_sites: int = 1

@@ -649,12 +649,14 @@ def _is_image(path: Path) -> bool:
 
 
 def has_split(root: str | os.PathLike, split: str) -> bool:
-    """Whether a real site folder holds ``split`` (its ImageFolder sub-folder, or manifest rows
-    with that split); used for the optional val split. Structure errors are left to the loader."""
+    """Whether a real site folder holds images of ``split`` (in its ImageFolder sub-folder, or
+    manifest rows with that split); used for the optional val split. Structure errors are left
+    to the loader."""
     root = Path(root)
     manifest = root / MANIFEST_FILE
     if not manifest.is_file():
-        return (root / _check_split(split)).is_dir()
+        folder = root / _check_split(split)
+        return folder.is_dir() and any(_is_image(p) for p in folder.rglob("*"))
     try:
         with manifest.open(newline="") as fh:
             return any((row.get("split") or "").strip() == split for row in csv.DictReader(fh))

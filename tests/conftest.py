@@ -19,7 +19,7 @@ TINY: dict[str, Any] = {
     "data.image_size": 32,
     "data.train_per_site": 24,
     "data.test_per_site": 15,  # 5 per class: no site size equals a declared dim (privacy audit)
-    "data.val_per_site": 0,
+    "data.val_per_site": 6,  # model selection reads it every round
     "train.batch_size": 12,
     "train.local_epochs": 1,
     "train.device": "cpu",

@@ -85,12 +85,15 @@ def globals_():
 
 
 def teacher_request(globals_, round_=1, **config) -> Payload:
-    values = {"round": round_, "seed": 11, "local-epochs": 1, **config}
+    values = {"round": round_, "seed": 11, "local-epochs": 1, **SPAN, "evaluate": "", **config}
     return make("teacher.train", DIMS, config=values, weights={"teacher": globals_["teacher"], "head": globals_["head"]})
 
 
+SPAN = {"schedule-start": 0.0, "schedule-end": 1.0}  # a request's share of the learning-rate schedule
+
+
 def seed_request(globals_, round_=1, evaluate=False) -> Payload:
-    config = {"round": round_, "seed": 5, "evaluate": evaluate}
+    config = {"round": round_, "seed": 5, "evaluate": "test" if evaluate else ""}
     return make("knowledge.seed", DIMS, config=config, weights={"teacher": globals_["teacher"], "head": globals_["head"]})
 
 
@@ -217,7 +220,8 @@ def test_knowledge_seed_on_wli_is_refused(globals_):
 
 
 def student_request(globals_, bank, use_bank=True, evaluate=False) -> Payload:
-    config = {"round": 1, "seed": 3, "local-epochs": 1, "group-losses": True, "use-bank": use_bank, "evaluate": evaluate}
+    config = {"round": 1, "seed": 3, "local-epochs": 1, "group-losses": True, "use-bank": use_bank, "evaluate": "val" if evaluate else "",
+              **SPAN}
     arrays = {**bank, **empty_statistics(CLASS_PROTOTYPES, DIMS)}
     return make("student.train", DIMS, arrays=arrays, config=config, weights={"student": globals_["student"], "head": globals_["head"]})
 
@@ -266,17 +270,21 @@ def test_evaluate_returns_histograms_totalling_the_test_split(globals_, model, p
     assert reply.config["loss"] > 0
 
 
-@pytest.mark.parametrize("model, partition", [("student", WLI), ("teacher", NBI)])
+@pytest.mark.parametrize("model, partition", [("student", WLI), ("teacher", NBI), ("teacher.train", NBI)])
 def test_a_folded_evaluation_equals_the_evaluate_reply(globals_, knowledge, model, partition):
-    """The scores riding on student.update / knowledge.seeds are those of the weights received,
-    exactly what an evaluate message of their own gives; with evaluate off they are all zero."""
-    alone = send(make("evaluate", DIMS, config={"model": model, "split": "test"}, weights={"net": globals_[model]}), new_context(node(partition)))
-    folded, skipped = (
-        [send(student_request(globals_, knowledge["sums"].arrays, evaluate=flag), new_context(node(WLI))) for flag in (True, False)]
-        if model == "student"
-        else [send(seed_request(globals_, evaluate=flag), new_context(node(NBI))) for flag in (True, False)]
-    )
-    assert folded.kind == ("student.update" if model == "student" else "knowledge.seeds")
+    """The scores riding on student.update (val split: model selection) / teacher.update (val) /
+    knowledge.seeds (test) are those of the weights received, exactly what an evaluate message of
+    their own on that split gives; with evaluate off they are all zero."""
+    if model == "student":
+        split, requests = "val", [student_request(globals_, knowledge["sums"].arrays, evaluate=flag) for flag in (True, False)]
+    elif model == "teacher":
+        split, requests = "test", [seed_request(globals_, evaluate=flag) for flag in (True, False)]
+    else:
+        split, requests = "val", [teacher_request(globals_, evaluate=flag) for flag in ("val", "")]
+    model = "teacher" if model == "teacher.train" else model
+    alone = send(make("evaluate", DIMS, config={"model": model, "split": split}, weights={"net": globals_[model]}), new_context(node(partition)))
+    folded, skipped = [send(r, new_context(node(partition))) for r in requests]
+    assert folded.kind == {"student.train": "student.update", "knowledge.seed": "knowledge.seeds", "teacher.train": "teacher.update"}[requests[0].kind]
     for name in ("score_positives", "score_negatives", "confusion"):
         np.testing.assert_array_equal(folded.arrays[name], alone.arrays[name])
         assert not skipped.arrays[name].any()
@@ -326,9 +334,9 @@ def _malformed_cases(globals_, centroids):
     def drop_tensor(t):
         del t[name]
 
-    teacher_config = {"round": 1, "seed": 1, "local-epochs": 1}
+    teacher_config = {"round": 1, "seed": 1, "local-epochs": 1, **SPAN, "evaluate": ""}
     return {
-        "missing-config-key": (Payload("teacher.train", config={"round": 1, "local-epochs": 1},
+        "missing-config-key": (Payload("teacher.train", config={"round": 1, "local-epochs": 1, **SPAN, "evaluate": ""},
                                        weights={"teacher": globals_["teacher"], "head": globals_["head"]}), ["missing config keys", "seed"]),
         "nan-array": (Payload("knowledge.stats", arrays=nan_centroids, config=stats_config), ["prototype_centroids", "NaN"]),
         "wrong-shape-array": (Payload("knowledge.stats", arrays=bad_shape, config=stats_config), ["foreground_centroids", "shape"]),
@@ -362,7 +370,8 @@ def test_weight_of_the_wrong_size_is_refused(globals_):
     name = _first_float(globals_["teacher"])
     teacher = dict(globals_["teacher"])
     teacher[name] = np.zeros(teacher[name].shape[:-1] + (teacher[name].shape[-1] + 1,), np.float32)
-    payload = Payload("teacher.train", config={"round": 1, "seed": 1, "local-epochs": 1}, weights={"teacher": teacher, "head": globals_["head"]})
+    payload = Payload("teacher.train", config={"round": 1, "seed": 1, "local-epochs": 1, **SPAN, "evaluate": ""},
+                      weights={"teacher": teacher, "head": globals_["head"]})
     assert_error(send(payload, new_context(node(NBI))), ("partition-0", "nbi-0"), "shape")
 
 
@@ -370,7 +379,8 @@ def test_weight_of_the_wrong_shape_but_the_same_size_is_refused(globals_):
     name = next(k for k, v in globals_["teacher"].items() if v.ndim == 4 and v.shape[0] != v.shape[1])
     teacher = dict(globals_["teacher"])
     teacher[name] = np.ascontiguousarray(teacher[name].transpose(1, 0, 2, 3))
-    payload = Payload("teacher.train", config={"round": 1, "seed": 1, "local-epochs": 1}, weights={"teacher": teacher, "head": globals_["head"]})
+    payload = Payload("teacher.train", config={"round": 1, "seed": 1, "local-epochs": 1, **SPAN, "evaluate": ""},
+                      weights={"teacher": teacher, "head": globals_["head"]})
     reply = send(payload, new_context(node(NBI)))
     assert_error(reply, ("partition-0", "nbi-0"), name)
 

@@ -158,7 +158,7 @@ def test_transforms_shapes_and_normalisation():
 def test_batch_augment_identity_when_disabled_and_seeded_otherwise():
     ds = SyntheticEndoscopyDataset(SyntheticSiteSpec("nbi", num_train=4), "train", transform=build_transform(40))
     batch = torch.stack([ds[i][0] for i in range(4)])
-    plain = BatchAugment(rotation_deg=0.0, flips=False, color_jitter=0.0)
+    plain = BatchAugment(rotation_deg=0.0, flips=False, color_jitter=0.0, mode="rotate")
     np.testing.assert_allclose(plain(batch).numpy(), batch.numpy(), atol=1e-5)
     augment = BatchAugment()
     a = augment(batch, torch.Generator().manual_seed(3))
@@ -173,9 +173,39 @@ def test_batch_augment_identity_when_disabled_and_seeded_otherwise():
     assert pixels.min() >= -1e-5 and pixels.max() <= 1 + 1e-5
 
 
+def _laplacian_energy(pixels: torch.Tensor) -> float:
+    kernel = torch.tensor([[0.0, 1, 0], [1, -4, 1], [0, 1, 0]]).view(1, 1, 3, 3).repeat(3, 1, 1, 1)
+    return float(torch.nn.functional.conv2d(pixels, kernel, groups=3).pow(2).sum())
+
+
+def test_dihedral_augmentation_is_exact_and_keeps_fine_texture_that_rotation_loses():
+    """The class cues are fine texture: dihedral augmentation moves pixels without interpolating
+    (each output is one of the 8 exact rotations/flips, all 8 occur, texture energy is kept),
+    while rotating by arbitrary angles with bilinear resampling loses a large share of it."""
+    ds = SyntheticEndoscopyDataset(SyntheticSiteSpec("nbi", num_train=32), "train", transform=build_transform(64))
+    batch = torch.stack([ds[i][0] for i in range(32)])
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    dihedral = BatchAugment(color_jitter=0.0)  # mode="dihedral" is the default
+    out = dihedral(batch, torch.Generator().manual_seed(0))
+    seen = set()
+    for image, augmented in zip(batch, out):
+        variants = [torch.rot90(image, k, dims=(1, 2)) for k in range(4)]
+        variants += [v.flip(2) for v in variants]
+        matches = [j for j, v in enumerate(variants) if torch.allclose(v, augmented, atol=1e-5)]
+        assert matches, "a dihedral output is not an exact rotation/flip of its input"
+        seen.add(matches[0])
+    assert len(seen) >= 6  # 32 draws cover (nearly) all 8 symmetries
+    kept = _laplacian_energy(out * std + mean) / _laplacian_energy(batch * std + mean)
+    rotate = BatchAugment(rotation_deg=180.0, flips=True, color_jitter=0.0, mode="rotate")
+    lost = _laplacian_energy(rotate(batch, torch.Generator().manual_seed(0)) * std + mean) / _laplacian_energy(batch * std + mean)
+    assert abs(kept - 1.0) < 1e-4
+    assert lost < 0.7, f"bilinear rotation kept {lost:.2f} of the texture energy"
+
+
 def test_batch_augment_flip_only_is_exact_mirror():
     image = torch.randn(1, 3, 8, 8)
-    flip = BatchAugment(rotation_deg=0.0, flips=True, color_jitter=0.0)
+    flip = BatchAugment(rotation_deg=0.0, flips=True, color_jitter=0.0, mode="rotate")
     mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
     image = ((image * std + mean).clamp(0, 1) - mean) / std  # representable pixels

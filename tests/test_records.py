@@ -64,7 +64,7 @@ def valid_payload(kind: str, dims: Dims = DIMS, seed: int = 0) -> Payload:
     return Payload(
         kind,
         arrays={spec.name: _fill(spec, dims, rng) for spec in schema.arrays},
-        config={key: CLASS_NAMES_JSON(dims) if key == "class-names" else CONFIG_VALUES[kind_] for key, kind_ in schema.config},
+        config={key: SPECIAL_VALUES[key](dims) if key in SPECIAL_VALUES else CONFIG_VALUES[kind_] for key, kind_ in schema.config},
         weights={block: _weight_block(rng) for block in schema.weights},
     )
 
@@ -72,6 +72,29 @@ def valid_payload(kind: str, dims: Dims = DIMS, seed: int = 0) -> Payload:
 def CLASS_NAMES_JSON(dims: Dims) -> str:
     """A metadata reply's class names: one per class of the run (its counts' C)."""
     return json.dumps([f"class-{c}" for c in range(dims.C)])
+
+
+# Config keys whose valid values are narrower than their type.
+SPECIAL_VALUES = {
+    "class-names": CLASS_NAMES_JSON,
+    "evaluate": lambda dims: "val",
+    "schedule-start": lambda dims: 0.25,
+    "schedule-end": lambda dims: 0.5,
+}
+
+
+@pytest.mark.parametrize("config, fragment", [
+    ({"evaluate": "train"}, "'evaluate'"),
+    ({"evaluate": "x"}, "'evaluate'"),
+    ({"schedule-start": 0.6, "schedule-end": 0.5}, "schedule span"),
+    ({"schedule-start": -0.1}, "schedule span"),
+    ({"schedule-end": 1.5}, "schedule span"),
+])
+def test_evaluation_split_and_schedule_span_out_of_range_are_refused(config, fragment):
+    payload = valid_payload("student.train")
+    payload.config.update(config)
+    with pytest.raises(PayloadError, match=fragment):
+        validate(payload, DIMS, reference_of(payload))
 
 
 def reference_of(payload: Payload) -> dict[str, dict[str, tuple[tuple[int, ...], str]]]:

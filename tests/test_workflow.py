@@ -125,11 +125,16 @@ def test_full_run_writes_every_output(full_run):
     for name in ("metrics.json", "egress.json", "config.json", STUDENT_CHECKPOINT, "auc.png", "roc.png", META, TENSORS):
         assert (run_dir / name).is_file() and (run_dir / name).stat().st_size > 0, name
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    assert metrics["final"] == metrics["evaluation"][-1]["pooled"]
+    last = metrics["evaluation"][-1]
+    assert (last["model"], last["split"]) == ("student", "test")  # the test split, read once, at the end
+    assert {k: metrics["final"][k] for k in last["pooled"]} == last["pooled"]
+    assert metrics["final"]["selected_round"] == metrics["selection"]["student"]["round"]
+    assert [e for e in metrics["evaluation"] if e["split"] == "test" and e["model"] == "student"] == [last]
     assert 0.0 <= metrics["final"]["auc"] <= 1.0
     assert metrics["final"]["num_examples"] == cfg.data.wli_sites * cfg.data.test_per_site
     assert [e["round"] for e in metrics["student"]] == [1]
-    assert [(e["model"], e["round"]) for e in metrics["evaluation"]] == [("teacher", 1), ("student", 1)]
+    # Each model's last round is scored on val (model selection), then the selected one on test once.
+    assert [(e["model"], e["round"], e["split"]) for e in metrics["evaluation"]] == SELECTED_ONE_ROUND
     assert sorted(metrics["student"][0]["sites"]) == ["wli-0", "wli-1"]
     assert sorted(metrics["teacher"][0]["sites"]) == ["nbi-0", "nbi-1"]
     assert sorted(s["name"] for s in metrics["sites"]) == ["nbi-0", "nbi-1", "wli-0", "wli-1"]
@@ -143,9 +148,13 @@ def test_full_run_writes_every_output(full_run):
         np.testing.assert_allclose(tensor.numpy().reshape(-1), last_eval.weights["net"][name].reshape(-1), rtol=1e-6, err_msg=name)
 
 
+SELECTED_ONE_ROUND = [("teacher", 1, "val"), ("teacher", 1, "test"), ("student", 1, "val"), ("student", 1, "test")]
+
+
 def test_full_run_records_bytes_per_phase(full_run):
     summary, grid = full_run["summary"], full_run["grid"]
-    phases = {"discover": 4, "teacher": 2, "knowledge": 2 * (1 + full_run["cfg"].pagkd.kmeans_iters), "student": 2, "evaluate": 2}
+    # evaluate: the last teacher and the last student on val, the selected student on test.
+    phases = {"discover": 4, "teacher": 2, "knowledge": 2 * (1 + full_run["cfg"].pagkd.kmeans_iters), "student": 2, "evaluate": 6}
     assert set(summary["bytes"]) == set(phases)
     for phase, requests in phases.items():
         entry = summary["bytes"][phase]
@@ -162,7 +171,8 @@ def test_full_run_times_every_exchange_with_each_sites_compute(full_run):
     summary, cfg = full_run["summary"], full_run["cfg"]
     timing = summary["timing"]
     assert [(t["phase"], t["round"]) for t in timing if t["phase"] in ("teacher", "student")] == [("teacher", 1), ("student", 1)]
-    assert len(timing) == sum(1 for e in summary["bytes"].values()) + cfg.pagkd.kmeans_iters  # knowledge: seeds + Lloyd steps
+    # knowledge: seeds + Lloyd steps; evaluate: teacher val, student val, student test
+    assert len(timing) == sum(1 for e in summary["bytes"].values()) + cfg.pagkd.kmeans_iters + 2
     for entry in timing:
         assert entry["wall_s"] > 0
         assert len(entry["compute_s"]) == entry["sites"], entry  # every site declared its handler's time
@@ -394,7 +404,9 @@ def test_a_crashed_run_resumes_at_the_last_finished_round(resumed):
     assert sent[MESSAGE_TYPE["knowledge.seed"]] == sent[MESSAGE_TYPE["knowledge.stats"]] == 0, "the bank was rebuilt"
     assert sent[MESSAGE_TYPE["student.train"]] == 2 * 2  # rounds 2 and 3, two WLI sites
     assert [e["round"] for e in summary["student"]] == [1, 2, 3]
-    assert [(e["model"], e["round"]) for e in summary["evaluation"]] == [("teacher", 1), ("student", 1), ("student", 2), ("student", 3)]
+    assert [(e["model"], e["round"], e["split"]) for e in summary["evaluation"]] == [
+        ("teacher", 1, "val"), ("teacher", 1, "test"), ("student", 1, "val"), ("student", 2, "val"), ("student", 3, "val"),
+        ("student", 3, "test")]
     assert len(summary["teacher"]) == 1 and len(summary["knowledge"]) == 1
     assert json.loads((run_dir / META).read_text())["progress"] == {"teacher_rounds": 1, "refreshes": 1, "student_rounds": 3}
     metrics = json.loads((run_dir / "metrics.json").read_text())
@@ -611,9 +623,38 @@ def test_a_student_started_from_the_teacher_gets_the_federated_teacher(single_th
     for name in teacher:
         np.testing.assert_array_equal(student[name], teacher[name], err_msg=name)
     assert not any(p.kind.startswith("knowledge") for p in sent), "no bank without distillation"
-    assert [(e["model"], e["round"]) for e in summary["evaluation"]] == [("teacher", 1), ("student", 1)]
+    assert [(e["model"], e["round"], e["split"]) for e in summary["evaluation"]] == SELECTED_ONE_ROUND
 
 
 def test_student_init_from_a_different_backbone_is_refused():
     with pytest.raises(ConfigError, match="fed.student_init"):
         tiny_config(**{"fed.student_init": "teacher", "model.teacher": "resnet18"})
+
+
+def test_the_student_of_the_best_val_round_is_selected_and_only_it_is_tested(single_thread, tmp_path):
+    """Model selection on the validation split: the round with the best pooled val AUC (ties to
+    the later) is the one whose global student is scored on test, once, and checkpointed."""
+    cfg = tiny_config(**{"fed.student_rounds": 3, "pagkd.use_pro": False, "pagkd.use_den": False})
+    grid = make_grid(cfg)
+    summary = run_federation(grid, cfg, tmp_path / "run")
+    vals = [e for e in summary["evaluation"] if e["model"] == "student" and e["split"] == "val"]
+    assert [e["round"] for e in vals] == [1, 2, 3]
+    aucs = [e["pooled"]["auc"] for e in vals]
+    best = max(r for r, auc in zip((1, 2, 3), aucs) if auc == max(aucs))
+    assert summary["selection"]["student"]["round"] == best == summary["final"]["selected_round"]
+    # The global student of round r is what round r + 1's request carried (round 3's: the val evaluate).
+    sent = parsed(grid.sent)
+    globals_of = {p.config["round"] - 1: p.weights["student"] for p in sent if p.kind == "student.train" and p.config["round"] > 1}
+    globals_of[3] = next(p.weights["net"] for p in sent if p.kind == "evaluate" and p.config["split"] == "val" and p.config["model"] == "student")
+    tested = [p for p in sent if p.kind == "evaluate" and p.config["split"] == "test" and p.config["model"] == "student"]
+    assert len(tested) == cfg.data.wli_sites  # one test evaluation, each WLI site asked once
+    for name, array in globals_of[best].items():
+        for payload in tested:
+            np.testing.assert_array_equal(payload.weights["net"][name], array, err_msg=name)
+    net, _ = load_checkpoint(tmp_path / "run" / STUDENT_CHECKPOINT)
+    for name, tensor in net.state_dict().items():
+        np.testing.assert_allclose(tensor.numpy().reshape(-1), globals_of[best][name].reshape(-1), rtol=1e-6, err_msg=name)
+    # Training requests cover the schedule in consecutive spans; only val is read before the end.
+    spans = [(p.config["schedule-start"], p.config["schedule-end"]) for p in sent if p.kind == "student.train"][::2]
+    assert spans == [(0.0, 1 / 3), (1 / 3, 2 / 3), (2 / 3, 1.0)]
+    assert all(p.config["evaluate"] in ("", "val") for p in sent if p.kind in ("student.train", "teacher.train"))
