@@ -20,9 +20,9 @@ import logging
 import operator
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 import torch
@@ -40,7 +40,7 @@ from common.privacy import MECHANISMS_PER_RELEASE
 from common.records import (
     CLASS_PROTOTYPES, PROTOCOL_VERSION, Dims, Payload, PayloadError, empty_statistics, make, reply_kind, validate, weight_shapes,
 )
-from server import aggregation
+from server import aggregation, trust
 from common.files import atomic_write_json
 from server.state import StateError, load_state, save_state
 
@@ -60,6 +60,10 @@ class SiteInfo:
     train_counts: list[int]
     test_counts: list[int]
     version: str
+
+    def declared(self) -> dict[str, list[int]]:
+        """[C] class counts per split (``train``, ``test``...), as declared at discovery."""
+        return {f.name.removesuffix("_counts"): getattr(self, f.name) for f in fields(self) if f.name.endswith("_counts")}
 
 
 @dataclass
@@ -153,6 +157,10 @@ class Channel:
                 log.warning("[%s] ignored a reply from '%s' that answers no request of this round", phase, self.name(sender))
                 continue
             site = self.name(node_id)
+            if node_id in ok or node_id in dropped:  # one request, one answer: a second one is not this site's word
+                ok.pop(node_id, None)
+                dropped[node_id] = "sent more than one reply to one request"
+                continue
             if not reply.has_error() and (seconds := compute_seconds(reply.content)) is not None:
                 timing["compute_s"][site] = seconds
             if reply.has_error():
@@ -207,7 +215,8 @@ class Protocol:
         self.class_prototypes = empty_statistics(CLASS_PROTOTYPES, self.dims)
         self.centroids: dict[str, np.ndarray] = {}
         self.progress = Progress()
-        self.metrics: dict[str, Any] = {"teacher": [], "knowledge": [], "student": [], "evaluation": []}
+        # site_status: {site: {phase: "took part" | "dropped in <step>: <reason>"}}, every discovered site.
+        self.metrics: dict[str, Any] = {"teacher": [], "knowledge": [], "student": [], "evaluation": [], "site_status": {}}
         self.sites: dict[int, SiteInfo] = {}
 
     # ------------------------------------------------------------------ persistence
@@ -251,6 +260,34 @@ class Protocol:
 
     # ------------------------------------------------------------------ helpers
 
+    def _exchange(
+        self, phase: str, step: str, requests: dict[int, Payload], reference: dict[str, dict] | None = None
+    ) -> tuple[dict[int, Payload], dict[int, str]]:
+        """:meth:`Channel.exchange`, then the :mod:`server.trust` screens: a reply whose numbers
+        contradict its site's discovery metadata is dropped with the reason. Each site's part
+        in ``phase`` is recorded (``step`` names the round in a drop's reason)."""
+        replies, dropped = self.channel.exchange(phase, requests, reference)
+        for node_id in sorted(replies):
+            try:
+                trust.screen_reply(requests[node_id], replies[node_id], self.sites[node_id].declared(), self.channel.name(node_id))
+            except trust.TrustError as err:
+                dropped[node_id] = str(err)
+                del replies[node_id]
+                log.warning("[%s] dropped site '%s': %s", phase, self.channel.name(node_id), err)
+        self._mark(phase, step, replies, dropped)
+        return replies, dropped
+
+    def _mark(self, phase: str, step: str, took_part: Iterable[int], dropped: dict[int, str]) -> None:
+        """Record each site's part in ``phase``: the first drop stays (a later round taken
+        part in does not erase it: that is what a degraded run must show)."""
+        status = self.metrics.setdefault("site_status", {})
+        for node_id in took_part:
+            status.setdefault(self.channel.name(node_id), {}).setdefault(phase, "took part")
+        for node_id, reason in dropped.items():
+            entry = status.setdefault(self.channel.name(node_id), {})
+            if not entry.get(phase, "").startswith("dropped"):
+                entry[phase] = f"dropped in {step}: {reason}"
+
     def _seed(self, phase: int, round_: int) -> int:
         return self.cfg.train.seed * 100_000 + phase * 10_000 + round_
 
@@ -284,6 +321,7 @@ class Protocol:
         reasons = {n: f"update norm is over {self.cfg.fed.max_norm_ratio:.0f}x the median" for n in outliers}
         for node_id, reason in reasons.items():
             log.warning("[%s] dropped site '%s': %s", phase, self.channel.name(node_id), reason)
+        self._mark(phase, f"{phase} aggregation", (), reasons)
         used = sorted((n for n in replies if n not in outliers), key=self.channel.name)  # order-independent sums
         self._require(phase, modality, sum(self.sites[n].modality == modality for n in used), reasons)
         weights = [float(replies[n].config["num-examples"]) for n in used]
@@ -323,6 +361,8 @@ class Protocol:
                 continue
             self.sites[node_id] = info
             self.channel.names[node_id] = info.name
+        self._refuse_duplicate_names(dropped)
+        self._mark("discover", "discovery", self.sites, dropped)
         names = [f"{s.name} ({s.modality}, {sum(s.train_counts)} train)" for s in self.sites.values()]
         log.info("discovered %d site(s): %s", len(self.sites), ", ".join(names))
         missing = []
@@ -339,12 +379,28 @@ class Protocol:
                 + (f" Refused: {reasons}" if reasons else "")
             )
 
+    def _refuse_duplicate_names(self, dropped: dict[int, str]) -> None:
+        """Sites sharing a name are all dropped: their metrics, egress and DP releases would
+        merge under one name, and none of them can be told apart from the others."""
+        by_name: dict[str, list[int]] = {}
+        for node_id, info in self.sites.items():
+            by_name.setdefault(info.name, []).append(node_id)
+        for name, nodes in by_name.items():
+            if len(nodes) < 2:
+                continue
+            for node_id in nodes:
+                dropped[node_id] = (f"{len(nodes)} SuperNodes (node ids {sorted(nodes)}) call themselves '{name}'; "
+                                    "give each site a unique site-name (node config or sites.toml)")
+                log.warning("[discover] dropped site '%s' (node %d): %s", name, node_id, dropped[node_id])
+                del self.sites[node_id]
+                self.channel.names[node_id] = f"{name} (node {node_id})"
+
     def teacher_round(self, round_: int) -> None:
         nodes = self._sample("nbi", self._seed(1, round_))
         config = {"round": round_, "seed": self._seed(1, round_), "local-epochs": self.cfg.train.local_epochs}
         request = make("teacher.train", self.dims, config=config, weights={"teacher": self.teacher, "head": self.head})
         reference = {"teacher": weight_shapes(self.teacher), "head": weight_shapes(self.head)}
-        replies, dropped = self.channel.exchange("teacher", {n: request for n in nodes}, reference)
+        replies, dropped = self._exchange("teacher", f"teacher round {round_}", {n: request for n in nodes}, reference)
         self._require(f"teacher round {round_}", "nbi", len(replies), dropped)
         used = self._fedavg("teacher", "nbi", replies, {"teacher": self.teacher, "head": self.head})
         loss = float(np.mean([replies[n].config["loss"] for n in used]))
@@ -361,7 +417,7 @@ class Protocol:
         config = {"round": refresh, "seed": seed, "evaluate": evaluate_teacher}
         request = make("knowledge.seed", self.dims, config=config, weights={"teacher": self.teacher, "head": self.head})
         self._account_releases(nodes)
-        replies, dropped = self.channel.exchange("knowledge", {n: request for n in nodes})
+        replies, dropped = self._exchange("knowledge", f"knowledge refresh {refresh} (seeds)", {n: request for n in nodes})
         self._require(f"knowledge refresh {refresh} (seeds)", "nbi", len(replies), dropped)
         if evaluate_teacher:
             self._record_evaluation("teacher", self.cfg.fed.teacher_rounds, replies, "eval-examples")
@@ -377,6 +433,14 @@ class Protocol:
                 self.centroids = aggregation.lloyd_centroids(self.bank, self.centroids, self.dims)
         groups = int(sum(r.config["groups"] for r in replies.values()))
         images = self.bank["image_count"].tolist()
+        if groups == 0:  # distilling from an empty bank would silently turn PaGKD off
+            p, t = self.cfg.pagkd, self.cfg.train
+            raise FederationError(
+                f"knowledge refresh {refresh}: the bank holds no group (NBI sites {[self.channel.name(n) for n in nodes]} "
+                f"formed none of >= pagkd.min_group_size = {p.min_group_size} images). A class-balanced batch of "
+                f"train.batch_size = {t.batch_size} holds ~{t.batch_size // self.cfg.data.num_classes} images per class: "
+                "lower pagkd.min_group_size / pagkd.group_size or raise train.batch_size"
+            )
         self.metrics["knowledge"].append(
             {"refresh": refresh, "groups": groups, "images_per_class": images, "sites": [self.channel.name(n) for n in nodes],
              "bank_bytes": int(sum(a.nbytes for a in self.bank.values()))}
@@ -396,7 +460,7 @@ class Protocol:
             config = {"round": refresh, "seed": seed, "iteration": iteration, "peers": peers, "attempt": attempt}
             request = make("knowledge.stats", self.dims, arrays=self.centroids, config=config)
             self._account_releases(nodes)
-            replies, dropped = self.channel.exchange("knowledge", {n: request for n in nodes})
+            replies, dropped = self._exchange("knowledge", step, {n: request for n in nodes})
             self._require(step, "nbi", len(replies), dropped)
             in_order = [replies[n].arrays for n in sorted(replies, key=self.channel.name)]
             if not keys:
@@ -422,6 +486,7 @@ class Protocol:
             except secagg.SecAggError as err:
                 log.warning("[knowledge] dropped site '%s': %s (privacy.secure_aggregation must be on there too)",
                             self.channel.name(node_id), err)
+                self._mark("knowledge", "secure aggregation set-up", (), {node_id: f"{err} (privacy.secure_aggregation must be on there too)"})
         if len(keys) < max(2, self.cfg.fed.min_nbi_sites):
             raise FederationError(f"secure aggregation needs >= {max(2, self.cfg.fed.min_nbi_sites)} NBI sites with a key; "
                                   f"{len(keys)} sent one (a lone site's sum would be its own statistics)")
@@ -482,7 +547,7 @@ class Protocol:
                                config={**config, "evaluate": config["evaluate"] and m == "wli"}) for m in ("wli", "nbi")}
         requests = {n: by_modality[self.sites[n].modality] for n in nodes}
         reference = {"student": weight_shapes(self.student), "head": weight_shapes(self.head)}
-        replies, dropped = self.channel.exchange("student", requests, reference)
+        replies, dropped = self._exchange("student", f"student round {round_}", requests, reference)
         wli_replies = {n: r for n, r in replies.items() if self.sites[n].modality == "wli"}
         self._require(f"student round {round_}", "wli", len(wli_replies), dropped)
         if round_ > 1:
@@ -501,7 +566,8 @@ class Protocol:
         weights = self.student if model == "student" else self.teacher
         nodes = sorted(self._sites_of(modality))
         request = make("evaluate", self.dims, config={"model": model, "split": "test"}, weights={"net": weights})
-        replies, dropped = self.channel.exchange("evaluate", {n: request for n in nodes}, {"net": weight_shapes(weights)})
+        replies, dropped = self._exchange("evaluate", f"evaluation of the {model} (round {round_})", {n: request for n in nodes},
+                                          {"net": weight_shapes(weights)})
         self._require(f"evaluation of the {model} (round {round_})", modality, len(replies), dropped)
         return self._record_evaluation(model, round_, replies, "num-examples")
 
@@ -566,6 +632,27 @@ class Protocol:
         self.metrics["wall_time_s"] = self.metrics.get("wall_time_s", 0.0) + time.time() - started
         return self.finish()
 
+    def final_figures(self) -> dict[str, Any]:
+        """``final``: the last evaluation of the student (None when no student round ran: a
+        teacher's figure is never reported as the student's), with the rounds behind it;
+        ``final_teacher``: the NBI teacher's last evaluation."""
+        last = {e["model"]: e for e in self.metrics["evaluation"]}
+        student = last.get("student")
+        return {"final": student["pooled"] if student else None,
+                "final_student_round": student["round"] if student else 0,
+                "student_rounds": self.progress.student_rounds,
+                "final_teacher": last["teacher"]["pooled"] if "teacher" in last else None}
+
+    def outcome(self) -> dict[str, Any]:
+        """``status``: completed (every discovered site took part in every phase it was asked
+        to) or degraded; ``accepted``: the share of sites never dropped reaches
+        ``fed.min_site_share`` (the launcher exits non-zero when it does not)."""
+        status = self.metrics.get("site_status", {})
+        lost = sorted(name for name, phases in status.items() if any(v.startswith("dropped") for v in phases.values()))
+        share = 1.0 - len(lost) / len(status) if status else 0.0
+        return {"status": "degraded" if lost else "completed", "sites_lost": lost, "site_share": share,
+                "min_site_share": self.cfg.fed.min_site_share, "accepted": share >= self.cfg.fed.min_site_share}
+
     def finish(self) -> dict[str, Any]:
         """Final outputs: metrics.json, egress.json, config.json, the student checkpoint, plots."""
         from server.outputs import write_plots  # matplotlib only at the end
@@ -580,7 +667,8 @@ class Protocol:
             "bank_bytes": bank_bytes,
             "bank_share_of_student_upload": bank_bytes / student_bytes,
             "sites": [s.__dict__ for s in self.sites.values()],
-            "final": self.metrics["evaluation"][-1]["pooled"] if self.metrics["evaluation"] else None,
+            **self.final_figures(),
+            **self.outcome(),
             "privacy": self.privacy_spent(),
         }
         atomic_write_json(self.run_dir / "metrics.json", summary)
@@ -588,6 +676,9 @@ class Protocol:
         atomic_write_json(self.run_dir / "config.json", config_to_dict(self.cfg))
         save_checkpoint(self.run_dir / STUDENT_CHECKPOINT, self.student, self.cfg, default_class_names(self.cfg.data.num_classes))
         write_plots(self.run_dir, summary)
+        if summary["status"] == "degraded":
+            log.warning("run DEGRADED (%.0f %% of the sites took part throughout, fed.min_site_share = %.0f %%): lost %s",
+                        100 * summary["site_share"], 100 * summary["min_site_share"], ", ".join(summary["sites_lost"]))
         log.info("run finished: %s", self.run_dir)
         return summary
 
