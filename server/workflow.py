@@ -42,7 +42,7 @@ from common.records import (
 )
 from server import aggregation, trust
 from common.files import atomic_write_json
-from server.state import StateError, load_state, save_state
+from server.state import RunLock, StateError, check_run_folder, load_state, read_json, save_state, seal, state_key, unseal
 
 log = logging.getLogger("fedpagkd.server")
 LEDGER = "ledger.json"  # the run's traffic and releases, written after every exchange
@@ -81,21 +81,30 @@ class Ledger:
     timing: list[dict[str, Any]] = field(default_factory=list)
     releases: dict[str, int] = field(default_factory=dict)
     path: Path | None = None
+    seq: int = 0  # writes so far: the state records it, so an older copy of the ledger is refused
 
     def write(self) -> None:
+        """Write the whole ledger, sealed with the run's key (:func:`server.state.seal`)."""
         if self.path is not None:
-            atomic_write_json(self.path, {"bytes": self.bytes, "egress": self.egress, "timing": self.timing, "releases": self.releases})
+            self.seq += 1
+            body = {"bytes": self.bytes, "egress": self.egress, "timing": self.timing, "releases": self.releases, "seq": self.seq}
+            atomic_write_json(self.path, seal(body, state_key(self.path.parent)))
 
-    def load(self) -> bool:
-        """Restore from ``path``; False when there is none (a run folder of an older release)."""
-        if self.path is None or not self.path.is_file():
-            return False
-        try:
-            saved = json.loads(self.path.read_text())
-        except json.JSONDecodeError as err:
-            raise StateError(f"{self.path} is not valid JSON ({err}); delete the run folder to start over") from err
+    def load(self, saved_seq: int, saved_releases: dict[str, int]) -> None:
+        """Restore from ``path``, which must be this run's (keyed digest), at least as recent as
+        the state (``saved_seq`` writes) and count at least the state's releases per site."""
+        assert self.path is not None
+        if not self.path.is_file():
+            raise StateError(f"{self.path} (the run's traffic, egress audit and DP releases) is missing; restore it from a "
+                             "backup or start a new run with another fed.run_name: a run without it would undercount epsilon")
+        saved = unseal(read_json(self.path), state_key(self.path.parent), self.path)
+        short = {site: n for site, n in saved_releases.items() if saved["releases"].get(site, 0) < n}
+        if saved["seq"] < saved_seq or short:
+            raise StateError(f"{self.path} is older than the run's state (write {saved['seq']} < {saved_seq}"
+                             + (f"; fewer DP releases for {sorted(short)}" if short else "")
+                             + "): restore the latest ledger from a backup or use another fed.run_name")
         self.bytes, self.egress, self.timing, self.releases = saved["bytes"], saved["egress"], saved["timing"], saved["releases"]
-        return True
+        self.seq = saved["seq"]
 
     def add(self, phase: str, direction: str, site: str, payload: Payload) -> None:
         size = payload.num_bytes()
@@ -222,6 +231,7 @@ class Protocol:
     # ------------------------------------------------------------------ persistence
 
     def save(self) -> None:
+        self.ledger.write()  # the state records the ledger write it goes with
         blocks = {"teacher": self.teacher, "student": self.student, "head": self.head, "bank": self.bank,
                   "prototypes": self.class_prototypes}
         if self.centroids:
@@ -234,6 +244,8 @@ class Protocol:
             "config": config_to_flat(self.cfg),
             "sites": [s.__dict__ for s in self.sites.values()],
             "egress": self.ledger.egress,
+            "releases": self.ledger.releases,
+            "ledger_seq": self.ledger.seq,
         }
         save_state(self.run_dir, blocks, meta)
 
@@ -242,7 +254,7 @@ class Protocol:
         if loaded is None:
             return False
         blocks, meta = loaded
-        ignore = {"fed.teacher_rounds", "fed.student_rounds", "fed.round_timeout", "fed.run_dir", "fed.run_name"}
+        ignore = {"fed.teacher_rounds", "fed.student_rounds", "fed.round_timeout", "fed.run_dir", "fed.run_name", "fed.min_site_share"}
         mine = {k: v for k, v in config_to_flat(self.cfg).items() if k not in ignore}
         theirs = {k: v for k, v in meta["config"].items() if k not in ignore}
         if mine != theirs:
@@ -253,8 +265,7 @@ class Protocol:
         self.class_prototypes = blocks.get("prototypes", self.class_prototypes)
         self.progress = Progress(**meta["progress"])
         self.metrics = meta["metrics"]
-        if not self.ledger.load():
-            self.ledger.bytes, self.ledger.egress, self.ledger.timing = meta["bytes"], meta.get("egress", []), meta.get("timing", [])
+        self.ledger.load(meta["ledger_seq"], meta["releases"])
         log.info("resuming %s at %s", self.run_dir, self.progress)
         return True
 
@@ -596,8 +607,16 @@ class Protocol:
     # ------------------------------------------------------------------ the run
 
     def run(self) -> dict[str, Any]:
+        """The whole run, holding the run folder's lock (a second run with the same
+        ``fed.run_name`` is refused while this one is alive)."""
+        with RunLock(self.run_dir):
+            return self._run()
+
+    def _run(self) -> dict[str, Any]:
         started = time.time()
-        self.resume()
+        if not self.resume():
+            check_run_folder(self.run_dir)
+            self.save()  # the state exists before any exchange: a ledger is never left without one
         self.discover()
         self.save()
         fed = self.cfg.fed
