@@ -30,7 +30,11 @@ def run_folder(run_dir: str, run_name: str) -> Path:
     """``fed.run_dir`` / ``fed.run_name`` (a timestamp when empty). A relative run_dir is
     taken from the ServerApp's working directory; give an absolute one to be sure where."""
     name = run_name or time.strftime("%Y%m%d-%H%M%S")
-    return Path(run_dir).expanduser().resolve() / name
+    root = Path(run_dir).expanduser().resolve()
+    folder = (root / name).resolve()
+    if folder.parent != root:  # the config refuses such names; this keeps any other caller inside too
+        raise ValueError(f"fed.run_name {run_name!r} would put the run folder outside fed.run_dir {root}; use one plain folder name")
+    return folder
 
 
 @app.main()
