@@ -35,7 +35,7 @@ from typing import Any, Mapping
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
-from common.files import atomic_write, atomic_write_json
+from common.files import atomic_write, atomic_write_json, json_default
 
 TENSORS, META = "state.safetensors", "state.json"
 LOCK = ".lock"
@@ -79,13 +79,7 @@ def state_key(run_dir: Path) -> bytes:
 
 
 def _canonical(obj: Mapping[str, Any]) -> bytes:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=_plain).encode()
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, np.generic):
-        return value.item()
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=json_default).encode()
 
 
 def seal(obj: Mapping[str, Any], key: bytes) -> dict[str, Any]:
