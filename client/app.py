@@ -205,7 +205,9 @@ def teacher_round(request: Payload, site: SiteData, cfg: Config, dims: Dims, con
         "teacher.update",
         dims,
         arrays=scores,
-        config={"num-examples": result.num_examples, "loss": result.losses.get("total", 0.0), **scored},
+        # The FedAvg weight is the images the update comes from (what the server can check
+        # against this site's declared train count), not the batches drawn from them.
+        config={"num-examples": len(site.train), "loss": result.losses.get("total", 0.0), **scored},
         weights={"teacher": state_to_numpy(teacher), "head": state_to_numpy(head)},
     )
 
@@ -331,7 +333,7 @@ def student_round(request: Payload, site: SiteData, cfg: Config, dims: Dims, con
         arrays={**scores, **prototypes},
         config={
             **scored,
-            "num-examples": result.num_examples,
+            "num-examples": len(site.train),  # the images the update comes from (see teacher_round)
             "loss": losses.get("total", 0.0),
             "ce": losses.get("ce", 0.0),
             "den": losses.get("den", 0.0),

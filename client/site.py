@@ -136,10 +136,21 @@ def read_sites_file(root: str | Path) -> list[dict[str, str]]:
         entries = tomllib.loads(path.read_text()).get("site", [])
     except tomllib.TOMLDecodeError as err:
         raise DataError(f"{path}: not valid TOML ({err})") from err
-    for number, entry in enumerate(entries):
+    names: dict[str, int] = {}
+    folders: dict[Path, int] = {}
+    for number, entry in enumerate(entries, start=1):
         missing = {"name", "modality", "path"} - set(entry)
         if missing:
-            raise DataError(f"{path}: [[site]] number {number + 1} lacks {sorted(missing)}")
+            raise DataError(f"{path}: [[site]] number {number} lacks {sorted(missing)}")
+        # One name per site (metrics, egress and DP releases are kept per name) and one site
+        # per folder (two entries for one folder would count the same images twice).
+        name, folder = str(entry["name"]), (Path(root) / str(entry["path"])).resolve()
+        if name in names:
+            raise DataError(f"{path}: [[site]] number {number} reuses the name '{name}' of number {names[name]}; give each site a unique name")
+        if folder in folders:
+            raise DataError(f"{path}: [[site]] number {number} ('{name}') has the same folder {folder} as number "
+                            f"{folders[folder]}; one site per folder (merge the entries or point each at its own data)")
+        names[name], folders[folder] = number, number
     return entries
 
 

@@ -139,7 +139,10 @@ class FederationConfig:
     # sites' means) to clip_ratio x the median update norm; 0 = off.
     clip_ratio: float = 0.0
     run_dir: str = "runs"  # where run folders are written (relative to the app directory)
-    run_name: str = ""  # empty: a timestamp
+    run_name: str = ""  # empty: a timestamp; one folder name inside run_dir (no '/', no '..')
+    # A run that lost a discovered site (dropped in any phase) is reported "degraded"; it is
+    # accepted (launcher exit 0) only while the share of sites never dropped is >= this.
+    min_site_share: float = 1.0
 
 
 @dataclass
@@ -171,8 +174,12 @@ class Config:
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
 
     def validate(self) -> "Config":
-        """Check ranges; raise :class:`ConfigError` naming the first bad key."""
-        checks: list[tuple[str, bool, str]] = [
+        """Check ranges; raise :class:`ConfigError` naming the first bad key.
+
+        Every size, count and iteration has an upper bound too (:data:`LIMITS`): a value
+        that would exhaust memory or run for days is refused here, before any process starts."""
+        bounded = [(key, _lookup(self, key) <= limit, f"<= {limit:,} ({why})") for key, (limit, why) in LIMITS.items()]
+        checks: list[tuple[str, bool, str]] = bounded + [
             ("data.num_classes", self.data.num_classes >= 2, ">= 2"),
             ("data.image_size", self.data.image_size >= 32, ">= 32"),
             ("data.nbi_sites", self.data.nbi_sites >= 0, ">= 0"),
@@ -180,6 +187,8 @@ class Config:
             ("data.train_per_site", self.data.train_per_site >= self.data.num_classes, ">= data.num_classes"),
             ("data.val_per_site", self.data.val_per_site >= 0, ">= 0"),
             ("data.test_per_site", self.data.test_per_site >= 0, ">= 0"),
+            ("data.num_workers", self.data.num_workers >= 0, ">= 0 (0 = load in the training process)"),
+            ("data.root", "\0" not in self.data.root, "a path without NUL characters"),
             ("data.size_tail", self.data.size_tail >= 0, ">= 0"),
             ("data.class_alpha", self.data.class_alpha >= 0, ">= 0"),
             ("data.render_shift", 0 <= self.data.render_shift <= 1, "in [0, 1]"),
@@ -203,6 +212,10 @@ class Config:
             ("train.lr", self.train.lr > 0, "> 0"),
             ("train.weight_decay", self.train.weight_decay >= 0, ">= 0"),
             ("train.batch_size", self.train.batch_size >= self.data.num_classes, ">= data.num_classes"),
+            ("pagkd.min_group_size", not (self.pagkd.use_pro or self.pagkd.use_den)
+             or self.pagkd.min_group_size <= self.train.batch_size // self.data.num_classes,
+             "<= train.batch_size // data.num_classes (a class's share of a class-balanced batch; larger groups "
+             "never form and the group losses would be off): lower it or raise train.batch_size"),
             ("train.epochs", self.train.epochs >= 0, ">= 0"),
             ("train.local_epochs", self.train.local_epochs >= 1, ">= 1"),
             ("train.rotation_deg", 0 <= self.train.rotation_deg <= 180, "in [0, 180]"),
@@ -219,6 +232,10 @@ class Config:
             ("fed.min_wli_sites", self.fed.min_wli_sites >= 1, ">= 1"),
             ("fed.fraction_train", 0 < self.fed.fraction_train <= 1, "in (0, 1]"),
             ("fed.round_timeout", self.fed.round_timeout > 0, "> 0"),
+            ("fed.min_site_share", 0 <= self.fed.min_site_share <= 1, "in [0, 1] (1 = every discovered site must take part throughout)"),
+            ("fed.run_name", run_name_ok(self.fed.run_name),
+             "one folder name inside fed.run_dir: letters, digits, '.', '_', '-', not starting with '.' (no '/', no '..')"),
+            ("fed.run_dir", bool(self.fed.run_dir) and "\0" not in self.fed.run_dir, "a non-empty path"),
             ("fed.student_init", self.fed.student_init in ("scratch", "teacher"), "'scratch' or 'teacher'"),
             ("fed.student_init", self.fed.student_init != "teacher" or self.model.student == self.model.teacher,
              "'teacher' only when model.student == model.teacher"),
@@ -240,8 +257,7 @@ class Config:
         ]
         for key, ok, allowed in checks:
             if not ok:
-                section, name = key.split(".")
-                value = getattr(getattr(self, section), name)
+                value = _lookup(self, key)
                 raise ConfigError(f"config key '{key}' = {value!r} is out of range: expected {allowed}")
         return self
 
@@ -264,6 +280,62 @@ def parse_class_names(text: str, key: str = "data.class_names") -> tuple[str, ..
     if bad:
         raise ConfigError(f"config key '{key}' = {text!r}: {bad} cannot be class folder names (no '/', '\\' or leading '.')")
     return names
+
+
+# Upper bounds: {key: (limit, why)}. Generous for real use, far below what would exhaust a
+# machine (a histogram of 1e9 bins, a codebook of 1e7 centroids, 1e6 Lloyd steps).
+LIMITS: dict[str, tuple[float, str]] = {
+    "data.num_classes": (1000, "classes"),
+    "data.image_size": (4096, "pixels per side"),
+    "data.nbi_sites": (10_000, "sites"),
+    "data.wli_sites": (10_000, "sites"),
+    "data.train_per_site": (10_000_000, "images"),
+    "data.val_per_site": (10_000_000, "images"),
+    "data.test_per_site": (10_000_000, "images"),
+    "data.size_tail": (100, "Pareto shape"),
+    "data.class_alpha": (1e6, "Dirichlet concentration"),
+    "data.num_workers": (64, "loader processes"),
+    "model.embed_dim": (8192, "channels"),
+    "model.num_queries": (1024, "queries"),
+    "model.num_heads": (256, "heads"),
+    "pagkd.den_weight": (1e6, "loss weight"),
+    "pagkd.pro_weight": (1e6, "loss weight"),
+    "pagkd.temperature": (1e6, "softmax temperature"),
+    "pagkd.warmup_epochs": (100_000, "epochs"),
+    "pagkd.group_size": (100_000, "images per group"),
+    "pagkd.subtypes": (256, "prototype sets per class"),
+    "pagkd.codebook_size": (4096, "centroids per class and label"),
+    "pagkd.kmeans_iters": (100, "federated Lloyd steps per refresh, each a round trip"),
+    "train.lr": (10, "learning rate"),
+    "train.weight_decay": (10, "weight decay"),
+    "train.batch_size": (65_536, "images per batch"),
+    "train.epochs": (100_000, "epochs"),
+    "train.teacher_epochs": (100_000, "epochs"),
+    "train.local_epochs": (10_000, "epochs per round"),
+    "fed.teacher_rounds": (100_000, "rounds"),
+    "fed.student_rounds": (100_000, "rounds"),
+    "fed.bank_refresh_every": (100_000, "rounds"),
+    "fed.min_nbi_sites": (10_000, "sites"),
+    "fed.min_wli_sites": (10_000, "sites"),
+    "fed.round_timeout": (7 * 86_400, "seconds: one week"),
+    "fed.num_bins": (100_000, "histogram bins"),
+    "fed.max_norm_ratio": (1e12, "multiple of the median norm"),
+    "fed.proto_weight": (1e6, "loss weight"),
+    "fed.clip_ratio": (1e12, "multiple of the median norm"),
+    "privacy.noise_multiplier": (1e6, "sigma"),
+    "privacy.clip": (1e12, "L2 bound"),
+}
+
+
+def _lookup(cfg: "Config", key: str) -> Any:
+    section, name = key.split(".")
+    return getattr(getattr(cfg, section), name)
+
+
+def run_name_ok(name: str) -> bool:
+    """A run name is one plain folder name (empty: a timestamp), so a run folder can never
+    land outside ``fed.run_dir`` ('../x', '/abs', 'a/b' are refused)."""
+    return name == "" or (name[0] != "." and len(name) <= 200 and all(ch.isalnum() or ch in "._-" for ch in name))
 
 
 def _field_types(cls: type) -> dict[str, Any]:

@@ -633,15 +633,63 @@ def write_image_folder(
 
 
 def load_image(path: Path) -> Image.Image:
-    """Decode fully to RGB, or raise DataError naming the file."""
+    """Decode fully to 8-bit RGB (:func:`to_rgb`), or raise DataError naming the file."""
     try:
         with Image.open(path) as im:
-            return im.convert("RGB")  # convert() forces the full decode: truncation shows here
+            im.load()  # the full decode: truncation shows here
+            return to_rgb(im, path)
     except (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+        if isinstance(err, DataError):
+            raise
         raise DataError(
             f"cannot read image {path}: {err}; replace or delete this file "
             "(FolderSiteDataset.verify() lists the first bad file of a split)"
         ) from err
+
+
+# PIL modes PIL's own convert("RGB") maps right (8 bits per channel, no alpha, no palette transparency).
+_DIRECT_MODES = ("RGB", "L", "1", "CMYK", "YCbCr", "LAB", "HSV", "P", "RGBX")
+_ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+# Integer modes wider than 8 bits: scaled from their full 16-bit range (convert() would clip at 255).
+_WIDE_INT_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")
+
+
+def to_rgb(image: Image.Image, path: str | Path = "image") -> Image.Image:
+    """An image of any PIL mode a medical export produces, as 8-bit RGB with the right values.
+
+    * 8-bit modes (RGB, L, 1, CMYK, YCbCr, P...): PIL's conversion (1 -> 0/255, CMYK -> RGB).
+    * Alpha (RGBA, LA, a palette with a transparent entry): composited over black, the
+      background of an endoscopy frame; ``convert("RGB")`` would show whatever colour the
+      transparent pixels happen to hold.
+    * 16-bit and 32-bit integer grayscale (I;16*, I): value v -> round(v * 255 / 65535) (the
+      16-bit range; ``convert`` clips everything above 255 to white). Values outside
+      0..65535 are refused: their range is not known.
+    * Float grayscale (F): values in [0, 1] -> round(255 v); any other range is refused.
+    Anything else raises :class:`DataError` naming the file and the mode.
+    """
+    mode = image.mode
+    if mode == "P" and "transparency" in image.info:
+        mode, image = "RGBA", image.convert("RGBA")
+    if mode in _ALPHA_MODES:
+        rgba = image.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (0, 0, 0, 255)), rgba).convert("RGB")
+    if mode in _DIRECT_MODES:
+        return image.convert("RGB")
+    if mode in _WIDE_INT_MODES or mode == "F":
+        values = np.asarray(image, dtype=np.float64)
+        if mode == "F":
+            low, high, scale = 0.0, 1.0, 255.0
+        else:
+            low, high, scale = 0.0, 65535.0, 255.0 / 65535.0
+        if values.size and not (np.isfinite(values).all() and values.min() >= low and values.max() <= high):
+            lo, hi = float(np.nanmin(values)), float(np.nanmax(values))
+            raise DataError(
+                f"image {path}: mode {mode} with values in [{lo:g}, {hi:g}], outside the [{low:g}, {high:g}] this loader "
+                "maps to 8 bits; export it as an 8- or 16-bit PNG (or a float image scaled to [0, 1])"
+            )
+        gray = Image.fromarray(np.rint(values * scale).astype(np.uint8), mode="L")
+        return gray.convert("RGB")
+    raise DataError(f"image {path}: PIL mode {mode!r} is not supported; export it as an 8-bit RGB or grayscale PNG/JPEG")
 
 
 def _is_image(path: Path) -> bool:
@@ -778,48 +826,68 @@ class FolderSiteDataset(torch.utils.data.Dataset):
         return paths, labels
 
     def _scan_manifest(self, manifest: Path) -> tuple[list[Path], list[int]]:
+        """Rows of this split from a manifest as spreadsheet tools save it: a UTF-8 BOM, CRLF
+        line ends, ``,`` ``;`` or tab as the delimiter, quoted cells, blank cells and rows
+        around the data are all read as meant. An image listed twice (in one split or in two:
+        a training image must never be evaluated) is refused with both lines."""
         index = {name: i for i, name in enumerate(self.class_names)}
         paths: list[Path] = []
         labels: list[int] = []
         counts = [0] * len(self.class_names)
+        seen: dict[Path, tuple[int, str]] = {}  # every row's image, any split: (line, split)
         try:
-            with manifest.open(newline="") as fh:
-                reader = csv.DictReader(fh)
-                header = [h.strip() for h in (reader.fieldnames or [])]
-                missing = [c for c in MANIFEST_COLUMNS if c not in header]
-                if missing:
-                    raise DataError(
-                        f"{manifest} line 1: missing column(s) {missing}; found {header}. "
-                        f"The header must be {','.join(MANIFEST_COLUMNS)}"
-                    )
-                reader.fieldnames = header
-                for line_no, row in enumerate(reader, start=2):
-                    where = f"{manifest} line {line_no}"
-                    split = (row.get("split") or "").strip()
-                    if split not in SPLITS:
-                        raise DataError(f"{where}: split {split!r} is not one of {list(SPLITS)}; fix the split column")
-                    label_text = (row.get("label") or "").strip()
-                    if label_text in index:
-                        label = index[label_text]
-                    elif label_text.isdigit() and int(label_text) < len(self.class_names):
-                        label = int(label_text)
-                    else:
-                        raise self._class_error(label_text, where)
-                    rel = (row.get("path") or "").strip()
-                    if not rel:
-                        raise DataError(f"{where}: empty path; give the image path relative to {self.root}")
-                    if split != self.split:
-                        continue
-                    path = self.root / rel
-                    if not path.is_file():
-                        raise DataError(f"{where}: image {path} does not exist; fix the path (relative to {self.root})")
-                    paths.append(path)
-                    labels.append(label)
-                    counts[label] += 1
+            text = manifest.read_text(encoding="utf-8-sig")
+            first = next((line for line in text.splitlines() if line.strip()), "")
+            delimiter = max((",", ";", "\t"), key=first.count)
+            reader = csv.reader(text.splitlines(), delimiter=delimiter)
+            rows = [(n, [cell.strip() for cell in row]) for n, row in enumerate(reader, start=1)]
         except UnicodeDecodeError as err:
-            raise DataError(f"{manifest} is not a UTF-8 text CSV ({err}); re-save it as CSV") from err
+            raise DataError(f"{manifest} is not a UTF-8 text CSV ({err}); re-save it as CSV (UTF-8)") from err
         except csv.Error as err:
             raise DataError(f"{manifest} is not a valid CSV ({err}); fix the file") from err
+        rows = [(n, row) for n, row in rows if any(row)]  # blank lines and rows of empty cells
+        if not rows:
+            raise DataError(f"{manifest} is empty; the first line must be the header {','.join(MANIFEST_COLUMNS)}")
+        header_line, header = rows[0]
+        header = [h.lower() for h in header]
+        missing = [c for c in MANIFEST_COLUMNS if c not in header]
+        if missing:
+            raise DataError(
+                f"{manifest} line {header_line}: missing column(s) {missing}; found {header} (delimiter {delimiter!r}). "
+                f"The header must be {','.join(MANIFEST_COLUMNS)}"
+            )
+        column = {name: header.index(name) for name in MANIFEST_COLUMNS}
+        for line_no, row in rows[1:]:
+            where = f"{manifest} line {line_no}"
+            cell = {name: row[i] if i < len(row) else "" for name, i in column.items()}
+            split = cell["split"].lower()
+            if split not in SPLITS:
+                raise DataError(f"{where}: split {cell['split']!r} is not one of {list(SPLITS)}; fix the split column")
+            label_text = cell["label"]
+            if label_text in index:
+                label = index[label_text]
+            elif label_text.isdigit() and int(label_text) < len(self.class_names):
+                label = int(label_text)
+            else:
+                raise self._class_error(label_text, where)
+            rel = cell["path"]
+            if not rel:
+                raise DataError(f"{where}: empty path; give the image path relative to {self.root}")
+            path = self.root / rel
+            key = path.resolve()
+            if key in seen:
+                other_line, other_split = seen[key]
+                what = f"in both '{other_split}' and '{split}'" if other_split != split else f"twice in '{split}'"
+                raise DataError(f"{where}: image {path} is listed {what} (line {other_line} too); list each image once"
+                                + (": a training image must never be evaluated" if other_split != split else ""))
+            seen[key] = (line_no, split)
+            if split != self.split:
+                continue
+            if not path.is_file():
+                raise DataError(f"{where}: image {path} does not exist; fix the path (relative to {self.root})")
+            paths.append(path)
+            labels.append(label)
+            counts[label] += 1
         if not paths:
             raise DataError(f"{manifest} lists no images for split {self.split!r}; add rows with split={self.split}")
         if self.split == "train":

@@ -33,7 +33,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     return atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
 
 
-def _json_default(value: Any) -> Any:
+def json_default(value: Any) -> Any:
     if isinstance(value, np.generic):
         return value.item()
     if isinstance(value, np.ndarray):
@@ -42,4 +42,4 @@ def _json_default(value: Any) -> Any:
 
 
 def atomic_write_json(path: str | Path, obj: Any) -> Path:
-    return atomic_write_bytes(path, json.dumps(obj, indent=2, default=_json_default).encode())
+    return atomic_write_bytes(path, json.dumps(obj, indent=2, default=json_default).encode())

@@ -26,7 +26,11 @@ def run_folder(run_dir: str, run_name: str) -> Path:
     and the container set it), else from the ServerApp's working directory (the SuperLink's)."""
     name = run_name or time.strftime("%Y%m%d-%H%M%S")
     base = Path(os.environ.get(STATE_DIR_ENV) or ".")
-    return (base / Path(run_dir).expanduser()).resolve() / name
+    root = (base / Path(run_dir).expanduser()).resolve()
+    folder = (root / name).resolve()
+    if folder.parent != root:  # the config refuses such names; this keeps any other caller inside too
+        raise ValueError(f"fed.run_name {run_name!r} would put the run folder outside fed.run_dir {root}; use one plain folder name")
+    return folder
 
 
 @app.main()

@@ -4,6 +4,7 @@ with no SuperLink or Ray (as Flower tests its strategies with hand-made replies)
 from __future__ import annotations
 
 from typing import Callable, Iterable
+from uuid import uuid4
 
 from flwr.app import Context, Message, RecordDict
 from flwr.serverapp import Grid
@@ -59,6 +60,10 @@ class InProcessGrid(Grid):
         replies = []
         for message in messages:
             node_id = message.metadata.dst_node_id
+            # A message id as a SuperLink (and Flower's InMemoryGrid) gives one: replies are
+            # matched to their request by it, so a reply to another round's request is not taken.
+            if not message.metadata.message_id:
+                message.metadata.__dict__["_message_id"] = str(uuid4())
             self.sent.append(message)
             if node_id in self.faults:
                 reply = self.faults[node_id](node_id, message)

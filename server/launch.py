@@ -5,6 +5,16 @@ command on a machine-wide port. This launcher gives each call its own ``FLWR_HOM
 free port, submits the run, streams its log (progress per round), reads the final status with
 ``flwr list``, stops the SuperLink it started by PID, and raises when the run did not
 complete. CLI: ``fedpagkd simulate [--supernodes N] [key=value ...]`` (= ``python -m server.launch``).
+
+Clean stop: every process of a run (the SuperLink ``flwr run`` starts detached, its
+SuperExec, ``flwr-simulation``, Ray's daemons and actors) inherits a launch id in its
+environment (:data:`LAUNCH_ID_ENV`). SIGINT or SIGTERM to the launcher asks Flower to stop
+the run (``flwr stop``), then ends every process carrying the id, by PID (TERM, then KILL
+after a grace period); the same sweep runs after every run, so nothing of it keeps training.
+
+Degraded is not success: the launcher exits 0 only when the run completed with every
+discovered site (or with a share of them >= ``fed.min_site_share``); the final line names the
+student's rounds, and a run without student rounds reports no student figure.
 """
 
 from __future__ import annotations
@@ -18,7 +28,9 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -28,6 +40,19 @@ REPO = Path(__file__).resolve().parent.parent
 
 class SimulationError(RuntimeError):
     """The run failed or could not be submitted; the message carries Flower's reason."""
+
+
+class Stopped(SimulationError):
+    """The launcher was stopped by a signal; the run and its processes were stopped too."""
+
+    def __init__(self, signum: int, message: str):
+        super().__init__(message)
+        self.signum = signum
+
+
+# Marks every process of one launch (inherited through the environment), so a stop can end
+# exactly those, by PID, however Flower and Ray detach them.
+LAUNCH_ID_ENV = "FEDPAGKD_LAUNCH_ID"
 
 
 @dataclass
@@ -95,6 +120,61 @@ def _superlink_pids(port: int) -> list[int]:
     """PIDs of flower-superlink processes serving this port (the one this launcher started)."""
     out = subprocess.run(["pgrep", "-f", f"flower-superlink .*--port {port}( |$)"], capture_output=True, text=True)
     return [int(p) for p in out.stdout.split()]
+
+
+def launch_processes(launch_id: str) -> list[int]:
+    """PIDs of this user's processes whose environment carries ``launch_id`` (not this one)."""
+    marker = f"{LAUNCH_ID_ENV}={launch_id}".encode()
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if marker in (entry / "environ").read_bytes().split(b"\0"):
+                pids.append(int(entry.name))
+        except OSError:  # another user's process, or one that just ended
+            continue
+    return pids
+
+
+def stop_launch(launch_id: str, grace_s: float = 10.0) -> list[int]:
+    """End every process of a launch: SIGTERM, then SIGKILL what is left after ``grace_s``.
+    Returns the PIDs it signalled."""
+    signalled = set()
+    for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
+        pids = launch_processes(launch_id)
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+                signalled.add(pid)
+            except ProcessLookupError:
+                pass
+        deadline = time.time() + wait
+        while pids and time.time() < deadline and launch_processes(launch_id):
+            time.sleep(0.2)
+        if not launch_processes(launch_id):
+            break
+    return sorted(signalled)
+
+
+class _StopOnSignal:
+    """While active, SIGINT and SIGTERM raise :class:`Stopped` in the main thread (so the
+    ``finally`` of :func:`simulate` stops the run and its processes)."""
+
+    def __enter__(self) -> "_StopOnSignal":
+        self.previous = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.previous[sig] = signal.signal(sig, self._raise)
+        return self
+
+    @staticmethod
+    def _raise(signum: int, frame: Any) -> None:
+        raise Stopped(signum, f"stopped by {signal.Signals(signum).name}")
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
 
 def stop_superlink(port: int, grace_s: float = 10.0) -> None:
@@ -208,28 +288,60 @@ def simulate(
     overrides["fed.run_dir"] = str(Path(overrides.get("fed.run_dir", REPO / "runs")).resolve())
     overrides.setdefault("fed.run_name", time.strftime("%Y%m%d-%H%M%S"))
     port = free_port()
-    env = flower_env(flwr_home, port, ray_tmp, extra_env)
+    launch_id = uuid.uuid4().hex
+    env = flower_env(flwr_home, port, ray_tmp, {**(extra_env or {}), LAUNCH_ID_ENV: launch_id})
     federation = f"num-supernodes={num_supernodes} client-resources-num-cpus={cpus_per_client}"
     if gpus_per_client > 0:
         federation += f" client-resources-num-gpus={gpus_per_client}"
     started = time.time()
-    log_text = ""
+    submitted: dict[str, Any] = {}
+    run_dir = Path(overrides["fed.run_dir"]) / overrides["fed.run_name"]
     try:
-        run_args = ["run", str(app_dir), "local", "--format", "json", "--federation-config", federation,
-                    "--run-config", " ".join(f"{k}={toml_value(v)}" for k, v in overrides.items())]
-        for attempt in range(3):
-            submitted = json.loads(_flwr(run_args, env, work))
-            # `flwr` gives the SuperLink it starts 15 s; a loaded machine can take longer. The
-            # process keeps starting, so asking again reaches it (or starts one on this port).
-            if submitted.get("success") or "Failed to start local SuperLink" not in str(submitted.get("error-message")):
-                break
-            time.sleep(5.0 * (attempt + 1))
-        if not submitted.get("success"):
-            raise SimulationError(f"flwr run refused the run: {submitted}")
-        run_id = str(submitted["run-id"])
-        log_proc = subprocess.Popen(["flwr", "log", run_id, "local"], env=env, cwd=work, stdout=subprocess.PIPE,
-                                    stderr=subprocess.STDOUT, text=True)
-        lines = []
+        with _StopOnSignal():
+            result = _submit_and_follow(app_dir, federation, overrides, env, work, started, timeout_s, stream, run_dir, submitted)
+    except Stopped as err:
+        if submitted.get("run-id") is not None:  # ask Flower first, so the run is recorded as stopped
+            try:
+                _flwr(["stop", str(submitted["run-id"]), "local"], env, work, timeout=30)
+            except (SimulationError, subprocess.TimeoutExpired):
+                pass
+        raise Stopped(err.signum, f"{err}: run {submitted.get('run-id', '(not submitted)')} and its processes were stopped") from None
+    finally:
+        with _StopOnSignal():  # a second signal must not interrupt the clean-up
+            stop_superlink(port)
+            left = stop_launch(launch_id)
+            if left:
+                print(f"stopped {len(left)} process(es) the run left behind: PIDs {left}", file=sys.stderr)
+            shutil.rmtree(ray_tmp, ignore_errors=True)
+    if result.status != "finished:completed":
+        raise SimulationError(f"run {result.run_id} ended '{result.status}': {result.details}")
+    return result
+
+
+def _submit_and_follow(
+    app_dir: Path, federation: str, overrides: Mapping[str, Any], env: dict[str, str], work: Path, started: float,
+    timeout_s: float, stream: bool, run_dir: Path, submitted: dict[str, Any],
+) -> SimulationResult:
+    """``flwr run``, stream ``flwr log`` (in its own process group), then poll ``flwr list``
+    until the run finished. ``submitted`` receives Flower's answer (the run id) as soon as it
+    comes, so a stop can name the run."""
+    run_args = ["run", str(app_dir), "local", "--format", "json", "--federation-config", federation,
+                "--run-config", " ".join(f"{k}={toml_value(v)}" for k, v in overrides.items())]
+    for attempt in range(3):
+        submitted.clear()
+        submitted.update(json.loads(_flwr(run_args, env, work)))
+        # `flwr` gives the SuperLink it starts 15 s; a loaded machine can take longer. The
+        # process keeps starting, so asking again reaches it (or starts one on this port).
+        if submitted.get("success") or "Failed to start local SuperLink" not in str(submitted.get("error-message")):
+            break
+        time.sleep(5.0 * (attempt + 1))
+    if not submitted.get("success"):
+        raise SimulationError(f"flwr run refused the run: {submitted}")
+    run_id = str(submitted["run-id"])
+    log_proc = subprocess.Popen(["flwr", "log", run_id, "local"], env=env, cwd=work, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    lines = []
+    try:
         assert log_proc.stdout is not None
         for line in log_proc.stdout:
             lines.append(line)
@@ -237,41 +349,19 @@ def simulate(
                 sys.stdout.write(line)
                 sys.stdout.flush()
             if time.time() - started > timeout_s:
-                log_proc.kill()
                 break
-        log_proc.wait()
-        log_text = "".join(lines)
-        status, details = "unknown", ""
-        while time.time() - started <= timeout_s:
-            runs = json.loads(_flwr(["list", "local", "--run-id", run_id, "--format", "json"], env, work))["runs"]
-            status, details = runs[0]["status"], runs[0].get("status-details", "")
-            if status.startswith("finished:"):
-                break
-            time.sleep(1)
-        result = SimulationResult(run_id, status, details, Path(overrides["fed.run_dir"]) / overrides["fed.run_name"],
-                                  time.time() - started, log_text)
     finally:
-        stop_superlink(port)
-        shutil.rmtree(ray_tmp, ignore_errors=True)
-    if result.status != "finished:completed":
-        raise SimulationError(f"run {result.run_id} ended '{result.status}': {result.details}")
-    return result
-
-
-def final_lines(metrics: Mapping[str, Any]) -> str:
-    """The run's end: the selected WLI student's test figures next to the NBI teacher's of the
-    same run, with the round each was selected from, and any model that did not learn."""
-    lines = []
-    for key, label in (("final", "WLI student"), ("final_teacher", "NBI teacher")):
-        figure = metrics.get(key)
-        if figure is None:
-            lines.append(f"final pooled {label}: none (no {label.split()[1]} rounds in this run)")
-            continue
-        lines.append(f"final pooled {label}: AUC {figure['auc']:.4f}  ACC {figure['accuracy']:.4f}  SENS {figure['sensitivity']:.4f}  "
-                     f"SPEC {figure['specificity']:.4f}  (test split, round {figure['selected_round']} selected on val)")
-    for model, problems in (metrics.get("not_learned") or {}).items():
-        lines.append(f"WARNING: the {model} did not learn: {'; '.join(problems)}")
-    return "\n".join(lines)
+        if log_proc.poll() is None:
+            os.killpg(log_proc.pid, signal.SIGKILL)
+        log_proc.wait()
+    status, details = "unknown", ""
+    while time.time() - started <= timeout_s:
+        runs = json.loads(_flwr(["list", "local", "--run-id", run_id, "--format", "json"], env, work))["runs"]
+        status, details = runs[0]["status"], runs[0].get("status-details", "")
+        if status.startswith("finished:"):
+            break
+        time.sleep(1)
+    return SimulationResult(run_id, status, details, run_dir, time.time() - started, "".join(lines))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -299,14 +389,55 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     try:
         result = simulate(overrides, supernodes, args.cpus_per_client, args.gpus_per_client, stream=not args.quiet)
+    except Stopped as err:
+        print(f"STOPPED: {err}", file=sys.stderr)
+        return 128 + err.signum
     except SimulationError as err:
         print(f"FAILED: {err}", file=sys.stderr)
         return 1
     metrics = json.loads((result.run_dir / "metrics.json").read_text())
     print(f"\nrun {result.run_id} {result.status} in {result.wall_s:.0f} s -> {result.run_dir}")
-    print(final_lines(metrics))
-    print(f"knowledge bank = {100 * metrics['bank_share_of_student_upload']:.3f} % of one student upload")
-    return 0
+    for line in outcome_lines(metrics):
+        print(line)
+    return outcome_code(metrics)
+
+
+DEGRADED_EXIT = 3  # the run ended, but lost more sites than fed.min_site_share allows
+
+
+def outcome_lines(metrics: Mapping[str, Any]) -> list[str]:
+    """The final lines: the selected student's test figure with its rounds (never a teacher's
+    figure under the student's name) next to the NBI teacher's of the same run, any model that
+    did not learn, the run's status and every lost site with its reasons."""
+    lines = []
+    final, teacher = metrics.get("final"), metrics.get("final_teacher")
+    if final:
+        lines.append(f"final pooled WLI student after {metrics.get('student_rounds', '?')} student round(s), round "
+                     f"{final['selected_round']} selected on val: AUC {final['auc']:.4f}  ACC {final['accuracy']:.4f}  "
+                     f"SENS {final['sensitivity']:.4f}  SPEC {final['specificity']:.4f}  (test split)")
+    else:
+        lines.append(f"no WLI student figure: {metrics.get('student_rounds', 0)} student round(s) ran (fed.student_rounds)")
+    if teacher:
+        lines.append(f"NBI teacher of this run (on NBI sites, not the student), round {teacher['selected_round']} selected on val: "
+                     f"AUC {teacher['auc']:.4f}  ACC {teacher['accuracy']:.4f}")
+    if "bank_share_of_student_upload" in metrics:
+        lines.append(f"knowledge bank = {100 * metrics['bank_share_of_student_upload']:.3f} % of one student upload")
+    for model, problems in (metrics.get("not_learned") or {}).items():
+        lines.append(f"WARNING: the {model} did not learn: {'; '.join(problems)}")
+    status = metrics.get("status", "completed")
+    if status == "degraded":
+        verdict = "accepted" if metrics.get("accepted") else "NOT accepted"
+        lines.append(f"DEGRADED ({verdict}): {100 * metrics['site_share']:.0f} % of the discovered sites took part throughout, "
+                     f"fed.min_site_share = {100 * metrics['min_site_share']:.0f} %")
+        for site in metrics.get("sites_lost", []):
+            reasons = "; ".join(f"{phase}: {v}" for phase, v in metrics["site_status"][site].items() if v.startswith("dropped"))
+            lines.append(f"  lost '{site}': {reasons}")
+    return lines
+
+
+def outcome_code(metrics: Mapping[str, Any]) -> int:
+    """0 for a completed run or an accepted degraded one, :data:`DEGRADED_EXIT` otherwise."""
+    return 0 if metrics.get("status", "completed") == "completed" or metrics.get("accepted") else DEGRADED_EXIT
 
 
 if __name__ == "__main__":

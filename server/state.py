@@ -6,21 +6,42 @@ Both are written to a temporary file, fsynced and renamed, tensors first, so a c
 either the previous consistent pair or the new one: a state.json never points at tensors it
 does not match (it records the tensor file's digest). Loading verifies that digest and uses
 safetensors (no pickle), so a tampered or half-written checkpoint is refused, not executed.
+
+Records that cannot be lost or forged:
+
+* ``state.json`` and the run's ledger carry a keyed digest (HMAC-SHA256, :func:`seal`) with
+  the key of :func:`state_key`: ``$FEDPAGKD_STATE_KEY`` where the operator sets one (kept
+  away from the run folders, that also stops whoever can write them), else a key file
+  created once beside the run folders. An edited progress, AUC or release count is refused.
+* The ledger counts its writes (``seq``); the state records the count it was saved with, so
+  a ledger replaced by an older copy, or deleted, is refused rather than restarted from.
+* :func:`check_run_folder` refuses a folder holding some of a run's files but not its state
+  (a deleted ``state.json`` must not start the run over on top of its metrics and ledger).
+* :class:`RunLock` holds an ``fcntl`` lock on ``<run>/.lock`` while a run uses the folder:
+  a second run with the same ``fed.run_name`` is refused while the first is alive.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
+import hmac
 import json
+import os
+import secrets
 from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
-from common.files import atomic_write, atomic_write_json
+from common.files import atomic_write, atomic_write_json, json_default
 
 TENSORS, META = "state.safetensors", "state.json"
+LOCK = ".lock"
+KEY_ENV, KEY_FILE = "FEDPAGKD_STATE_KEY", ".fedpagkd-state-key"
+# What a run writes into its folder; any of them without state.json is an incomplete record.
+RUN_FILES = (TENSORS, "ledger.json", "metrics.json", "egress.json", "config.json", "student.safetensors")
 
 
 class StateError(RuntimeError):
@@ -39,25 +60,120 @@ def unflatten_blocks(flat: Mapping[str, np.ndarray]) -> dict[str, dict[str, np.n
     return blocks
 
 
+def state_key(run_dir: Path) -> bytes:
+    """The key of the run's keyed digests: ``$FEDPAGKD_STATE_KEY`` when set, else the key
+    file beside the run folders (created once, mode 0600)."""
+    if os.environ.get(KEY_ENV):
+        return os.environ[KEY_ENV].encode()
+    path = run_dir.parent / KEY_FILE
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(secrets.token_hex(32))
+    except FileExistsError:
+        pass
+    key = path.read_text().strip()
+    if not key:
+        raise StateError(f"{path} (the key of the run folders' digests) is empty; restore it from a backup, or set ${KEY_ENV}")
+    return key.encode()
+
+
+def _canonical(obj: Mapping[str, Any]) -> bytes:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=json_default).encode()
+
+
+def seal(obj: Mapping[str, Any], key: bytes) -> dict[str, Any]:
+    """``obj`` plus ``hmac``: HMAC-SHA256 of its canonical JSON (sorted keys; JSON types only,
+    so it survives a write and a read unchanged)."""
+    body = json.loads(_canonical(obj))
+    return {**body, "hmac": hmac.new(key, _canonical(body), hashlib.sha256).hexdigest()}
+
+
+def unseal(obj: Any, key: bytes, path: Path) -> dict[str, Any]:
+    """The body of a sealed record, or StateError when its keyed digest does not match."""
+    if not isinstance(obj, dict) or not isinstance(obj.get("hmac"), str):
+        raise StateError(f"{path} carries no keyed digest (written by an older release, or replaced); "
+                         "it cannot be trusted: start a new run with another fed.run_name")
+    body = {k: v for k, v in obj.items() if k != "hmac"}
+    expected = hmac.new(key, _canonical(body), hashlib.sha256).hexdigest()
+    if not hmac.compare_digest(expected, obj["hmac"]):
+        raise StateError(f"{path} was edited after the run wrote it (its keyed digest does not match); restore it "
+                         f"from a backup or start a new run with another fed.run_name (wrong key? ${KEY_ENV} / {KEY_FILE})")
+    return body
+
+
+def read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise StateError(f"{path} is not valid JSON ({err}); restore it from a backup or start a new run with another fed.run_name") from err
+
+
+def check_run_folder(run_dir: Path) -> None:
+    """Refuse a run folder that holds some of a run's files but not its state."""
+    if (run_dir / META).exists() or not run_dir.is_dir():
+        return
+    present = [name for name in RUN_FILES if (run_dir / name).exists()]
+    if present:
+        raise StateError(
+            f"run folder {run_dir} holds {present} but no {META}: its records are incomplete, and starting over would "
+            f"overwrite them (metrics, ledger, DP releases). Restore {META} from a backup, or use another fed.run_name"
+        )
+
+
 def save_state(run_dir: Path, blocks: Mapping[str, Mapping[str, np.ndarray]], meta: Mapping[str, Any]) -> None:
-    """Write tensors then metadata, each atomically; metadata records the tensors' digest."""
+    """Write tensors then metadata, each atomically; metadata records the tensors' digest
+    and is sealed with the run's key."""
     atomic_write(run_dir / TENSORS, lambda tmp: save_file(flatten_blocks(blocks), tmp))
     data = (run_dir / TENSORS).read_bytes()
-    atomic_write_json(run_dir / META, {**meta, "tensors_sha256": hashlib.sha256(data).hexdigest()})
+    sealed = seal({**meta, "tensors_sha256": hashlib.sha256(data).hexdigest()}, state_key(run_dir))
+    atomic_write_json(run_dir / META, sealed)
 
 
 def load_state(run_dir: Path) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, Any]] | None:
-    """The last finished state of a run folder, or None when there is none yet."""
+    """The last finished state of a run folder, or None when there is none yet (a folder
+    with a run's other files but no state is refused: :func:`check_run_folder`)."""
+    check_run_folder(run_dir)
     meta_path, tensor_path = run_dir / META, run_dir / TENSORS
     if not meta_path.exists():
         return None
-    try:
-        meta = json.loads(meta_path.read_text())
-    except json.JSONDecodeError as err:
-        raise StateError(f"{meta_path} is not valid JSON ({err}); delete the run folder to start over") from err
+    meta = unseal(read_json(meta_path), state_key(run_dir), meta_path)
     if not tensor_path.exists():
-        raise StateError(f"{tensor_path} is missing although {meta_path} exists; delete the run folder to start over")
+        raise StateError(f"{tensor_path} is missing although {meta_path} exists; restore it from a backup or use another fed.run_name")
     digest = hashlib.sha256(tensor_path.read_bytes()).hexdigest()
     if digest != meta.get("tensors_sha256"):
         raise StateError(f"{tensor_path} does not match the digest in {meta_path} (tampered or torn write)")
     return unflatten_blocks(load_file(str(tensor_path))), meta
+
+
+class RunLock:
+    """An exclusive ``fcntl`` lock on ``<run_dir>/.lock`` for as long as a run uses the
+    folder; released by the kernel when the process dies, so a crash never leaves it stuck."""
+
+    def __init__(self, run_dir: Path):
+        self.path = run_dir / LOCK
+        self.handle = None
+
+    def __enter__(self) -> "RunLock":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(self.path, "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            owner = handle.read().strip() or "?"
+            handle.close()
+            raise StateError(f"run folder {self.path.parent} is in use by another run (pid {owner}); wait for it to end "
+                             "or use another fed.run_name") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(str(os.getpid()))
+        handle.flush()
+        self.handle = handle
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.handle is not None:
+            fcntl.flock(self.handle, fcntl.LOCK_UN)
+            self.handle.close()
+            self.handle = None

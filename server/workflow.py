@@ -20,9 +20,9 @@ import logging
 import operator
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 import torch
@@ -44,9 +44,9 @@ from common.records import (
     CLASS_PROTOTYPES, PROTOCOL_VERSION, Dims, Payload, PayloadError, empty_statistics, make, metadata_class_names, reply_kind, validate,
     weight_shapes,
 )
-from server import aggregation
+from server import aggregation, trust
 from common.files import atomic_write_json
-from server.state import StateError, load_state, save_state
+from server.state import RunLock, StateError, check_run_folder, load_state, read_json, save_state, seal, state_key, unseal
 
 log = logging.getLogger("fedpagkd.server")
 LEDGER = "ledger.json"  # the run's traffic and releases, written after every exchange
@@ -67,6 +67,10 @@ class SiteInfo:
     val_counts: list[int] = field(default_factory=list)
     class_names: list[str] = field(default_factory=list)
 
+    def declared(self) -> dict[str, list[int]]:
+        """[C] class counts per split (``train``, ``test``...), as declared at discovery."""
+        return {f.name.removesuffix("_counts"): getattr(self, f.name) for f in fields(self) if f.name.endswith("_counts")}
+
 
 @dataclass
 class Ledger:
@@ -83,21 +87,30 @@ class Ledger:
     timing: list[dict[str, Any]] = field(default_factory=list)
     releases: dict[str, int] = field(default_factory=dict)
     path: Path | None = None
+    seq: int = 0  # writes so far: the state records it, so an older copy of the ledger is refused
 
     def write(self) -> None:
+        """Write the whole ledger, sealed with the run's key (:func:`server.state.seal`)."""
         if self.path is not None:
-            atomic_write_json(self.path, {"bytes": self.bytes, "egress": self.egress, "timing": self.timing, "releases": self.releases})
+            self.seq += 1
+            body = {"bytes": self.bytes, "egress": self.egress, "timing": self.timing, "releases": self.releases, "seq": self.seq}
+            atomic_write_json(self.path, seal(body, state_key(self.path.parent)))
 
-    def load(self) -> bool:
-        """Restore from ``path``; False when there is none (a run folder of an older release)."""
-        if self.path is None or not self.path.is_file():
-            return False
-        try:
-            saved = json.loads(self.path.read_text())
-        except json.JSONDecodeError as err:
-            raise StateError(f"{self.path} is not valid JSON ({err}); delete the run folder to start over") from err
+    def load(self, saved_seq: int, saved_releases: dict[str, int]) -> None:
+        """Restore from ``path``, which must be this run's (keyed digest), at least as recent as
+        the state (``saved_seq`` writes) and count at least the state's releases per site."""
+        assert self.path is not None
+        if not self.path.is_file():
+            raise StateError(f"{self.path} (the run's traffic, egress audit and DP releases) is missing; restore it from a "
+                             "backup or start a new run with another fed.run_name: a run without it would undercount epsilon")
+        saved = unseal(read_json(self.path), state_key(self.path.parent), self.path)
+        short = {site: n for site, n in saved_releases.items() if saved["releases"].get(site, 0) < n}
+        if saved["seq"] < saved_seq or short:
+            raise StateError(f"{self.path} is older than the run's state (write {saved['seq']} < {saved_seq}"
+                             + (f"; fewer DP releases for {sorted(short)}" if short else "")
+                             + "): restore the latest ledger from a backup or use another fed.run_name")
         self.bytes, self.egress, self.timing, self.releases = saved["bytes"], saved["egress"], saved["timing"], saved["releases"]
-        return True
+        self.seq = saved["seq"]
 
     def add(self, phase: str, direction: str, site: str, payload: Payload) -> None:
         size = payload.num_bytes()
@@ -153,6 +166,10 @@ class Channel:
                 log.warning("[%s] ignored a reply from '%s' that answers no request of this round", phase, self.name(sender))
                 continue
             site = self.name(node_id)
+            if node_id in ok or node_id in dropped:  # one request, one answer: a second one is not this site's word
+                ok.pop(node_id, None)
+                dropped[node_id] = "sent more than one reply to one request"
+                continue
             if not reply.has_error() and (seconds := compute_seconds(reply.content)) is not None:
                 timing["compute_s"][site] = seconds
             if reply.has_error():
@@ -208,7 +225,9 @@ class Protocol:
         self.class_prototypes = empty_statistics(CLASS_PROTOTYPES, self.dims)
         self.centroids: dict[str, np.ndarray] = {}
         self.progress = Progress()
-        self.metrics: dict[str, Any] = {"teacher": [], "knowledge": [], "student": [], "evaluation": [], "selection": {}}
+        # site_status: {site: {phase: "took part" | "dropped in <step>: <reason>"}}, every discovered site.
+        self.metrics: dict[str, Any] = {"teacher": [], "knowledge": [], "student": [], "evaluation": [], "selection": {},
+                                        "site_status": {}}
         self.sites: dict[int, SiteInfo] = {}
         # Model selection: per model ("teacher", "student") the global weights of the round with the
         # best pooled val AUC so far ({block: state}); metrics["selection"] says which round.
@@ -219,6 +238,7 @@ class Protocol:
     # ------------------------------------------------------------------ persistence
 
     def save(self) -> None:
+        self.ledger.write()  # the state records the ledger write it goes with
         blocks = {"teacher": self.teacher, "student": self.student, "head": self.head, "bank": self.bank,
                   "prototypes": self.class_prototypes}
         if self.centroids:
@@ -233,6 +253,8 @@ class Protocol:
             "config": config_to_flat(self.cfg),
             "sites": [s.__dict__ for s in self.sites.values()],
             "egress": self.ledger.egress,
+            "releases": self.ledger.releases,
+            "ledger_seq": self.ledger.seq,
         }
         save_state(self.run_dir, blocks, meta)
 
@@ -241,7 +263,7 @@ class Protocol:
         if loaded is None:
             return False
         blocks, meta = loaded
-        ignore = {"fed.teacher_rounds", "fed.student_rounds", "fed.round_timeout", "fed.run_dir", "fed.run_name"}
+        ignore = {"fed.teacher_rounds", "fed.student_rounds", "fed.round_timeout", "fed.run_dir", "fed.run_name", "fed.min_site_share"}
         mine = {k: v for k, v in config_to_flat(self.cfg).items() if k not in ignore}
         theirs = {k: v for k, v in meta["config"].items() if k not in ignore}
         if mine != theirs:
@@ -257,12 +279,39 @@ class Protocol:
         self.progress = Progress(**meta["progress"])
         self.metrics = meta["metrics"]
         self.metrics.setdefault("selection", {})
-        if not self.ledger.load():
-            self.ledger.bytes, self.ledger.egress, self.ledger.timing = meta["bytes"], meta.get("egress", []), meta.get("timing", [])
+        self.ledger.load(meta["ledger_seq"], meta["releases"])
         log.info("resuming %s at %s", self.run_dir, self.progress)
         return True
 
     # ------------------------------------------------------------------ helpers
+
+    def _exchange(
+        self, phase: str, step: str, requests: dict[int, Payload], reference: dict[str, dict] | None = None
+    ) -> tuple[dict[int, Payload], dict[int, str]]:
+        """:meth:`Channel.exchange`, then the :mod:`server.trust` screens: a reply whose numbers
+        contradict its site's discovery metadata is dropped with the reason. Each site's part
+        in ``phase`` is recorded (``step`` names the round in a drop's reason)."""
+        replies, dropped = self.channel.exchange(phase, requests, reference)
+        for node_id in sorted(replies):
+            try:
+                trust.screen_reply(requests[node_id], replies[node_id], self.sites[node_id].declared(), self.channel.name(node_id))
+            except trust.TrustError as err:
+                dropped[node_id] = str(err)
+                del replies[node_id]
+                log.warning("[%s] dropped site '%s': %s", phase, self.channel.name(node_id), err)
+        self._mark(phase, step, replies, dropped)
+        return replies, dropped
+
+    def _mark(self, phase: str, step: str, took_part: Iterable[int], dropped: dict[int, str]) -> None:
+        """Record each site's part in ``phase``: the first drop stays (a later round taken
+        part in does not erase it: that is what a degraded run must show)."""
+        status = self.metrics.setdefault("site_status", {})
+        for node_id in took_part:
+            status.setdefault(self.channel.name(node_id), {}).setdefault(phase, "took part")
+        for node_id, reason in dropped.items():
+            entry = status.setdefault(self.channel.name(node_id), {})
+            if not entry.get(phase, "").startswith("dropped"):
+                entry[phase] = f"dropped in {step}: {reason}"
 
     def _seed(self, phase: int, round_: int) -> int:
         return self.cfg.train.seed * 100_000 + phase * 10_000 + round_
@@ -297,6 +346,7 @@ class Protocol:
         reasons = {n: f"update norm is over {self.cfg.fed.max_norm_ratio:.0f}x the median" for n in outliers}
         for node_id, reason in reasons.items():
             log.warning("[%s] dropped site '%s': %s", phase, self.channel.name(node_id), reason)
+        self._mark(phase, f"{phase} aggregation", (), reasons)
         used = sorted((n for n in replies if n not in outliers), key=self.channel.name)  # order-independent sums
         self._require(phase, modality, sum(self.sites[n].modality == modality for n in used), reasons)
         weights = [float(replies[n].config["num-examples"]) for n in used]
@@ -341,6 +391,8 @@ class Protocol:
         # The discovery exchange was logged before the names were known: name it after the replies.
         self.ledger.rename({f"node {n}": name for n, name in self.channel.names.items()})
         self.ledger.write()
+        self._refuse_duplicate_names(dropped)
+        self._mark("discover", "discovery", self.sites, dropped)
         names = [f"{s.name} ({s.modality}, {sum(s.train_counts)} train)" for s in self.sites.values()]
         log.info("discovered %d site(s): %s", len(self.sites), ", ".join(names))
         missing = []
@@ -423,13 +475,29 @@ class Protocol:
             log.warning("[selection] the %s did not learn: %s", model, problem)
         return self.best[model]
 
+    def _refuse_duplicate_names(self, dropped: dict[int, str]) -> None:
+        """Sites sharing a name are all dropped: their metrics, egress and DP releases would
+        merge under one name, and none of them can be told apart from the others."""
+        by_name: dict[str, list[int]] = {}
+        for node_id, info in self.sites.items():
+            by_name.setdefault(info.name, []).append(node_id)
+        for name, nodes in by_name.items():
+            if len(nodes) < 2:
+                continue
+            for node_id in nodes:
+                dropped[node_id] = (f"{len(nodes)} SuperNodes (node ids {sorted(nodes)}) call themselves '{name}'; "
+                                    "give each site a unique site-name (node config or sites.toml)")
+                log.warning("[discover] dropped site '%s' (node %d): %s", name, node_id, dropped[node_id])
+                del self.sites[node_id]
+                self.channel.names[node_id] = f"{name} (node {node_id})"
+
     def teacher_round(self, round_: int) -> None:
         nodes = self._sample("nbi", self._seed(1, round_))
         config = {"round": round_, "seed": self._seed(1, round_), "local-epochs": self.cfg.train.local_epochs,
                   **self._span(round_, self.cfg.fed.teacher_rounds), "evaluate": "val" if round_ > 1 else ""}
         request = make("teacher.train", self.dims, config=config, weights={"teacher": self.teacher, "head": self.head})
         reference = {"teacher": weight_shapes(self.teacher), "head": weight_shapes(self.head)}
-        replies, dropped = self.channel.exchange("teacher", {n: request for n in nodes}, reference)
+        replies, dropped = self._exchange("teacher", f"teacher round {round_}", {n: request for n in nodes}, reference)
         self._require(f"teacher round {round_}", "nbi", len(replies), dropped)
         if round_ > 1:  # the teacher sent is round_ - 1's global one
             evaluation = self._record_evaluation("teacher", round_ - 1, replies, "eval-examples", "val")
@@ -450,7 +518,7 @@ class Protocol:
         config = {"round": refresh, "seed": seed, "evaluate": "test" if evaluate_teacher else ""}
         request = make("knowledge.seed", self.dims, config=config, weights={"teacher": self.teacher, "head": self.head})
         self._account_releases(nodes)
-        replies, dropped = self.channel.exchange("knowledge", {n: request for n in nodes})
+        replies, dropped = self._exchange("knowledge", f"knowledge refresh {refresh} (seeds)", {n: request for n in nodes})
         self._require(f"knowledge refresh {refresh} (seeds)", "nbi", len(replies), dropped)
         if evaluate_teacher:
             self._record_evaluation("teacher", self.cfg.fed.teacher_rounds, replies, "eval-examples", "test")
@@ -466,6 +534,14 @@ class Protocol:
                 self.centroids = aggregation.lloyd_centroids(self.bank, self.centroids, self.dims)
         groups = int(sum(r.config["groups"] for r in replies.values()))
         images = self.bank["image_count"].tolist()
+        if groups == 0:  # distilling from an empty bank would silently turn PaGKD off
+            p, t = self.cfg.pagkd, self.cfg.train
+            raise FederationError(
+                f"knowledge refresh {refresh}: the bank holds no group (NBI sites {[self.channel.name(n) for n in nodes]} "
+                f"formed none of >= pagkd.min_group_size = {p.min_group_size} images). A class-balanced batch of "
+                f"train.batch_size = {t.batch_size} holds ~{t.batch_size // self.cfg.data.num_classes} images per class: "
+                "lower pagkd.min_group_size / pagkd.group_size or raise train.batch_size"
+            )
         self.metrics["knowledge"].append(
             {"refresh": refresh, "groups": groups, "images_per_class": images, "sites": [self.channel.name(n) for n in nodes],
              "bank_bytes": int(sum(a.nbytes for a in self.bank.values()))}
@@ -486,7 +562,7 @@ class Protocol:
             config = {"round": refresh, "seed": seed, "iteration": iteration, "peers": peers, "attempt": attempt}
             request = make("knowledge.stats", self.dims, arrays=self.centroids, config=config)
             self._account_releases(nodes)
-            replies, dropped = self.channel.exchange("knowledge", {n: request for n in nodes})
+            replies, dropped = self._exchange("knowledge", step, {n: request for n in nodes})
             self._require(step, "nbi", len(replies), dropped)
             in_order = [replies[n].arrays for n in sorted(replies, key=self.channel.name)]
             if not keys:
@@ -512,6 +588,7 @@ class Protocol:
             except secagg.SecAggError as err:
                 log.warning("[knowledge] dropped site '%s': %s (privacy.secure_aggregation must be on there too)",
                             self.channel.name(node_id), err)
+                self._mark("knowledge", "secure aggregation set-up", (), {node_id: f"{err} (privacy.secure_aggregation must be on there too)"})
         if len(keys) < max(2, self.cfg.fed.min_nbi_sites):
             raise FederationError(f"secure aggregation needs >= {max(2, self.cfg.fed.min_nbi_sites)} NBI sites with a key; "
                                   f"{len(keys)} sent one (a lone site's sum would be its own statistics)")
@@ -572,7 +649,7 @@ class Protocol:
                                config={**config, "evaluate": "val" if round_ > 1 and m == "wli" else ""}) for m in ("wli", "nbi")}
         requests = {n: by_modality[self.sites[n].modality] for n in nodes}
         reference = {"student": weight_shapes(self.student), "head": weight_shapes(self.head)}
-        replies, dropped = self.channel.exchange("student", requests, reference)
+        replies, dropped = self._exchange("student", f"student round {round_}", requests, reference)
         wli_replies = {n: r for n, r in replies.items() if self.sites[n].modality == "wli"}
         self._require(f"student round {round_}", "wli", len(wli_replies), dropped)
         if round_ > 1:
@@ -595,8 +672,9 @@ class Protocol:
             weights = self.student if model == "student" else self.teacher
         nodes = sorted(self._sites_of(modality))
         request = make("evaluate", self.dims, config={"model": model, "split": split}, weights={"net": weights})
-        replies, dropped = self.channel.exchange("evaluate", {n: request for n in nodes}, {"net": weight_shapes(weights)})
-        self._require(f"{split} evaluation of the {model} (round {round_})", modality, len(replies), dropped)
+        step = f"{split} evaluation of the {model} (round {round_})"
+        replies, dropped = self._exchange("evaluate", step, {n: request for n in nodes}, {"net": weight_shapes(weights)})
+        self._require(step, modality, len(replies), dropped)
         return self._record_evaluation(model, round_, replies, "num-examples", split)
 
     def _record_evaluation(self, model: str, round_: int, replies: dict[int, Payload], examples_key: str, split: str) -> dict[str, Any]:
@@ -626,9 +704,17 @@ class Protocol:
     # ------------------------------------------------------------------ the run
 
     def run(self) -> dict[str, Any]:
+        """The whole run, holding the run folder's lock (a second run with the same
+        ``fed.run_name`` is refused while this one is alive)."""
+        with RunLock(self.run_dir):
+            return self._run()
+
+    def _run(self) -> dict[str, Any]:
         started = time.time()
         self.board = MetricsBoard(self.run_dir)
-        self.resume()
+        if not self.resume():
+            check_run_folder(self.run_dir)
+            self.save()  # the state exists before any exchange: a ledger is never left without one
         self.discover()
         self.save()
         fed = self.cfg.fed
@@ -677,6 +763,25 @@ class Protocol:
         figure["selected_round"] = self.metrics["selection"].get(model, {}).get("round", tests[-1]["round"])
         return figure
 
+    def final_figures(self) -> dict[str, Any]:
+        """``final``: the selected global student's test figures (None when no student round ran:
+        a teacher's figure is never reported as the student's), with the rounds behind it;
+        ``final_teacher``: the selected NBI teacher's test figures."""
+        student = self._test_figure("student")
+        return {"final": student,
+                "final_student_round": student["selected_round"] if student else 0,
+                "student_rounds": self.progress.student_rounds,
+                "final_teacher": self._test_figure("teacher")}
+    def outcome(self) -> dict[str, Any]:
+        """``status``: completed (every discovered site took part in every phase it was asked
+        to) or degraded; ``accepted``: the share of sites never dropped reaches
+        ``fed.min_site_share`` (the launcher exits non-zero when it does not)."""
+        status = self.metrics.get("site_status", {})
+        lost = sorted(name for name, phases in status.items() if any(v.startswith("dropped") for v in phases.values()))
+        share = 1.0 - len(lost) / len(status) if status else 0.0
+        return {"status": "degraded" if lost else "completed", "sites_lost": lost, "site_share": share,
+                "min_site_share": self.cfg.fed.min_site_share, "accepted": share >= self.cfg.fed.min_site_share}
+
     def finish(self) -> dict[str, Any]:
         """Final outputs: metrics.json, egress.json, config.json, the student checkpoint, plots."""
         from server.outputs import write_plots  # matplotlib only at the end
@@ -692,13 +797,11 @@ class Protocol:
             "bank_share_of_student_upload": bank_bytes / student_bytes,
             "sites": [s.__dict__ for s in self.sites.values()],
             "class_names": list(self.class_names),
-            # The selected global student's test figures (None without student rounds: a
-            # teacher's figure is never reported as the student's), and the teacher's.
-            "final": self._test_figure("student"),
-            "final_teacher": self._test_figure("teacher"),
+            **self.final_figures(),
             # Models that did not learn (val AUC at chance or a collapsed confusion matrix of the
             # selected round): a run says so rather than ending with a quiet number.
             "not_learned": {model: chosen["problems"] for model, chosen in self.metrics["selection"].items() if chosen["problems"]},
+            **self.outcome(),
             "privacy": self.privacy_spent(),
         }
         atomic_write_json(self.run_dir / "metrics.json", summary)
@@ -707,6 +810,9 @@ class Protocol:
         save_checkpoint(self.run_dir / STUDENT_CHECKPOINT, self.student, self.cfg, self.class_names)
         write_plots(self.run_dir, summary)
         self.board.close()
+        if summary["status"] == "degraded":
+            log.warning("run DEGRADED (%.0f %% of the sites took part throughout, fed.min_site_share = %.0f %%): lost %s",
+                        100 * summary["site_share"], 100 * summary["min_site_share"], ", ".join(summary["sites_lost"]))
         log.info("run finished: %s", self.run_dir)
         return summary
 

@@ -1,0 +1,659 @@
+"""Fault suite (issue #15): a run that cannot be fooled, silently degraded or left running.
+
+One section per class of fault, each case a tester's reproduction turned into a check:
+hostile replies (counts, histograms, replays), a property over arbitrary replies, state
+tampering, concurrent runs, signals, degraded runs, config bounds, image decoding and
+spreadsheet manifests. Protocol cases run the real ServerApp protocol against the real
+ClientApp handlers in-process (:class:`tests.fakes.InProcessGrid`, hand-made replies through
+its fault hooks, as ``tests/test_workflow.py`` does); no Ray, except the one slow launcher
+case of the signals section.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flwr.app import Message
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from client.site import read_sites_file
+from client.wire import MESSAGE_TYPE, from_recorddict, to_recorddict
+from common.config import ConfigError, config_from_flat, config_to_flat
+from common.data import DataError, FolderSiteDataset, load_image
+from common.records import CLASS_PROTOTYPES, Payload, empty_statistics, make, weight_shapes
+from server import launch, trust
+from server.app import run_folder
+from server.state import META, RunLock, StateError
+from server.workflow import LEDGER, FederationError, Protocol, run_federation
+from tests.conftest import tiny_config
+from tests.fakes import InProcessGrid, synthetic_node_configs
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+NBI0, NBI1, WLI0, WLI1 = 101, 102, 103, 104
+REPO = Path(__file__).resolve().parent.parent
+
+
+def make_grid(cfg, faults=None) -> InProcessGrid:
+    return InProcessGrid(synthetic_node_configs(cfg.data.nbi_sites + cfg.data.wli_sites), config_to_flat(cfg), faults)
+
+
+def tampering(grid: InProcessGrid, kind: str, edit):
+    """A fault hook passing everything through but the replies to ``kind`` requests, whose
+    genuine payload ``edit(payload)`` changes in place."""
+
+    def fault(node_id: int, message: Message) -> Message | None:
+        reply = grid.deliver(node_id, message)
+        if message.metadata.message_type != MESSAGE_TYPE[kind]:
+            return reply
+        payload = from_recorddict(reply.content)
+        edit(payload)
+        return Message(to_recorddict(payload), reply_to=message)
+
+    return fault
+
+
+def student_weights_of(grid: InProcessGrid, node_id: int) -> dict[str, np.ndarray]:
+    """The student a node uploaded in its last student.update."""
+    replies = [from_recorddict(m.content) for m in grid.received if m.has_content() and m.metadata.src_node_id == node_id]
+    return [p for p in replies if p.kind == "student.update"][-1].weights["student"]
+
+
+# ----------------------------------------------------------------------------- hostile replies
+
+
+@pytest.mark.parametrize("claimed", [10**12, -24, 0])
+def test_a_claimed_example_count_outside_the_declared_one_is_dropped(claimed, tmp_path, caplog):
+    cfg = tiny_config()
+    grid = make_grid(cfg)
+    grid.faults[WLI0] = tampering(grid, "student.train", lambda p: p.config.update({"num-examples": claimed}))
+    summary = run_federation(grid, cfg, tmp_path / "run")  # no "weights sum to 0" crash
+    status = summary["site_status"]["wli-0"]["student"]
+    assert status.startswith("dropped") and f"num-examples = {claimed}" in status and "declared 24" in status
+    assert summary["student"][-1]["sites"] == ["wli-1"]
+    assert summary["status"] == "degraded" and summary["sites_lost"] == ["wli-0"]
+    # The global model is the honest site's, not the claimant's.
+    hostile = student_weights_of(grid, WLI0)
+    name = next(k for k, v in hostile.items() if v.dtype.kind == "f" and v.ndim >= 2)
+    final = Protocol(grid, cfg, tmp_path / "run")
+    final.resume()
+    assert not np.array_equal(final.student[name], hostile[name])
+
+
+def test_scaled_evaluation_histograms_are_dropped(tmp_path):
+    cfg = tiny_config()
+    grid = make_grid(cfg)
+
+    def scale(payload: Payload) -> None:
+        for key in ("score_positives", "score_negatives", "confusion"):
+            payload.arrays[key] = payload.arrays[key] * 10**9
+        payload.config["num-examples"] *= 10**9
+
+    grid.faults[WLI0] = tampering(grid, "evaluate", scale)
+    summary = run_federation(grid, cfg, tmp_path / "run")
+    assert "evaluated the 'test' split" in summary["site_status"]["wli-0"]["evaluate"]
+    assert summary["final"]["num_examples"] == cfg.data.test_per_site  # the honest site's images only
+    assert list(summary["evaluation"][-1]["sites"]) == ["wli-1"]
+
+
+def test_a_histogram_with_the_right_total_but_the_wrong_class_counts_is_dropped():
+    reply = make("evaluation", _dims(), arrays=_honest_histograms([5, 5, 5]), config={"num-examples": 15, "loss": 0.1})
+    request = Payload("evaluate", config={"model": "student", "split": "test"})
+    trust.screen_reply(request, reply, {"train": [8, 8, 8], "test": [5, 5, 5]}, "wli-0")  # honest: passes
+    shifted = make("evaluation", _dims(), arrays=_honest_histograms([7, 4, 4]), config={"num-examples": 15, "loss": 0.1})
+    with pytest.raises(trust.TrustError, match=r"confusion rows sum to \[7, 4, 4\].*wli|wli.*confusion rows"):
+        trust.screen_reply(request, shifted, {"train": [8, 8, 8], "test": [5, 5, 5]}, "wli-0")
+
+
+def test_an_evaluation_not_asked_for_is_dropped():
+    request = Payload("student.train", config={"evaluate": False})
+    reply = Payload("student.update", arrays=_honest_histograms([5, 5, 5]), config={"num-examples": 24, "eval-examples": 15})
+    with pytest.raises(trust.TrustError, match="not asked for"):
+        trust.screen_reply(request, reply, {"train": [8, 8, 8], "test": [5, 5, 5]}, "wli-0")
+
+
+def test_the_evaluated_split_follows_the_request():
+    assert trust.evaluated_split(Payload("evaluate", config={"split": "val"})) == "val"
+    assert trust.evaluated_split(Payload("student.train", config={"evaluate": "val"})) == "val"
+    assert trust.evaluated_split(Payload("knowledge.seed", config={"evaluate": "test"})) == "test"
+    assert trust.evaluated_split(Payload("student.train", config={"evaluate": ""})) is None
+    assert trust.evaluated_split(Payload("teacher.train", config={"evaluate": ""})) is None
+
+
+def test_a_round_1_reply_replayed_in_round_2_is_ignored(tmp_path, caplog):
+    cfg = tiny_config(**{"fed.student_rounds": 2})
+    grid = make_grid(cfg)
+    first: list[Message] = []
+
+    def replay(node_id: int, message: Message) -> Message | None:
+        reply = grid.deliver(node_id, message)
+        if message.metadata.message_type != MESSAGE_TYPE["student.train"]:
+            return reply
+        if not first:
+            first.append(reply)
+            return reply
+        return first[0]  # round 2 gets round 1's reply again
+
+    grid.faults[WLI0] = replay
+    with caplog.at_level("WARNING", logger="fedpagkd.server"):
+        summary = run_federation(grid, cfg, tmp_path / "run")
+    assert "answers no request of this round" in caplog.text
+    assert summary["site_status"]["wli-0"]["student"].startswith("dropped in student round 2: no reply")
+    assert summary["student"][1]["sites"] == ["wli-1"]
+
+
+def test_two_replies_to_one_request_are_both_refused(tmp_path):
+    cfg = tiny_config()
+
+    class TwiceGrid(InProcessGrid):
+        def send_and_receive(self, messages, *, timeout=None):
+            replies = list(super().send_and_receive(messages, timeout=timeout))
+            doubled = [r for r in replies if r.metadata.src_node_id == WLI0 and r.metadata.message_type == MESSAGE_TYPE["student.train"]]
+            return replies + doubled
+
+    grid = TwiceGrid(synthetic_node_configs(4), config_to_flat(cfg))
+    summary = run_federation(grid, cfg, tmp_path / "run")
+    assert "more than one reply" in summary["site_status"]["wli-0"]["student"]
+
+
+def test_two_sites_with_one_name_are_both_dropped_at_discovery(tmp_path):
+    cfg = tiny_config()
+    grid = make_grid(cfg)
+    grid.faults[WLI1] = tampering(grid, "discover", lambda p: p.config.update({"site-name": "wli-0"}))
+    with pytest.raises(FederationError, match=r"call themselves 'wli-0'.*unique site-name"):
+        run_federation(grid, cfg, tmp_path / "run")
+
+
+def test_duplicate_names_or_folders_in_sites_toml_are_refused(tmp_path):
+    for body, match in [
+        ('[[site]]\nname="a"\nmodality="nbi"\npath="x"\n[[site]]\nname="a"\nmodality="wli"\npath="y"\n', "reuses the name 'a'"),
+        ('[[site]]\nname="a"\nmodality="nbi"\npath="x"\n[[site]]\nname="b"\nmodality="wli"\npath="./x"\n', "same folder"),
+    ]:
+        (tmp_path / "sites.toml").write_text(body)
+        with pytest.raises(DataError, match=match):
+            read_sites_file(tmp_path)
+        with pytest.raises(launch.SimulationError, match=match):  # the launcher's preflight, before any process
+            launch.preflight({"data.root": str(tmp_path)}, 2)
+
+
+# ----------------------------------------------------------------------------- a property over replies
+
+
+def _dims():
+    from client.app import dims_of
+
+    return dims_of(tiny_config())
+
+
+def _honest_histograms(counts: list[int]) -> dict[str, np.ndarray]:
+    """Histograms of sum(counts) images, counts[c] of class c, every one scored 0 for every class."""
+    dims = _dims()
+    c = np.asarray(counts, dtype=np.int64)
+    positives = np.zeros((dims.C, dims.B), np.int64)
+    negatives = np.zeros((dims.C, dims.B), np.int64)
+    positives[:, 0], negatives[:, 0] = c, c.sum() - c
+    confusion = np.diag(c).astype(np.int64)
+    return {"score_positives": positives, "score_negatives": negatives, "confusion": confusion}
+
+
+class ScriptedGrid(InProcessGrid):
+    """A grid whose replies a test writes: ``script(message) -> list[Message]``."""
+
+    def __init__(self, nodes):
+        super().__init__({n: {} for n in nodes}, {})
+        self.script = lambda message: []
+
+    def send_and_receive(self, messages, *, timeout=None):
+        out = []
+        for message in messages:
+            message.metadata.__dict__["_message_id"] = uuid.uuid4().hex
+            out.extend(self.script(message))
+        return out
+
+
+@pytest.fixture(scope="module")
+def scripted(single_thread, tmp_path_factory):
+    """A Protocol over a scripted grid, with 4-parameter weights (the screens and FedAvg
+    only see arrays) and sites as discovery would record them."""
+    from server.workflow import SiteInfo
+
+    grid = ScriptedGrid([WLI0, WLI1, 105])
+    protocol = Protocol(grid, tiny_config(), tmp_path_factory.mktemp("prop") / "run")
+    protocol.student, protocol.head = {"w": np.zeros(4, np.float32)}, {"h": np.zeros(2, np.float32)}
+    return grid, protocol, SiteInfo
+
+
+def _update(dims, weights, count, hist):
+    return Payload("student.update", arrays={**hist, **empty_statistics(CLASS_PROTOTYPES, dims)},
+                   config={"num-examples": int(count), "loss": 0.1, "ce": 0.1, "den": 0.0, "pro": 0.0,
+                           "eval-examples": int(hist["confusion"].sum()), "eval-loss": 0.0},
+                   weights={"student": {"w": np.asarray(weights, np.float32)}, "head": {"h": np.zeros(2, np.float32)}})
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    declared=st.lists(st.integers(1, 500), min_size=3, max_size=3),
+    claimed=st.one_of(st.integers(-(2**63), 2**63 - 1), st.integers(-5, 600)),
+    hostile=st.lists(st.floats(-1e3, 1e3), min_size=4, max_size=4),
+    honest=st.lists(st.lists(st.floats(-1, 1), min_size=4, max_size=4), min_size=2, max_size=2),
+    test_counts=st.lists(st.integers(0, 9), min_size=3, max_size=3),
+    hist_scale=st.sampled_from([1, 1, 0, 2, 10**9]),
+    replay=st.booleans(),
+)
+def test_no_reply_moves_the_aggregate_further_than_an_honest_site_could(
+    scripted, declared, claimed, hostile, honest, test_counts, hist_scale, replay
+):
+    """Sites 103/104 honest, 105 hostile: arbitrary count, histograms scaled or not, maybe
+    answering an older round. Whatever it sends, its weight in FedAvg is at most what its
+    declared train count gives an honest site, and the pooled evaluation counts only
+    declared images."""
+    grid, protocol, SiteInfo = scripted
+    dims = protocol.dims
+    nodes = [WLI0, WLI1, 105]
+    protocol.sites = {n: SiteInfo(n, f"s{n}", "wli", [d, 0, 0], test_counts, "v") for n, d in zip(nodes, declared)}
+    protocol.channel.names = {n: f"s{n}" for n in nodes}
+    protocol.metrics["evaluation"] = []
+    request = make("student.train", dims, arrays={**protocol.bank, **protocol.class_prototypes},
+                   weights={"student": protocol.student, "head": protocol.head},
+                   config={"round": 2, "seed": 1, "local-epochs": 1, "group-losses": False, "use-bank": False, "evaluate": True})
+    honest_hist = _honest_histograms(test_counts)
+    stale = Message(to_recorddict(request), dst_node_id=105, message_type=MESSAGE_TYPE["student.train"])
+    stale.metadata.__dict__["_message_id"] = "an-earlier-round"
+
+    def script(message):
+        node = message.metadata.dst_node_id
+        if node == 105:
+            hist = {k: v * hist_scale for k, v in honest_hist.items()}
+            clamped = int(np.clip(claimed, -(2**62), 2**62))
+            return [Message(to_recorddict(_update(dims, hostile, clamped, hist)), reply_to=stale if replay else message)]
+        i = nodes.index(node)
+        return [Message(to_recorddict(_update(dims, honest[i], declared[i], honest_hist)), reply_to=message)]
+
+    grid.script = script
+    replies, dropped = protocol._exchange("student", "student round 2", {n: request for n in nodes},
+                                          {"student": weight_shapes(protocol.student), "head": weight_shapes(protocol.head)})
+    accepted = 105 in replies
+    assert accepted == (not replay and 0 < claimed <= declared[2] and (hist_scale == 1 or sum(test_counts) == 0))
+    protocol._record_evaluation("student", 1, replies, "eval-examples")
+    if protocol.metrics["evaluation"]:
+        assert protocol.metrics["evaluation"][-1]["pooled"]["num_examples"] == sum(test_counts) * len(replies)
+    blocks = {"student": {"w": np.zeros(4, np.float32)}, "head": {"h": np.zeros(2, np.float32)}}
+    protocol._fedavg("student", "wli", replies, blocks)
+    n_honest = declared[0] + declared[1]
+    honest_mean = (declared[0] * np.asarray(honest[0]) + declared[1] * np.asarray(honest[1])) / n_honest
+    moved = np.linalg.norm(blocks["student"]["w"].astype(np.float64) - honest_mean)
+    bound = declared[2] / (declared[2] + n_honest) * np.linalg.norm(np.asarray(hostile) - honest_mean)
+    assert moved <= bound * (1 + 1e-5) + 1e-4
+
+
+# ----------------------------------------------------------------------------- state tampering
+
+
+@pytest.fixture()
+def finished_run(tmp_path):
+    cfg = tiny_config()
+    run_dir = tmp_path / "run"
+    run_federation(make_grid(cfg), cfg, run_dir)
+    return cfg, run_dir
+
+
+def _records(run_dir: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()}
+
+
+@pytest.mark.parametrize("missing", [META, LEDGER])
+def test_a_run_folder_missing_a_record_is_refused_not_restarted(finished_run, missing):
+    cfg, run_dir = finished_run
+    (run_dir / missing).unlink()
+    before = _records(run_dir)
+    grid = make_grid(cfg)
+    with pytest.raises(StateError, match="another fed.run_name"):
+        run_federation(grid, cfg, run_dir)
+    assert not grid.sent, "nothing may be asked of the sites"
+    assert _records(run_dir) == before, "metrics, ledger and checkpoint must stay as they were"
+
+
+@pytest.mark.parametrize("edit", ["progress", "auc", "releases"])
+def test_an_edited_state_is_refused(finished_run, edit):
+    cfg, run_dir = finished_run
+    meta = json.loads((run_dir / META).read_text())
+    if edit == "progress":
+        meta["progress"]["student_rounds"] = 0
+    elif edit == "auc":
+        meta["metrics"]["evaluation"][-1]["pooled"]["auc"] = 0.99
+    else:
+        meta["releases"] = {site: 0 for site in meta["releases"]}
+    (run_dir / META).write_text(json.dumps(meta))
+    with pytest.raises(StateError, match="edited"):
+        run_federation(make_grid(cfg), cfg, run_dir)
+
+
+def test_an_edited_or_older_ledger_is_refused(finished_run):
+    cfg, run_dir = finished_run
+    ledger = json.loads((run_dir / LEDGER).read_text())
+    ledger["releases"] = {site: 1 for site in ledger["releases"]}
+    (run_dir / LEDGER).write_text(json.dumps(ledger))
+    with pytest.raises(StateError, match="edited"):
+        run_federation(make_grid(cfg), cfg, run_dir)
+
+
+def test_a_ledger_replaced_by_an_older_copy_is_refused(tmp_path):
+    cfg = tiny_config(**{"fed.student_rounds": 2})
+    run_dir = tmp_path / "run"
+    grid = make_grid(cfg)
+    copies: list[bytes] = []
+
+    def snapshot(node_id: int, message: Message) -> Message | None:
+        if message.metadata.message_type == MESSAGE_TYPE["student.train"] and not copies:
+            copies.append((run_dir / LEDGER).read_bytes())  # the ledger as it was before the student rounds
+        return grid.deliver(node_id, message)
+
+    grid.faults[WLI0] = snapshot
+    run_federation(grid, cfg, run_dir)
+    (run_dir / LEDGER).write_bytes(copies[0])
+    with pytest.raises(StateError, match="older than the run's state"):
+        run_federation(make_grid(cfg), cfg, run_dir)
+
+
+# ----------------------------------------------------------------------------- concurrent runs
+
+
+def test_a_second_run_on_a_locked_run_folder_is_refused(tmp_path):
+    cfg = tiny_config()
+    run_dir = tmp_path / "run"
+    grid = make_grid(cfg)
+    with RunLock(run_dir):
+        with pytest.raises(StateError, match="in use by another run"):
+            run_federation(grid, cfg, run_dir)
+    assert not grid.sent
+
+
+def test_a_run_folder_locked_by_another_process_is_refused_until_it_ends(tmp_path):
+    cfg = tiny_config()
+    run_dir = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; sys.path.insert(0, sys.argv[1]);"
+                               "from pathlib import Path; from server.state import RunLock;"
+                               "lock = RunLock(Path(sys.argv[2])).__enter__(); print('held', flush=True); time.sleep(60)",
+                               str(REPO), str(run_dir)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(StateError, match=rf"pid {holder.pid}"):
+            run_federation(make_grid(cfg), cfg, run_dir)
+    finally:
+        holder.kill()
+        holder.wait()
+    run_federation(make_grid(cfg), cfg, run_dir)  # the kernel released the lock with the process
+    assert (run_dir / "metrics.json").is_file()
+
+
+# ----------------------------------------------------------------------------- signals
+
+
+def _marked(marker: str) -> list[int]:
+    needle = f"FEDPAGKD_TEST_MARK={marker}".encode()
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if needle in (entry / "environ").read_bytes().split(b"\0"):
+                    pids.append(int(entry.name))
+            except OSError:
+                continue
+    return pids
+
+
+def test_stop_launch_ends_every_process_of_the_launch_and_nothing_else():
+    launch_id, marker = uuid.uuid4().hex, uuid.uuid4().hex
+    env = {**os.environ, launch.LAUNCH_ID_ENV: launch_id, "FEDPAGKD_TEST_MARK": marker}
+    # A detached tree, as flwr starts its SuperLink: its own session, a child ignoring SIGTERM.
+    tree = subprocess.Popen(["bash", "-c", "trap '' TERM; sleep 120 & sleep 120 & wait"], env=env, start_new_session=True)
+    bystander = subprocess.Popen(["sleep", "120"], env={**os.environ, launch.LAUNCH_ID_ENV: "another-launch"})
+    try:
+        deadline = time.time() + 10
+        while len(_marked(marker)) < 3 and time.time() < deadline:
+            time.sleep(0.1)
+        assert len(_marked(marker)) == 3
+        stopped = launch.stop_launch(launch_id, grace_s=1.0)
+        assert set(stopped) >= {tree.pid}
+        tree.wait(timeout=10)
+        assert not launch.launch_processes(launch_id) and not _marked(marker)
+        assert bystander.poll() is None, "a process of another launch must be left alone"
+    finally:
+        bystander.kill()
+        bystander.wait()
+        for pid in _marked(marker):
+            os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_to_the_launcher_becomes_a_stop(signum):
+    with pytest.raises(launch.Stopped) as info:
+        with launch._StopOnSignal():
+            os.kill(os.getpid(), signum)
+            time.sleep(5)
+    assert info.value.signum == signum
+
+
+@pytest.mark.slow
+def test_sigterm_to_server_launch_stops_the_run_and_every_process_it_started(tmp_path):
+    """The real launcher on Ray: SIGTERM once the run is training; every process carrying the
+    test's mark (the launcher's environment, inherited by flwr, the SuperLink, SuperExec,
+    flwr-simulation and Ray) is gone afterwards, and the exit code says it was stopped."""
+    marker = uuid.uuid4().hex
+    env = {**os.environ, "FEDPAGKD_TEST_MARK": marker, "OMP_NUM_THREADS": "1"}
+    overrides = [f"{k}={v}" for k, v in {**TINY_RUN, "fed.run_dir": str(tmp_path / "runs"), "fed.run_name": "stopped",
+                                         "fed.student_rounds": 50}.items()]
+    proc = subprocess.Popen([sys.executable, "-m", "server.launch", *overrides], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    seen = []
+    try:
+        deadline = time.time() + 240
+        for line in proc.stdout:
+            seen.append(line)
+            if "[student 1/" in line or time.time() > deadline:
+                break
+        assert any("[student 1/" in line for line in seen), "".join(seen[-30:])
+        proc.send_signal(signal.SIGTERM)
+        rest, _ = proc.communicate(timeout=120)
+        assert proc.returncode == 128 + signal.SIGTERM, rest[-3000:]
+        assert "STOPPED" in rest
+        deadline = time.time() + 20
+        while _marked(marker) and time.time() < deadline:
+            time.sleep(0.5)
+        assert not _marked(marker), f"left running: {_marked(marker)}"
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        for pid in _marked(marker):
+            os.kill(pid, signal.SIGKILL)
+
+
+TINY_RUN = {"data.image_size": 32, "data.train_per_site": 24, "data.test_per_site": 15, "data.val_per_site": 0,
+            "train.batch_size": 12, "train.local_epochs": 1, "train.device": "cpu", "pagkd.group_size": 4,
+            "pagkd.min_group_size": 2, "model.student": "test_resnet", "model.teacher": "test_resnet", "model.embed_dim": 32,
+            "model.num_heads": 4, "model.num_queries": 4, "pagkd.codebook_size": 4, "fed.teacher_rounds": 1, "fed.num_bins": 20}
+
+
+# ----------------------------------------------------------------------------- degraded runs
+
+
+def _failing(grid: InProcessGrid, kind: str):
+    def fault(node_id: int, message: Message) -> Message | None:
+        if message.metadata.message_type == MESSAGE_TYPE[kind]:
+            return Message(to_recorddict(Payload("error", config={"site-name": "wli-0", "reason": "cannot read /data/x.png"})),
+                           reply_to=message)
+        return grid.deliver(node_id, message)
+
+    return fault
+
+
+@pytest.mark.parametrize("share, accepted", [(1.0, False), (0.5, True)])
+def test_a_lost_site_makes_the_run_degraded_and_the_launcher_says_so(tmp_path, share, accepted):
+    cfg = tiny_config(**{"fed.min_site_share": share})
+    grid = make_grid(cfg)
+    grid.faults[WLI0] = _failing(grid, "student.train")
+    summary = run_federation(grid, cfg, tmp_path / "run")
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["status"] == "degraded" and metrics["accepted"] is accepted
+    assert set(metrics["site_status"]) == {"nbi-0", "nbi-1", "wli-0", "wli-1"}  # every discovered site
+    assert metrics["site_status"]["wli-0"]["student"] == "dropped in student round 1: cannot read /data/x.png"
+    assert metrics["site_status"]["wli-1"] == {"discover": "took part", "student": "took part", "evaluate": "took part"}
+    assert metrics["site_status"]["nbi-0"]["teacher"] == "took part"
+    assert launch.outcome_code(metrics) == (0 if accepted else launch.DEGRADED_EXIT)
+    lines = "\n".join(launch.outcome_lines(metrics))
+    assert "DEGRADED" in lines and "lost 'wli-0'" in lines and "cannot read /data/x.png" in lines
+    assert summary["site_share"] == 0.75
+
+
+def test_a_complete_run_is_completed_and_exits_0(finished_run):
+    metrics = json.loads((finished_run[1] / "metrics.json").read_text())
+    assert metrics["status"] == "completed" and metrics["sites_lost"] == [] and launch.outcome_code(metrics) == 0
+    assert all(v == "took part" for phases in metrics["site_status"].values() for v in phases.values())
+    assert "after 1 student round(s)" in launch.outcome_lines(metrics)[0]
+
+
+def test_no_student_rounds_reports_no_student_figure(tmp_path):
+    cfg = tiny_config(**{"fed.student_rounds": 0})
+    summary = run_federation(make_grid(cfg), cfg, tmp_path / "run")
+    assert summary["final"] is None and summary["final_teacher"] is not None
+    lines = launch.outcome_lines(summary)
+    assert lines[0].startswith("no WLI student figure: 0 student round(s)")
+    assert not any("student after" in line for line in lines)
+
+
+def test_a_bank_with_no_group_is_an_error(tmp_path):
+    cfg = tiny_config(**{"data.train_per_site": 6, "pagkd.min_group_size": 4})  # 2 images per class: no group forms
+    with pytest.raises(FederationError, match="the bank holds no group"):
+        run_federation(make_grid(cfg), cfg, tmp_path / "run")
+
+
+def test_a_group_size_above_a_class_share_of_a_batch_is_refused():
+    with pytest.raises(ConfigError, match="'pagkd.min_group_size'.*train.batch_size // data.num_classes"):
+        tiny_config(**{"train.batch_size": 12, "pagkd.group_size": 6, "pagkd.min_group_size": 5})
+
+
+# ----------------------------------------------------------------------------- bounds
+
+
+@pytest.mark.parametrize("key, value", [
+    ("fed.run_name", "../../x"), ("fed.run_name", "/tmp/abs"), ("fed.run_name", "a/b"), ("fed.run_name", ".hidden"),
+    ("fed.num_bins", 10**9), ("pagkd.codebook_size", 10**7), ("pagkd.kmeans_iters", 10**6), ("data.num_workers", -1),
+    ("data.image_size", 10**6), ("model.num_queries", 10**6), ("fed.student_rounds", 10**9), ("train.batch_size", 10**7),
+    ("fed.round_timeout", 1e12), ("fed.min_site_share", 1.5), ("pagkd.subtypes", 10**5),
+])
+def test_every_config_value_is_bounded_and_named(key, value):
+    with pytest.raises(ConfigError, match=rf"'{key}'"):
+        config_from_flat({key: value})
+
+
+def test_the_run_folder_never_leaves_run_dir(tmp_path):
+    assert run_folder(str(tmp_path), "ok-name_1.2") == (tmp_path / "ok-name_1.2").resolve()
+    for name in ("../x", "/abs", "a/../../b"):
+        with pytest.raises(ValueError, match="outside fed.run_dir"):
+            run_folder(str(tmp_path), name)
+
+
+# ----------------------------------------------------------------------------- image decoding
+
+GRAY16 = np.array([[0, 257, 32896, 65535]], np.uint16)  # -> 0, 1, 128, 255
+
+
+def _modes(tmp_path: Path):
+    """(file, expected RGB [1, W, 3]) for each PIL mode a medical export can produce."""
+    cases = {}
+    cases["i16.png"] = (Image.fromarray(GRAY16), np.repeat(np.array([0, 1, 128, 255])[:, None], 3, 1))
+    cases["i32.tif"] = (Image.fromarray(GRAY16.astype(np.int32)), np.repeat(np.array([0, 1, 128, 255])[:, None], 3, 1))
+    cases["float.tif"] = (Image.fromarray(np.array([[0.0, 0.25, 0.5, 1.0]], np.float32)),
+                          np.repeat(np.array([0, 64, 128, 255])[:, None], 3, 1))
+    rgba = np.array([[[255, 0, 0, 0], [255, 0, 0, 128], [0, 255, 0, 255], [9, 9, 9, 255]]], np.uint8)
+    cases["rgba.png"] = (Image.fromarray(rgba), np.array([[0, 0, 0], [128, 0, 0], [0, 255, 0], [9, 9, 9]]))
+    la = np.array([[[200, 0], [200, 255], [200, 128], [10, 255]]], np.uint8)
+    cases["la.png"] = (Image.fromarray(la), np.array([[0] * 3, [200] * 3, [100] * 3, [10] * 3]))
+    palette = Image.new("P", (4, 1))
+    palette.putpalette([10, 20, 30, 200, 100, 50] + [0] * 762)
+    palette.putdata([0, 1, 0, 1])
+    palette.info["transparency"] = 1
+    cases["p_transparent.png"] = (palette, np.array([[10, 20, 30], [0, 0, 0], [10, 20, 30], [0, 0, 0]]))
+    cmyk = Image.new("CMYK", (4, 1))
+    cmyk.putdata([(0, 0, 0, 0), (255, 0, 0, 0), (0, 0, 0, 255), (0, 255, 255, 0)])
+    cases["cmyk.tif"] = (cmyk, np.array([[255, 255, 255], [0, 255, 255], [0, 0, 0], [255, 0, 0]]))
+    binary = Image.new("1", (4, 1))
+    binary.putdata([0, 255, 0, 255])
+    cases["binary.png"] = (binary, np.array([[0] * 3, [255] * 3, [0] * 3, [255] * 3]))
+    cases["gray.png"] = (Image.fromarray(np.array([[0, 77, 128, 255]], np.uint8)), np.repeat(np.array([0, 77, 128, 255])[:, None], 3, 1))
+    out = []
+    for name, (image, expected) in cases.items():
+        image.save(tmp_path / name)
+        out.append((tmp_path / name, expected))
+    return out
+
+
+def test_every_pil_mode_decodes_to_its_known_pixel_values(tmp_path):
+    for path, expected in _modes(tmp_path):
+        with Image.open(path) as raw:
+            mode = raw.mode
+        got = np.asarray(load_image(path))
+        assert got.dtype == np.uint8 and got.shape == (1, 4, 3), path
+        np.testing.assert_array_equal(got[0], expected, err_msg=f"{path.name} (mode {mode})")
+
+
+@pytest.mark.parametrize("name, array, match", [
+    ("float_range.tif", np.array([[0.0, 3.5]], np.float32), r"values in \[0, 3.5\]"),
+    ("negative.tif", np.array([[-5, 10]], np.int32), r"values in \[-5, 10\]"),
+])
+def test_an_image_whose_value_range_is_unknown_is_refused_naming_the_file(tmp_path, name, array, match):
+    Image.fromarray(array).save(tmp_path / name)
+    with pytest.raises(DataError, match=rf"{name}.*{match}"):
+        load_image(tmp_path / name)
+
+
+# ----------------------------------------------------------------------------- spreadsheet manifests
+
+
+def _site(tmp_path: Path) -> Path:
+    for i, name in enumerate(["a.png", "b.png", "c.png", "d.png"]):
+        Image.fromarray(np.full((8, 8, 3), 40 * i, np.uint8)).save(tmp_path / name)
+    return tmp_path
+
+
+CLASSES = ("x", "y")
+
+
+@pytest.mark.parametrize("text", [
+    "\ufeffpath,label,split\na.png,x,train\nb.png,y,train\nc.png,x,test\n",                    # UTF-8 BOM
+    "path,label,split\r\na.png,x,train\r\nb.png,y,train\r\nc.png,x,test\r\n",                  # CRLF
+    "path;label;split\na.png;x;train\nb.png;y;train\nc.png;x;test\n",                          # semicolons
+    '"path","label","split"\n"a.png","x","train"\n"b.png","y","train"\n"c.png","x","test"\n',  # quoted cells
+    "path,label,split,\na.png ,x , train,\nb.png,y,train,\nc.png,x,test,\n,,,\n\n",            # trailing blanks
+    "Path\tLabel\tSplit\na.png\tx\tTrain\nb.png\ty\ttrain\nc.png\tx\ttest\n",                   # tabs, capitals
+])
+def test_a_manifest_from_a_spreadsheet_tool_is_read_as_meant(tmp_path, text):
+    root = _site(tmp_path)
+    (root / "manifest.csv").write_bytes(text.encode())
+    train = FolderSiteDataset(root, "train", CLASSES)
+    test = FolderSiteDataset(root, "test", CLASSES)
+    assert [p.name for p in train.paths] == ["a.png", "b.png"] and train.labels.tolist() == [0, 1]
+    assert [p.name for p in test.paths] == ["c.png"] and test.labels.tolist() == [0]
+
+
+@pytest.mark.parametrize("rows, match", [
+    ("a.png,x,train\nb.png,y,train\na.png,x,train\nc.png,x,test\n", r"line 4: image .*a.png is listed twice in 'train' \(line 2"),
+    ("a.png,x,train\nb.png,y,train\nc.png,x,test\n./a.png,x,test\n", r"line 5: .*a.png is listed in both 'train' and 'test'"),
+])
+def test_duplicate_or_train_test_overlapping_rows_are_refused(tmp_path, rows, match):
+    root = _site(tmp_path)
+    (root / "manifest.csv").write_text("path,label,split\n" + rows)
+    for split in ("train", "test"):
+        with pytest.raises(DataError, match=match):
+            FolderSiteDataset(root, split, CLASSES)
