@@ -106,7 +106,8 @@ def test_empty_bank_is_all_zeros_with_the_schema_shapes():
         assert bank[spec.name].dtype == np.dtype(spec.dtype)
         assert not bank[spec.name].any()
     # It is a valid student.train payload (a WLI-only student is sent it).
-    config = {"round": 1, "seed": 0, "local-epochs": 1, "group-losses": False, "use-bank": False, "evaluate": False}
+    config = {"round": 1, "seed": 0, "local-epochs": 1, "group-losses": False, "use-bank": False, "evaluate": "",
+              "schedule-start": 0.0, "schedule-end": 1.0}
     make("student.train", DIMS, arrays={**bank, **empty_statistics(CLASS_PROTOTYPES, DIMS)}, config=config, weights={"student": {}, "head": {}})
 
 
@@ -565,7 +566,8 @@ def assert_bank_shape(bank: dict[str, np.ndarray], replies: list[dict[str, np.nd
         assert bank[spec.name].shape == replies[0][spec.name].shape == DIMS.resolve(spec.shape), spec.name
         assert bank[spec.name].dtype == replies[0][spec.name].dtype == np.dtype(spec.dtype), spec.name
     make("student.train", DIMS, arrays={**bank, **empty_statistics(CLASS_PROTOTYPES, DIMS)}, weights={"student": {}, "head": {}},
-         config={"round": 1, "seed": 0, "local-epochs": 1, "group-losses": False, "use-bank": True, "evaluate": False})
+         config={"round": 1, "seed": 0, "local-epochs": 1, "group-losses": False, "use-bank": True, "evaluate": "",
+                 "schedule-start": 0.0, "schedule-end": 1.0})
 
 
 @pytest.mark.parametrize("kind", ["flip", "scale", "random"])

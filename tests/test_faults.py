@@ -102,7 +102,7 @@ def test_scaled_evaluation_histograms_are_dropped(tmp_path):
 
     grid.faults[WLI0] = tampering(grid, "evaluate", scale)
     summary = run_federation(grid, cfg, tmp_path / "run")
-    assert "evaluated the 'test' split" in summary["site_status"]["wli-0"]["evaluate"]
+    assert "evaluated the 'val' split" in summary["site_status"]["wli-0"]["evaluate"]
     assert summary["final"]["num_examples"] == cfg.data.test_per_site  # the honest site's images only
     assert list(summary["evaluation"][-1]["sites"]) == ["wli-1"]
 
@@ -117,7 +117,7 @@ def test_a_histogram_with_the_right_total_but_the_wrong_class_counts_is_dropped(
 
 
 def test_an_evaluation_not_asked_for_is_dropped():
-    request = Payload("student.train", config={"evaluate": False})
+    request = Payload("student.train", config={"evaluate": ""})
     reply = Payload("student.update", arrays=_honest_histograms([5, 5, 5]), config={"num-examples": 24, "eval-examples": 15})
     with pytest.raises(trust.TrustError, match="not asked for"):
         trust.screen_reply(request, reply, {"train": [8, 8, 8], "test": [5, 5, 5]}, "wli-0")
@@ -261,12 +261,14 @@ def test_no_reply_moves_the_aggregate_further_than_an_honest_site_could(
     grid, protocol, SiteInfo = scripted
     dims = protocol.dims
     nodes = [WLI0, WLI1, 105]
-    protocol.sites = {n: SiteInfo(n, f"s{n}", "wli", [d, 0, 0], test_counts, "v") for n, d in zip(nodes, declared)}
+    # The evaluation riding on student.train scores the val split (model selection).
+    protocol.sites = {n: SiteInfo(n, f"s{n}", "wli", [d, 0, 0], [5, 5, 5], "v", val_counts=test_counts) for n, d in zip(nodes, declared)}
     protocol.channel.names = {n: f"s{n}" for n in nodes}
     protocol.metrics["evaluation"] = []
     request = make("student.train", dims, arrays={**protocol.bank, **protocol.class_prototypes},
                    weights={"student": protocol.student, "head": protocol.head},
-                   config={"round": 2, "seed": 1, "local-epochs": 1, "group-losses": False, "use-bank": False, "evaluate": True})
+                   config={"round": 2, "seed": 1, "local-epochs": 1, "group-losses": False, "use-bank": False, "evaluate": "val",
+                           "schedule-start": 0.5, "schedule-end": 1.0})
     honest_hist = _honest_histograms(test_counts)
     stale = Message(to_recorddict(request), dst_node_id=105, message_type=MESSAGE_TYPE["student.train"])
     stale.metadata.__dict__["_message_id"] = "an-earlier-round"
@@ -285,7 +287,7 @@ def test_no_reply_moves_the_aggregate_further_than_an_honest_site_could(
                                           {"student": weight_shapes(protocol.student), "head": weight_shapes(protocol.head)})
     accepted = 105 in replies
     assert accepted == (not replay and 0 < claimed <= declared[2] and (hist_scale == 1 or sum(test_counts) == 0))
-    protocol._record_evaluation("student", 1, replies, "eval-examples")
+    protocol._record_evaluation("student", 1, replies, "eval-examples", "val")
     if protocol.metrics["evaluation"]:
         assert protocol.metrics["evaluation"][-1]["pooled"]["num_examples"] == sum(test_counts) * len(replies)
     blocks = {"student": {"w": np.zeros(4, np.float32)}, "head": {"h": np.zeros(2, np.float32)}}

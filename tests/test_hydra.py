@@ -27,7 +27,7 @@ def _compose(name: str, overrides: list[str]):
 
 def test_presets_and_experiments_compose_to_valid_configs():
     cpu, bench = _compose("centralised", [])
-    assert cpu.model.student == "resnet18" and cpu.data.image_size == 64 and bench["seeds"] == [0, 1, 2]
+    assert cpu.model.student == "pagkd_cnn_s" and cpu.data.image_size == 64 and bench["seeds"] == [0, 1, 2]
     paper, _ = _compose("centralised", ["preset=paper"])
     assert (paper.model.student, paper.data.image_size, paper.pagkd.pro_weight, paper.train.lr) == ("resnet50", 448, 0.001, 1e-4)
     assert paper.model.pretrained  # ImageNet-initialised ResNet-50, as the paper

@@ -366,7 +366,7 @@ def seeded_site(single_thread):
     proto, _ = protocol(cfg, __import__("pathlib").Path("/nonexistent"))
     context = Context(run_id=1, node_id=7, node_config={"partition-id": 0, "num-partitions": 4}, state=RecordDict(),
                       run_config=config_to_flat(cfg))
-    request = make("knowledge.seed", dims, config={"round": 1, "seed": 5, "evaluate": False},
+    request = make("knowledge.seed", dims, config={"round": 1, "seed": 5, "evaluate": ""},
                    weights={"teacher": proto.teacher, "head": proto.head})
     seeds = ask(request, context)
     return {"cfg": cfg, "dims": dims, "context": context, "key": seeds.config["public-key"],
