@@ -33,7 +33,7 @@ from client.site import federation_sites
 from client.train import ValidationSelector, balanced_loader, eval_loader, live_teacher_bank, predict, train_student, train_teacher
 from common.config import Config, config_from_mapping, config_to_dict, register_hydra_schema
 from common.files import atomic_write_json
-from common.metrics import classification_metrics
+from common.metrics import classification_metrics, confusion_matrix
 from common.models import build_query_head, build_student, build_teacher, pick_device
 
 log = logging.getLogger("fedpagkd.centralised")
@@ -78,30 +78,28 @@ def with_variant(cfg: Config, variant: str) -> Config:
     return dataclasses.replace(cfg, pagkd=dataclasses.replace(cfg.pagkd, **settings)).validate()
 
 
-def run_seed(cfg: Config, seed: int, variants: list[str], done: dict[str, Any], record) -> None:
+def needs_teacher(variant: str) -> bool:
+    settings = VARIANTS[variant]
+    return settings.get("use_pro", True) or settings.get("use_den", True) or settings.get(INIT) == "teacher"
+
+
+def run_seed(cfg: Config, seed: int, variants: list[str], done: dict[str, Any], record, teacher_wanted: bool = True) -> None:
     """Teacher once, then each student variant from the same initialisation. ``done`` holds
-    this seed's finished results (skipped); ``record(name, metrics)`` saves each new one."""
+    this seed's finished results (skipped); ``record(name, metrics)`` saves each new one.
+    Without ``teacher_wanted`` and no variant that needs one, no teacher is trained (a WLI-only
+    learning curve)."""
     device = pick_device(cfg.train.device)
     data = pooled_data(cfg)
     c = cfg.data.num_classes
     bs, workers = cfg.train.batch_size, cfg.data.num_workers
-    if all(v in done for v in ["nbi_teacher", *variants]):
+    train_a_teacher = teacher_wanted or any(needs_teacher(v) for v in variants)
+    if all(v in done for v in (["nbi_teacher"] if train_a_teacher else []) + variants):
         return
-    # The teacher is retrained on resume (cheap next to the students, and deterministic by seed).
     torch.manual_seed(seed)
-    teacher, teacher_head = build_teacher(cfg.model, c), build_query_head(cfg.model, c)
-    started = time.time()
-    # Model selection on the validation split (best epoch by pooled val AUC); test read once.
-    selector = ValidationSelector(teacher, eval_loader(data["nbi", "val"], bs, workers), device, cfg.train.amp)
-    train_teacher(teacher, teacher_head, balanced_loader(data["nbi", "train"], bs, seed, workers), cfg, device,
-                  cfg.train.teacher_epochs, seed, on_epoch_end=selector)
-    selector.restore()
-    if "nbi_teacher" not in done:
-        probs, labels, _ = predict(teacher, eval_loader(data["nbi", "test"], bs, workers), device, cfg.train.amp)
-        record("nbi_teacher", {**classification_metrics(probs, labels), "train_s": time.time() - started,
-                               "best_epoch": selector.best_epoch, "val_auc": selector.best_auc})
-    teacher.eval().requires_grad_(False)
-
+    if not train_a_teacher:
+        teacher = teacher_head = None
+    else:
+        teacher, teacher_head = _trained_teacher(cfg, seed, data, done, record, device)
     torch.manual_seed(seed + 1)
     student_init = build_student(cfg.model, c).state_dict()
     for variant in variants:
@@ -115,7 +113,8 @@ def run_seed(cfg: Config, seed: int, variants: list[str], done: dict[str, Any], 
             student.load_state_dict(teacher.state_dict())
         else:
             student.load_state_dict(student_init)
-        head = copy.deepcopy(teacher_head).requires_grad_(True)  # the shared head starts where the teacher left it
+        # The shared head starts where the teacher left it (a fresh one without a teacher).
+        head = copy.deepcopy(teacher_head).requires_grad_(True) if teacher_head is not None else build_query_head(cfg.model, c)
         if vcfg.pagkd.use_pro or vcfg.pagkd.use_den:
             bank_source = live_teacher_bank(teacher, head, balanced_loader(data["nbi", "train"], bs, seed + 2, workers), vcfg,
                                             device, seed)
@@ -129,6 +128,26 @@ def run_seed(cfg: Config, seed: int, variants: list[str], done: dict[str, Any], 
         probs, labels, _ = predict(student, eval_loader(data["wli", "test"], bs, workers), device, cfg.train.amp)
         record(variant, {**classification_metrics(probs, labels), "train_s": time.time() - started,
                          "best_epoch": selector.best_epoch, "val_auc": selector.best_auc, "train_losses": result.losses})
+
+
+def _trained_teacher(cfg: Config, seed: int, data, done: dict[str, Any], record, device):
+    """The NBI teacher of a seed, selected on NBI val; its test figures recorded once (it is
+    retrained on resume: deterministic by seed)."""
+    c, bs, workers = cfg.data.num_classes, cfg.train.batch_size, cfg.data.num_workers
+    teacher, teacher_head = build_teacher(cfg.model, c), build_query_head(cfg.model, c)
+    started = time.time()
+    # Model selection on the validation split (best epoch by pooled val AUC); test read once.
+    selector = ValidationSelector(teacher, eval_loader(data["nbi", "val"], bs, workers), device, cfg.train.amp)
+    train_teacher(teacher, teacher_head, balanced_loader(data["nbi", "train"], bs, seed, workers), cfg, device,
+                  cfg.train.teacher_epochs, seed, on_epoch_end=selector)
+    selector.restore()
+    if "nbi_teacher" not in done:
+        probs, labels, _ = predict(teacher, eval_loader(data["nbi", "test"], bs, workers), device, cfg.train.amp)
+        record("nbi_teacher", {**classification_metrics(probs, labels), "train_s": time.time() - started,
+                               "best_epoch": selector.best_epoch, "val_auc": selector.best_auc,
+                               "confusion": confusion_matrix(labels, probs.argmax(1), c).tolist()})
+    teacher.eval().requires_grad_(False)
+    return teacher, teacher_head
 
 
 def summarise(per_seed: dict[str, dict[str, dict[str, Any]]]) -> dict[str, dict[str, float]]:
@@ -171,6 +190,7 @@ class BenchSection:
     seeds: list[int] = dataclasses.field(default_factory=lambda: [0, 1, 2])
     variants: list[str] = dataclasses.field(default_factory=lambda: list(VARIANTS))
     out: str = "benchmarks/results/centralised.json"
+    teacher: bool = True  # train (and report) the NBI teacher even when no variant needs it
 
 
 register_hydra_schema("centralised", {"bench": BenchSection()})
@@ -206,7 +226,7 @@ def main(conf: DictConfig) -> None:
             log.info("seed %d %s AUC %.4f (%.0f s)", seed, name, metrics["auc"], metrics["train_s"])
 
         seed_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=int(seed)))
-        run_seed(seed_cfg, int(seed), list(bench["variants"]), results, record)
+        run_seed(seed_cfg, int(seed), list(bench["variants"]), results, record, bench["teacher"])
     print(format_table(summarise(per_seed)))
     print(f"wrote {out}")
 

@@ -75,7 +75,10 @@ def run_once(overrides: dict[str, Any], runtime: str, run_dir: Path, name: str, 
     metrics = json.loads((run_dir / name / "metrics.json").read_text())
     return {
         "final": {k: metrics["final"][k] for k in REPORTED},
-        "auc_per_round": [e["pooled"]["auc"] for e in metrics["evaluation"] if e["model"] == "student"],
+        # The selected NBI teacher's test figures with its confusion matrix (None without teacher rounds).
+        "final_teacher": metrics.get("final_teacher"),
+        "selection": metrics.get("selection"),
+        "auc_per_round": [e["pooled"]["auc"] for e in metrics["evaluation"] if e["model"] == "student" and e.get("split") == "val"],
         "wall_s": time.time() - started,
         "bytes": metrics["bytes"],
         "bank_bytes": metrics["bank_bytes"],

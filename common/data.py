@@ -225,6 +225,24 @@ def _draw_latents(rng: np.random.Generator, label: int, num_classes: int) -> dic
     }
 
 
+def severity_posterior(severity: np.ndarray, num_classes: int, class_weights: Sequence[float] | None = None) -> np.ndarray:
+    """The true class posterior given the latent severity: severity [N] -> p(class | s) [N, C].
+
+    Under the generator, s ~ N(c / (C - 1), (_SEVERITY_SPREAD / (C - 1))^2) for class c, and every
+    other latent (hence every pixel) depends on the class only through s. So no classifier of
+    the images can beat the AUC of this posterior: it is the Bayes ceiling of the task, for WLI
+    and NBI alike (what WLI hides costs AUC below it; NBI knowledge can fill at most the gap).
+    ``class_weights`` is the prior (None: balanced)."""
+    severity = np.asarray(severity, dtype=np.float64).reshape(-1, 1)
+    means = np.array([_class_position(c, num_classes) for c in range(num_classes)])[None, :]
+    std = _SEVERITY_SPREAD / (num_classes - 1)
+    prior = np.ones(num_classes) if class_weights is None else np.asarray(class_weights, dtype=np.float64)
+    log_joint = -0.5 * ((severity - means) / std) ** 2 + np.log(prior / prior.sum())[None, :]
+    log_joint -= log_joint.max(axis=1, keepdims=True)
+    joint = np.exp(log_joint)
+    return joint / joint.sum(axis=1, keepdims=True)
+
+
 @dataclass(frozen=True)
 class _Look:
     """How one modality shows the biology: palette, pattern amplitude, optics."""

@@ -31,6 +31,7 @@ __all__ = [
     "histogram_metrics",
     "histogram_roc",
     "learning_problems",
+    "paired_difference",
     "score_histogram",
 ]
 
@@ -309,3 +310,19 @@ def learning_problems(evaluation: dict) -> list[str]:
         if never:
             problems.append(f"class(es) {never} present but never predicted right (recall 0)")
     return problems
+
+
+def paired_difference(a: np.ndarray, b: np.ndarray) -> dict:
+    """Paired comparison of two arms over the same seeds: a, b [n] (e.g. AUC per seed) ->
+    mean of a - b, its std, the 95 % confidence interval of the mean (paired t), the Wilcoxon
+    signed-rank p-value (NaN below 2 seeds or when every difference is 0) and n. A difference
+    counts when the interval excludes 0."""
+    from scipy import stats
+
+    diff = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
+    n = len(diff)
+    mean = float(diff.mean()) if n else float("nan")
+    std = float(diff.std(ddof=1)) if n > 1 else float("nan")
+    half = float(stats.t.ppf(0.975, n - 1) * std / np.sqrt(n)) if n > 1 else float("nan")
+    p = float(stats.wilcoxon(diff).pvalue) if n > 1 and np.any(diff != 0) else float("nan")
+    return {"mean": mean, "std": std, "ci95": [mean - half, mean + half], "p": p, "seeds": n}

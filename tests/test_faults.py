@@ -659,3 +659,26 @@ def test_duplicate_or_train_test_overlapping_rows_are_refused(tmp_path, rows, ma
     for split in ("train", "test"):
         with pytest.raises(DataError, match=match):
             FolderSiteDataset(root, split, CLASSES)
+
+
+def test_a_student_that_did_not_learn_is_named_in_metrics_and_on_the_final_line(tmp_path):
+    """Bad input of another kind: a run whose student does not learn says so. Every WLI site's
+    update zeroes the classifier (all classes equally likely: AUC 0.5, one class predicted for
+    every image), so the selected student is at chance and collapsed; metrics.json and the
+    launcher's final lines say it, instead of ending with a quiet number."""
+    cfg = tiny_config(**{"fed.student_rounds": 2, "pagkd.use_pro": False, "pagkd.use_den": False})
+    grid = make_grid(cfg)
+
+    def zero_classifier(payload: Payload) -> None:
+        for name in ("classifier.weight", "classifier.bias"):
+            payload.weights["student"][name] = np.zeros_like(payload.weights["student"][name])
+
+    for node_id in (WLI0, WLI0 + 1):
+        grid.faults[node_id] = tampering(grid, "student.train", zero_classifier)
+    summary = run_federation(grid, cfg, tmp_path / "run")
+    problems = summary["not_learned"]["student"]
+    assert any("at chance" in p for p in problems) and any("collapsed" in p for p in problems), problems
+    assert summary["selection"]["student"]["problems"] == problems
+    lines = "\n".join(launch.outcome_lines(summary))
+    assert "WARNING: the student did not learn" in lines and "at chance" in lines
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["not_learned"]["student"] == problems
