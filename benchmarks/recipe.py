@@ -14,8 +14,8 @@ The report reads what these wrote (same seeds, same images per seed, 1,000 poole
     OMP_NUM_THREADS=1 python -m benchmarks.reference data.test_per_site=500 --seeds 0 1 2 3 4
     OMP_NUM_THREADS=1 python -m benchmarks.centralised "bench.variants=[wli_only]" "bench.seeds=[0,1,2,3,4]" \\
         data.test_per_site=500 bench.out=benchmarks/results/recipe_centralised.json
-    OMP_NUM_THREADS=1 python -m benchmarks.federated --runtime inprocess --methods fedavg_wli_only fedpagkd \\
-        --seeds 0 1 2 3 4 data.test_per_site=500 --out benchmarks/results/recipe_federated.json
+    OMP_NUM_THREADS=1 python -m benchmarks.federated data.test_per_site=500 --runtime inprocess --methods fedavg_wli_only fedpagkd \\
+        --seeds 0 1 2 3 4 --out benchmarks/results/recipe_federated.json
 """
 
 from __future__ import annotations

@@ -1,0 +1,121 @@
+"""The powered federated study of PaGKD: every arm on the same data, seeds and schedule.
+
+    python -m benchmarks.study --seeds 0 1 2 3 4 5 6 7 8 9                  # default regime
+    python -m benchmarks.study --regime scarce --seeds 0 1 2 3 4 5 6 7 8 9  # 48 WLI images per site
+    python -m benchmarks.study --arms fedavg_wli_only fedpagkd --seeds 0 1   # a subset
+
+Within a seed every arm sees the same sites (``train.seed`` renders them), the same global
+initialisation and the same batch order and augmentation stream (both seeded per site and round).
+Federated arms run the real ServerApp protocol and ClientApp handlers in-process
+(``benchmarks.federated``); the centralised arms pool the same images (``benchmarks.centralised``).
+The test split is read once per run, for the selected model. Resumable: each finished run is
+written at once to ``benchmarks/results/study[_<regime>].json``, laid out as::
+
+    {"arms": {NAME: {"auc": [per seed], "seeds": [...], "mean": m, "std": s}},
+     "paired": {"A_vs_B": {"mean": x, "ci95": [lo, hi], "p": p, "seeds": n}},
+     "default_arm": NAME, "test_images": n, ...}
+
+with every arm against FedAvg WLI-only, and the default arm against every other arm.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import common  # noqa: F401
+from benchmarks.centralised import environment, run_seed
+from benchmarks.federated import METHODS, run_once
+from common.config import config_from_flat
+from common.files import atomic_write_json
+from common.metrics import paired_difference
+
+DEFAULT_ARM = "fedpagkd"  # the Flower run config's default (pyproject.toml)
+BASELINE_ARM = "fedavg_wli_only"
+CENTRALISED = {"central_wli_only": "wli_only", "central_pagkd": "pagkd"}
+ARMS = [*METHODS, *CENTRALISED]
+# Data regimes: overrides on top of the default federation (WLI training size, NBI:WLI ratio).
+REGIMES: dict[str, dict[str, Any]] = {
+    "default": {},
+    "scarce": {"data.train_per_site": 48},
+    "plentiful": {"data.train_per_site": 384, "fed.student_rounds": 5, "fed.teacher_rounds": 5},
+    "nbi_x4": {"data.nbi_train_scale": 4.0},
+}
+
+
+def run_arm(arm: str, overrides: dict[str, Any], seed: int, run_dir: Path) -> dict[str, Any]:
+    """One run of one arm -> {"auc": ..., "wall_s": ..., "final": {...}}."""
+    started = time.time()
+    if arm in CENTRALISED:
+        cfg = config_from_flat({**overrides, "train.seed": seed})
+        found: dict[str, Any] = {}
+        run_seed(cfg, seed, [CENTRALISED[arm]], found, lambda name, m: found.__setitem__(name, m),
+                 teacher_wanted=CENTRALISED[arm] != "wli_only")
+        final = found[CENTRALISED[arm]]
+        return {"auc": final["auc"], "final": {k: final[k] for k in ("auc", "accuracy", "sensitivity", "specificity")},
+                "wall_s": time.time() - started}
+    result = run_once({**overrides, **METHODS[arm], "train.seed": seed}, "inprocess", run_dir, f"{arm}-seed{seed}")
+    return {"auc": result["final"]["auc"], "final": result["final"], "wall_s": result["wall_s"],
+            "final_teacher": result.get("final_teacher"), "selection": result.get("selection")}
+
+
+def summarise(per_seed: dict[str, dict[str, dict]], arms: list[str]) -> tuple[dict, dict]:
+    import numpy as np
+
+    table, paired = {}, {}
+    for arm in arms:
+        seeds = sorted((s for s, runs in per_seed.items() if arm in runs), key=int)
+        aucs = [per_seed[s][arm]["auc"] for s in seeds]
+        if aucs:
+            table[arm] = {"auc": aucs, "seeds": [int(s) for s in seeds], "mean": float(np.mean(aucs)),
+                          "std": float(np.std(aucs, ddof=1)) if len(aucs) > 1 else 0.0}
+    pairs = [(arm, BASELINE_ARM) for arm in arms if arm != BASELINE_ARM]
+    pairs += [(DEFAULT_ARM, arm) for arm in arms if arm not in (DEFAULT_ARM, BASELINE_ARM)]
+    for a, b in pairs:
+        seeds = sorted((s for s, runs in per_seed.items() if a in runs and b in runs), key=int)
+        if len(seeds) >= 2:
+            paired[f"{a}_vs_{b}"] = paired_difference([per_seed[s][a]["auc"] for s in seeds], [per_seed[s][b]["auc"] for s in seeds])
+    return table, paired
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("overrides", nargs="*", help="config overrides key=value on top of the regime")
+    parser.add_argument("--seeds", type=int, nargs="+", default=list(range(10)))
+    parser.add_argument("--arms", nargs="+", default=ARMS, choices=ARMS)
+    parser.add_argument("--regime", default="default", choices=sorted(REGIMES))
+    parser.add_argument("--test-per-site", type=int, default=1000, help="WLI test images per site (2 WLI sites: 2,000 pooled)")
+    parser.add_argument("--run-dir", type=Path, default=Path("runs/study").resolve())
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(argv)
+    out = args.out or Path(f"benchmarks/results/study{'' if args.regime == 'default' else '_' + args.regime}.json")
+    overrides = {**REGIMES[args.regime], "data.test_per_site": args.test_per_site,
+                 **dict(item.split("=", 1) for item in args.overrides)}
+    previous = json.loads(out.read_text()) if out.exists() else {}
+    per_seed: dict[str, dict[str, dict]] = previous.get("per_seed", {}) if previous.get("overrides") == overrides else {}
+    cfg = config_from_flat(overrides)
+    for seed in args.seeds:
+        for arm in args.arms:
+            if arm in per_seed.get(str(seed), {}):
+                continue
+            per_seed.setdefault(str(seed), {})[arm] = run_arm(arm, overrides, seed, args.run_dir / args.regime)
+            print(f"seed {seed} {arm}: AUC {per_seed[str(seed)][arm]['auc']:.4f} ({per_seed[str(seed)][arm]['wall_s']:.0f} s)", flush=True)
+            table, paired = summarise(per_seed, ARMS)
+            atomic_write_json(out, {"arms": table, "paired": paired, "default_arm": DEFAULT_ARM, "baseline_arm": BASELINE_ARM,
+                                    "test_images": cfg.data.wli_sites * cfg.data.test_per_site, "regime": args.regime,
+                                    "overrides": overrides, "per_seed": per_seed, "environment": environment()})
+    table, paired = summarise(per_seed, ARMS)
+    print(f"{'arm':<24}{'n':>3}{'AUC mean':>10}{'std':>8}   paired vs {BASELINE_ARM}: mean [95 % CI] p")
+    for arm, row in table.items():
+        d = paired.get(f"{arm}_vs_{BASELINE_ARM}")
+        ci = f"{d['mean']:+.4f} [{d['ci95'][0]:+.4f}, {d['ci95'][1]:+.4f}] p={d['p']:.3f}" if d else ""
+        print(f"{arm:<24}{len(row['auc']):>3}{row['mean']:>10.4f}{row['std']:>8.4f}   {ci}")
+    print(f"wrote {out}")
+    return {"arms": table, "paired": paired}
+
+
+if __name__ == "__main__":
+    main()
