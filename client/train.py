@@ -107,7 +107,8 @@ class Span:
 class ValidationSelector:
     """Model selection on the validation split: after every epoch, score the network on
     ``loader`` (macro one-vs-rest AUC) and keep a copy of the best weights; :meth:`restore`
-    loads them back. The test split is never read here."""
+    loads them back (without val images nothing is selected: the last epoch's weights stay).
+    The test split is never read here."""
 
     def __init__(self, net: PaGKDNet, loader: DataLoader, device: torch.device, amp: bool):
         self.net, self.loader, self.device, self.amp = net, loader, device, amp
@@ -117,6 +118,8 @@ class ValidationSelector:
     def __call__(self, epoch: int) -> None:
         probs, labels, _ = predict(self.net, self.loader, self.device, self.amp)
         self.net.train()
+        if len(labels) == 0:
+            return
         auc = classification_metrics(probs, labels)["auc"]
         self.history.append(float(auc))
         if auc >= self.best_auc:  # ties go to the later (longer-trained) epoch
