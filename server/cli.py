@@ -3,7 +3,9 @@
     fedpagkd simulate [--supernodes N] [key=value ...]     federated run on Ray (server.launch)
     fedpagkd experiment [hydra overrides]                   Hydra jobs of simulate (server.experiment)
     fedpagkd centralised [hydra overrides]                  centralised reference (benchmarks.centralised)
-    fedpagkd reference [...]                                benchmarks.reference, where installed
+    fedpagkd reference [...]                                the plain reference CNN (benchmarks.reference)
+    fedpagkd recipe curve|report                            training-recipe figures (benchmarks.recipe)
+    fedpagkd study [--regime R] [--seeds ...]               the federated PaGKD study (benchmarks.study)
     fedpagkd predict / export ...                           use a trained student (client.predict)
     fedpagkd check-site PATH --modality nbi                 a site's data check before joining
     fedpagkd write-synthetic OUT                            the synthetic federation as ImageFolder trees
@@ -122,7 +124,12 @@ COMMANDS: dict[str, Command] = {
                           _as_main("server.experiment", "experiment")),
     "centralised": Command("centralised reference on pooled data (Hydra, conf/centralised.yaml; preset=paper)",
                            _as_main("benchmarks.centralised", "centralised")),
-    "reference": Command("benchmarks.reference (where this checkout has it)", _as_main("benchmarks.reference", "reference")),
+    "reference": Command("the plain reference CNN on the same images, WLI and NBI (the yardstick a student must approach)",
+                         _as_main("benchmarks.reference", "reference")),
+    "recipe": Command("the training-recipe figures: learning curve + Bayes ceiling (curve), the report (report)",
+                      _as_main("benchmarks.recipe", "recipe")),
+    "study": Command("the powered federated PaGKD study: every arm, paired CIs over seeds (resumable)",
+                     _as_main("benchmarks.study", "study")),
     "predict": Command("CSV of class probabilities for a folder of WLI images, from a trained student", _predict("predict")),
     "export": Command("a trained student as ONNX or TorchScript, verified against PyTorch", _predict("export")),
     "check-site": Command("check a site's data before joining (every image decoded; exit 1 on problems)", _check_site),

@@ -15,7 +15,7 @@ from server import cli
 
 REPO = Path(__file__).resolve().parent.parent
 # Cheap --help checks (argparse tools); the Hydra ones are checked once below.
-ARGPARSE_COMMANDS = ["simulate", "predict", "export", "check-site", "write-synthetic", "fetch-weights", "certs"]
+ARGPARSE_COMMANDS = ["simulate", "reference", "recipe", "study", "predict", "export", "check-site", "write-synthetic", "fetch-weights", "certs"]
 
 
 def test_pyproject_declares_the_fedpagkd_script():
@@ -25,7 +25,7 @@ def test_pyproject_declares_the_fedpagkd_script():
 
 
 def test_every_user_command_is_a_subcommand():
-    assert set(cli.COMMANDS) == {"simulate", "experiment", "centralised", "reference", "predict", "export", "check-site",
+    assert set(cli.COMMANDS) == {"simulate", "experiment", "centralised", "reference", "recipe", "study", "predict", "export", "check-site",
                                  "write-synthetic", "fetch-weights", "certs"}
 
 
