@@ -15,7 +15,7 @@ from server import cli
 
 REPO = Path(__file__).resolve().parent.parent
 # Cheap --help checks (argparse tools); the Hydra ones are checked once below.
-ARGPARSE_COMMANDS = ["simulate", "reference", "recipe", "study", "predict", "export", "check-site", "write-synthetic", "fetch-weights", "certs"]
+ARGPARSE_COMMANDS = ["simulate", "predict", "export", "check-site", "write-synthetic", "fetch-weights", "certs"]
 
 
 def test_pyproject_declares_the_fedpagkd_script():
@@ -85,3 +85,10 @@ def test_certs_writes_through_make_certs(tmp_path, capsys):
 def test_python_dash_m_runs_the_same_entry_point():
     proc = subprocess.run([sys.executable, "-m", "server.cli", "--help"], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and "write-synthetic" in proc.stdout
+
+
+@pytest.mark.parametrize("command, module", [("reference", "benchmarks.reference"), ("recipe", "benchmarks.recipe"),
+                                             ("study", "benchmarks.study")])
+def test_benchmark_commands_show_their_modules_help(command, module, capsys):
+    assert cli.main([command, "--help"]) == 0
+    assert "usage:" in capsys.readouterr().out
