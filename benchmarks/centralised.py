@@ -42,17 +42,17 @@ INIT = "init"  # a variant key that is not a PaGKD setting: where the student's 
 
 VARIANTS: dict[str, dict[str, Any]] = {
     "wli_only": {"use_pro": False, "use_den": False},
-    "pagkd": {},
-    "pro_only": {"use_den": False},
-    "den_only": {"use_pro": False},
-    "pagkd_adaptive": {"grouping": "adaptive", "subtypes": 2},
+    "pagkd": {"use_pro": True, "use_den": True},
+    "pro_only": {"use_pro": True, "use_den": False},
+    "den_only": {"use_pro": False, "use_den": True},
+    "pagkd_adaptive": {"use_pro": True, "use_den": True, "grouping": "adaptive", "subtypes": 2},
     # The paper's schedule: CE alone for 5 epochs, then both GKD modules.
-    "pagkd_warmup": {"warmup_epochs": 5},
-    "pagkd_warmup_light": {"warmup_epochs": 5, "den_weight": 0.1},
+    "pagkd_warmup": {"use_pro": True, "use_den": True, "warmup_epochs": 5},
+    "pagkd_warmup_light": {"use_pro": True, "use_den": True, "warmup_epochs": 5, "den_weight": 0.1},
     # Student initialised from the trained NBI teacher (same backbone): does the transfer need a
     # shared feature space, as the paper's two ImageNet-initialised ResNet-50s have?
     "wli_only_teacher_init": {"use_pro": False, "use_den": False, INIT: "teacher"},
-    "pagkd_teacher_init": {INIT: "teacher"},
+    "pagkd_teacher_init": {"use_pro": True, "use_den": True, INIT: "teacher"},
 }
 REPORTED = ("auc", "accuracy", "sensitivity", "specificity")
 # Authors' README, PICCOLO (3 classes), AUC.
@@ -80,7 +80,7 @@ def with_variant(cfg: Config, variant: str) -> Config:
 
 def needs_teacher(variant: str) -> bool:
     settings = VARIANTS[variant]
-    return settings.get("use_pro", True) or settings.get("use_den", True) or settings.get(INIT) == "teacher"
+    return settings["use_pro"] or settings["use_den"] or settings.get(INIT) == "teacher"
 
 
 def run_seed(cfg: Config, seed: int, variants: list[str], done: dict[str, Any], record, teacher_wanted: bool = True) -> None:

@@ -24,7 +24,9 @@ import common  # noqa: F401
 from benchmarks.centralised import environment
 from common.config import config_from_flat, config_to_flat
 
-_PLAIN = {"pagkd.use_pro": False, "pagkd.use_den": False}
+# Every method spelled out in full: none depends on the shipped default run.
+_PLAIN = {"pagkd.use_pro": False, "pagkd.use_den": False, "fed.student_init": "scratch"}
+_PAGKD = {"pagkd.use_pro": True, "pagkd.use_den": True, "fed.student_init": "scratch"}
 METHODS = {
     # (a) WLI-only FedAvg student (CE).
     "fedavg_wli_only": dict(_PLAIN),
@@ -33,13 +35,13 @@ METHODS = {
     # (c) the naive cross-modal baseline: one model FedAvg'ed over WLI and NBI sites (CE).
     "fedavg_joint": {**_PLAIN, "fed.student_sites": "all"},
     # (d) federated PaGKD and its ablations.
-    "fedpagkd": {},
-    "fedpagkd_pro_only": {"pagkd.use_den": False},
-    "fedpagkd_den_only": {"pagkd.use_pro": False},
-    "fedpagkd_adaptive": {"pagkd.grouping": "adaptive", "pagkd.subtypes": 2},
+    "fedpagkd": dict(_PAGKD),
+    "fedpagkd_pro_only": {**_PAGKD, "pagkd.use_den": False},
+    "fedpagkd_den_only": {**_PAGKD, "pagkd.use_pro": False},
+    "fedpagkd_adaptive": {**_PAGKD, "pagkd.grouping": "adaptive", "pagkd.subtypes": 2},
     # The WLI student starts from the federated NBI teacher (sequential cross-modal transfer).
     "fedavg_teacher_init": {**_PLAIN, "fed.student_init": "teacher"},
-    "fedpagkd_teacher_init": {"fed.student_init": "teacher"},
+    "fedpagkd_teacher_init": {**_PAGKD, "fed.student_init": "teacher"},
 }
 # A small setting the 2-core CPU runs in ~20-40 s per federated run, in which the NBI teacher
 # reaches AUC ~0.9 and a WLI student started from it ~0.7-0.8 (tests/test_simulation.py's run):

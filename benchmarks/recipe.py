@@ -131,9 +131,10 @@ def report(out: Path) -> dict:
             lines += ["(b) federated WLI-only FedAvg vs centralised WLI-only",
                       f"    federated {_stat(result['b']['federated'])}   centralised {_stat(result['b']['centralised'])}   "
                       f"federated - centralised {_ci(diff)}"]
-        pagkd = federated.get("fedpagkd", {})
-        teacher_seeds = sorted(s for s in set(pagkd) & set(central["per_seed"]) if pagkd[s].get("final_teacher"))
-        teacher_runs = [(pagkd[s]["final_teacher"], central["per_seed"][s]["nbi_teacher"]) for s in teacher_seeds]
+        # The federated teacher of a seed is the same in every arm that trains one (same rounds and seeds).
+        with_teacher = {**federated.get("fedavg_teacher_init", {}), **federated.get("fedpagkd", {})}
+        teacher_seeds = sorted((s for s in set(with_teacher) & set(central["per_seed"]) if with_teacher[s].get("final_teacher")), key=int)
+        teacher_runs = [(with_teacher[s]["final_teacher"], central["per_seed"][s]["nbi_teacher"]) for s in teacher_seeds]
         if teacher_runs:
             diff = paired_difference([f["auc"] for f, _ in teacher_runs], [c["auc"] for _, c in teacher_runs])
             recalls = [np.diag(np.array(f["confusion"])) / np.array(f["confusion"]).sum(axis=1) for f, _ in teacher_runs]
@@ -145,14 +146,15 @@ def report(out: Path) -> dict:
                       f"federated - centralised {_ci(diff)}",
                       f"    smallest per-class recall of the federated teacher per seed: {[round(r, 3) for r in result['c']['min_class_recall']]}",
                       f"    confusion matrix (rows: true class) of seed {teacher_seeds[0]}: {teacher_runs[0][0]['confusion']}"]
-    if federated.get("fedpagkd") and federated.get("fedavg_wli_only"):
-        both = sorted(set(federated["fedpagkd"]) & set(federated["fedavg_wli_only"]), key=int)
-        pagkd = [federated["fedpagkd"][s]["final"]["auc"] for s in both]
-        fedavg = [federated["fedavg_wli_only"][s]["final"]["auc"] for s in both]
-        diff = paired_difference(pagkd, fedavg)
-        result["pagkd_vs_fedavg"] = {"fedpagkd": pagkd, "fedavg_wli_only": fedavg, "paired": diff}
-        lines += ["FedPaGKD (Pro + Den, the default run) vs FedAvg WLI-only, federated, same seeds and data",
-                  f"    FedPaGKD {_stat(pagkd)}   FedAvg {_stat(fedavg)}   FedPaGKD - FedAvg {_ci(diff)}"]
+    for arm in ("fedpagkd", "fedavg_teacher_init"):
+        if federated.get(arm) and federated.get("fedavg_wli_only"):
+            both = sorted(set(federated[arm]) & set(federated["fedavg_wli_only"]), key=int)
+            values = [federated[arm][s]["final"]["auc"] for s in both]
+            fedavg = [federated["fedavg_wli_only"][s]["final"]["auc"] for s in both]
+            diff = paired_difference(values, fedavg)
+            result[f"{arm}_vs_fedavg_wli_only"] = {arm: values, "fedavg_wli_only": fedavg, "paired": diff, "seeds": both}
+            lines += [f"{arm} vs FedAvg WLI-only, federated, same seeds and data",
+                      f"    {arm} {_stat(values)}   FedAvg {_stat(fedavg)}   difference {_ci(diff)}"]
     if curve_runs:
         per_seed = curve_runs["per_seed"]
         keys = sorted({k for r in per_seed.values() for k in r if k.endswith("x")}, key=lambda k: int(k[:-1]))

@@ -33,7 +33,7 @@ from flwr.app import Message
 from server.workflow import FederationError
 
 # The FAST setting with the WLI student started from the NBI teacher (it learns: AUC ~0.7-0.8).
-BASE: dict[str, Any] = {**FAST, "fed.student_init": "teacher"}
+BASE: dict[str, Any] = {**FAST, "pagkd.use_pro": True, "pagkd.use_den": True, "fed.student_init": "teacher"}
 ATTACKS = ("sign_flip", "scale", "random")
 DEFENCES = {"none": {}, "median": {"fed.aggregation": "median"},
             "trimmed_mean": {"fed.aggregation": "trimmed_mean", "fed.trim_fraction": 0.34},

@@ -53,6 +53,9 @@ TINY_SITES: dict[str, Any] = {
     "pagkd.min_group_size": 2,
     "pagkd.codebook_size": 4,
     "pagkd.kmeans_iters": 1,
+    "pagkd.use_pro": True,  # every phase (the knowledge refresh included), not the default run
+    "pagkd.use_den": True,
+    "fed.student_init": "scratch",
     "train.batch_size": 12,
     "train.local_epochs": 1,
     "train.device": "cpu",

@@ -71,6 +71,10 @@ DEFAULT_RUN_CONFIG: dict[str, Any] = {
     "fed.teacher_rounds": 1,
     "fed.student_rounds": 1,
     "fed.round_timeout": 300.0,
+    # Every phase, the knowledge refresh included, whatever the shipped default run is.
+    "pagkd.use_pro": True,
+    "pagkd.use_den": True,
+    "fed.student_init": "scratch",
 }
 
 # Seen in the logs: the SuperNode is connected and activated / it gave up.

@@ -235,7 +235,8 @@ def preflight(
     for modality, minimum, needed in (("nbi", cfg.fed.min_nbi_sites, distil), ("wli", cfg.fed.min_wli_sites, True)):
         have = modalities.count(modality)
         if needed and have < max(1, minimum):
-            fix = "add NBI sites or turn distillation off (pagkd.use_pro=false pagkd.use_den=false)" if modality == "nbi" else "add WLI sites"
+            fix = ("add NBI sites, or train a WLI-only student: fed.student_init=scratch pagkd.use_pro=false pagkd.use_den=false"
+                   if modality == "nbi" else "add WLI sites")
             problems.append(f"{have} {modality.upper()} site(s) in {where}, the run needs at least {max(1, minimum)}: {fix}")
     if cfg.privacy.secure_aggregation and distil and modalities.count("nbi") < 2:
         problems.append(f"privacy.secure_aggregation needs >= 2 NBI sites ({where} gives {modalities.count('nbi')}): "

@@ -34,6 +34,11 @@ TINY: dict[str, Any] = {
     "fed.teacher_rounds": 1,
     "fed.student_rounds": 1,
     "fed.num_bins": 20,
+    # Every phase of the protocol (teacher, knowledge refresh, distilling student), whatever the
+    # shipped default run is.
+    "pagkd.use_pro": True,
+    "pagkd.use_den": True,
+    "fed.student_init": "scratch",
 }
 
 

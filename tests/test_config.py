@@ -150,7 +150,8 @@ def test_lossy_or_wrong_type_is_refused_naming_the_key(key, value):
 
 def test_config_to_flat_round_trip():
     cfg = config_from_flat(
-        {"model.student": "efficientnet_b0", "pagkd.grouping": "adaptive", "train.lr": 3e-4, "fed.num_bins": 50}
+        {"model.student": "efficientnet_b0", "fed.student_init": "scratch", "pagkd.grouping": "adaptive", "train.lr": 3e-4,
+         "fed.num_bins": 50}
     )
     flat = config_to_flat(cfg)
     assert set(flat) == set(config_keys())

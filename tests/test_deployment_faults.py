@@ -53,6 +53,7 @@ CONFIG: dict[str, Any] = {
     "data.wli_sites": 2,
     "pagkd.use_pro": False,
     "pagkd.use_den": False,
+    "fed.student_init": "scratch",
     "fed.teacher_rounds": 0,
     "fed.student_rounds": 2,
     "fed.round_timeout": ROUND_TIMEOUT_S,

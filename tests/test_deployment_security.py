@@ -45,6 +45,7 @@ CONFIG: dict[str, Any] = {
     "data.wli_sites": 1,
     "pagkd.use_pro": False,
     "pagkd.use_den": False,
+    "fed.student_init": "scratch",
     "fed.teacher_rounds": 0,
     "fed.student_rounds": 1,
     "fed.round_timeout": 120.0,

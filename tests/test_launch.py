@@ -31,12 +31,13 @@ def test_an_unknown_key_or_a_bad_value_is_named():
 
 def test_zero_sites_of_a_modality_say_which_and_how_to_fix():
     message = refusal({"data.nbi_sites": 0, "data.wli_sites": 2}, supernodes=2)
-    assert "0 NBI site(s)" in message and "pagkd.use_pro=false" in message
+    assert "0 NBI site(s)" in message and "fed.student_init=scratch pagkd.use_pro=false" in message
     assert "WLI" not in message.split("0 NBI", 1)[0]
     message = refusal({"data.nbi_sites": 2, "data.wli_sites": 0}, supernodes=2)
     assert "0 WLI site(s)" in message
     # WLI-only FedAvg needs no NBI site.
-    preflight({"data.nbi_sites": 0, "data.wli_sites": 2, "pagkd.use_pro": False, "pagkd.use_den": False}, 2)
+    preflight({"data.nbi_sites": 0, "data.wli_sites": 2, "pagkd.use_pro": False, "pagkd.use_den": False,
+               "fed.student_init": "scratch"}, 2)
 
 
 def test_secure_aggregation_with_one_nbi_site_is_refused():

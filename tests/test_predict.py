@@ -18,7 +18,8 @@ from common.models import build_student, load_checkpoint, save_checkpoint
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    cfg: Config = config_from_flat({"data.image_size": 32, "model.student": "resnet10t", "model.embed_dim": 32, "model.num_heads": 4})
+    cfg: Config = config_from_flat({"data.image_size": 32, "model.student": "resnet10t", "model.embed_dim": 32, "model.num_heads": 4,
+                                    "fed.student_init": "scratch"})
     torch.manual_seed(0)
     net = build_student(cfg.model, cfg.data.num_classes)
     path = tmp_path_factory.mktemp("ckpt") / "student.safetensors"
