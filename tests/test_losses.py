@@ -448,7 +448,7 @@ def test_gradients_reach_only_the_student_side():
         assert not tensor.requires_grad
 
     terms = _terms(student, _randn(B, N, D, seed=2), classes, groups, group_labels, token_labels)
-    cfg = PaGKDConfig(pro_weight=1.0, den_weight=1.0)
+    cfg = PaGKDConfig(use_pro=True, use_den=True, pro_weight=1.0, den_weight=1.0)
     total, parts = pagkd_loss(terms, bank, cfg, group_losses_on=True)
     total.backward()
     assert set(parts) == {"ce", "den", "group_ce", "contrastive", "total"}
@@ -510,7 +510,7 @@ def test_zero_weights_switch_terms_off():
     t_tokens, _, t_prototypes, _ = teacher(_randn(B, N, D, seed=1), groups)
     bank = bank_from_teacher_batch(t_prototypes, group_labels, t_tokens, token_labels, classes, C)
     terms = _terms(_Side(2), _randn(B, N, D, seed=2), classes, groups, group_labels, token_labels)
-    total, parts = pagkd_loss(terms, bank, PaGKDConfig(den_weight=0.0, pro_weight=0.0), group_losses_on=True)
+    total, parts = pagkd_loss(terms, bank, PaGKDConfig(use_pro=True, use_den=True, den_weight=0.0, pro_weight=0.0), group_losses_on=True)
     assert set(parts) == {"ce", "total"}
     torch.testing.assert_close(total, F.cross_entropy(terms.logits, classes))
 
