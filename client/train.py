@@ -31,7 +31,7 @@ from common.losses import (
     pagkd_loss,
     prototype_regulariser,
 )
-from common.metrics import classification_metrics
+from common.metrics import classification_metrics, confusion_matrix, selection_key
 from common.models import LesionQueryHead, PaGKDNet, group_prototypes
 from common.optim import ProgressSchedule, build_optimizer
 from common.progress import progress, site_log
@@ -106,13 +106,14 @@ class Span:
 
 class ValidationSelector:
     """Model selection on the validation split: after every epoch, score the network on
-    ``loader`` (macro one-vs-rest AUC) and keep a copy of the best weights; :meth:`restore`
+    ``loader`` (:func:`common.metrics.selection_key`: a model that learned first, then macro
+    one-vs-rest AUC) and keep a copy of the best weights; :meth:`restore`
     loads them back (without val images nothing is selected: the last epoch's weights stay).
     The test split is never read here."""
 
     def __init__(self, net: PaGKDNet, loader: DataLoader, device: torch.device, amp: bool):
         self.net, self.loader, self.device, self.amp = net, loader, device, amp
-        self.best_auc, self.best_epoch, self.best_state = -math.inf, -1, None
+        self.best_auc, self.best_epoch, self.best_state, self.best_key = -math.inf, -1, None, None
         self.history: list[float] = []
 
     def __call__(self, epoch: int) -> None:
@@ -120,10 +121,11 @@ class ValidationSelector:
         self.net.train()
         if len(labels) == 0:
             return
-        auc = classification_metrics(probs, labels)["auc"]
-        self.history.append(float(auc))
-        if auc >= self.best_auc:  # ties go to the later (longer-trained) epoch
-            self.best_auc, self.best_epoch = float(auc), epoch
+        confusion = confusion_matrix(labels, probs.argmax(axis=1), probs.shape[1])
+        key = selection_key({"pooled": classification_metrics(probs, labels), "histogram": {"confusion": confusion}})
+        self.history.append(key[1])
+        if self.best_key is None or key >= self.best_key:  # ties go to the later (longer-trained) epoch
+            self.best_key, self.best_auc, self.best_epoch = key, key[1], epoch
             self.best_state = {k: v.detach().clone() for k, v in self.net.state_dict().items()}
 
     def restore(self) -> None:

@@ -19,6 +19,7 @@ from the labels gets NaN sensitivity and AUC and is left out of every macro aver
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,6 +33,7 @@ __all__ = [
     "histogram_roc",
     "learning_problems",
     "paired_difference",
+    "selection_key",
     "score_histogram",
 ]
 
@@ -310,6 +312,15 @@ def learning_problems(evaluation: dict) -> list[str]:
         if never:
             problems.append(f"class(es) {never} present but never predicted right (recall 0)")
     return problems
+
+
+def selection_key(evaluation: dict) -> tuple[bool, float]:
+    """What model selection maximises over epochs or rounds: first that the model learned (no
+    :func:`learning_problems`: a collapsed model is never chosen over one that is not, however
+    high its AUC on a small val split), then its macro AUC. ``evaluation`` as for
+    :func:`learning_problems`; a NaN AUC ranks last."""
+    auc = evaluation["pooled"]["auc"]
+    return (not learning_problems(evaluation), auc if auc == auc else -math.inf)
 
 
 def paired_difference(a: np.ndarray, b: np.ndarray) -> dict:

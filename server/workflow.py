@@ -36,7 +36,7 @@ from common.config import Config, config_to_dict, config_to_flat
 from common.egress import describe
 from client.site import run_class_names
 from common.config import parse_class_names
-from common.metrics import ScoreHistogram, histogram_metrics, learning_problems
+from common.metrics import ScoreHistogram, histogram_metrics, learning_problems, selection_key
 from common.models import STUDENT_CHECKPOINT, build_query_head, build_student, build_teacher, save_checkpoint
 from common.privacy import MECHANISMS_PER_RELEASE
 from common.progress import MetricsBoard
@@ -447,14 +447,15 @@ class Protocol:
         return {"schedule-start": (round_ - 1) / rounds, "schedule-end": round_ / rounds}
 
     def _select(self, model: str, round_: int, evaluation: dict[str, Any], weights: dict[str, dict[str, np.ndarray]]) -> None:
-        """Keep round ``round_``'s global ``weights`` of ``model`` when their pooled val AUC is
-        the best so far (ties go to the later round: it trained longer)."""
+        """Keep round ``round_``'s global ``weights`` of ``model`` when they rank best so far by
+        :func:`common.metrics.selection_key` on the pooled val split (a model that learned before
+        one that did not, then the higher AUC; ties go to the later round: it trained longer)."""
         if not evaluation:
             return
-        auc = evaluation["pooled"]["auc"]
+        key = selection_key(evaluation)
         chosen = self.metrics["selection"].get(model)
-        if chosen is None or not auc < chosen["val_auc"]:
-            self.metrics["selection"][model] = {"round": round_, "val_auc": auc, "problems": learning_problems(evaluation)}
+        if chosen is None or key >= (not chosen["problems"], chosen["val_auc"]):
+            self.metrics["selection"][model] = {"round": round_, "val_auc": key[1], "problems": learning_problems(evaluation)}
             self.best[model] = {block: {k: a.copy() for k, a in state.items()} for block, state in weights.items()}
 
     def _evaluated(self, model: str, round_: int, split: str) -> bool:

@@ -15,7 +15,7 @@ import common  # noqa: F401
 from client.site import federation_sites
 from client.train import ValidationSelector, balanced_loader, eval_loader, predict, train_student
 from common.config import TrainConfig, config_from_flat
-from common.metrics import classification_metrics, learning_problems
+from common.metrics import classification_metrics, learning_problems, selection_key
 from common.models import build_query_head, build_student
 from common.optim import END_FRACTION, START_FRACTION, ProgressSchedule, build_optimizer, lr_factor
 
@@ -68,6 +68,17 @@ def _evaluation(auc: float, confusion) -> dict:
     return {"pooled": {"auc": auc}, "histogram": {"confusion": confusion}}
 
 
+def test_selection_never_prefers_a_collapsed_model_to_one_that_learned():
+    """On a small val split an early, collapsed model can score the higher AUC (seen: a federated
+    teacher of round 2, val AUC 0.961, recall 0 for one class, chosen over later rounds): the
+    selection key ranks learning first, AUC second."""
+    collapsed = _evaluation(0.96, [[10, 0, 0], [8, 0, 2], [0, 0, 10]])
+    learned = _evaluation(0.90, [[8, 2, 0], [2, 6, 2], [0, 2, 8]])
+    assert selection_key(learned) > selection_key(collapsed)
+    assert selection_key(_evaluation(0.91, [[8, 2, 0], [2, 6, 2], [0, 2, 8]])) > selection_key(learned)
+    assert selection_key(_evaluation(float("nan"), [[0, 0], [0, 0]])) < selection_key(collapsed)
+
+
 def test_learning_problems_name_chance_and_collapse_and_pass_a_learned_model():
     assert learning_problems(_evaluation(0.86, [[8, 1, 1], [2, 7, 1], [1, 2, 7]])) == []
     chance = learning_problems(_evaluation(0.51, [[4, 3, 3], [3, 4, 3], [3, 3, 4]]))
@@ -109,4 +120,4 @@ def test_a_short_centralised_wli_run_learns(single_thread, seed):
     assert metrics["auc"] > 0.72, metrics
     assert result.losses["ce"] < 0.85 * math.log(3), result.losses  # mean over all epochs, warm-up included
     assert test_ce < 0.9 * math.log(3)
-    assert len(selector.history) == cfg.train.epochs and selector.best_auc == max(selector.history)
+    assert len(selector.history) == cfg.train.epochs and selector.best_auc in selector.history

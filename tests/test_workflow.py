@@ -21,6 +21,7 @@ from client.app import dims_of
 from client.site import resolve_site
 from client.wire import MESSAGE_TYPE, from_recorddict, to_recorddict
 from common.config import ConfigError, config_to_dict, config_to_flat
+from common.metrics import selection_key
 from common.models import STUDENT_CHECKPOINT, build_query_head, build_student, build_teacher, load_checkpoint
 from common.records import SCHEMAS, Payload, validate, weight_shapes
 from server.state import META, TENSORS, StateError
@@ -639,8 +640,8 @@ def test_the_student_of_the_best_val_round_is_selected_and_only_it_is_tested(sin
     summary = run_federation(grid, cfg, tmp_path / "run")
     vals = [e for e in summary["evaluation"] if e["model"] == "student" and e["split"] == "val"]
     assert [e["round"] for e in vals] == [1, 2, 3]
-    aucs = [e["pooled"]["auc"] for e in vals]
-    best = max(r for r, auc in zip((1, 2, 3), aucs) if auc == max(aucs))
+    keys = [selection_key(e) for e in vals]  # learned first, then AUC
+    best = max(r for r, key in zip((1, 2, 3), keys) if key == max(keys))
     assert summary["selection"]["student"]["round"] == best == summary["final"]["selected_round"]
     # The global student of round r is what round r + 1's request carried (round 3's: the val evaluate).
     sent = parsed(grid.sent)
