@@ -52,6 +52,10 @@ BIN = Path(sys.executable).parent  # flower-superlink, flower-supernode and flwr
 DEFAULT_RUN_CONFIG: dict[str, Any] = {
     "data.image_size": 32,
     "data.num_classes": 3,  # must match the class folders written below
+    # The synthetic generator's label order: the sites' ImageFolders would otherwise be read in
+    # sorted folder order (adenocarcinoma, adenoma, hyperplasia), a permutation of the labels
+    # that makes a deployment run differ from the simulation it is compared with.
+    "data.class_names": "hyperplasia,adenoma,adenocarcinoma",
     "data.nbi_sites": 2,
     "data.wli_sites": 2,
     "data.train_per_site": 24,

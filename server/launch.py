@@ -421,7 +421,7 @@ def outcome_lines(metrics: Mapping[str, Any]) -> list[str]:
     if teacher:
         lines.append(f"NBI teacher of this run (on NBI sites, not the student), round {teacher['selected_round']} selected on val: "
                      f"AUC {teacher['auc']:.4f}  ACC {teacher['accuracy']:.4f}")
-    if "bank_share_of_student_upload" in metrics:
+    if metrics.get("knowledge") and "bank_share_of_student_upload" in metrics:  # a run that built a bank
         lines.append(f"knowledge bank = {100 * metrics['bank_share_of_student_upload']:.3f} % of one student upload")
     for model, problems in (metrics.get("not_learned") or {}).items():
         lines.append(f"WARNING: the {model} did not learn: {'; '.join(problems)}")
