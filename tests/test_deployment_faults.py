@@ -158,7 +158,8 @@ def test_a_killed_server_resumes_from_its_last_finished_round(federation, crashe
     # The egress log keeps run A's messages: two discoveries, round 1's requests and both its updates.
     egress = json.loads((second.run_dir / "egress.json").read_text())
     sites = sorted(federation.sites)
-    assert Counter(e["site"] for e in egress if e["kind"] == "discover") == Counter({f"node {federation.sites[n].node_id}": 2 for n in sites})
+    # Discovery entries are named by site, as every other entry (they were "node <id>" before).
+    assert Counter(e["site"] for e in egress if e["kind"] == "discover") == Counter({n: 2 for n in sites})
     rounds = Counter((e["site"], e["config"].get("round")) for e in egress if e["kind"] == "student.train")
     assert rounds[("wli-0", 1)] == rounds[("wli-1", 1)] == 1, rounds
     # Round 2 is in it once from run B, and once more if run A had already asked for it when its
