@@ -113,7 +113,7 @@ class ValidationSelector:
 
     def __init__(self, net: PaGKDNet, loader: DataLoader, device: torch.device, amp: bool):
         self.net, self.loader, self.device, self.amp = net, loader, device, amp
-        self.best_auc, self.best_epoch, self.best_state, self.best_key = -math.inf, -1, None, None
+        self.best_epoch, self.best_state, self.best_key = -1, None, None
         self.history: list[float] = []
 
     def __call__(self, epoch: int) -> None:
@@ -125,8 +125,13 @@ class ValidationSelector:
         key = selection_key({"pooled": classification_metrics(probs, labels), "histogram": {"confusion": confusion}})
         self.history.append(key[1])
         if self.best_key is None or key >= self.best_key:  # ties go to the later (longer-trained) epoch
-            self.best_key, self.best_auc, self.best_epoch = key, key[1], epoch
+            self.best_key, self.best_epoch = key, epoch
             self.best_state = {k: v.detach().clone() for k, v in self.net.state_dict().items()}
+
+    @property
+    def best_auc(self) -> float:
+        """Val AUC of the selected epoch (-inf before any was scored)."""
+        return self.best_key[1] if self.best_key is not None else -math.inf
 
     def restore(self) -> None:
         if self.best_state is not None:

@@ -455,7 +455,8 @@ class Protocol:
         key = selection_key(evaluation)
         chosen = self.metrics["selection"].get(model)
         if chosen is None or key >= (not chosen["problems"], chosen["val_auc"]):
-            self.metrics["selection"][model] = {"round": round_, "val_auc": key[1], "problems": learning_problems(evaluation)}
+            problems = [] if key[0] else learning_problems(evaluation)  # key[0]: no problems
+            self.metrics["selection"][model] = {"round": round_, "val_auc": key[1], "problems": problems}
             self.best[model] = {block: {k: a.copy() for k, a in state.items()} for block, state in weights.items()}
 
     def _evaluated(self, model: str, round_: int, split: str) -> bool:
