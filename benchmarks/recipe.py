@@ -93,16 +93,27 @@ def _load(name: str) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def federated_runs() -> dict[str, dict[str, dict]]:
-    """{method: {seed: run}} from every benchmarks/results/recipe_federated*.json (runs split
-    over several processes, each a ``benchmarks.federated`` call with its own seeds)."""
+def federated_runs(pattern: str = "recipe_federated*.json") -> dict[str, dict[str, dict]]:
+    """{method: {seed: run}} from every benchmarks/results/``pattern`` file (runs split over
+    several processes, each a ``benchmarks.federated`` call with its own seeds)."""
     merged: dict[str, dict[str, dict]] = {}
-    for path in sorted(RESULTS.glob("recipe_federated*.json")):
+    for path in sorted(RESULTS.glob(pattern)):
         data = json.loads(path.read_text())
         for method, runs in data["runs"].items():
             for seed, run in zip(data["seeds"], runs):
                 merged.setdefault(method, {})[str(seed)] = run
     return merged
+
+
+def variant_runs() -> dict[str, tuple[dict, dict[str, dict]]]:
+    """{variant: (its overrides, {seed: FedAvg WLI-only run})} from
+    benchmarks/results/recipe_variant_<variant>.json: the federated recipe with one setting changed."""
+    variants = {}
+    for path in sorted(RESULTS.glob("recipe_variant_*.json")):
+        data = json.loads(path.read_text())
+        runs = dict(zip(map(str, data["seeds"]), data["runs"].get("fedavg_wli_only", [])))
+        variants[path.stem.removeprefix("recipe_variant_")] = (data["overrides"], runs)
+    return variants
 
 
 def report(out: Path) -> dict:
@@ -158,6 +169,23 @@ def report(out: Path) -> dict:
             result[f"{arm}_vs_fedavg_wli_only"] = {arm: values, "fedavg_wli_only": fedavg, "paired": diff, "seeds": both}
             lines += [f"{arm} vs FedAvg WLI-only, federated, same seeds and data",
                       f"    {arm} {_stat(values)}   FedAvg {_stat(fedavg)}   difference {_ci(diff)}"]
+    recipe_runs = federated.get("fedavg_wli_only", {})
+    for name, (overrides, runs) in variant_runs().items():
+        both = sorted(set(runs) & set(recipe_runs), key=int)
+        if not both:
+            continue
+        values, recipe = [runs[s]["final"]["auc"] for s in both], [recipe_runs[s]["final"]["auc"] for s in both]
+        diff = paired_difference(values, recipe)
+        result.setdefault("variants", {})[name] = {"overrides": overrides, "seeds": both, "auc": values, "recipe_auc": recipe,
+                                                   "paired": diff, "wall_s": [runs[s]["wall_s"] for s in both]}
+        lines += [f"(b') federated WLI-only FedAvg, recipe variant {name} ({overrides}) vs the recipe's (b) runs",
+                  f"    variant {_stat(values)}   recipe {_stat(recipe)}   variant - recipe {_ci(diff)}"]
+        if central:
+            cen_both = [s for s in both if s in central["per_seed"]]
+            cen_diff = paired_difference([runs[s]["final"]["auc"] for s in cen_both],
+                                         [central["per_seed"][s]["wli_only"]["auc"] for s in cen_both])
+            result["variants"][name]["vs_centralised"] = cen_diff
+            lines.append(f"    variant - centralised WLI-only {_ci(cen_diff)}")
     if curve_runs:
         per_seed = curve_runs["per_seed"]
         keys = sorted({k for r in per_seed.values() for k in r if k.endswith("x")}, key=lambda k: int(k[:-1]))
@@ -174,7 +202,7 @@ def report(out: Path) -> dict:
         fed = list(federated.get("fedavg_wli_only", {}).values())
         if fed:
             sent = [sum(e["sent"] + e["received"] for e in r["bytes"].values()) for r in fed]
-            cen_s = [central["per_seed"][s]["wli_only"]["train_s"] for s in seeds if s in central["per_seed"]]
+            cen_s = [r["wli_only"]["train_s"] for r in central["per_seed"].values()]
             result["e"] = {"federated_wall_s": [r["wall_s"] for r in fed], "federated_bytes": sent, "centralised_train_s": cen_s}
             lines += ["(e) cost to the final AUC (in-process federation: no transport time; 1 thread)",
                       f"    federated WLI-only: wall {_stat(result['e']['federated_wall_s'])} s, "

@@ -9,6 +9,7 @@ this site and go on.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import math
@@ -47,6 +48,7 @@ except metadata.PackageNotFoundError:  # running from a source tree (the FAB)
 
 # Local state kept between the knowledge messages of one bank refresh (never sent).
 _STATE_TEACHER, _STATE_HEAD, _STATE_KNOWLEDGE = "knowledge.teacher", "knowledge.head", "knowledge.config"
+_STATE_OPTIMIZER = "optimizer."  # + role (teacher | student)
 
 
 class RoleError(ValueError):
@@ -200,7 +202,8 @@ def teacher_round(request: Payload, site: SiteData, cfg: Config, dims: Dims, con
     seed = site_seed(request.config["seed"], site.name)
     loader = balanced_loader(site.train, cfg.train.batch_size, seed, cfg.data.num_workers)
     result = train_teacher(teacher, head, loader, cfg, pick_device(cfg.train.device), request.config["local-epochs"], seed,
-                           span=_span(request))
+                           span=_span(request), optimizer_state=_kept_optimizer(context, cfg, "teacher"))
+    _keep_optimizer(context, cfg, "teacher", result.optimizer_state)
     return make(
         "teacher.update",
         dims,
@@ -214,6 +217,22 @@ def teacher_round(request: Payload, site: SiteData, cfg: Config, dims: Dims, con
 
 def _span(request: Payload) -> Span:
     return Span(request.config["schedule-start"], request.config["schedule-end"])
+
+
+def _kept_optimizer(context: Context, cfg: Config, role: str) -> dict | None:
+    """This site's optimiser state from its previous ``role`` round (train.keep_optimizer_state),
+    kept in the Flower context (the node's memory of this run; never sent). None: a fresh AdamW."""
+    key = _STATE_OPTIMIZER + role
+    if not cfg.train.keep_optimizer_state or key not in context.state.config_records:
+        return None
+    return torch.load(io.BytesIO(context.state.config_records[key]["state"]), weights_only=True)
+
+
+def _keep_optimizer(context: Context, cfg: Config, role: str, state: dict | None) -> None:
+    if cfg.train.keep_optimizer_state and state is not None:
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        context.state[_STATE_OPTIMIZER + role] = ConfigRecord({"state": buffer.getvalue()})
 
 
 def _site_knowledge(site: SiteData, cfg: Config, teacher, head, seed: int):
@@ -322,7 +341,9 @@ def student_round(request: Payload, site: SiteData, cfg: Config, dims: Dims, con
         student, head, loader, lambda: bank.to(device) if bank is not None else None, cfg, device,
         request.config["local-epochs"], seed, group_losses=request.config["group-losses"],
         class_prototypes=class_prototypes if counts.sum() > 0 else None, span=_span(request),
+        optimizer_state=_kept_optimizer(context, cfg, "student"),
     )
+    _keep_optimizer(context, cfg, "student", result.optimizer_state)
     losses = result.losses
     prototypes = empty_statistics(CLASS_PROTOTYPES, dims)
     if result.class_prototype_sum is not None:

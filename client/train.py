@@ -146,6 +146,9 @@ class TrainResult:
     # tokens over the last local epoch (None when fed.proto_weight is 0).
     class_prototype_sum: torch.Tensor | None = None
     class_prototype_count: torch.Tensor | None = None
+    # The optimiser's state_dict after the last step (moments per parameter), for a caller that
+    # carries it into its next call (train.keep_optimizer_state).
+    optimizer_state: dict | None = None
 
 
 class _Mean:
@@ -163,24 +166,30 @@ class _Mean:
 
 
 def _train_mode_optimizer(
-    cfg: Config, net: PaGKDNet, head: LesionQueryHead, device: torch.device, steps: int, span: Span
+    cfg: Config, net: PaGKDNet, head: LesionQueryHead, device: torch.device, steps: int, span: Span,
+    optimizer_state: dict | None = None,
 ) -> tuple[torch.optim.Optimizer, ProgressSchedule]:
     """Move both modules to the device in train mode; AdamW over both, with the run's schedule
-    over ``span`` spread across these ``steps``."""
+    over ``span`` spread across these ``steps``. ``optimizer_state``: an earlier call's
+    ``TrainResult.optimizer_state`` for the same modules (its moments carry on; the schedule
+    still sets every step's rate)."""
     net.to(device).train()
     head.to(device).train()
     optimizer = build_optimizer(list(net.parameters()) + list(head.parameters()), cfg.train)
+    if optimizer_state is not None:
+        optimizer.load_state_dict(optimizer_state)  # ValueError when the modules' shapes differ
     return optimizer, ProgressSchedule(optimizer, cfg.train, steps, span.start, span.end)
 
 
 def train_teacher(
     teacher: PaGKDNet, head: LesionQueryHead, loader: DataLoader, cfg: Config, device: torch.device, epochs: int, seed: int,
-    span: Span = Span(), on_epoch_end: Callable[[int], None] | None = None,
+    span: Span = Span(), on_epoch_end: Callable[[int], None] | None = None, optimizer_state: dict | None = None,
 ) -> TrainResult:
     """NBI teacher: CE on the backbone + classifier; group CE on the (detached-feature) token
     embedding and the shared query head, so the NBI token space and queries are class-aware
-    before any student distils from them. ``span``: the schedule's share this call covers."""
-    optimizer, schedule = _train_mode_optimizer(cfg, teacher, head, device, epochs * len(loader), span)
+    before any student distils from them. ``span``: the schedule's share this call covers;
+    ``optimizer_state``: see :func:`_train_mode_optimizer`."""
+    optimizer, schedule = _train_mode_optimizer(cfg, teacher, head, device, epochs * len(loader), span, optimizer_state)
     generator = torch.Generator().manual_seed(seed)
     meter, seen = _Mean(), 0
     for _, images, labels in _epochs(loader, epochs, 0, cfg, device, seed, on_epoch_end):
@@ -197,7 +206,9 @@ def train_teacher(
         optimizer.step()
         meter.add({"total": loss.item(), "ce": ce.item(), "group_ce": group_ce.item()})
         seen += len(labels)
-    return meter.result(seen)
+    result = meter.result(seen)
+    result.optimizer_state = optimizer.state_dict()
+    return result
 
 
 def train_student(
@@ -214,6 +225,7 @@ def train_student(
     class_prototypes: tuple[torch.Tensor, torch.Tensor] | None = None,
     span: Span = Span(),
     on_epoch_end: Callable[[int], None] | None = None,
+    optimizer_state: dict | None = None,
 ) -> TrainResult:
     """WLI student: CE + GKD-Den + GKD-Pro against the bank that ``bank_source`` returns.
 
@@ -222,9 +234,10 @@ def train_student(
     With ``fed.proto_weight`` > 0 (FedProto-style baseline) the loss adds that weight x the
     MSE of each image's mean embedded token to ``class_prototypes`` (global means [C, D], valid
     [C]), and the result carries this site's class sums of those embeddings. ``span``: the
-    schedule's share this call covers; ``on_epoch_end(epoch)`` e.g. a :class:`ValidationSelector`.
+    schedule's share this call covers; ``on_epoch_end(epoch)`` e.g. a :class:`ValidationSelector`;
+    ``optimizer_state``: see :func:`_train_mode_optimizer`.
     """
-    optimizer, schedule = _train_mode_optimizer(cfg, student, head, device, epochs * len(loader), span)
+    optimizer, schedule = _train_mode_optimizer(cfg, student, head, device, epochs * len(loader), span, optimizer_state)
     generator = torch.Generator().manual_seed(seed)
     meter, seen = _Mean(), 0
     proto_weight = cfg.fed.proto_weight
@@ -264,6 +277,7 @@ def train_student(
         meter.add(parts)
         seen += len(labels)
     result = meter.result(seen)
+    result.optimizer_state = optimizer.state_dict()
     if proto_weight > 0:
         result.class_prototype_sum, result.class_prototype_count = proto_sum.float(), proto_count
     return result

@@ -102,6 +102,10 @@ class TrainConfig:
     epochs: int = 40  # centralised epochs
     teacher_epochs: int = 40  # centralised teacher epochs
     local_epochs: int = 4  # federated: local epochs per round (x rounds = the centralised epochs)
+    # federated: a site keeps its AdamW moments from one round to its next (Flower context state,
+    # never sent) instead of starting each round with a fresh optimiser. Measured on the embedded
+    # default (README "Results", (b')): FedAvg WLI-only 0.868 kept vs 0.855 fresh, 5 seeds.
+    keep_optimizer_state: bool = True
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     amp: bool = True  # mixed precision where CUDA is used

@@ -243,6 +243,33 @@ def test_student_train_on_wli_returns_changed_finite_weights(globals_, knowledge
         assert reply.config["den"] > 0, "with an NBI bank the GKD-Den term must be active"
 
 
+def _optimizer_steps(context: Context, role: str) -> int:
+    import io
+
+    import torch
+
+    state = torch.load(io.BytesIO(context.state.config_records["optimizer." + role]["state"]), weights_only=True)
+    return {int(v["step"]) for v in state["state"].values()}.pop()
+
+
+def test_kept_optimizer_state_carries_adamw_moments_into_the_next_round(globals_):
+    """train.keep_optimizer_state: the site's AdamW continues (its step count adds up across rounds,
+    so the moments were loaded, not re-estimated); off, nothing is kept in the context."""
+    import dataclasses
+
+    steps_per_round = math.ceil(CFG.data.train_per_site / CFG.train.batch_size)  # one local epoch
+    cfg = dataclasses.replace(CFG, train=dataclasses.replace(CFG.train, keep_optimizer_state=True))
+    for role, request, partition in (("student", student_request(globals_, empty_bank(DIMS), use_bank=False), WLI),
+                                     ("teacher", teacher_request(globals_), NBI)):
+        context = new_context(node(partition), cfg)
+        for round_ in (1, 2):
+            assert send(request, context).kind == ("student.update" if role == "student" else "teacher.update")
+            assert _optimizer_steps(context, role) == round_ * steps_per_round
+    fresh = new_context(node(WLI))
+    send(student_request(globals_, empty_bank(DIMS), use_bank=False), fresh)
+    assert not [k for k in fresh.state.config_records if k.startswith("optimizer.")]
+
+
 def test_student_train_on_nbi_is_refused(globals_):
     reply = send(student_request(globals_, empty_bank(DIMS), use_bank=False), new_context(node(NBI)))
     assert_error(reply, "nbi-0", "NBI", "student.train")
