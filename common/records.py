@@ -359,21 +359,28 @@ def _check_config(where: str, config: Mapping[str, Any], schema: Schema) -> None
                 raise PayloadError(f"{where}: config '{key}' is not finite ({value!r}; a float is expected)")
 
 
-def _check_weights(
-    where: str, block: str, weights: Mapping[str, np.ndarray], reference: Mapping[str, tuple[tuple[int, ...], str]]
+def check_weights(
+    where: str, block: str, weights: Mapping[str, np.ndarray], reference: Mapping[str, tuple[tuple[int, ...], str]],
+    model: str = "the model",
 ) -> None:
+    """The one weight-shape check: ``weights`` (a received state dict of numpy arrays) must have
+    exactly ``reference``'s names ({param: (shape, dtype)}, :func:`weight_shapes`), each with its
+    shape and dtype, and finite values. The server checks replies against its global models, a
+    site checks requests against its own (``client.wire.load_numpy_state``); ``model`` names the
+    receiver's model in the message. Raises :class:`PayloadError` naming the block and tensor."""
     missing = sorted(set(reference) - set(weights))
     extra = sorted(set(weights) - set(reference))
     if missing or extra:
         raise PayloadError(
-            f"{where}: weights '{block}' do not match the model: missing {missing[:3]}{'...' if len(missing) > 3 else ''}, "
+            f"{where}: weights '{block}' do not match {model}: it lacks {missing[:3]}{'...' if len(missing) > 3 else ''}, "
             f"unexpected {extra[:3]}{'...' if len(extra) > 3 else ''} (same backbone and num_classes on every site?)"
         )
     for name, (shape, dtype) in reference.items():
         array = weights[name]
         if not isinstance(array, np.ndarray) or array.shape != tuple(shape) or array.dtype != np.dtype(dtype):
-            got = (getattr(array, "shape", None), getattr(array, "dtype", type(array).__name__))
-            raise PayloadError(f"{where}: weights '{block}.{name}' is {got}, expected {(tuple(shape), dtype)}")
+            got_shape, got_dtype = getattr(array, "shape", None), getattr(array, "dtype", type(array).__name__)
+            raise PayloadError(f"{where}: weights '{block}.{name}' has shape {got_shape} and dtype {got_dtype}, "
+                               f"{model} expects shape {tuple(shape)} and dtype {dtype}")
         if array.dtype.kind == "f" and not np.isfinite(array).all():
             raise PayloadError(f"{where}: weights '{block}.{name}' hold NaN or Inf")
 
@@ -428,7 +435,7 @@ def validate(
                 if array.dtype.kind == "f" and not np.isfinite(array).all():
                     raise PayloadError(f"{where}: weights '{block}.{name}' hold NaN or Inf")
         else:
-            _check_weights(where, block, weights, reference)
+            check_weights(where, block, weights, reference)
     return payload
 
 
