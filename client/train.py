@@ -119,7 +119,7 @@ class TrainResult:
     num_examples: int
     losses: dict[str, float]  # mean of each loss part over the steps
     # FedProto-style baseline: per-class sums [C, D] and counts [C] of the images' mean embedded
-    # tokens over the last local epoch (None when fed.proto_weight is 0).
+    # tokens over the last local epoch (None when fed.fedproto_weight is 0).
     class_prototype_sum: torch.Tensor | None = None
     class_prototype_count: torch.Tensor | None = None
 
@@ -195,7 +195,7 @@ def train_student(
 
     With ``bank_source`` returning None (and use_pro/use_den off) this is the WLI-only baseline.
     ``group_losses`` forces the group terms on/off; None follows ``pagkd.warmup_epochs``.
-    With ``fed.proto_weight`` > 0 (FedProto-style baseline) the loss adds that weight x the
+    With ``fed.fedproto_weight`` > 0 (FedProto-style baseline) the loss adds that weight x the
     MSE of each image's mean embedded token to ``class_prototypes`` (global means [C, D], valid
     [C]), and the result carries this site's class sums of those embeddings. ``span``: the
     schedule's share this call covers; ``on_epoch_end(epoch)`` e.g. a :class:`ValidationSelector`.
@@ -203,7 +203,7 @@ def train_student(
     optimizer, schedule = _train_mode_optimizer(cfg, student, head, device, epochs * len(loader), span)
     generator = torch.Generator().manual_seed(seed)
     meter, seen = _Mean(), 0
-    proto_weight = cfg.fed.proto_weight
+    proto_weight = cfg.fed.fedproto_weight
     num_classes = student.classifier.out_features
     proto_sum = torch.zeros(num_classes, student.embed.out_channels, dtype=torch.float64)
     proto_count = torch.zeros(num_classes, dtype=torch.long)

@@ -43,6 +43,7 @@ from typing import Any, Mapping
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
+from common.config import RENAMED_KEYS
 from common.files import atomic_write, atomic_write_json, json_default
 
 TENSORS, META = "state.safetensors", "state.json"
@@ -117,6 +118,7 @@ def check_compatible(run_dir: Path, mine: Mapping[str, Any], theirs: Mapping[str
     """Refuse to resume ``run_dir`` (saved with flat config ``theirs``) under ``mine`` when they
     differ in any key but :data:`RESUME_IGNORES`."""
     mine = {k: v for k, v in mine.items() if k not in RESUME_IGNORES}
+    theirs = {RENAMED_KEYS.get(k, k): v for k, v in theirs.items()}  # a folder saved before a key's rename
     theirs = {k: v for k, v in theirs.items() if k not in RESUME_IGNORES}
     if mine != theirs:
         changed = sorted(k for k in mine if mine[k] != theirs.get(k))

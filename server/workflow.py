@@ -267,7 +267,7 @@ class Protocol:
             self._select("student", round_ - 1, evaluation, {"student": self.student, "head": self.head})
         used, new = self._fedavg("student", "wli", replies, {"student": self.student, "head": self.head})
         self.student, self.head = new["student"], new["head"]
-        if fed.proto_weight > 0:  # FedProto-style: the global class prototypes are summed class means
+        if fed.fedproto_weight > 0:  # FedProto-style: the global class prototypes are summed class means
             self.class_prototypes = aggregation.sum_statistics([replies[n].arrays for n in used], [f.name for f in CLASS_PROTOTYPES])
         parts = {k: float(np.mean([replies[n].config[k] for n in used])) for k in ("loss", "ce", "den", "pro")}
         self.metrics["student"].append({"round": round_, **parts, "sites": [self.channel.name(n) for n in used]})
