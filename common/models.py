@@ -1,5 +1,9 @@
 """Networks of PaGKD: a timm backbone with a classifier and a token embedding, and the shared
-lesion-aware query head (LR-QFormer) that turns a group of images into a prototype set.
+lesion-aware query head (LR-QFormer) that turns a group of images into a prototype set; and
+:func:`group_view`, the one "forward -> token labels -> groups -> prototypes" of a batch that
+student steps and live-teacher banks share (an NBI site uses :func:`labelled_forward` and groups
+its whole training set). Initial weights: timm's pretrained ones or a local file. Devices are
+:mod:`common.device`'s, the student checkpoint :mod:`common.checkpoint`'s.
 
 Shapes used throughout: B images, C classes, Cf backbone channels, h x w last feature map,
 N = h * w tokens per image, D token width (``embed_dim``), M queries, G groups, K images per group.

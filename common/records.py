@@ -6,6 +6,14 @@ has a :class:`Schema` listing its keys, dtypes and *symbolic* shapes; dims resol
 run's :class:`Dims` (C classes, S sub-types, M queries, D width, L codebook size, B bins).
 No schema has a per-image dimension: that is what the privacy audit checks.
 
+The knowledge statistics are one table, :data:`KNOWLEDGE_STATISTICS` (a :class:`Statistic` per
+kind of point an NBI site clusters: group prototype sets [M, D] in S slots per class,
+foreground and background tokens [D] in L slots). The bank statistics, the k-means seeds, the
+centroids, the masked (secure-aggregation) fields, the DP float/count split and the sum/count
+pairs are all derived from it, and :func:`mean_of` is the one sum -> mean conversion. "Bank":
+on the wire and on the server, the summed statistics (:data:`BANK_STATISTICS`); at a site, the
+means a student distils from (:class:`common.losses.KnowledgeBank`).
+
 :func:`validate` refuses a payload with a missing, extra, mistyped, misshaped, negative-count
 or non-finite entry, naming the key. Flower is not imported here: ``client/wire.py`` maps a
 Payload to a ``RecordDict`` and back, byte for byte.
