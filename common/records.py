@@ -109,6 +109,16 @@ _F32, _I64 = "float32", "int64"
 
 # --------------------------------------------------------------------------- the knowledge statistics
 
+class _Key:
+    """A :class:`Statistic`'s wire key: ``<statistic name>_<attribute name>``."""
+
+    def __set_name__(self, owner: type, attribute: str) -> None:
+        self.suffix = attribute
+
+    def __get__(self, stat: Any, owner: type | None = None) -> Any:
+        return self if stat is None else f"{stat.name}_{self.suffix}"
+
+
 @dataclass(frozen=True)
 class Statistic:
     """One kind of point an NBI site clusters per class and summarises as sums and counts.
@@ -127,29 +137,8 @@ class Statistic:
     unit: str  # what a count counts
     squares: bool = False  # also carry the sum of squares
 
-    @property
-    def sum(self) -> str:
-        return f"{self.name}_sum"
-
-    @property
-    def sqsum(self) -> str:
-        return f"{self.name}_sqsum"
-
-    @property
-    def count(self) -> str:
-        return f"{self.name}_count"
-
-    @property
-    def seed_sum(self) -> str:
-        return f"{self.name}_seed_sum"
-
-    @property
-    def seed_count(self) -> str:
-        return f"{self.name}_seed_count"
-
-    @property
-    def centroids(self) -> str:
-        return f"{self.name}_centroids"
+    # Its wire keys, "<name>_<attribute>": e.g. prototype_sum, foreground_seed_count.
+    sum, sqsum, count, seed_sum, seed_count, centroids = _Key(), _Key(), _Key(), _Key(), _Key(), _Key()
 
     @property
     def shape(self) -> tuple[str, ...]:
