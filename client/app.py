@@ -4,7 +4,9 @@ Every handler parses and validates its request with :mod:`common.records`, check
 site's modality fits the request (teacher and knowledge: NBI; student: WLI), runs the local
 work from :mod:`client.train` / :mod:`client.knowledge`, and answers with a validated payload.
 Any failure becomes an ``error`` reply naming the site and the reason, so the server can drop
-this site and go on.
+this site and go on. Between the messages of one bank refresh the site keeps, in its Flower
+``context.state`` (never sent), what it extracted at the seeds (its groups and kept tokens) and
+the refresh's round, seed and secure-aggregation key.
 """
 
 from __future__ import annotations
