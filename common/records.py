@@ -369,15 +369,16 @@ def check_weights(
     extra = sorted(set(weights) - set(reference))
     if missing or extra:
         raise PayloadError(
-            f"{where}: weights '{block}' do not match {model}: it lacks {missing[:3]}{'...' if len(missing) > 3 else ''}, "
-            f"unexpected {extra[:3]}{'...' if len(extra) > 3 else ''} (same backbone and num_classes on every site?)"
+            f"{where}: weights '{block}' do not match {model}: missing {missing[:3]}{'...' if len(missing) > 3 else ''} "
+            f"(the received weights lack them), unexpected {extra[:3]}{'...' if len(extra) > 3 else ''} "
+            "(same backbone and num_classes on every site?)"
         )
     for name, (shape, dtype) in reference.items():
         array = weights[name]
         if not isinstance(array, np.ndarray) or array.shape != tuple(shape) or array.dtype != np.dtype(dtype):
             got_shape, got_dtype = getattr(array, "shape", None), getattr(array, "dtype", type(array).__name__)
             raise PayloadError(f"{where}: weights '{block}.{name}' has shape {got_shape} and dtype {got_dtype}, "
-                               f"{model} expects shape {tuple(shape)} and dtype {dtype}")
+                               f"expected shape {tuple(shape)} and dtype {dtype} ({model})")
         if array.dtype.kind == "f" and not np.isfinite(array).all():
             raise PayloadError(f"{where}: weights '{block}.{name}' hold NaN or Inf")
 
