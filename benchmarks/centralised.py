@@ -34,7 +34,8 @@ from client.train import ValidationSelector, balanced_loader, eval_loader, live_
 from common.config import Config, config_from_mapping, config_to_dict, register_hydra_schema
 from common.files import atomic_write_json
 from common.metrics import classification_metrics, confusion_matrix
-from common.models import build_query_head, build_student, build_teacher, pick_device
+from common.device import pick_device
+from common.models import build_query_head, build_student, build_teacher
 
 log = logging.getLogger("fedpagkd.centralised")
 

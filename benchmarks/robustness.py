@@ -29,6 +29,7 @@ import common  # noqa: F401
 from benchmarks.centralised import environment
 from benchmarks.federated import FAST, REPORTED, run_once
 from client.wire import MESSAGE_TYPE, from_recorddict, to_recorddict
+from common.records import KNOWLEDGE_STATISTICS
 from flwr.app import Message
 from server.workflow import FederationError
 
@@ -38,7 +39,8 @@ ATTACKS = ("sign_flip", "scale", "random")
 DEFENCES = {"none": {}, "median": {"fed.aggregation": "median"},
             "trimmed_mean": {"fed.aggregation": "trimmed_mean", "fed.trim_fraction": 0.34},
             "median+clip": {"fed.aggregation": "median", "fed.clip_ratio": 2.0}}
-POISONED_STATISTICS = ("prototype_sum", "foreground_sum", "background_sum")
+# Every statistic's float sum (common.records' table), sums of squares left honest.
+POISONED_STATISTICS = tuple(stat.sum for stat in KNOWLEDGE_STATISTICS)
 
 
 def attack_array(value: np.ndarray, reference: np.ndarray, attack: str, strength: float, rng: np.random.Generator) -> np.ndarray:

@@ -25,7 +25,6 @@ import torch
 
 import common  # noqa: F401  (torchvision shim before timm)
 from benchmarks.centralised import environment
-from client.train import autocast
 from common.config import Config, ModelConfig
 from common.grouping import random_groups
 from common.losses import (
@@ -34,7 +33,8 @@ from common.losses import (
     cam_token_labels,
     pagkd_loss,
 )
-from common.models import build_query_head, build_student, group_prototypes, pick_device
+from common.device import autocast, pick_device
+from common.models import build_query_head, build_student, group_prototypes
 
 
 def timed_pair(fn_a: Callable[[], object], fn_b: Callable[[], object], repeats: int, device: torch.device) -> tuple[float, float]:

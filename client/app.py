@@ -4,7 +4,9 @@ Every handler parses and validates its request with :mod:`common.records`, check
 site's modality fits the request (teacher and knowledge: NBI; student: WLI), runs the local
 work from :mod:`client.train` / :mod:`client.knowledge`, and answers with a validated payload.
 Any failure becomes an ``error`` reply naming the site and the reason, so the server can drop
-this site and go on.
+this site and go on. Between the messages of one bank refresh the site keeps, in its Flower
+``context.state`` (never sent), what it extracted at the seeds (its groups and kept tokens) and
+the refresh's round, seed and secure-aggregation key.
 """
 
 from __future__ import annotations
@@ -26,17 +28,21 @@ from flwr.clientapp import ClientApp
 
 from client import policy
 from client.egress import logged
-from client.knowledge import extract_site_knowledge, knowledge_seeds, knowledge_sums
+from client.knowledge import SiteKnowledge, extract_site_knowledge, knowledge_seeds, knowledge_sums
 from client.site import SiteData, resolve_site
 from client.train import Span, balanced_loader, eval_loader, predict, train_student, train_teacher
 from client.wire import MESSAGE_TYPE, from_recorddict, load_numpy_state, state_to_numpy, to_recorddict
 from common.config import Config, config_from_flat
 from common import secagg
-from common.losses import bank_from_statistics
+from common.losses import KnowledgeBank
 from common.metrics import score_histogram
-from common.models import build_query_head, build_student, build_teacher, pick_device
+from common.device import pick_device
+from common.models import build_query_head, build_student, build_teacher
 from common.progress import configure_logging, site_log
-from common.records import CLASS_PROTOTYPES, EVALUATION_FIELDS, EVALUATION_SPLITS, PROTOCOL_VERSION, Dims, Payload, PayloadError, empty_statistics, make, validate
+from common.records import (
+    CLASS_PROTOTYPES, EVALUATION_FIELDS, EVALUATION_SPLITS, PROTOCOL_VERSION, Dims, Payload, PayloadError, dims_of, empty_statistics, make,
+    validate,
+)
 
 log = logging.getLogger(__name__)
 app = ClientApp()
@@ -46,24 +52,16 @@ try:
 except metadata.PackageNotFoundError:  # running from a source tree (the FAB)
     VERSION = "0.1.0"
 
-# Local state kept between the knowledge messages of one bank refresh (never sent).
-_STATE_TEACHER, _STATE_HEAD, _STATE_KNOWLEDGE = "knowledge.teacher", "knowledge.head", "knowledge.config"
+# Local state kept between the knowledge messages of one bank refresh (never sent): the site's
+# extracted groups and tokens (client.knowledge.SiteKnowledge), and the refresh's round, seed
+# and secure-aggregation key.
+_STATE_EXTRACTED, _STATE_KNOWLEDGE = "knowledge.extracted", "knowledge.config"
+# The site's AdamW state between its training rounds (train.keep_optimizer_state; never sent).
 _STATE_OPTIMIZER = "optimizer."  # + role (teacher | student)
 
 
 class RoleError(ValueError):
     """A request for the other modality's role (e.g. teacher training on a WLI site)."""
-
-
-def dims_of(cfg: Config) -> Dims:
-    return Dims(
-        C=cfg.data.num_classes,
-        S=cfg.pagkd.subtypes,
-        M=cfg.model.num_queries,
-        D=cfg.model.embed_dim,
-        L=cfg.pagkd.codebook_size,
-        B=cfg.fed.num_bins,
-    )
 
 
 def site_seed(seed: int, site_name: str) -> int:
@@ -243,18 +241,18 @@ def _site_knowledge(site: SiteData, cfg: Config, teacher, head, seed: int):
 @app.query("knowledge_seed")
 @handles("knowledge.seed", ("nbi",))
 def knowledge_seed(request: Payload, site: SiteData, cfg: Config, dims: Dims, context: Context) -> Payload:
-    """Start a bank refresh: keep the teacher and head locally, return k-means seeds."""
+    """Start a bank refresh: extract this site's groups and tokens with the received teacher
+    and head, keep them locally for the refresh's Lloyd steps, return k-means seeds."""
     teacher, head = _teacher_and_head(request, cfg, dims)
     seed = site_seed(request.config["seed"], site.name)
-    context.state[_STATE_TEACHER] = ArrayRecord(teacher.state_dict())
-    context.state[_STATE_HEAD] = ArrayRecord(head.state_dict())
     local = {"seed": seed, "round": request.config["round"]}
     public_key = ""
     if cfg.privacy.secure_aggregation:  # an ephemeral key pair for this refresh's masked sums
         keys = secagg.generate_keypair()
         local["secagg-private"], public_key = keys.private, secagg.public_key_hex(keys)
-    context.state[_STATE_KNOWLEDGE] = ConfigRecord(local)
     knowledge = _site_knowledge(site, cfg, teacher, head, seed)
+    context.state[_STATE_EXTRACTED] = ArrayRecord(knowledge.to_tensors())
+    context.state[_STATE_KNOWLEDGE] = ConfigRecord(local)
     scores, scored = _scores(teacher, site, cfg, dims, request.config["evaluate"])
     return make(
         "knowledge.seeds", dims, arrays={**knowledge_seeds(knowledge, dims, cfg, seed), **scores},
@@ -265,17 +263,14 @@ def knowledge_seed(request: Payload, site: SiteData, cfg: Config, dims: Dims, co
 @app.query("knowledge_stats")
 @handles("knowledge.stats", ("nbi",))
 def knowledge_stats(request: Payload, site: SiteData, cfg: Config, dims: Dims, context: Context) -> Payload:
-    """One federated Lloyd step: sums and counts for the server's centroids."""
-    if _STATE_KNOWLEDGE not in context.state.config_records:
+    """One federated Lloyd step: sums and counts for the server's centroids, over the groups
+    and tokens this site extracted at the refresh's seeds (the same groups at every step)."""
+    if _STATE_KNOWLEDGE not in context.state.config_records or _STATE_EXTRACTED not in context.state.array_records:
         raise RuntimeError(f"site '{site.name}' has no teacher for this refresh (restarted?); the server must re-seed")
     local = context.state.config_records[_STATE_KNOWLEDGE]
     if local["round"] != request.config["round"]:
         raise RuntimeError(f"site '{site.name}' holds the teacher of refresh {local['round']}, not {request.config['round']}")
-    teacher = build_teacher(cfg.model, dims.C, initial=False)
-    head = build_query_head(cfg.model, dims.C)
-    teacher.load_state_dict(context.state.array_records[_STATE_TEACHER].to_torch_state_dict())
-    head.load_state_dict(context.state.array_records[_STATE_HEAD].to_torch_state_dict())
-    knowledge = _site_knowledge(site, cfg, teacher, head, int(local["seed"]))
+    knowledge = SiteKnowledge.from_tensors(context.state.array_records[_STATE_EXTRACTED].to_torch_state_dict())
     sums = knowledge_sums(knowledge, dims, cfg, request.arrays)
     sizes = knowledge.group_sizes
     config = {"groups": len(sizes), "smallest-group": int(sizes.min()) if len(sizes) else 0}
@@ -325,11 +320,7 @@ def student_round(request: Payload, site: SiteData, cfg: Config, dims: Dims, con
     load_numpy_state(head, request.weights["head"], "head")
     bank = None
     if request.config["use-bank"]:
-        a = {k: torch.from_numpy(v) for k, v in request.arrays.items()}
-        bank = bank_from_statistics(
-            a["prototype_sum"], a["prototype_count"], a["foreground_sum"], a["foreground_count"],
-            a["background_sum"], a["background_count"],
-        )
+        bank = KnowledgeBank.from_statistics(request.arrays)
     counts = torch.from_numpy(request.arrays["class_prototype_count"])
     class_prototypes = (torch.from_numpy(request.arrays["class_prototype_sum"]) / counts.clamp_min(1)[:, None], counts > 0)
     # The received student is the previous round's global model: score it before training.

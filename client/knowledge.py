@@ -1,9 +1,14 @@
 """Knowledge extraction on an NBI site: group prototype sets and token codebook statistics.
 
-Everything per image stays in this process. What leaves is per-class sums and counts
-(:data:`common.records.BANK_STATISTICS`) or per-class cluster seeds, each cluster made of at
-least K_min images. The site's groups are drawn once per bank refresh from a seed the server
-sends, so every Lloyd iteration of the federated k-means sees the same groups.
+Everything per image stays on the site. :func:`extract_site_knowledge` runs the teacher once
+per bank refresh and keeps a :class:`SiteKnowledge` (group prototype sets [G, M, D], kept
+images' tokens [I, N, D] with their labels); :func:`knowledge_seeds` and :func:`knowledge_sums`
+turn it into what leaves: per class and cluster, the sums and counts of each statistic of
+:data:`common.records.KNOWLEDGE_STATISTICS` (the prototype sets, the foreground and the
+background tokens), as k-means seeds or as one federated Lloyd step's
+:data:`common.records.BANK_STATISTICS`; every cluster is made of at least K_min images. The
+site's groups are drawn once per refresh from a seed the server sends, and the ClientApp keeps
+the SiteKnowledge between the refresh's messages, so every Lloyd step sees the same groups.
 """
 
 from __future__ import annotations
@@ -16,14 +21,16 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from client.train import autocast, make_groups
 from common.config import Config
-from common.grouping import Group, cluster_assignment, cluster_statistics
-from common.losses import BACKGROUND, FOREGROUND, cam_token_labels
-from common.models import LesionQueryHead, PaGKDNet, group_prototypes
+from common.device import autocast
+from common.grouping import Group, cluster_assignment, cluster_statistics, make_groups
+from common.losses import BACKGROUND, FOREGROUND
+from common.models import LesionQueryHead, PaGKDNet, group_prototypes, labelled_forward
 from common.progress import progress, site_log
 from common.privacy import add_noise, clip_factors, count_sensitivity, group_sq_norms, max_group_size, noise_generator
-from common.records import BANK_STATISTICS, Dims, empty_statistics
+from common.records import (
+    BANK_STATISTICS, DP_COUNT_KEYS, DP_FLOAT_KEYS, IMAGE_COUNT, KNOWLEDGE_STATISTICS, Dims, empty_statistics, seeds_from_statistics,
+)
 
 
 @dataclass
@@ -37,6 +44,15 @@ class SiteKnowledge:
     tokens: torch.Tensor
     token_labels: torch.Tensor
     classes: torch.Tensor
+
+    def to_tensors(self) -> dict[str, torch.Tensor]:
+        """Its tensors by field name (what the ClientApp keeps in its local state between the
+        messages of one bank refresh; never sent)."""
+        return {f.name: getattr(self, f.name).contiguous() for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor]) -> "SiteKnowledge":
+        return cls(**{f.name: tensors[f.name] for f in dataclasses.fields(cls)})
 
 
 @torch.no_grad()
@@ -53,14 +69,12 @@ def extract_site_knowledge(
     for images, labels in progress(loader, "extract", len(loader)):
         images, labels = images.to(device), labels.to(device)
         with autocast(device, cfg.train.amp):
-            out = teacher(images)
+            out, labelled = labelled_forward(teacher, images, labels, cfg.pagkd)
         tokens.append(out.tokens.float())
-        token_labels.append(
-            cam_token_labels(out.feature_map, teacher.classifier.weight, labels, cfg.pagkd.fg_threshold, cfg.pagkd.bg_threshold)
-        )
+        token_labels.append(labelled)
         classes.append(labels)
     all_tokens, all_token_labels, all_classes = torch.cat(tokens), torch.cat(token_labels), torch.cat(classes)
-    groups: list[Group] = make_groups(all_classes, all_tokens, cfg, torch.Generator().manual_seed(seed))
+    groups: list[Group] = make_groups(all_classes, all_tokens, cfg.pagkd, torch.Generator().manual_seed(seed))
     groups = [g for g in groups if len(g.indices) >= cfg.pagkd.min_group_size]
     if cfg.privacy.noise_multiplier > 0:  # DP: no group above K_max, so the count bound holds
         cap = max_group_size(cfg.pagkd.group_size, cfg.pagkd.min_group_size)
@@ -96,7 +110,7 @@ def _class_points(knowledge: SiteKnowledge, class_id: int, label: int) -> tuple[
 
 @dataclass
 class _Points:
-    """One class's points for one statistic (prototypes, foreground or background tokens)."""
+    """One class's points for one statistic of :data:`common.records.KNOWLEDGE_STATISTICS`."""
 
     name: str
     x: torch.Tensor  # [T, F]
@@ -104,18 +118,36 @@ class _Points:
     groups: torch.Tensor  # long [T]: group id of each point (the DP unit)
     k: int  # slots
     centroids: torch.Tensor | None  # the server's [k, F], or None when seeding
+    whole_groups: bool  # a point is a whole group (>= K_min images already)
+
+
+def _prototype_points(knowledge: SiteKnowledge, c: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Class c's group prototype sets as points [G_c, M*D], owned by their group."""
+    in_class = (knowledge.group_labels == c).nonzero().squeeze(1)
+    return knowledge.prototypes[in_class].flatten(1), in_class, in_class
+
+
+def _token_points(label: int):
+    def points(knowledge: SiteKnowledge, c: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Class c's tokens of one label as points [T, D], owned by their image."""
+        tokens, image_ids = _class_points(knowledge, c, label)
+        image_group = torch.repeat_interleave(torch.arange(len(knowledge.group_labels)), knowledge.group_sizes)
+        return tokens, image_ids, image_group[image_ids]
+
+    return points
+
+
+# Where a site's points of each statistic come from (a row of the records' table each).
+_POINTS = {"prototype": _prototype_points, "foreground": _token_points(FOREGROUND), "background": _token_points(BACKGROUND)}
 
 
 def _class_blocks(knowledge: SiteKnowledge, dims: Dims, c: int, centroids: dict[str, np.ndarray] | None) -> list[_Points]:
-    in_class = (knowledge.group_labels == c).nonzero().squeeze(1)
-    flat = dims.M * dims.D
-    given = None if centroids is None else torch.from_numpy(centroids["prototype_centroids"][c]).reshape(dims.S, flat)
-    blocks = [_Points("prototype", knowledge.prototypes[in_class].reshape(-1, flat), in_class, in_class, dims.S, given)]
-    image_group = torch.repeat_interleave(torch.arange(len(knowledge.group_labels)), knowledge.group_sizes)
-    for name, label in (("foreground", FOREGROUND), ("background", BACKGROUND)):
-        tokens, image_ids = _class_points(knowledge, c, label)
-        given = None if centroids is None else torch.from_numpy(centroids[f"{name}_centroids"][c])
-        blocks.append(_Points(name, tokens, image_ids, image_group[image_ids], dims.L, given))
+    blocks = []
+    for stat in KNOWLEDGE_STATISTICS:
+        x, owners, groups = _POINTS[stat.name](knowledge, c)
+        k = getattr(dims, stat.slots)
+        given = None if centroids is None else torch.from_numpy(centroids[stat.centroids][c]).reshape(k, -1)
+        blocks.append(_Points(stat.name, x, owners, groups, k, given, whole_groups=stat.unit == "groups"))
     return blocks
 
 
@@ -154,25 +186,26 @@ def _statistics(
         assigned = [cluster_assignment(b.x, b.k, b.centroids, generator) if len(b.x) else (b.centroids, None) for b in blocks]
         weights: list[torch.Tensor | None] = [None] * len(blocks)
         if dp:
-            # A group's contribution: its prototype set and its square in one slot, and its
-            # tokens' sums per centroid; all of it is scaled to L2 <= clip.
-            proto, (_, proto_assign) = blocks[0], assigned[0]
-            parts = [(proto.x, proto.groups, proto_assign, proto.k), (proto.x * proto.x, proto.groups, proto_assign, proto.k)]
-            parts += [(b.x, b.groups, a, b.k) for b, (_, a) in zip(blocks[1:], assigned[1:])]
+            # A group's contribution: each statistic's points (and, with squares, their squares)
+            # in their slots, all of it scaled to L2 <= clip.
+            parts = []
+            for stat, b, (_, a) in zip(KNOWLEDGE_STATISTICS, blocks, assigned):
+                parts.append((b.x, b.groups, a, b.k))
+                if stat.squares:
+                    parts.append((b.x * b.x, b.groups, a, b.k))
             factors = clip_factors(group_sq_norms(num_groups, [part for part in parts if part[2] is not None]), privacy.clip)
             weights = [factors[b.groups] for b in blocks]
-        for block, (given, _), w in zip(blocks, assigned, weights):
+        for stat, block, (given, _), w in zip(KNOWLEDGE_STATISTICS, blocks, assigned, weights):
             # Prototype sets are one point per group (already >= K_min images); token clusters
             # need K_min distinct images unless DP noise protects them.
-            min_owners = 1 if block.name == "prototype" or dp else cfg.pagkd.min_group_size
+            min_owners = 1 if block.whole_groups or dp else cfg.pagkd.min_group_size
             sums, counts, sqsums = cluster_statistics(block.x, block.owners, block.k, min_owners, given, generator, weights=w)
-            if block.name == "prototype":
-                out["prototype_sum"][c] = sums.reshape(dims.S, dims.M, dims.D).numpy()
-                out["prototype_sqsum"][c] = sqsums.reshape(dims.S, dims.M, dims.D).numpy()
-            else:
-                out[f"{block.name}_sum"][c] = sums.numpy()
-            out[f"{block.name}_count"][c] = counts.numpy()
-        out["image_count"][c] = int(knowledge.group_sizes[knowledge.group_labels == c].sum())
+            shape = dims.resolve(stat.shape)[1:]
+            out[stat.sum][c] = sums.reshape(shape).numpy()
+            if stat.squares:
+                out[stat.sqsum][c] = sqsums.reshape(shape).numpy()
+            out[stat.count][c] = counts.numpy()
+        out[IMAGE_COUNT][c] = int(knowledge.group_sizes[knowledge.group_labels == c].sum())
     if dp:
         bound = count_sensitivity(max_group_size(cfg.pagkd.group_size, cfg.pagkd.min_group_size), knowledge.tokens.shape[1])
         out = add_noise(out, DP_FLOAT_KEYS, DP_COUNT_KEYS, privacy.noise_multiplier * privacy.clip,
@@ -180,22 +213,10 @@ def _statistics(
     return out
 
 
-DP_FLOAT_KEYS = ("prototype_sum", "prototype_sqsum", "foreground_sum", "background_sum")
-DP_COUNT_KEYS = ("prototype_count", "image_count", "foreground_count", "background_count")
-
-
 def knowledge_seeds(knowledge: SiteKnowledge, dims: Dims, cfg: Config, seed: int) -> dict[str, np.ndarray]:
     """This site's k-means seeds: local cluster sums and counts per class (arrays of
     :data:`common.records.KNOWLEDGE_SEEDS_FIELDS`)."""
-    stats = _statistics(knowledge, dims, cfg, None, seed)
-    return {
-        "prototype_seed_sum": stats["prototype_sum"],
-        "prototype_seed_count": stats["prototype_count"],
-        "foreground_seed_sum": stats["foreground_sum"],
-        "foreground_seed_count": stats["foreground_count"],
-        "background_seed_sum": stats["background_sum"],
-        "background_seed_count": stats["background_count"],
-    }
+    return seeds_from_statistics(_statistics(knowledge, dims, cfg, None, seed))
 
 
 def knowledge_sums(

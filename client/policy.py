@@ -57,7 +57,7 @@ def site_config(cfg: Config, node_config: Mapping[str, Any], site: str) -> Confi
     device = str(node_config.get(DEVICE_KEY, "") or "")
     if not device:
         return cfg
-    from common.models import pick_device
+    from common.device import pick_device
 
     try:
         pick_device(device)

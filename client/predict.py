@@ -23,7 +23,8 @@ from torch import nn
 import common  # noqa: F401  (torchvision shim before timm)
 from common.data import IMAGE_SUFFIXES, DataError, build_transform, load_image
 from common.files import atomic_write_bytes
-from common.models import PaGKDNet, load_checkpoint
+from common.checkpoint import load_checkpoint
+from common.models import PaGKDNet
 
 
 class ProbabilityModel(nn.Module):

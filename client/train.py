@@ -7,7 +7,6 @@ step: a fixed federated bank, or the live teacher's batch in the centralised ref
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import time
@@ -21,18 +20,18 @@ from torch.utils.data import DataLoader, Dataset
 
 from common.config import Config
 from common.data import BatchAugment, ClassBalancedBatchSampler
-from common.grouping import Group, adaptive_groups, random_groups
+from common.device import autocast, to_device
+from common.grouping import random_groups
 from common.losses import (
     KnowledgeBank,
     PaGKDTerms,
     bank_from_teacher_batch,
-    cam_token_labels,
     group_classification_loss,
     pagkd_loss,
     prototype_regulariser,
 )
 from common.metrics import classification_metrics, confusion_matrix, selection_key
-from common.models import LesionQueryHead, PaGKDNet, group_prototypes
+from common.models import LesionQueryHead, PaGKDNet, group_prototypes, group_view
 from common.optim import ProgressSchedule, build_optimizer
 from common.progress import progress, site_log
 
@@ -49,29 +48,6 @@ def balanced_loader(dataset: Dataset, batch_size: int, seed: int, num_workers: i
 
 def eval_loader(dataset: Dataset, batch_size: int, num_workers: int = 0) -> DataLoader:
     return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
-
-
-def autocast(device: torch.device, enabled: bool):
-    """bf16 autocast on CUDA when enabled; a no-op on CPU (CPU autocast is slower here)."""
-    if device.type == "cuda" and enabled:
-        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def to_device(images: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
-    images = images.to(device, non_blocking=True)
-    if device.type == "cuda" and channels_last:
-        images = images.contiguous(memory_format=torch.channels_last)
-    return images
-
-
-def make_groups(labels: torch.Tensor, tokens: torch.Tensor, cfg: Config, generator: torch.Generator) -> list[Group]:
-    """Same-class groups of a batch: random (paper) or adaptive (k-means on mean tokens)."""
-    p = cfg.pagkd
-    if p.grouping == "adaptive":
-        features = tokens.detach().float().mean(dim=1).cpu()
-        return adaptive_groups(features, labels.cpu(), p.group_size, p.min_group_size, generator)
-    return random_groups(labels.cpu(), p.group_size, p.min_group_size, generator)
 
 
 def _epochs(
@@ -143,7 +119,7 @@ class TrainResult:
     num_examples: int
     losses: dict[str, float]  # mean of each loss part over the steps
     # FedProto-style baseline: per-class sums [C, D] and counts [C] of the images' mean embedded
-    # tokens over the last local epoch (None when fed.proto_weight is 0).
+    # tokens over the last local epoch (None when fed.fedproto_weight is 0).
     class_prototype_sum: torch.Tensor | None = None
     class_prototype_count: torch.Tensor | None = None
     # The optimiser's state_dict after the last step (moments per parameter), for a caller that
@@ -231,7 +207,7 @@ def train_student(
 
     With ``bank_source`` returning None (and use_pro/use_den off) this is the WLI-only baseline.
     ``group_losses`` forces the group terms on/off; None follows ``pagkd.warmup_epochs``.
-    With ``fed.proto_weight`` > 0 (FedProto-style baseline) the loss adds that weight x the
+    With ``fed.fedproto_weight`` > 0 (FedProto-style baseline) the loss adds that weight x the
     MSE of each image's mean embedded token to ``class_prototypes`` (global means [C, D], valid
     [C]), and the result carries this site's class sums of those embeddings. ``span``: the
     schedule's share this call covers; ``on_epoch_end(epoch)`` e.g. a :class:`ValidationSelector`;
@@ -240,7 +216,7 @@ def train_student(
     optimizer, schedule = _train_mode_optimizer(cfg, student, head, device, epochs * len(loader), span, optimizer_state)
     generator = torch.Generator().manual_seed(seed)
     meter, seen = _Mean(), 0
-    proto_weight = cfg.fed.proto_weight
+    proto_weight = cfg.fed.fedproto_weight
     num_classes = student.classifier.out_features
     proto_sum = torch.zeros(num_classes, student.embed.out_channels, dtype=torch.float64)
     proto_count = torch.zeros(num_classes, dtype=torch.long)
@@ -248,17 +224,10 @@ def train_student(
         group_on = group_losses if group_losses is not None else epoch >= cfg.pagkd.warmup_epochs
         bank = bank_source()
         with autocast(device, cfg.train.amp):
-            out = student(images)
-            token_labels = cam_token_labels(
-                out.feature_map, student.classifier.weight, labels, cfg.pagkd.fg_threshold, cfg.pagkd.bg_threshold
-            )
-            if cfg.pagkd.use_pro and group_on:
-                groups = make_groups(labels, out.tokens, cfg, generator)
-                prototypes, group_labels, _ = group_prototypes(head, out.tokens, groups)
-            else:
-                prototypes, group_labels, _ = group_prototypes(head, out.tokens, [])
+            view = group_view(student, head, images, labels, cfg.pagkd, generator, grouped=cfg.pagkd.use_pro and group_on)
+            out = view.out
             terms = PaGKDTerms(
-                out.logits, labels, out.tokens, token_labels, prototypes, group_labels, head.classify(prototypes)
+                out.logits, labels, out.tokens, view.token_labels, view.prototypes, view.group_labels, head.classify(view.prototypes)
             )
             loss, parts = pagkd_loss(terms, bank, cfg.pagkd, group_on)
             if proto_weight > 0:
@@ -299,14 +268,10 @@ def live_teacher_bank(
         head.eval()
         _, images, labels = next(batches)
         with autocast(device, cfg.train.amp):
-            out = teacher(images)
-            token_labels = cam_token_labels(
-                out.feature_map, teacher.classifier.weight, labels, cfg.pagkd.fg_threshold, cfg.pagkd.bg_threshold
-            )
-            groups = make_groups(labels, out.tokens, cfg, generator)
-            prototypes, group_labels, _ = group_prototypes(head, out.tokens, groups)
+            view = group_view(teacher, head, images, labels, cfg.pagkd, generator)
         head.train(was_training)
-        return bank_from_teacher_batch(prototypes.float(), group_labels, out.tokens.float(), token_labels, labels, num_classes)
+        tokens = view.out.tokens.float()
+        return bank_from_teacher_batch(view.prototypes.float(), view.group_labels, tokens, view.token_labels, labels, num_classes)
 
     return next_bank
 

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
-from common.records import Payload, PayloadError
+from common.records import Payload, PayloadError, check_weights
 
 # Protocol kind -> Flower message type "<category>.<action>" (action a Python identifier).
 MESSAGE_TYPE = {
@@ -84,24 +84,16 @@ def state_to_numpy(module: torch.nn.Module) -> dict[str, np.ndarray]:
     return {k: np.atleast_1d(v.detach().cpu().numpy()).copy() for k, v in module.state_dict().items()}
 
 
+def module_weight_shapes(module: torch.nn.Module) -> dict[str, tuple[tuple[int, ...], str]]:
+    """{param: (shape, dtype)} of a module's state dict as it travels (:func:`state_to_numpy`:
+    scalars as (1,)), the reference :func:`common.records.check_weights` reads."""
+    return {k: (tuple(v.shape) if v.dim() else (1,), str(v.detach().cpu().numpy().dtype)) for k, v in module.state_dict().items()}
+
+
 def load_numpy_state(module: torch.nn.Module, state: Mapping[str, np.ndarray], block: str = "weights") -> None:
-    """Load received weights, refusing any tensor whose shape is not exactly this model's
-    (a transposed tensor of the same size must not load silently). Scalars travel as (1,)."""
+    """Load received weights, refusing any tensor whose name, shape or dtype is not exactly this
+    model's (:func:`common.records.check_weights`: a transposed tensor of the same size must not
+    load silently). Scalars travel as (1,)."""
+    check_weights("server", block, state, module_weight_shapes(module), model="this site's model")
     own = module.state_dict()
-    missing = sorted(set(own) - set(state))
-    extra = sorted(set(state) - set(own))
-    if missing or extra:
-        raise PayloadError(
-            f"weights '{block}' do not match this site's model: they lack {missing[:3]}, unexpected {extra[:3]} "
-            "(same backbone and num_classes on every site?)"
-        )
-    tensors = {}
-    for name, target in own.items():
-        array = np.asarray(state[name])
-        if array.shape != tuple(target.shape) and not (target.dim() == 0 and array.shape == (1,)):
-            raise PayloadError(
-                f"weights '{block}.{name}' has shape {array.shape}, this site's model expects {tuple(target.shape)} "
-                "(same backbone and num_classes on every site?)"
-            )
-        tensors[name] = torch.from_numpy(array.copy()).reshape(target.shape)
-    module.load_state_dict(tensors, strict=True)
+    module.load_state_dict({name: torch.from_numpy(state[name].copy()).reshape(target.shape) for name, target in own.items()}, strict=True)

@@ -140,7 +140,8 @@ class FederationConfig:
     student_sites: str = "wli"
     # FedProto-style baseline: weight of the MSE pulling each WLI image's mean embedded token to
     # the global class prototype (summed class means of the WLI sites' embeddings); 0 = off.
-    proto_weight: float = 0.0
+    # (Not pagkd.pro_weight, GKD-Pro's weight. Was fed.proto_weight, still accepted: RENAMED_KEYS.)
+    fedproto_weight: float = 0.0
     aggregation: str = "mean"
     trim_fraction: float = 0.2  # trimmed_mean: share of sites dropped at each end, per coordinate
     # Clip each site's update (weights: from the global model; statistics: from the median of the
@@ -253,7 +254,7 @@ class Config:
             ("fed.student_sites", self.fed.student_sites in ("wli", "all"), "'wli' or 'all'"),
             ("fed.student_sites", self.fed.student_sites == "wli" or not (self.pagkd.use_pro or self.pagkd.use_den),
              "'all' (the joint cross-modal baseline) only with pagkd.use_pro=false pagkd.use_den=false"),
-            ("fed.proto_weight", self.fed.proto_weight >= 0, ">= 0 (0 = off)"),
+            ("fed.fedproto_weight", self.fed.fedproto_weight >= 0, ">= 0 (0 = off)"),
             ("fed.aggregation", self.fed.aggregation in ("mean", "median", "trimmed_mean"), "'mean', 'median' or 'trimmed_mean'"),
             ("fed.trim_fraction", 0 <= self.fed.trim_fraction < 0.5, "in [0, 0.5)"),
             ("fed.clip_ratio", self.fed.clip_ratio >= 0, ">= 0 (0 = off; a multiple of the median update norm)"),
@@ -329,7 +330,7 @@ LIMITS: dict[str, tuple[float, str]] = {
     "fed.round_timeout": (7 * 86_400, "seconds: one week"),
     "fed.num_bins": (100_000, "histogram bins"),
     "fed.max_norm_ratio": (1e12, "multiple of the median norm"),
-    "fed.proto_weight": (1e6, "loss weight"),
+    "fed.fedproto_weight": (1e6, "loss weight"),
     "fed.clip_ratio": (1e12, "multiple of the median norm"),
     "privacy.noise_multiplier": (1e6, "sigma"),
     "privacy.clip": (1e12, "L2 bound"),
@@ -389,8 +390,14 @@ def _coerce(key: str, value: Any, kind: Any) -> Any:
     raise ConfigError(f"config key '{key}' = {value!r}: expected a value of type {name}")
 
 
+# Keys renamed since they were published: the old name is read as the new one (run configs,
+# CLI overrides, resumed run folders).
+RENAMED_KEYS = {"fed.proto_weight": "fed.fedproto_weight"}
+
+
 def _normalise(key: str) -> str:
-    return key.strip().replace("-", "_")
+    key = key.strip().replace("-", "_")
+    return RENAMED_KEYS.get(key, key)
 
 
 def config_keys() -> list[str]:

@@ -30,6 +30,7 @@ __all__ = [
     "assign_nearest",
     "centroid_sums",
     "kmeans",
+    "make_groups",
     "random_groups",
     "update_centroids",
 ]
@@ -347,3 +348,14 @@ def cluster_statistics(
     sqsums[:used] = torch.where(keep, part_sq, 0)
     counts[:used] = torch.where(keep[:, 0], part_counts, 0)
     return sums, counts, sqsums
+
+
+def make_groups(labels: torch.Tensor, tokens: torch.Tensor, pagkd, generator: torch.Generator) -> list[Group]:
+    """Same-class groups of a set of images, the way ``pagkd`` (a :class:`common.config.PaGKDConfig`)
+    says: ``random`` (the paper's) or ``adaptive`` (k-means on the images' mean tokens).
+
+    labels [B], tokens [B, N, D] (only read for adaptive grouping)."""
+    if pagkd.grouping == "adaptive":
+        features = tokens.detach().float().mean(dim=1).cpu()
+        return adaptive_groups(features, labels.cpu(), pagkd.group_size, pagkd.min_group_size, generator)
+    return random_groups(labels.cpu(), pagkd.group_size, pagkd.min_group_size, generator)

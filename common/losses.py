@@ -2,7 +2,7 @@
 
 The NBI side of every distillation term is a :class:`KnowledgeBank`, built either from a live
 teacher batch (centralised, :func:`bank_from_teacher_batch`) or from the federated sufficient
-statistics that NBI sites send (:func:`bank_from_statistics`). The same loss functions serve
+statistics that NBI sites send (:meth:`KnowledgeBank.from_statistics`). The same loss functions serve
 both, so the federated system optimises what the centralised reference does. The bank is
 always treated as a constant (stop-gradient): gradients reach only the student side.
 
@@ -13,11 +13,14 @@ S prototype sets per class (sub-types), K keys per class (tokens or codebook cen
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Mapping
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from common.config import PaGKDConfig
+from common.records import KNOWLEDGE_STATISTICS, STATISTICS, mean_of
 
 # Token labels of the semantic relation (DESIGN.md section 2).
 BACKGROUND, FOREGROUND, UNCERTAIN = 0, 1, 2
@@ -86,6 +89,28 @@ class KnowledgeBank:
     key_labels: torch.Tensor
     key_valid: torch.Tensor
 
+    @classmethod
+    def from_statistics(cls, arrays: Mapping[str, np.ndarray]) -> "KnowledgeBank":
+        """Federated form: the means of summed sufficient statistics (arrays of
+        :data:`common.records.BANK_STATISTICS`, numpy, as a student request carries them).
+
+        prototype_sum [C, S, M, D] over prototype_count [C, S] groups; foreground_/background_sum
+        [C, L, D] over *_count [C, L] tokens (L codebook centroids each); sums become means with
+        :func:`common.records.mean_of`. Slots with count 0 are invalid. Keys are the foreground
+        then the background centroids, labelled accordingly.
+        """
+        means = {s.sum: torch.from_numpy(np.ascontiguousarray(mean_of(arrays[s.sum], arrays[s.count]))) for s in KNOWLEDGE_STATISTICS}
+        counts = {s.count: torch.from_numpy(np.ascontiguousarray(arrays[s.count])) for s in KNOWLEDGE_STATISTICS}
+        fg, bg = STATISTICS["foreground"], STATISTICS["background"]
+        keys = torch.cat([means[fg.sum], means[bg.sum]], dim=1)
+        key_labels = torch.cat(
+            [torch.full_like(counts[fg.count], FOREGROUND, dtype=torch.long), torch.full_like(counts[bg.count], BACKGROUND, dtype=torch.long)],
+            dim=1,
+        )
+        key_valid = torch.cat([counts[fg.count] > 0, counts[bg.count] > 0], dim=1)
+        proto = STATISTICS["prototype"]
+        return cls(means[proto.sum].float(), counts[proto.count] > 0, keys.float(), key_labels, key_valid)
+
     def to(self, device: torch.device | str) -> "KnowledgeBank":
         return KnowledgeBank(*(t.to(device) for t in (self.prototypes, self.prototype_valid, self.keys, self.key_labels, self.key_valid)))
 
@@ -127,32 +152,6 @@ def bank_from_teacher_batch(
     keys, key_valid = _pad_rows(key_rows)
     key_labels, _ = _pad_rows(label_rows)
     return KnowledgeBank(bank_protos.detach(), proto_valid, keys.detach(), key_labels, key_valid)
-
-
-def bank_from_statistics(
-    prototype_sum: torch.Tensor,
-    prototype_count: torch.Tensor,
-    foreground_sum: torch.Tensor,
-    foreground_count: torch.Tensor,
-    background_sum: torch.Tensor,
-    background_count: torch.Tensor,
-) -> KnowledgeBank:
-    """Federated form: means from summed sufficient statistics.
-
-    prototype_sum [C, S, M, D] over prototype_count [C, S] groups; foreground_/background_sum
-    [C, L, D] over *_count [C, L] tokens (L codebook centroids each). Slots with count 0 are
-    invalid. Keys are the foreground then the background centroids, labelled accordingly.
-    """
-    prototypes = prototype_sum / prototype_count.clamp_min(1)[..., None, None]
-    foreground = foreground_sum / foreground_count.clamp_min(1)[..., None]
-    background = background_sum / background_count.clamp_min(1)[..., None]
-    keys = torch.cat([foreground, background], dim=1)
-    key_labels = torch.cat(
-        [torch.full_like(foreground_count, FOREGROUND, dtype=torch.long), torch.full_like(background_count, BACKGROUND, dtype=torch.long)],
-        dim=1,
-    )
-    key_valid = torch.cat([foreground_count > 0, background_count > 0], dim=1)
-    return KnowledgeBank(prototypes.float(), prototype_count > 0, keys.float(), key_labels, key_valid)
 
 
 # --------------------------------------------------------------------------- GKD-Pro

@@ -1,5 +1,9 @@
 """Networks of PaGKD: a timm backbone with a classifier and a token embedding, and the shared
-lesion-aware query head (LR-QFormer) that turns a group of images into a prototype set.
+lesion-aware query head (LR-QFormer) that turns a group of images into a prototype set; and
+:func:`group_view`, the one "forward -> token labels -> groups -> prototypes" of a batch that
+student steps and live-teacher banks share (an NBI site uses :func:`labelled_forward` and groups
+its whole training set). Initial weights: timm's pretrained ones or a local file. Devices are
+:mod:`common.device`'s, the student checkpoint :mod:`common.checkpoint`'s.
 
 Shapes used throughout: B images, C classes, Cf backbone channels, h x w last feature map,
 N = h * w tokens per image, D token width (``embed_dim``), M queries, G groups, K images per group.
@@ -17,8 +21,9 @@ import timm
 import torch
 from torch import nn
 
-from common.config import ModelConfig
-from common.grouping import Group
+from common.config import ModelConfig, PaGKDConfig
+from common.grouping import Group, make_groups
+from common.losses import cam_token_labels
 
 log = logging.getLogger(__name__)
 
@@ -131,6 +136,40 @@ def group_prototypes(
     prototypes, attention = head(tokens[index], mask, need_weights=need_weights)
     labels = torch.tensor([g.class_id for g in groups], dtype=torch.long, device=tokens.device)
     return prototypes, labels, attention
+
+
+@dataclass
+class GroupView:
+    """A batch as PaGKD sees it: the network's outputs, each token's label from the network's
+    own activation maps (foreground / background / uncertain), and the batch's same-class
+    groups run through the query head."""
+
+    out: NetOutput
+    token_labels: torch.Tensor  # long [B, N]
+    prototypes: torch.Tensor  # [G, M, D]
+    group_labels: torch.Tensor  # long [G]
+
+
+def labelled_forward(net: PaGKDNet, images: torch.Tensor, labels: torch.Tensor, pagkd: PaGKDConfig) -> tuple[NetOutput, torch.Tensor]:
+    """forward -> token labels: images [B, 3, H, W], labels [B] -> (outputs, token labels [B, N])."""
+    out = net(images)
+    token_labels = cam_token_labels(out.feature_map, net.classifier.weight, labels, pagkd.fg_threshold, pagkd.bg_threshold)
+    return out, token_labels
+
+
+def group_view(
+    net: PaGKDNet, head: LesionQueryHead, images: torch.Tensor, labels: torch.Tensor, pagkd: PaGKDConfig,
+    generator: torch.Generator, grouped: bool = True,
+) -> GroupView:
+    """forward -> token labels -> groups -> prototypes for one batch: the step every student
+    step and every live-teacher bank shares. Groups follow ``pagkd.grouping``
+    (:func:`common.grouping.make_groups`, drawn from ``generator``); ``grouped=False`` forms
+    none (prototypes [0, M, D]). An NBI site groups its whole training set instead of a batch
+    (``client/knowledge.py``): it uses :func:`labelled_forward` per batch, then the same grouping."""
+    out, token_labels = labelled_forward(net, images, labels, pagkd)
+    groups = make_groups(labels, out.tokens, pagkd, generator) if grouped else []
+    prototypes, group_labels, _ = group_prototypes(head, out.tokens, groups)
+    return GroupView(out, token_labels, prototypes, group_labels)
 
 
 def build_teacher(cfg: ModelConfig, num_classes: int, initial: bool = True) -> PaGKDNet:
@@ -254,67 +293,3 @@ def save_backbone_weights(backbone: str, out: str | Path) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(out, lambda tmp: save_file(state, tmp, metadata={"backbone": backbone, "source": "timm pretrained"}))
     return out
-
-
-def pick_device(name: str = "auto") -> torch.device:
-    """``auto`` takes CUDA when present, else CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"train.device='{name}' but no CUDA device is visible; use 'auto' or 'cpu'")
-    return device
-
-
-
-STUDENT_CHECKPOINT = "student.safetensors"
-
-
-def save_checkpoint(path: str | Path, state: dict, cfg, class_names: tuple[str, ...]) -> None:
-    """Write a student checkpoint: weights as safetensors, with what is needed to rebuild and
-    use it (backbone, classes, image size, embed dim) in the file's metadata. Atomic."""
-    import json
-
-    import numpy as np
-    from safetensors.numpy import save_file
-
-    from common.files import atomic_write
-
-    meta = {
-        "backbone": cfg.model.student,
-        "num_classes": str(cfg.data.num_classes),
-        "embed_dim": str(cfg.model.embed_dim),
-        "image_size": str(cfg.data.image_size),
-        "output_stride": str(cfg.model.output_stride),
-        "class_names": json.dumps(list(class_names)),
-    }
-    atomic_write(path, lambda tmp: save_file({k: np.ascontiguousarray(v) for k, v in state.items()}, tmp, metadata=meta))
-
-
-def load_checkpoint(path: str | Path) -> tuple[PaGKDNet, dict]:
-    """Rebuild a student from :func:`save_checkpoint`'s file -> (network in eval mode, metadata
-    with ``class_names`` a tuple and sizes as ints)."""
-    import json
-
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint '{path}' does not exist; a finished run writes runs/<name>/{STUDENT_CHECKPOINT}")
-    with safe_open(str(path), framework="pt") as handle:
-        raw = handle.metadata() or {}
-    missing = {"backbone", "num_classes", "embed_dim", "image_size", "class_names"} - set(raw)
-    if missing:
-        raise ValueError(f"checkpoint '{path}' lacks metadata {sorted(missing)}; was it written by save_checkpoint?")
-    meta = {
-        "backbone": raw["backbone"],
-        "num_classes": int(raw["num_classes"]),
-        "embed_dim": int(raw["embed_dim"]),
-        "image_size": int(raw["image_size"]),
-        "output_stride": int(raw.get("output_stride", 32)),
-        "class_names": tuple(json.loads(raw["class_names"])),
-    }
-    net = PaGKDNet(meta["backbone"], meta["num_classes"], meta["embed_dim"], output_stride=meta["output_stride"])
-    net.load_state_dict(load_file(str(path)), strict=True)
-    return net.eval(), meta

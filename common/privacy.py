@@ -96,9 +96,3 @@ def add_noise(
             noisy = value.astype(np.float64) + noise
             out[key] = (np.clip(np.rint(noisy), 0, None) if value.dtype.kind in "iu" else noisy).astype(value.dtype)
     return out
-
-
-def releases_per_refresh(kmeans_iters: int) -> int:
-    """What one NBI site releases per bank refresh: its k-means seeds, then one set of sums per
-    federated Lloyd step."""
-    return 1 + kmeans_iters

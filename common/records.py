@@ -6,6 +6,14 @@ has a :class:`Schema` listing its keys, dtypes and *symbolic* shapes; dims resol
 run's :class:`Dims` (C classes, S sub-types, M queries, D width, L codebook size, B bins).
 No schema has a per-image dimension: that is what the privacy audit checks.
 
+The knowledge statistics are one table, :data:`KNOWLEDGE_STATISTICS` (a :class:`Statistic` per
+kind of point an NBI site clusters: group prototype sets [M, D] in S slots per class,
+foreground and background tokens [D] in L slots). The bank statistics, the k-means seeds, the
+centroids, the masked (secure-aggregation) fields, the DP float/count split and the sum/count
+pairs are all derived from it, and :func:`mean_of` is the one sum -> mean conversion. "Bank":
+on the wire and on the server, the summed statistics (:data:`BANK_STATISTICS`); at a site, the
+means a student distils from (:class:`common.losses.KnowledgeBank`).
+
 :func:`validate` refuses a payload with a missing, extra, mistyped, misshaped, negative-count
 or non-finite entry, naming the key. Flower is not imported here: ``client/wire.py`` maps a
 Payload to a ``RecordDict`` and back, byte for byte.
@@ -49,6 +57,18 @@ class Dims:
         return tuple(getattr(self, d) if isinstance(d, str) else d for d in shape)
 
 
+def dims_of(cfg: Any) -> Dims:
+    """The run's :class:`Dims` from its :class:`common.config.Config` (server and sites alike)."""
+    return Dims(
+        C=cfg.data.num_classes,
+        S=cfg.pagkd.subtypes,
+        M=cfg.model.num_queries,
+        D=cfg.model.embed_dim,
+        L=cfg.pagkd.codebook_size,
+        B=cfg.fed.num_bins,
+    )
+
+
 @dataclass(frozen=True)
 class ArrayField:
     name: str
@@ -87,38 +107,113 @@ class Payload:
 
 _F32, _I64 = "float32", "int64"
 
-# Sufficient statistics of the NBI bank: sums and counts per class (and sub-type / centroid).
-BANK_STATISTICS = (
-    ArrayField("prototype_sum", _F32, ("C", "S", "M", "D")),
-    ArrayField("prototype_sqsum", _F32, ("C", "S", "M", "D")),
-    ArrayField("prototype_count", _I64, ("C", "S"), counts=True),  # groups summed
-    ArrayField("foreground_sum", _F32, ("C", "L", "D")),
-    ArrayField("foreground_count", _I64, ("C", "L"), counts=True),  # tokens summed
-    ArrayField("background_sum", _F32, ("C", "L", "D")),
-    ArrayField("background_count", _I64, ("C", "L"), counts=True),
-    ArrayField("image_count", _I64, ("C",), counts=True),  # images behind the sums
+# --------------------------------------------------------------------------- the knowledge statistics
+
+class _Key:
+    """A :class:`Statistic`'s wire key: ``<statistic name>_<attribute name>``."""
+
+    def __set_name__(self, owner: type, attribute: str) -> None:
+        self.suffix = attribute
+
+    def __get__(self, stat: Any, owner: type | None = None) -> Any:
+        return self if stat is None else f"{stat.name}_{self.suffix}"
+
+
+@dataclass(frozen=True)
+class Statistic:
+    """One kind of point an NBI site clusters per class and summarises as sums and counts.
+
+    Per class there are ``slots`` clusters (a symbolic dim: S sub-types or L codebook
+    centroids); a point has shape ``point``. The wire carries, per class and slot, the sum of
+    the points (``<name>_sum`` [C, slots, *point]), their count (``<name>_count`` [C, slots]) and
+    with ``squares`` the sum of their squares (``<name>_sqsum``, the bank's spread). The k-means
+    seeds carry the same sums and counts under ``<name>_seed_sum`` / ``<name>_seed_count``, and
+    the server's Lloyd step sends the current ``<name>_centroids`` [C, slots, *point].
+    """
+
+    name: str
+    slots: str  # symbolic dim of the clusters per class
+    point: tuple[str, ...]  # symbolic shape of one point
+    unit: str  # what a count counts
+    squares: bool = False  # also carry the sum of squares
+
+    # Its wire keys, "<name>_<attribute>": e.g. prototype_sum, foreground_seed_count.
+    sum, sqsum, count, seed_sum, seed_count, centroids = _Key(), _Key(), _Key(), _Key(), _Key(), _Key()
+
+    @property
+    def shape(self) -> tuple[str, ...]:
+        """[C, slots, *point]: a sum's (and the centroids') symbolic shape."""
+        return ("C", self.slots) + self.point
+
+    def sums(self) -> tuple[str, ...]:
+        """The float sums of this statistic (the sum, and the sum of squares with ``squares``)."""
+        return (self.sum, self.sqsum) if self.squares else (self.sum,)
+
+
+# THE table of knowledge statistics: every schema, the DP split, the masked fields, the
+# sum / count pairs and the bank's means below are derived from it. Adding a statistic is
+# adding a row (and the site's points for it, client/knowledge.py).
+KNOWLEDGE_STATISTICS = (
+    Statistic("prototype", "S", ("M", "D"), "groups", squares=True),  # group prototype sets
+    Statistic("foreground", "L", ("D",), "tokens"),  # foreground token codebook
+    Statistic("background", "L", ("D",), "tokens"),  # background token codebook
 )
+STATISTICS = {s.name: s for s in KNOWLEDGE_STATISTICS}
+IMAGE_COUNT = "image_count"  # [C]: images behind each class's sums
+
+
+def _bank_fields() -> tuple[ArrayField, ...]:
+    fields_: list[ArrayField] = []
+    for stat in KNOWLEDGE_STATISTICS:
+        fields_ += [ArrayField(name, _F32, stat.shape) for name in stat.sums()]
+        fields_.append(ArrayField(stat.count, _I64, ("C", stat.slots), counts=True))
+    return tuple(fields_) + (ArrayField(IMAGE_COUNT, _I64, ("C",), counts=True),)
+
+
+# Sufficient statistics of the NBI bank: sums and counts per class (and sub-type / centroid).
+BANK_STATISTICS = _bank_fields()
 
 # Seeds for the federated k-means: per-site cluster sums and counts, each cluster made of
 # at least K_min images (enforced by the site, audited by the tests).
-KNOWLEDGE_SEEDS_FIELDS = (
-    ArrayField("prototype_seed_sum", _F32, ("C", "S", "M", "D")),
-    ArrayField("prototype_seed_count", _I64, ("C", "S"), counts=True),
-    ArrayField("foreground_seed_sum", _F32, ("C", "L", "D")),
-    ArrayField("foreground_seed_count", _I64, ("C", "L"), counts=True),
-    ArrayField("background_seed_sum", _F32, ("C", "L", "D")),
-    ArrayField("background_seed_count", _I64, ("C", "L"), counts=True),
+KNOWLEDGE_SEEDS_FIELDS = tuple(
+    field_
+    for s in KNOWLEDGE_STATISTICS
+    for field_ in (ArrayField(s.seed_sum, _F32, s.shape), ArrayField(s.seed_count, _I64, ("C", s.slots), counts=True))
 )
 
 # Secure aggregation (common/secagg.py): the bank statistics in fixed point plus this site's
 # pairwise masks, mod 2**64. One site's values are uniform noise; only the sum over sites decodes.
 MASKED_BANK_STATISTICS = tuple(ArrayField(f.name, _I64, f.shape) for f in BANK_STATISTICS)
 
-CENTROIDS = (
-    ArrayField("prototype_centroids", _F32, ("C", "S", "M", "D")),
-    ArrayField("foreground_centroids", _F32, ("C", "L", "D")),
-    ArrayField("background_centroids", _F32, ("C", "L", "D")),
-)
+# The server's current codebooks, sent with each federated Lloyd step.
+CENTROIDS = tuple(ArrayField(s.centroids, _F32, s.shape) for s in KNOWLEDGE_STATISTICS)
+
+# Differential privacy (common/privacy.py): the float sums get noise scaled by the clip, the
+# counts noise scaled by the count sensitivity.
+DP_FLOAT_KEYS = tuple(f.name for f in BANK_STATISTICS if not f.counts)
+DP_COUNT_KEYS = tuple(f.name for f in BANK_STATISTICS if f.counts)
+
+# Each float sum of the bank and the count it is divided by to read it as a mean.
+SUM_COUNT_PAIRS = tuple((name, s.count) for s in KNOWLEDGE_STATISTICS for name in s.sums())
+
+
+def seeds_from_statistics(stats: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """A site's local cluster statistics (bank keys) as the k-means seeds it sends."""
+    return {key: stats[source] for s in KNOWLEDGE_STATISTICS for key, source in ((s.seed_sum, s.sum), (s.seed_count, s.count))}
+
+
+def mean_of(total: np.ndarray, count: np.ndarray) -> np.ndarray:
+    """A sum read as a mean: ``total`` [*slots, *point] / ``count`` [*slots] (at least 1, so a
+    slot with no point stays 0), in ``total``'s dtype. The one sum -> mean conversion: the
+    site's bank (:meth:`common.losses.KnowledgeBank.from_statistics`) and the server's robust
+    aggregation (per site) both read it."""
+    count = np.maximum(count, 1).astype(total.dtype)
+    return total / count.reshape(count.shape + (1,) * (total.ndim - count.ndim))
+
+
+def statistic_means(stats: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Every float sum of a bank (:data:`BANK_STATISTICS`) as its mean (same keys and shapes)."""
+    return {name: mean_of(stats[name], stats[count]) for name, count in SUM_COUNT_PAIRS}
 
 # FedProto-style baseline: per-class sums of the WLI students' mean embedded tokens (zeros when off).
 CLASS_PROTOTYPES = (
@@ -261,21 +356,29 @@ def _check_config(where: str, config: Mapping[str, Any], schema: Schema) -> None
                 raise PayloadError(f"{where}: config '{key}' is not finite ({value!r}; a float is expected)")
 
 
-def _check_weights(
-    where: str, block: str, weights: Mapping[str, np.ndarray], reference: Mapping[str, tuple[tuple[int, ...], str]]
+def check_weights(
+    where: str, block: str, weights: Mapping[str, np.ndarray], reference: Mapping[str, tuple[tuple[int, ...], str]],
+    model: str = "the model",
 ) -> None:
+    """The one weight-shape check: ``weights`` (a received state dict of numpy arrays) must have
+    exactly ``reference``'s names ({param: (shape, dtype)}, :func:`weight_shapes`), each with its
+    shape and dtype, and finite values. The server checks replies against its global models, a
+    site checks requests against its own (``client.wire.load_numpy_state``); ``model`` names the
+    receiver's model in the message. Raises :class:`PayloadError` naming the block and tensor."""
     missing = sorted(set(reference) - set(weights))
     extra = sorted(set(weights) - set(reference))
     if missing or extra:
         raise PayloadError(
-            f"{where}: weights '{block}' do not match the model: missing {missing[:3]}{'...' if len(missing) > 3 else ''}, "
-            f"unexpected {extra[:3]}{'...' if len(extra) > 3 else ''} (same backbone and num_classes on every site?)"
+            f"{where}: weights '{block}' do not match {model}: missing {missing[:3]}{'...' if len(missing) > 3 else ''} "
+            f"(the received weights lack them), unexpected {extra[:3]}{'...' if len(extra) > 3 else ''} "
+            "(same backbone and num_classes on every site?)"
         )
     for name, (shape, dtype) in reference.items():
         array = weights[name]
         if not isinstance(array, np.ndarray) or array.shape != tuple(shape) or array.dtype != np.dtype(dtype):
-            got = (getattr(array, "shape", None), getattr(array, "dtype", type(array).__name__))
-            raise PayloadError(f"{where}: weights '{block}.{name}' is {got}, expected {(tuple(shape), dtype)}")
+            got_shape, got_dtype = getattr(array, "shape", None), getattr(array, "dtype", type(array).__name__)
+            raise PayloadError(f"{where}: weights '{block}.{name}' has shape {got_shape} and dtype {got_dtype}, "
+                               f"expected shape {tuple(shape)} and dtype {dtype} ({model})")
         if array.dtype.kind == "f" and not np.isfinite(array).all():
             raise PayloadError(f"{where}: weights '{block}.{name}' hold NaN or Inf")
 
@@ -330,7 +433,7 @@ def validate(
                 if array.dtype.kind == "f" and not np.isfinite(array).all():
                     raise PayloadError(f"{where}: weights '{block}.{name}' hold NaN or Inf")
         else:
-            _check_weights(where, block, weights, reference)
+            check_weights(where, block, weights, reference)
     return payload
 
 

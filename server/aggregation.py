@@ -1,7 +1,11 @@
 """Server-side aggregation: FedAvg of weights, exact sums of knowledge statistics, k-means
 centroids of the NBI bank, and the screening of updates with absurd norms.
 
-Inputs are validated payload arrays (numpy); outputs are numpy. The Lloyd update and k-means
+Inputs are validated payload arrays (numpy); outputs are new numpy arrays (nothing passed in is
+changed). On the server the bank is the *sums*: :data:`common.records.BANK_STATISTICS`, summed
+over the NBI sites (what a student request carries); a site reads them as means
+(:meth:`common.losses.KnowledgeBank.from_statistics`). Which statistics exist, and which sum goes
+with which count, is :data:`common.records.KNOWLEDGE_STATISTICS`'s. The Lloyd update and k-means
 themselves are :mod:`common.grouping`'s, so the server's codebook equals the pooled one.
 """
 
@@ -14,7 +18,9 @@ import torch
 
 from common.grouping import kmeans, update_centroids
 from common import secagg
-from common.records import BANK_STATISTICS, Dims, Payload, PayloadError, empty_statistics, validate
+from common.records import (
+    BANK_STATISTICS, CENTROIDS, KNOWLEDGE_STATISTICS, SUM_COUNT_PAIRS, Dims, Payload, PayloadError, empty_statistics, mean_of, validate,
+)
 
 State = dict[str, np.ndarray]
 
@@ -97,29 +103,28 @@ def _class_centroids(seed_sum: np.ndarray, seed_count: np.ndarray, k: int, seed:
 
 
 def initial_centroids(seed_replies: Sequence[Mapping[str, np.ndarray]], dims: Dims, seed: int) -> State:
-    """Server's first codebooks from the sites' seeds: per class, k-means over all seeds."""
-    out: State = {
-        "prototype_centroids": np.zeros((dims.C, dims.S, dims.M, dims.D), np.float32),
-        "foreground_centroids": np.zeros((dims.C, dims.L, dims.D), np.float32),
-        "background_centroids": np.zeros((dims.C, dims.L, dims.D), np.float32),
-    }
+    """Server's first codebooks from the sites' seeds: per class and statistic, k-means over
+    all sites' seed clusters -> :data:`common.records.CENTROIDS`."""
+    out: State = empty_statistics(CENTROIDS, dims)
     for c in range(dims.C):
-        for name, k in (("prototype", dims.S), ("foreground", dims.L), ("background", dims.L)):
-            sums = np.concatenate([r[f"{name}_seed_sum"][c].reshape(k, -1) for r in seed_replies])
-            counts = np.concatenate([r[f"{name}_seed_count"][c] for r in seed_replies])
-            out[f"{name}_centroids"][c] = _class_centroids(sums, counts, k, seed + c).reshape(out[f"{name}_centroids"][c].shape)
+        for stat in KNOWLEDGE_STATISTICS:
+            k = getattr(dims, stat.slots)
+            sums = np.concatenate([r[stat.seed_sum][c].reshape(k, -1) for r in seed_replies])
+            counts = np.concatenate([r[stat.seed_count][c] for r in seed_replies])
+            out[stat.centroids][c] = _class_centroids(sums, counts, k, seed + c).reshape(out[stat.centroids][c].shape)
     return out
 
 
 def lloyd_centroids(bank: Mapping[str, np.ndarray], centroids: Mapping[str, np.ndarray], dims: Dims) -> State:
     """The federated Lloyd update: new centroid = summed points / summed count; empty keep."""
     out: State = {}
-    for name, k in (("prototype", dims.S), ("foreground", dims.L), ("background", dims.L)):
-        old = centroids[f"{name}_centroids"]
-        sums = torch.from_numpy(bank[f"{name}_sum"].reshape(dims.C, k, -1))
-        counts = torch.from_numpy(bank[f"{name}_count"])
+    for stat in KNOWLEDGE_STATISTICS:
+        k = getattr(dims, stat.slots)
+        old = centroids[stat.centroids]
+        sums = torch.from_numpy(bank[stat.sum].reshape(dims.C, k, -1))
+        counts = torch.from_numpy(bank[stat.count])
         new = [update_centroids(sums[c], counts[c], torch.from_numpy(old[c].reshape(k, -1))) for c in range(dims.C)]
-        out[f"{name}_centroids"] = torch.stack(new).numpy().reshape(old.shape).astype(np.float32)
+        out[stat.centroids] = torch.stack(new).numpy().reshape(old.shape).astype(np.float32)
     return out
 
 
@@ -222,13 +227,23 @@ def robust_average(
     return out
 
 
-# Sums of the bank and the count each is divided by to read it as a mean.
-_BANK_MEANS = (
-    ("prototype_sum", "prototype_count"),
-    ("prototype_sqsum", "prototype_count"),
-    ("foreground_sum", "foreground_count"),
-    ("background_sum", "background_count"),
-)
+def aggregate_weights(
+    states: Mapping[str, Sequence[Mapping[str, np.ndarray]]], weights: Sequence[float], globals_: Mapping[str, Mapping[str, np.ndarray]],
+    method: str, trim_fraction: float, clip_ratio: float,
+) -> tuple[dict[str, State], dict[str, list[float]]]:
+    """New global weight blocks from the sites' ``states`` ({block: one state per site}): each
+    block's updates clipped to ``clip_ratio`` x the median update norm against ``globals_``
+    (:func:`clip_updates`, off for ``clip_ratio <= 0``), then :func:`robust_average`'d with the
+    sites' ``weights``. -> ({block: new state}, {block: clip scale per site}, clipping on only);
+    ``globals_`` is left as it was."""
+    out: dict[str, State] = {}
+    scales: dict[str, list[float]] = {}
+    for block, block_states in states.items():
+        block_states = list(block_states)
+        if clip_ratio > 0:
+            block_states, scales[block] = clip_updates(block_states, globals_[block], clip_ratio)
+        out[block] = robust_average(block_states, weights, method, trim_fraction)
+    return out, scales
 
 
 def _robust_slot(means: np.ndarray, counts: np.ndarray, method: str, trim_fraction: float, clip_ratio: float) -> np.ndarray:
@@ -268,20 +283,20 @@ def robust_statistics(
     out = bank_statistics(replies)  # exact counts (and sums, overwritten below unless plain mean)
     if method == "mean" and clip_ratio <= 0:
         return out
-    for sum_name, count_name in _BANK_MEANS:
+    for sum_name, count_name in SUM_COUNT_PAIRS:
         dtype = replies[0][sum_name].dtype
         counts = np.stack([reply[count_name] for reply in replies])  # [n, *slots]
-        sums = np.stack([reply[sum_name].astype(np.float64) for reply in replies])  # [n, *slots, *F]
-        result = np.zeros(sums.shape[1:], dtype=np.float64)
+        # Each site's means [n, *slots, *F] (common.records.mean_of, as a site reads a bank).
+        means = mean_of(np.stack([reply[sum_name].astype(np.float64) for reply in replies]), counts)
+        result = np.zeros(means.shape[1:], dtype=np.float64)
         for slot in np.ndindex(counts.shape[1:]):
             have = counts[(slice(None),) + slot] > 0
             if not have.any():
                 continue
             slot_counts = counts[(slice(None),) + slot][have].astype(np.float64)  # [n']
-            slot_sums = sums[(slice(None),) + slot][have]  # [n', *F]
-            means = (slot_sums / slot_counts.reshape((-1,) + (1,) * (slot_sums.ndim - 1))).reshape(len(slot_counts), -1)
-            combined = _robust_slot(means, slot_counts, method, trim_fraction, clip_ratio)
-            result[slot] = combined.reshape(slot_sums.shape[1:]) * slot_counts.sum()
+            slot_means = means[(slice(None),) + slot][have]  # [n', *F]
+            combined = _robust_slot(slot_means.reshape(len(slot_counts), -1), slot_counts, method, trim_fraction, clip_ratio)
+            result[slot] = combined.reshape(slot_means.shape[1:]) * slot_counts.sum()
         out[sum_name] = result.astype(dtype)
     return out
 

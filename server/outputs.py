@@ -1,22 +1,103 @@
-"""Plots of a finished run: AUC per round (pooled and per site) and the final student's ROC."""
+"""What a finished run leaves in its folder, and the figures it reports.
+
+:func:`run_summary` builds ``metrics.json``: the run's metrics with the traffic and timings, the
+bank's size against one student upload, the selected models' test figures (:func:`final_figures`),
+what did not learn, the run's status (:func:`outcome`) and its privacy report.
+:func:`write_outputs` writes ``metrics.json``, ``egress.json``, ``config.json``, the student
+checkpoint (:mod:`common.checkpoint`) and the plots (:func:`write_plots`: AUC per round, pooled
+and per site, and the final student's ROC; matplotlib is imported only then).
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")  # headless: sites and CI have no display
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+from common.checkpoint import STUDENT_CHECKPOINT, save_checkpoint
+from common.config import Config, config_to_dict
+from common.data import default_class_names
+from common.files import atomic_write_json
+from common.metrics import ScoreHistogram, histogram_roc
 
-from common.data import default_class_names  # noqa: E402
-from common.metrics import ScoreHistogram, histogram_roc  # noqa: E402
+
+def _test_figure(metrics: Mapping[str, Any], model: str) -> dict[str, Any] | None:
+    tests = [e for e in metrics["evaluation"] if e["model"] == model and e.get("split") == "test"]
+    if not tests:
+        return None
+    figure = {**tests[-1]["pooled"], "round": tests[-1]["round"], "confusion": tests[-1]["histogram"]["confusion"]}
+    figure["selected_round"] = metrics["selection"].get(model, {}).get("round", tests[-1]["round"])
+    return figure
+
+
+def final_figures(metrics: Mapping[str, Any], student_rounds: int) -> dict[str, Any]:
+    """``final``: the selected global student's test figures (None when no student round ran:
+    a teacher's figure is never reported as the student's), with the rounds behind it;
+    ``final_teacher``: the selected NBI teacher's test figures."""
+    student = _test_figure(metrics, "student")
+    return {"final": student,
+            "final_student_round": student["selected_round"] if student else 0,
+            "student_rounds": student_rounds,
+            "final_teacher": _test_figure(metrics, "teacher")}
+
+
+def outcome(metrics: Mapping[str, Any], min_site_share: float) -> dict[str, Any]:
+    """``status``: completed (every discovered site took part in every phase it was asked
+    to) or degraded; ``accepted``: the share of sites never dropped reaches
+    ``fed.min_site_share`` (the launcher exits non-zero when it does not)."""
+    status = metrics.get("site_status", {})
+    lost = sorted(name for name, phases in status.items() if any(v.startswith("dropped") for v in phases.values()))
+    share = 1.0 - len(lost) / len(status) if status else 0.0
+    return {"status": "degraded" if lost else "completed", "sites_lost": lost, "site_share": share,
+            "min_site_share": min_site_share, "accepted": share >= min_site_share}
+
+
+def run_summary(
+    metrics: Mapping[str, Any], ledger: Mapping[str, Any], student: Mapping[str, np.ndarray], bank: Mapping[str, np.ndarray],
+    sites: list[dict[str, Any]], class_names: tuple[str, ...], student_rounds: int, min_site_share: float,
+    privacy: dict[str, Any],
+) -> dict[str, Any]:
+    """``metrics.json`` of a finished run (``ledger``: :meth:`server.channel.Ledger.snapshot`)."""
+    student_bytes = int(sum(a.nbytes for a in student.values()))
+    bank_bytes = int(sum(a.nbytes for a in bank.values()))
+    return {
+        **metrics,
+        "bytes": ledger["bytes"],
+        "timing": ledger["timing"],
+        "student_weights_bytes": student_bytes,
+        "bank_bytes": bank_bytes,
+        "bank_share_of_student_upload": bank_bytes / student_bytes,
+        "sites": sites,
+        "class_names": list(class_names),
+        **final_figures(metrics, student_rounds),
+        # Models that did not learn (val AUC at chance or a collapsed confusion matrix of the
+        # selected round): a run says so rather than ending with a quiet number.
+        "not_learned": {model: chosen["problems"] for model, chosen in metrics["selection"].items() if chosen["problems"]},
+        **outcome(metrics, min_site_share),
+        "privacy": privacy,
+    }
+
+
+def write_outputs(
+    run_dir: Path, summary: dict[str, Any], egress: list[dict[str, Any]], cfg: Config, student: Mapping[str, np.ndarray],
+    class_names: tuple[str, ...],
+) -> None:
+    """metrics.json, egress.json, config.json, the student checkpoint and the plots."""
+    atomic_write_json(run_dir / "metrics.json", summary)
+    atomic_write_json(run_dir / "egress.json", egress)
+    atomic_write_json(run_dir / "config.json", config_to_dict(cfg))
+    save_checkpoint(run_dir / STUDENT_CHECKPOINT, student, cfg, class_names)
+    write_plots(run_dir, summary)
 
 
 def write_plots(run_dir: Path, summary: dict[str, Any]) -> list[Path]:
     """auc.png and roc.png in the run folder (nothing when no student was evaluated)."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # headless: sites and CI have no display
+    import matplotlib.pyplot as plt
+
     evaluations = [e for e in summary["evaluation"] if e["model"] == "student"]
     if not evaluations:
         return []

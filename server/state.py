@@ -1,5 +1,12 @@
 """Checkpoint and resume: the server's state after each finished round, written atomically.
 
+:class:`RunState` is everything a run carries from round to round: the global teacher, student
+and query head, the bank (summed :data:`common.records.BANK_STATISTICS`), the FedProto class
+prototypes, the current centroids, the best weights so far per model (model selection), the
+phase :class:`Progress` and the metrics. :func:`save_run` / :func:`load_run` write and read it
+with the ledger's snapshot, the flat config and the discovered sites; :func:`check_compatible`
+is the rule for resuming: the same config, up to the keys in :data:`RESUME_IGNORES`.
+
 A run folder holds ``state.safetensors`` (global weights, the bank, centroids: flat
 ``<block>/<name>`` keys) and ``state.json`` (phase progress, metrics, byte counts, config).
 Both are written to a temporary file, fsynced and renamed, tensors first, so a crash leaves
@@ -29,12 +36,14 @@ import hmac
 import json
 import os
 import secrets
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
+from common.config import RENAMED_KEYS
 from common.files import atomic_write, atomic_write_json, json_default
 
 TENSORS, META = "state.safetensors", "state.json"
@@ -46,6 +55,91 @@ RUN_FILES = (TENSORS, "ledger.json", "metrics.json", "egress.json", "config.json
 
 class StateError(RuntimeError):
     """A checkpoint that cannot be trusted or does not belong to this run."""
+
+
+State = dict[str, np.ndarray]
+
+# Config keys a resumed run may change: more rounds, another timeout or run folder, another
+# acceptance share. Any other difference refuses the resume.
+RESUME_IGNORES = frozenset({"fed.teacher_rounds", "fed.student_rounds", "fed.round_timeout", "fed.run_dir", "fed.run_name",
+                            "fed.min_site_share"})
+
+
+@dataclass
+class Progress:
+    """Finished rounds per phase."""
+
+    teacher_rounds: int = 0
+    refreshes: int = 0
+    student_rounds: int = 0
+
+
+@dataclass
+class RunState:
+    """What a run carries between rounds (numpy state dicts and the bank's arrays)."""
+
+    teacher: State
+    student: State
+    head: State
+    bank: State  # the summed bank statistics the students are sent
+    class_prototypes: State  # FedProto-style baseline: summed class prototypes
+    centroids: State = field(default_factory=dict)  # the last refresh's codebooks (empty before one)
+    # Model selection: per model ("teacher", "student") the global weights of the round with the
+    # best pooled val AUC so far ({block: state}); metrics["selection"] says which round.
+    best: dict[str, dict[str, State]] = field(default_factory=dict)
+    progress: Progress = field(default_factory=Progress)
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+    def blocks(self) -> dict[str, State]:
+        """The tensors as ``state.safetensors`` blocks."""
+        blocks = {"teacher": self.teacher, "student": self.student, "head": self.head, "bank": self.bank,
+                  "prototypes": self.class_prototypes}
+        if self.centroids:
+            blocks["centroids"] = self.centroids
+        for model, weights in self.best.items():
+            blocks.update({f"best-{model}-{block}": state for block, state in weights.items()})
+        return blocks
+
+    def restore(self, blocks: Mapping[str, State], meta: Mapping[str, Any]) -> None:
+        """Take a saved state's blocks and metadata (what :func:`load_run` returns)."""
+        self.teacher, self.student, self.head, self.bank = blocks["teacher"], blocks["student"], blocks["head"], blocks["bank"]
+        self.centroids = blocks.get("centroids", {})
+        for name, state in blocks.items():
+            if name.startswith("best-"):
+                _, model, block = name.split("-", 2)
+                self.best.setdefault(model, {})[block] = state
+        self.class_prototypes = blocks.get("prototypes", self.class_prototypes)
+        self.progress = Progress(**meta["progress"])
+        self.metrics = meta["metrics"]
+        self.metrics.setdefault("selection", {})
+
+
+def check_compatible(run_dir: Path, mine: Mapping[str, Any], theirs: Mapping[str, Any]) -> None:
+    """Refuse to resume ``run_dir`` (saved with flat config ``theirs``) under ``mine`` when they
+    differ in any key but :data:`RESUME_IGNORES`."""
+    mine = {k: v for k, v in mine.items() if k not in RESUME_IGNORES}
+    theirs = {RENAMED_KEYS.get(k, k): v for k, v in theirs.items()}  # a folder saved before a key's rename
+    theirs = {k: v for k, v in theirs.items() if k not in RESUME_IGNORES}
+    if mine != theirs:
+        changed = sorted(k for k in mine if mine[k] != theirs.get(k))
+        raise StateError(f"run folder {run_dir} was started with another config (differs in {changed}); use a new fed.run_name")
+
+
+def save_run(run_dir: Path, run: RunState, extra: Mapping[str, Any]) -> None:
+    """Save ``run`` with the rest of its metadata (``extra``: the ledger's snapshot, the flat
+    config, the discovered sites)."""
+    save_state(run_dir, run.blocks(), {"progress": run.progress.__dict__, "metrics": run.metrics, **extra})
+
+
+def load_run(run_dir: Path, config: Mapping[str, Any]) -> tuple[dict[str, State], dict[str, Any]] | None:
+    """The last saved state of ``run_dir`` as (blocks, metadata), checked against this run's
+    flat ``config`` (:func:`check_compatible`); None when the run has not started."""
+    loaded = load_state(run_dir)
+    if loaded is None:
+        return None
+    blocks, meta = loaded
+    check_compatible(run_dir, config, meta["config"])
+    return blocks, meta
 
 
 def flatten_blocks(blocks: Mapping[str, Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:

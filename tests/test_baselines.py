@@ -1,6 +1,6 @@
 """The federated baselines of the evaluation issue, through the real protocol (in-process):
 
-* FedProto-style (``fed.proto_weight``): WLI sites send class sums of their embeddings, the
+* FedProto-style (``fed.fedproto_weight``): WLI sites send class sums of their embeddings, the
   server sums them, the next round trains against the global class prototypes;
 * the naive cross-modal baseline (``fed.student_sites=all``): one model FedAvg'ed over WLI and
   NBI sites, evaluated on WLI only;
@@ -57,7 +57,7 @@ def run(tmp_path, name, **overrides):
 
 
 def test_fedproto_sends_the_summed_class_prototypes_of_the_previous_round(tmp_path):
-    summary, sent, received = run(tmp_path, "proto", fed__proto_weight=1.0, fed__student_rounds=2, **PLAIN)
+    summary, sent, received = run(tmp_path, "proto", fed__fedproto_weight=1.0, fed__student_rounds=2, **PLAIN)
     updates = [p for _, p in received if p.kind == "student.update"]
     trains = [p for _, p in sent if p.kind == "student.train"]
     assert len(updates) == 4 and len(trains) == 4  # 2 WLI sites x 2 rounds

@@ -265,7 +265,7 @@ def test_kept_optimizer_state_carries_adamw_moments_into_the_next_round(globals_
         for round_ in (1, 2):
             assert send(request, context).kind == ("student.update" if role == "student" else "teacher.update")
             assert _optimizer_steps(context, role) == round_ * steps_per_round
-    fresh = new_context(node(WLI))
+    fresh = new_context(node(WLI), dataclasses.replace(CFG, train=dataclasses.replace(CFG.train, keep_optimizer_state=False)))
     send(student_request(globals_, empty_bank(DIMS), use_bank=False), fresh)
     assert not [k for k in fresh.state.config_records if k.startswith("optimizer.")]
 

@@ -254,3 +254,14 @@ def test_pyproject_defaults_equal_the_dataclass_defaults():
 
     app = tomllib.loads((Path(__file__).resolve().parent.parent / "pyproject.toml").read_text())["tool"]["flwr"]["app"]
     assert config_to_flat(config_from_flat(flatten_dict(app["config"]))) == config_to_flat(Config())
+
+
+def test_a_renamed_key_is_still_read_under_its_old_name():
+    """``fed.proto_weight`` (the FedProto baseline's weight, easily confused with
+    ``pagkd.pro_weight``) became ``fed.fedproto_weight``; run configs that use the old key keep working."""
+    from common.config import RENAMED_KEYS, config_from_flat, config_to_flat
+
+    assert RENAMED_KEYS["fed.proto_weight"] == "fed.fedproto_weight"
+    cfg = config_from_flat({"fed.proto_weight": 0.5})
+    assert cfg.fed.fedproto_weight == 0.5
+    assert "fed.proto_weight" not in config_to_flat(cfg)

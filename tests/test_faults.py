@@ -291,7 +291,7 @@ def test_no_reply_moves_the_aggregate_further_than_an_honest_site_could(
     if protocol.metrics["evaluation"]:
         assert protocol.metrics["evaluation"][-1]["pooled"]["num_examples"] == sum(test_counts) * len(replies)
     blocks = {"student": {"w": np.zeros(4, np.float32)}, "head": {"h": np.zeros(2, np.float32)}}
-    protocol._fedavg("student", "wli", replies, blocks)
+    _, blocks = protocol._fedavg("student", "wli", replies, blocks)
     n_honest = declared[0] + declared[1]
     honest_mean = (declared[0] * np.asarray(honest[0]) + declared[1] * np.asarray(honest[1])) / n_honest
     moved = np.linalg.norm(blocks["student"]["w"].astype(np.float64) - honest_mean)

@@ -17,7 +17,6 @@ from common.losses import (
     UNCERTAIN,
     KnowledgeBank,
     PaGKDTerms,
-    bank_from_statistics,
     bank_from_teacher_batch,
     class_activation_maps,
     gkd_den_loss,
@@ -127,6 +126,13 @@ def _statistics(seed: int = 0):
     fg_sum = torch.randn(C, L, D, generator=gen, dtype=torch.float64) * fg_count[..., None]
     bg_sum = torch.randn(C, L, D, generator=gen, dtype=torch.float64) * bg_count[..., None]
     return proto_sum, proto_count, fg_sum, fg_count, bg_sum, bg_count
+
+
+def bank_from_statistics(proto_sum, proto_count, fg_sum, fg_count, bg_sum, bg_count) -> KnowledgeBank:
+    """The six statistics as the record arrays that :meth:`KnowledgeBank.from_statistics` reads."""
+    arrays = {"prototype_sum": proto_sum, "prototype_count": proto_count, "foreground_sum": fg_sum,
+              "foreground_count": fg_count, "background_sum": bg_sum, "background_count": bg_count}
+    return KnowledgeBank.from_statistics({k: v.numpy() for k, v in arrays.items()})
 
 
 def test_bank_from_statistics():

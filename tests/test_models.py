@@ -18,8 +18,8 @@ from common.models import (
     build_teacher,
     group_prototypes,
     load_weights,
-    pick_device,
 )
+from common.device import pick_device
 
 # One intra-op thread (conftest): on the shared 2-core machine it is much faster.
 pytestmark = pytest.mark.usefixtures("single_thread")

@@ -13,7 +13,8 @@ from client.predict import export_model, main, predict_folder
 from client.wire import state_to_numpy
 from common.config import Config, config_from_flat
 from common.data import DataError, SyntheticSiteSpec, default_class_names, write_image_folder
-from common.models import build_student, load_checkpoint, save_checkpoint
+from common.checkpoint import load_checkpoint, save_checkpoint
+from common.models import build_student
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,8 @@ from client.site import resolve_site
 from client.wire import MESSAGE_TYPE, from_recorddict, to_recorddict
 from common.config import ConfigError, config_to_dict, config_to_flat
 from common.metrics import selection_key
-from common.models import STUDENT_CHECKPOINT, build_query_head, build_student, build_teacher, load_checkpoint
+from common.checkpoint import STUDENT_CHECKPOINT, load_checkpoint
+from common.models import build_query_head, build_student, build_teacher
 from common.records import SCHEMAS, Payload, validate, weight_shapes
 from server.state import META, TENSORS, StateError
 from server.workflow import FederationError, run_federation

@@ -1,0 +1,125 @@
+"""Discovery: what each site declares (:class:`SiteInfo`) and the rules a federation must
+meet before anything else is asked of it.
+
+A ``metadata`` reply becomes a :class:`SiteInfo` (modality, class names, class counts per split,
+version) unless its protocol or modality is wrong (:func:`refusal`); sites sharing one name are
+all dropped (:func:`duplicate_names`); the run needs enough sites per modality
+(:func:`missing_sites`) and one list of class names all sites share (:func:`agreed_class_names`).
+Every refusal says which sites and what to fix. Nothing here talks to the grid.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field, fields
+
+from client.site import run_class_names
+from common.config import Config, parse_class_names
+from common.records import PROTOCOL_VERSION, Payload, metadata_class_names
+
+log = logging.getLogger("fedpagkd.server")
+
+
+class FederationError(RuntimeError):
+    """The run cannot go on (too few usable sites); the message says which and why."""
+
+
+@dataclass
+class SiteInfo:
+    node_id: int
+    name: str
+    modality: str
+    train_counts: list[int]
+    test_counts: list[int]
+    version: str
+    val_counts: list[int] = field(default_factory=list)
+    class_names: list[str] = field(default_factory=list)
+
+    def declared(self) -> dict[str, list[int]]:
+        """[C] class counts per split (``train``, ``test``...), as declared at discovery."""
+        return {f.name.removesuffix("_counts"): getattr(self, f.name) for f in fields(self) if f.name.endswith("_counts")}
+
+    @classmethod
+    def from_metadata(cls, node_id: int, reply: Payload) -> "SiteInfo":
+        return cls(
+            node_id=node_id,
+            name=reply.config["site-name"],
+            modality=reply.config["modality"],
+            train_counts=reply.arrays["train_class_counts"].tolist(),
+            test_counts=reply.arrays["test_class_counts"].tolist(),
+            version=reply.config["version"],
+            val_counts=reply.arrays["val_class_counts"].tolist(),
+            class_names=list(metadata_class_names(reply)),
+        )
+
+
+def refusal(reply: Payload, info: SiteInfo) -> str | None:
+    """Why a site's metadata is refused (another protocol version, an unknown modality), or None."""
+    if reply.config["protocol"] != PROTOCOL_VERSION:
+        return f"protocol {reply.config['protocol']}, server speaks {PROTOCOL_VERSION}; upgrade the site"
+    if info.modality not in ("nbi", "wli"):
+        return f"unknown modality '{info.modality}'"
+    return None
+
+
+def duplicate_names(sites: dict[int, SiteInfo]) -> dict[int, str]:
+    """The reason for each node whose site name another node also uses: they are all dropped
+    (their metrics, egress and DP releases would merge under one name, and none of them can be
+    told apart from the others)."""
+    by_name: dict[str, list[int]] = {}
+    for node_id, info in sites.items():
+        by_name.setdefault(info.name, []).append(node_id)
+    reasons = {}
+    for name, nodes in by_name.items():
+        if len(nodes) < 2:
+            continue
+        for node_id in nodes:
+            reasons[node_id] = (f"{len(nodes)} SuperNodes (node ids {sorted(nodes)}) call themselves '{name}'; "
+                                "give each site a unique site-name (node config or sites.toml)")
+    return reasons
+
+
+def missing_sites(sites: dict[int, SiteInfo], cfg: Config, needs_teacher: bool) -> list[str]:
+    """``"NBI: 1 of 2 needed"`` for each modality with fewer sites than the run needs (NBI sites
+    only when the run trains a teacher)."""
+    missing = []
+    for modality, minimum in (("nbi", cfg.fed.min_nbi_sites), ("wli", cfg.fed.min_wli_sites)):
+        if modality == "nbi" and not needs_teacher:
+            continue
+        have = sum(s.modality == modality for s in sites.values())
+        if have < minimum:
+            missing.append(f"{modality.upper()}: {have} of {minimum} needed")
+    return missing
+
+
+def agreed_class_names(sites: dict[int, SiteInfo], cfg: Config) -> tuple[str, ...]:
+    """The class names every discovered site reported, checked against the run's.
+
+    With ``data.class_names`` set, sites map their folders to those names (a site with
+    other folders refuses with its own error); with it empty, each site discovers its
+    names, so they must agree with each other and number ``data.num_classes``. Raises a
+    :class:`FederationError` listing every site's names and the fix."""
+    found = {s.name: tuple(s.class_names) for s in sites.values()}
+    listing = "; ".join(f"'{name}': {list(names)}" for name, names in found.items())
+    configured = parse_class_names(cfg.data.class_names)
+    distinct = sorted(set(found.values()))
+    if len(distinct) > 1:
+        raise FederationError(
+            f"the sites disagree on the class names ({listing}). Give every site the same class folders "
+            "(or manifest labels): rename or remove the odd ones at the sites that differ, or set "
+            "data.class_names='name1,name2,...' on the run so every site is checked against one list"
+        )
+    agreed = distinct[0] if distinct else run_class_names(cfg)
+    expected = configured or run_class_names(cfg)
+    if configured and agreed != configured:
+        raise FederationError(f"the sites report class names {list(agreed)} but the run's data.class_names is "
+                              f"{list(configured)} ({listing}); make them the same (order included)")
+    if not configured and len(agreed) != cfg.data.num_classes:
+        raise FederationError(
+            f"the sites have {len(agreed)} classes {list(agreed)} but the run expects data.num_classes="
+            f"{cfg.data.num_classes} ({list(expected)}); run with data.class_names='{','.join(agreed)}' "
+            "(data.num_classes then follows)"
+        )
+    if agreed != expected:
+        log.info("[discover] class names from the sites: %s", list(agreed))
+    return agreed
