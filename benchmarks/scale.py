@@ -35,34 +35,10 @@ import numpy as np
 import common  # noqa: F401
 from benchmarks.centralised import environment
 from common.files import atomic_write_json
+from common.presets import SCALE
 
-TINY_SITES: dict[str, Any] = {
-    "data.image_size": 32,
-    "data.train_per_site": 24,
-    "data.test_per_site": 12,
-    "data.val_per_site": 0,
-    "data.size_tail": 1.5,
-    "data.class_alpha": 2.0,
-    "data.render_shift": 0.3,
-    "model.teacher": "test_resnet",
-    "model.student": "test_resnet",
-    "model.embed_dim": 32,
-    "model.num_heads": 4,
-    "model.num_queries": 4,
-    "pagkd.group_size": 4,
-    "pagkd.min_group_size": 2,
-    "pagkd.codebook_size": 4,
-    "pagkd.kmeans_iters": 1,
-    "pagkd.use_pro": True,  # every phase (the knowledge refresh included), not the default run
-    "pagkd.use_den": True,
-    "fed.student_init": "scratch",
-    "train.batch_size": 12,
-    "train.local_epochs": 1,
-    "train.device": "cpu",
-    "fed.teacher_rounds": 1,
-    "fed.student_rounds": 2,
-    "fed.num_bins": 20,
-}
+# The tiny heterogeneous sites of every N: common.presets.SCALE.
+TINY_SITES: dict[str, Any] = SCALE
 # The default model at 4 sites, for the overhead target (the run config's own defaults).
 DEFAULT_MODEL: dict[str, Any] = {"fed.teacher_rounds": 1, "fed.student_rounds": 2, "train.device": "cpu"}
 

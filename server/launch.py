@@ -231,7 +231,7 @@ def preflight(
     if num_supernodes != len(modalities):
         problems.append(f"{num_supernodes} SuperNode(s) asked for but {where} gives {len(modalities)} site(s): "
                         f"one SuperNode per site (--supernodes {len(modalities)})")
-    distil = cfg.pagkd.use_pro or cfg.pagkd.use_den or cfg.fed.student_init == "teacher"  # needs NBI sites
+    distil = cfg.needs_nbi_sites
     for modality, minimum, needed in (("nbi", cfg.fed.min_nbi_sites, distil), ("wli", cfg.fed.min_wli_sites, True)):
         have = modalities.count(modality)
         if needed and have < max(1, minimum):

@@ -11,12 +11,14 @@
 from __future__ import annotations
 
 import math
+import typing
 from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
 
+from common.config import Augment
 from common.data.base import IMAGENET_MEAN, IMAGENET_STD, DataError
 
 
@@ -59,7 +61,7 @@ class BatchAugment(torch.nn.Module):
     reproducible on any device.
     """
 
-    MODES = ("dihedral", "rotate")
+    MODES = typing.get_args(Augment)  # ("dihedral", "rotate"): train.augment's choices
 
     def __init__(self, rotation_deg: float = 180.0, flips: bool = True, color_jitter: float = 0.1, mode: str = "dihedral"):
         super().__init__()
