@@ -36,6 +36,7 @@ import common  # noqa: F401
 from benchmarks.centralised import environment
 from common.files import atomic_write_json
 from common.presets import SCALE
+from server.processes import processes_with_env
 
 # The tiny heterogeneous sites of every N: common.presets.SCALE.
 TINY_SITES: dict[str, Any] = SCALE
@@ -47,7 +48,7 @@ class RunMemory:
     """Peak over time of the summed PSS of every process whose environment has FLWR_HOME=``home``."""
 
     def __init__(self, home: Path, every_s: float = 1.0) -> None:
-        self.marker = f"FLWR_HOME={home}".encode()
+        self.marker = f"FLWR_HOME={home}"
         self.every_s = every_s
         self.peak_bytes = 0
         self.peak_processes: dict[str, int] = {}
@@ -65,11 +66,8 @@ class RunMemory:
     def _loop(self) -> None:
         while not self._stop.wait(self.every_s):
             total, names = 0, {}
-            for pid in filter(str.isdigit, os.listdir("/proc")):
+            for pid in processes_with_env(self.marker):
                 try:
-                    with open(f"/proc/{pid}/environ", "rb") as handle:
-                        if self.marker + b"\0" not in handle.read() + b"\0":
-                            continue
                     pss = _pss_bytes(pid)
                     with open(f"/proc/{pid}/comm") as handle:
                         name = handle.read().strip()
@@ -81,7 +79,7 @@ class RunMemory:
                 self.peak_bytes, self.peak_processes = total, names
 
 
-def _pss_bytes(pid: str) -> int:
+def _pss_bytes(pid: int) -> int:
     with open(f"/proc/{pid}/smaps_rollup") as handle:
         for line in handle:
             if line.startswith("Pss:"):
