@@ -81,8 +81,6 @@ class SimulationResult:
     log: str
 
 
-
-
 def flower_env(flwr_home: Path, port: int, ray_tmp: Path, extra: Mapping[str, str] | None = None) -> dict[str, str]:
     """The environment every Flower process of this run needs (and inherits from the SuperLink):
     its own FLWR_HOME, Ray temp folder and local-SuperLink ports (``flwr run`` starts the SuperLink)."""
