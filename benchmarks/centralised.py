@@ -116,7 +116,7 @@ def run_seed(cfg: Config, seed: int, variants: list[str], done: dict[str, Any], 
             student.load_state_dict(student_init)
         # The shared head starts where the teacher left it (a fresh one without a teacher).
         head = copy.deepcopy(teacher_head).requires_grad_(True) if teacher_head is not None else build_query_head(cfg.model, c)
-        if vcfg.pagkd.use_pro or vcfg.pagkd.use_den:
+        if vcfg.distils:
             bank_source = live_teacher_bank(teacher, head, balanced_loader(data["nbi", "train"], bs, seed + 2, workers), vcfg,
                                             device, seed)
         else:

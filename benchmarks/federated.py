@@ -23,6 +23,7 @@ import numpy as np
 import common  # noqa: F401
 from benchmarks.centralised import environment
 from common.config import config_from_flat, config_to_flat
+from common.presets import FAST
 
 # Every method spelled out in full: none depends on the shipped default run.
 _PLAIN = {"pagkd.use_pro": False, "pagkd.use_den": False, "fed.student_init": "scratch"}
@@ -42,16 +43,6 @@ METHODS = {
     # The WLI student starts from the federated NBI teacher (sequential cross-modal transfer).
     "fedavg_teacher_init": {**_PLAIN, "fed.student_init": "teacher"},
     "fedpagkd_teacher_init": {**_PAGKD, "fed.student_init": "teacher"},
-}
-# A small setting the 2-core CPU runs in ~20-40 s per federated run, in which the NBI teacher
-# reaches AUC ~0.9 and a WLI student started from it ~0.7-0.8 (tests/test_simulation.py's run):
-# timm test_resnet at 64 px, 192 train / 150 test images per site, 2 teacher + 6 student rounds.
-FAST: dict[str, Any] = {
-    "data.image_size": 64, "data.train_per_site": 192, "data.test_per_site": 150, "data.val_per_site": 0,
-    "train.batch_size": 24, "train.lr": 0.003, "train.local_epochs": 2, "train.device": "cpu",
-    "model.student": "test_resnet", "model.teacher": "test_resnet", "model.embed_dim": 32, "model.num_heads": 4,
-    "model.num_queries": 4, "pagkd.codebook_size": 4, "pagkd.group_size": 4, "pagkd.min_group_size": 2,
-    "fed.teacher_rounds": 2, "fed.student_rounds": 6, "fed.num_bins": 200,
 }
 REPORTED = ("auc", "accuracy", "sensitivity", "specificity")
 
@@ -98,7 +89,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--runtime", choices=("flower", "inprocess"), default="flower")
     parser.add_argument("--run-dir", type=Path, default=Path("runs/benchmark-federated").resolve())
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/federated.json"))
-    parser.add_argument("--fast", action="store_true", help="start from the FAST setting (then the overrides)")
+    parser.add_argument("--fast", action="store_true", help="start from the fast preset (common.presets.FAST), then the overrides")
     args = parser.parse_args(argv)
     base = {**(FAST if args.fast else {}), **dict(item.split("=", 1) for item in args.overrides)}
     stamp = time.strftime("%Y%m%d-%H%M%S")

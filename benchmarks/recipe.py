@@ -29,9 +29,8 @@ import numpy as np
 
 import common  # noqa: F401
 from benchmarks.centralised import environment, run_seed
-from client.site import synthetic_site_specs
 from common.config import config_from_flat
-from common.data import SyntheticEndoscopyDataset, severity_posterior
+from common.data import SyntheticEndoscopyDataset, severity_posterior, synthetic_site_specs
 from common.files import atomic_write_json
 from common.metrics import classification_metrics, paired_difference
 

@@ -27,14 +27,15 @@ import numpy as np
 
 import common  # noqa: F401
 from benchmarks.centralised import environment
-from benchmarks.federated import FAST, REPORTED, run_once
+from benchmarks.federated import REPORTED, run_once
 from client.wire import MESSAGE_TYPE, from_recorddict, to_recorddict
 from common.records import KNOWLEDGE_STATISTICS
+from common.presets import ROBUSTNESS
 from flwr.app import Message
 from server.workflow import FederationError
 
-# The FAST setting with the WLI student started from the NBI teacher (it learns: AUC ~0.7-0.8).
-BASE: dict[str, Any] = {**FAST, "pagkd.use_pro": True, "pagkd.use_den": True, "fed.student_init": "teacher"}
+# common.presets.ROBUSTNESS: the fast setting, both group terms, the WLI student from the NBI teacher.
+BASE: dict[str, Any] = ROBUSTNESS
 ATTACKS = ("sign_flip", "scale", "random")
 DEFENCES = {"none": {}, "median": {"fed.aggregation": "median"},
             "trimmed_mean": {"fed.aggregation": "trimmed_mean", "fed.trim_fraction": 0.34},

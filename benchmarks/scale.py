@@ -35,34 +35,11 @@ import numpy as np
 import common  # noqa: F401
 from benchmarks.centralised import environment
 from common.files import atomic_write_json
+from common.presets import SCALE
+from server.processes import processes_with_env
 
-TINY_SITES: dict[str, Any] = {
-    "data.image_size": 32,
-    "data.train_per_site": 24,
-    "data.test_per_site": 12,
-    "data.val_per_site": 0,
-    "data.size_tail": 1.5,
-    "data.class_alpha": 2.0,
-    "data.render_shift": 0.3,
-    "model.teacher": "test_resnet",
-    "model.student": "test_resnet",
-    "model.embed_dim": 32,
-    "model.num_heads": 4,
-    "model.num_queries": 4,
-    "pagkd.group_size": 4,
-    "pagkd.min_group_size": 2,
-    "pagkd.codebook_size": 4,
-    "pagkd.kmeans_iters": 1,
-    "pagkd.use_pro": True,  # every phase (the knowledge refresh included), not the default run
-    "pagkd.use_den": True,
-    "fed.student_init": "scratch",
-    "train.batch_size": 12,
-    "train.local_epochs": 1,
-    "train.device": "cpu",
-    "fed.teacher_rounds": 1,
-    "fed.student_rounds": 2,
-    "fed.num_bins": 20,
-}
+# The tiny heterogeneous sites of every N: common.presets.SCALE.
+TINY_SITES: dict[str, Any] = SCALE
 # The default model at 4 sites, for the overhead target (the run config's own defaults).
 DEFAULT_MODEL: dict[str, Any] = {"fed.teacher_rounds": 1, "fed.student_rounds": 2, "train.device": "cpu"}
 
@@ -71,7 +48,7 @@ class RunMemory:
     """Peak over time of the summed PSS of every process whose environment has FLWR_HOME=``home``."""
 
     def __init__(self, home: Path, every_s: float = 1.0) -> None:
-        self.marker = f"FLWR_HOME={home}".encode()
+        self.marker = f"FLWR_HOME={home}"
         self.every_s = every_s
         self.peak_bytes = 0
         self.peak_processes: dict[str, int] = {}
@@ -89,11 +66,8 @@ class RunMemory:
     def _loop(self) -> None:
         while not self._stop.wait(self.every_s):
             total, names = 0, {}
-            for pid in filter(str.isdigit, os.listdir("/proc")):
+            for pid in processes_with_env(self.marker):
                 try:
-                    with open(f"/proc/{pid}/environ", "rb") as handle:
-                        if self.marker + b"\0" not in handle.read() + b"\0":
-                            continue
                     pss = _pss_bytes(pid)
                     with open(f"/proc/{pid}/comm") as handle:
                         name = handle.read().strip()
@@ -105,7 +79,7 @@ class RunMemory:
                 self.peak_bytes, self.peak_processes = total, names
 
 
-def _pss_bytes(pid: str) -> int:
+def _pss_bytes(pid: int) -> int:
     with open(f"/proc/{pid}/smaps_rollup") as handle:
         for line in handle:
             if line.startswith("Pss:"):

@@ -5,7 +5,7 @@ time, with a plot of the gain against each.
 
 Both methods start the WLI student from the federated NBI teacher (``fed.student_init=teacher``:
 in this CPU budget a student from scratch stays near chance, where a gain cannot be read) on the
-FAST setting of benchmarks/federated.py, in-process runtime. Gain = AUC(PaGKD) - AUC(FedAvg)
+fast preset (common.presets.FAST), in-process runtime. Gain = AUC(PaGKD) - AUC(FedAvg)
 per seed (paired: same seed, same sites, same teacher), reported as mean +/- std and relative %.
 Writes benchmarks/results/sweep.json and sweep.png.
 """
@@ -22,7 +22,8 @@ import numpy as np
 
 import common  # noqa: F401
 from benchmarks.centralised import environment
-from benchmarks.federated import FAST, METHODS, run_once
+from benchmarks.federated import METHODS, run_once
+from common.presets import FAST
 
 PAIR = ("fedavg_teacher_init", "fedpagkd_teacher_init")
 # factor -> (label, {value: overrides}); NBI sites keep 192 training images in wli_train.

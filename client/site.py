@@ -6,92 +6,36 @@ Three ways a SuperNode becomes a site, checked in this order:
 2. Simulation on real data: ``partition-id`` picks the i-th ``[[site]]`` of
    ``<data.root>/sites.toml`` (``name``, ``modality``, ``path`` relative to the root).
 3. Simulation on the embedded default: ``partition-id`` picks a built-in synthetic site;
-   the first ``data.nbi_sites`` partitions are NBI, the next ``data.wli_sites`` are WLI.
+   the first ``data.nbi_sites`` partitions are NBI, the next ``data.wli_sites`` are WLI
+   (:func:`common.data.synthetic_site_specs`).
+
+Each way gives a :class:`common.data.SiteData` (name, modality, class names, train / val /
+test datasets). Also here: ``sites.toml`` (:func:`read_sites_file`) and a real site's class
+names (:func:`site_class_names`).
 """
 
 from __future__ import annotations
 
 import tomllib
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
-
-import numpy as np
-from torch.utils.data import Dataset
 
 from common.config import Config, parse_class_names
 from common.data import (
     DataError,
     FolderSiteDataset,
-    SyntheticEndoscopyDataset,
-    SyntheticSiteSpec,
+    SiteData,
     build_transform,
     class_names_source,
     default_class_names,
-    has_split,
     discover_class_names,
+    has_split,
     normalise_modality,
+    synthetic_site,
+    synthetic_site_specs,
 )
 
 SITES_FILE = "sites.toml"
-
-
-@dataclass
-class SiteData:
-    name: str
-    modality: str
-    train: Dataset  # training split (augmented per batch by the training loop)
-    test: Dataset  # held-out split for the final evaluation (read once, at the end)
-    class_names: tuple[str, ...]
-    val: Dataset | None = None  # model-selection split (per-round evaluation); None: the site has none
-
-    def split(self, name: str) -> Dataset:
-        """The ``train`` / ``val`` / ``test`` split; a missing val split is an error naming the site."""
-        data = {"train": self.train, "val": self.val, "test": self.test}.get(name)
-        if data is None:
-            raise DataError(f"site '{self.name}' has no '{name}' split; add {name}/ (or manifest rows with split={name})")
-        return data
-
-
-def synthetic_site_specs(cfg: Config) -> list[tuple[str, SyntheticSiteSpec]]:
-    """The embedded federation: (site name, spec) per partition, NBI sites first.
-
-    Sizes follow a Pareto tail (``data.size_tail``), class balance a Dirichlet
-    (``data.class_alpha``) and rendering a per-site shift, all drawn from ``train.seed``.
-    """
-    d = cfg.data
-    rng = np.random.default_rng([cfg.train.seed, 104729])
-    sites = []
-    for index in range(d.nbi_sites + d.wli_sites):
-        modality = "nbi" if index < d.nbi_sites else "wli"
-        number = index if modality == "nbi" else index - d.nbi_sites
-        scale = 1.0 + (rng.pareto(d.size_tail) if d.size_tail > 0 else 0.0)
-        weights = tuple(rng.dirichlet([d.class_alpha] * d.num_classes)) if d.class_alpha > 0 else None
-        spec = SyntheticSiteSpec(
-            modality=modality,
-            num_train=max(d.num_classes * 2, int(round(d.train_per_site * min(scale, 20.0) * (d.nbi_train_scale if modality == "nbi" else 1.0)))),
-            num_val=d.val_per_site,
-            num_test=d.test_per_site,
-            num_classes=d.num_classes,
-            class_weights=weights,
-            render_shift=float(rng.uniform(0, d.render_shift)) if d.render_shift > 0 else 0.0,
-            seed=cfg.train.seed * 1000 + index,
-            image_size=d.image_size,
-            names=parse_class_names(d.class_names) or None,
-        )
-        sites.append((f"{modality}-{number}", spec))
-    return sites
-
-
-def _synthetic_site(name: str, spec: SyntheticSiteSpec, image_size: int) -> SiteData:
-    return SiteData(
-        name=name,
-        modality=spec.modality,
-        train=SyntheticEndoscopyDataset(spec, "train", build_transform(image_size)),
-        test=SyntheticEndoscopyDataset(spec, "test", build_transform(image_size)),
-        class_names=spec.class_names,
-        val=SyntheticEndoscopyDataset(spec, "val", build_transform(image_size)),
-    )
 
 
 def run_class_names(cfg: Config) -> tuple[str, ...]:
@@ -159,7 +103,7 @@ def federation_sites(cfg: Config) -> list[SiteData]:
     the ``[[site]]`` entries of ``<data.root>/sites.toml`` (what benchmarks pool centrally)."""
     if cfg.data.root:
         return [folder_site(e["name"], e["modality"], Path(cfg.data.root) / e["path"], cfg) for e in read_sites_file(cfg.data.root)]
-    return [_synthetic_site(name, spec, cfg.data.image_size) for name, spec in synthetic_site_specs(cfg)]
+    return [synthetic_site(name, spec, cfg.data.image_size) for name, spec in synthetic_site_specs(cfg)]
 
 
 def resolve_site(node_config: Mapping[str, Any], cfg: Config) -> SiteData:
@@ -191,4 +135,4 @@ def resolve_site(node_config: Mapping[str, Any], cfg: Config) -> SiteData:
             f"sites; set num-supernodes={len(specs)} or raise those counts"
         )
     name, spec = specs[partition]
-    return _synthetic_site(name, spec, cfg.data.image_size)
+    return synthetic_site(name, spec, cfg.data.image_size)

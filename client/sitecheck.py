@@ -24,10 +24,19 @@ from pathlib import Path
 from PIL import Image, UnidentifiedImageError
 
 import common  # noqa: F401  (torchvision shim)
-from client.site import SITES_FILE, read_sites_file, site_class_names, synthetic_site_specs
+from client.site import SITES_FILE, read_sites_file, site_class_names
 from common.config import Config, ConfigError, config_from_flat
 from common.files import atomic_write_bytes
-from common.data import MANIFEST_FILE, SITE_FILE, SPLITS, DataError, FolderSiteDataset, normalise_modality, write_image_folder
+from common.data import (
+    MANIFEST_FILE,
+    SITE_FILE,
+    SPLITS,
+    DataError,
+    FolderSiteDataset,
+    normalise_modality,
+    synthetic_site_specs,
+    write_image_folder,
+)
 from common.progress import progress
 
 REQUIRED_SPLITS = ("train", "test")  # val is optional: sites train on train and are scored on test
@@ -193,7 +202,7 @@ def format_reports(reports: list[SiteReport], problems: list[str] = ()) -> str:
 
 
 def write_synthetic_federation(cfg: Config, out: str | Path, site_names: list[str] | None = None) -> list[Path]:
-    """The built-in synthetic federation (:func:`client.site.synthetic_site_specs` of ``cfg``)
+    """The built-in synthetic federation (:func:`common.data.synthetic_site_specs` of ``cfg``)
     as ImageFolder trees ``<out>/<site>/{train,val,test}/<class>/*.png`` + ``site.json`` each,
     and ``<out>/sites.toml``; a run with ``data.root=<out>`` then trains on it. ``site_names``
     rename the sites in order (NBI first). An existing non-empty ``out`` is refused (nothing

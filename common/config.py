@@ -6,6 +6,13 @@ out-of-range values raise :class:`ConfigError` naming the key, the value and wha
 
 Key spelling: sections and fields use ``snake_case`` here; ``kebab-case`` (Flower's habit) is
 accepted and means the same key.
+
+A field with a fixed set of choices is typed ``Literal[...]`` (:data:`Grouping`, :data:`Schedule`,
+:data:`Augment`, :data:`StudentInit`, :data:`StudentSites`, :data:`Aggregation`): that type is
+the one list of its choices, read by validation (and by the code that dispatches on them, e.g.
+``server.aggregation.ROBUST``). Rules derived from several keys are :class:`Config` properties
+(:attr:`Config.distils`, :attr:`Config.needs_nbi_sites`). Small named run configs for tests and
+benchmarks are in :mod:`common.presets`.
 """
 
 from __future__ import annotations
@@ -14,7 +21,16 @@ import dataclasses
 import math
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Literal, Mapping
+
+# The choices of each enumerated field, listed once (validation reads them: :func:`choices`).
+Grouping = Literal["random", "adaptive"]
+Schedule = Literal["cosine", "constant"]
+Augment = Literal["dihedral", "rotate"]
+StudentInit = Literal["scratch", "teacher"]
+StudentSites = Literal["wli", "all"]
+Aggregation = Literal["mean", "median", "trimmed_mean"]
+AGGREGATIONS: tuple[str, ...] = typing.get_args(Aggregation)  # the robust aggregation rules (server/aggregation.py)
 
 
 class ConfigError(ValueError):
@@ -82,7 +98,7 @@ class PaGKDConfig:
     fg_threshold: float = 0.6  # normalised activation above: foreground token
     bg_threshold: float = 0.3  # below: background token; in between: uncertain
     warmup_epochs: int = 0  # GKD-Den and GKD-Pro start after this many epochs (CE only before)
-    grouping: str = "random"  # random | adaptive
+    grouping: Grouping = "random"
     group_size: int = 8  # K: images per group
     min_group_size: int = 4  # K_min: smaller groups are never summarised or used
     subtypes: int = 1  # prototype sets kept per class in the bank (adaptive grouping: > 1)
@@ -96,7 +112,7 @@ class TrainConfig:
     weight_decay: float = 5e-4  # AdamW's decoupled weight decay
     # cosine: warm-up over warmup_fraction of the run, then cosine decay (one-cycle's shape), one
     # curve over all federated rounds | constant: the paper's fixed rate.
-    schedule: str = "cosine"
+    schedule: Schedule = "cosine"
     warmup_fraction: float = 0.2
     batch_size: int = 24
     epochs: int = 40  # centralised epochs
@@ -109,7 +125,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     amp: bool = True  # mixed precision where CUDA is used
-    augment: str = "dihedral"  # dihedral (exact 90-degree turns + flips) | rotate (any angle, bilinear)
+    augment: Augment = "dihedral"  # dihedral (exact 90-degree turns + flips) | rotate (any angle, bilinear)
     rotation_deg: float = 180.0  # augment=rotate only (common.data.BatchAugment)
     flips: bool = True
     color_jitter: float = 0.1
@@ -132,17 +148,17 @@ class FederationConfig:
     # without distillation: that is the sequential NBI -> WLI transfer baseline.
     # The default run starts from the teacher: it matches WLI-only FedAvg (0.853 vs 0.856, seed 0)
     # and is the measured way NBI sites reach the WLI student (README "Results").
-    student_init: str = "teacher"
+    student_init: StudentInit = "teacher"
     # Robust aggregation of weights and knowledge statistics (server/aggregation.py):
     # mean (FedAvg / exact sums) | median | trimmed_mean (coordinate-wise, unweighted).
     # Which sites train the student: wli (FedPaGKD, FedAvg WLI-only) | all (the naive
     # cross-modal baseline: one model FedAvg'ed over WLI and NBI sites, CE only; evaluated on WLI).
-    student_sites: str = "wli"
+    student_sites: StudentSites = "wli"
     # FedProto-style baseline: weight of the MSE pulling each WLI image's mean embedded token to
     # the global class prototype (summed class means of the WLI sites' embeddings); 0 = off.
     # (Not pagkd.pro_weight, GKD-Pro's weight. Was fed.proto_weight, still accepted: RENAMED_KEYS.)
     fedproto_weight: float = 0.0
-    aggregation: str = "mean"
+    aggregation: Aggregation = "mean"
     trim_fraction: float = 0.2  # trimmed_mean: share of sites dropped at each end, per coordinate
     # Clip each site's update (weights: from the global model; statistics: from the median of the
     # sites' means) to clip_ratio x the median update norm; 0 = off.
@@ -182,6 +198,18 @@ class Config:
     fed: FederationConfig = field(default_factory=FederationConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
 
+    @property
+    def distils(self) -> bool:
+        """Group-level distillation is on (GKD-Pro or GKD-Den): the run has knowledge rounds."""
+        return self.pagkd.use_pro or self.pagkd.use_den
+
+    @property
+    def needs_nbi_sites(self) -> bool:
+        """The run has teacher rounds, so it needs NBI sites: distillation reads their bank, and
+        ``fed.student_init=teacher`` starts the student from their teacher. Otherwise (a WLI-only
+        student from scratch) NBI sites are not asked for."""
+        return self.distils or self.fed.student_init == "teacher"
+
     def validate(self) -> "Config":
         """Check ranges; raise :class:`ConfigError` naming the first bad key.
 
@@ -212,7 +240,7 @@ class Config:
             ("pagkd.temperature", self.pagkd.temperature > 0, "> 0"),
             ("pagkd.bg_threshold", 0 <= self.pagkd.bg_threshold <= self.pagkd.fg_threshold <= 1,
              "0 <= bg_threshold <= fg_threshold <= 1"),
-            ("pagkd.grouping", self.pagkd.grouping in ("random", "adaptive"), "'random' or 'adaptive'"),
+            _choice(self, "pagkd.grouping"),
             ("pagkd.min_group_size", self.pagkd.min_group_size >= 2, ">= 2 (a group of one is a per-image statistic)"),
             ("pagkd.group_size", self.pagkd.group_size >= self.pagkd.min_group_size, ">= pagkd.min_group_size"),
             ("pagkd.subtypes", self.pagkd.subtypes >= 1, ">= 1"),
@@ -221,16 +249,16 @@ class Config:
             ("train.lr", self.train.lr > 0, "> 0"),
             ("train.weight_decay", self.train.weight_decay >= 0, ">= 0"),
             ("train.batch_size", self.train.batch_size >= self.data.num_classes, ">= data.num_classes"),
-            ("pagkd.min_group_size", not (self.pagkd.use_pro or self.pagkd.use_den)
+            ("pagkd.min_group_size", not self.distils
              or self.pagkd.min_group_size <= self.train.batch_size // self.data.num_classes,
              "<= train.batch_size // data.num_classes (a class's share of a class-balanced batch; larger groups "
              "never form and the group losses would be off): lower it or raise train.batch_size"),
             ("train.epochs", self.train.epochs >= 0, ">= 0"),
             ("train.local_epochs", self.train.local_epochs >= 1, ">= 1"),
             ("train.rotation_deg", 0 <= self.train.rotation_deg <= 180, "in [0, 180]"),
-            ("train.schedule", self.train.schedule in ("cosine", "constant"), "'cosine' or 'constant'"),
+            _choice(self, "train.schedule"),
             ("train.warmup_fraction", 0 <= self.train.warmup_fraction < 1, "in [0, 1)"),
-            ("train.augment", self.train.augment in ("dihedral", "rotate"), "'dihedral' or 'rotate'"),
+            _choice(self, "train.augment"),
             ("train.color_jitter", 0 <= self.train.color_jitter < 1, "in [0, 1)"),
             ("train.device", self.train.device == "auto" or self.train.device.split(":")[0] in ("cpu", "cuda", "mps"),
              "auto, cpu, cuda or cuda:N"),
@@ -245,17 +273,17 @@ class Config:
             ("fed.run_name", run_name_ok(self.fed.run_name),
              "one folder name inside fed.run_dir: letters, digits, '.', '_', '-', not starting with '.' (no '/', no '..')"),
             ("fed.run_dir", bool(self.fed.run_dir) and "\0" not in self.fed.run_dir, "a non-empty path"),
-            ("fed.student_init", self.fed.student_init in ("scratch", "teacher"), "'scratch' or 'teacher'"),
+            _choice(self, "fed.student_init"),
             ("fed.student_init", self.fed.student_init != "teacher" or self.model.student == self.model.teacher,
              "'teacher' only when model.student == model.teacher (the student starts from the teacher's weights); "
              "set fed.student_init=scratch for a student backbone of its own"),
             ("fed.num_bins", self.fed.num_bins >= 10, ">= 10"),
             ("fed.max_norm_ratio", self.fed.max_norm_ratio > 1, "> 1 (a multiple of the median update norm)"),
-            ("fed.student_sites", self.fed.student_sites in ("wli", "all"), "'wli' or 'all'"),
-            ("fed.student_sites", self.fed.student_sites == "wli" or not (self.pagkd.use_pro or self.pagkd.use_den),
+            _choice(self, "fed.student_sites"),
+            ("fed.student_sites", self.fed.student_sites == "wli" or not self.distils,
              "'all' (the joint cross-modal baseline) only with pagkd.use_pro=false pagkd.use_den=false"),
             ("fed.fedproto_weight", self.fed.fedproto_weight >= 0, ">= 0 (0 = off)"),
-            ("fed.aggregation", self.fed.aggregation in ("mean", "median", "trimmed_mean"), "'mean', 'median' or 'trimmed_mean'"),
+            _choice(self, "fed.aggregation"),
             ("fed.trim_fraction", 0 <= self.fed.trim_fraction < 0.5, "in [0, 0.5)"),
             ("fed.clip_ratio", self.fed.clip_ratio >= 0, ">= 0 (0 = off; a multiple of the median update norm)"),
             ("privacy.noise_multiplier", self.privacy.noise_multiplier >= 0, ">= 0 (0 = no DP noise)"),
@@ -342,6 +370,27 @@ def _lookup(cfg: "Config", key: str) -> Any:
     return getattr(getattr(cfg, section), name)
 
 
+def choices(key: str) -> tuple[Any, ...]:
+    """The allowed values of an enumerated key (its ``Literal`` type), e.g. ``choices("fed.aggregation")``;
+    ``()`` for a key without a fixed set."""
+    section, name = key.split(".")
+    kind = _field_types(_field_types(Config)[section])[name]
+    return typing.get_args(kind) if typing.get_origin(kind) is Literal else ()
+
+
+def _choice(cfg: "Config", key: str) -> tuple[str, bool, str]:
+    """A validation check of an enumerated key against its ``Literal`` choices:
+    (key, ok, "'a', 'b' or 'c'")."""
+    allowed = [repr(value) for value in choices(key)]
+    spelled = allowed[0] if len(allowed) == 1 else f"{', '.join(allowed[:-1])} or {allowed[-1]}"
+    return key, _lookup(cfg, key) in choices(key), spelled
+
+
+def enumerated_keys() -> list[str]:
+    """Every key whose values are a fixed set (a ``Literal`` field)."""
+    return [key for key in config_keys() if choices(key)]
+
+
 def run_name_ok(name: str) -> bool:
     """A run name is one plain folder name (empty: a timestamp), so a run folder can never
     land outside ``fed.run_dir`` ('../x', '/abs', 'a/b' are refused)."""
@@ -354,7 +403,12 @@ def _field_types(cls: type) -> dict[str, Any]:
 
 
 def _coerce(key: str, value: Any, kind: Any) -> Any:
-    """Coerce a TOML/CLI value to the declared field type, refusing lossy conversions."""
+    """Coerce a TOML/CLI value to the declared field type, refusing lossy conversions.
+
+    A ``Literal`` field takes its choices' type (str); whether the value is one of them is
+    :meth:`Config.validate`'s check, which names the choices."""
+    if typing.get_origin(kind) is Literal:
+        kind = type(typing.get_args(kind)[0])
     if kind is bool:
         if isinstance(value, bool):
             return value
@@ -469,11 +523,20 @@ __all__ = [
     "PaGKDConfig",
     "PrivacyConfig",
     "TrainConfig",
+    "AGGREGATIONS",
+    "Aggregation",
+    "Augment",
+    "Grouping",
+    "Schedule",
+    "StudentInit",
+    "StudentSites",
+    "choices",
     "config_from_flat",
     "config_from_mapping",
     "config_keys",
     "config_to_dict",
     "config_to_flat",
+    "enumerated_keys",
     "parse_class_names",
 ]
 
@@ -485,6 +548,20 @@ def register_hydra_schema(name: str, extra: dict[str, Any]) -> None:
     same schema Flower's run config uses (a key missing from a preset is still settable)."""
     from hydra.core.config_store import ConfigStore
 
+    sections = [(section, mirror, field(default_factory=mirror))
+                for section, mirror in ((s, _hydra_mirror(cls)) for s, cls in _field_types(Config).items())]
     fields = [(key, type(value), field(default_factory=lambda v=value: dataclasses.replace(v))) for key, value in extra.items()]
-    schema = dataclasses.make_dataclass(f"{name}_schema", fields, bases=(Config,))
+    schema = dataclasses.make_dataclass(f"{name}_schema", sections + fields)
     ConfigStore.instance().store(name=f"{name}_schema", node=schema)
+
+
+def _hydra_mirror(cls: type) -> type:
+    """``cls`` (a config section) with each ``Literal`` field typed by its choices' type:
+    OmegaConf has no ``Literal``; the choices are still checked, by :meth:`Config.validate`."""
+    fields = []
+    for f in dataclasses.fields(cls):
+        kind = _field_types(cls)[f.name]
+        if typing.get_origin(kind) is Literal:
+            kind = type(typing.get_args(kind)[0])
+        fields.append((f.name, kind, field(default=f.default)))
+    return dataclasses.make_dataclass(f"{cls.__name__}Schema", fields)

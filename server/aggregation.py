@@ -134,7 +134,7 @@ def lloyd_centroids(bank: Mapping[str, np.ndarray], centroids: Mapping[str, np.n
 # over sites on purpose: weights (num-examples, counts) are the sites' own claims, and a
 # poisoned site could claim a huge one to buy the influence that the median / trimmed mean
 # take away from it. Each honest site then counts once, whatever its size.
-ROBUST = ("mean", "median", "trimmed_mean")
+from common.config import AGGREGATIONS as ROBUST  # noqa: E402  (the rule names, listed once: common.config.Aggregation)
 
 
 def _check_method(method: str, trim_fraction: float) -> None:

@@ -3,8 +3,10 @@
 ``flwr run --stream`` exits 0 even when the run failed, and its local SuperLink outlives the
 command on a machine-wide port. This launcher gives each call its own ``FLWR_HOME`` and a
 free port, submits the run, streams its log (progress per round), reads the final status with
-``flwr list``, stops the SuperLink it started by PID, and raises when the run did not
-complete. CLI: ``fedpagkd simulate [--supernodes N] [key=value ...]`` (= ``python -m server.launch``).
+``flwr list``, stops the SuperLink it started by its process group, and raises when the run did
+not complete. CLI: ``fedpagkd simulate [--supernodes N] [key=value ...]`` (= ``python -m server.launch``).
+The process lifecycle itself (environment, ports, the ``flwr`` CLI, process groups) is
+:mod:`server.processes`, shared with the loopback deployment harness.
 
 Clean stop: every process of a run (the SuperLink ``flwr run`` starts detached, its
 SuperExec, ``flwr-simulation``, Ray's daemons and actors) inherits a launch id in its
@@ -22,9 +24,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -35,10 +37,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
+from server.processes import (  # stdlib only; FLOWER_ENV, free_port and toml_value are read from here too
+    FLOWER_ENV,  # noqa: F401
+    FlowerCLI,
+    FlowerProcessError,
+    cmdline,
+    free_port,
+    living_processes,
+    process_env,
+    processes_with_env,
+    signal_group,
+    stop_group,
+    toml_value,  # noqa: F401
+)
+
 REPO = Path(__file__).resolve().parent.parent
 
 
-class SimulationError(RuntimeError):
+class SimulationError(FlowerProcessError):
     """The run failed or could not be submitted; the message carries Flower's reason."""
 
 
@@ -65,76 +81,31 @@ class SimulationResult:
     log: str
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def toml_value(value: Any) -> str:
-    """A run-config override value as a TOML literal (strings quoted, bools lower-case)."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    return json.dumps(str(value))
-
-
-# What every Flower process of ours runs with: no runtime pip installs (the SuperLink would try
-# to build a venv from the network), no telemetry or update checks, unbuffered logs.
-FLOWER_ENV = {
-    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-    "FLWR_TELEMETRY_ENABLED": "0",
-    "FLWR_DISABLE_UPDATE_CHECK": "1",
-    "PYTHONUNBUFFERED": "1",
-}
-
-
 def flower_env(flwr_home: Path, port: int, ray_tmp: Path, extra: Mapping[str, str] | None = None) -> dict[str, str]:
-    """The environment every Flower process of this run needs (and inherits from the SuperLink)."""
-    env = dict(os.environ)
-    env.update(FLOWER_ENV)
-    env.update(
-        {
-            "FLWR_HOME": str(flwr_home),
-            "RAY_USAGE_STATS_ENABLED": "0",
-            "RAY_TMPDIR": str(ray_tmp),
-            "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(port),
-            "FLWR_LOCAL_CONTROL_API_PORT": str(free_port()),
-        }
-    )
-    # The Flower CLIs live next to this interpreter (the project's venv).
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    env.update(extra or {})
-    return env
+    """The environment every Flower process of this run needs (and inherits from the SuperLink):
+    its own FLWR_HOME, Ray temp folder and local-SuperLink ports (``flwr run`` starts the SuperLink)."""
+    return process_env(flwr_home, {
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "RAY_TMPDIR": str(ray_tmp),
+        "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(port),
+        "FLWR_LOCAL_CONTROL_API_PORT": str(free_port()),
+    }, extra)
 
 
-def _flwr(args: list[str], env: dict[str, str], cwd: Path, timeout: float = 120) -> str:
-    proc = subprocess.run(["flwr", *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
-    if proc.returncode != 0:
-        raise SimulationError(f"flwr {' '.join(args[:2])} failed (exit {proc.returncode}): {proc.stderr.strip() or proc.stdout.strip()}")
-    return proc.stdout
+def _cli(env: Mapping[str, str], cwd: Path) -> FlowerCLI:
+    """The ``flwr`` CLI on this launch's local SuperLink (connection ``local``)."""
+    return FlowerCLI(env, cwd, "local", error=SimulationError)
 
 
 def _superlink_pids(port: int) -> list[int]:
-    """PIDs of flower-superlink processes serving this port (the one this launcher started)."""
-    out = subprocess.run(["pgrep", "-f", f"flower-superlink .*--port {port}( |$)"], capture_output=True, text=True)
-    return [int(p) for p in out.stdout.split()]
+    """PIDs of flower-superlink processes serving this port (the one this launcher started), from /proc."""
+    serving = re.compile(rf"flower-superlink .*--port {port}( |$)")
+    return [pid for pid, _, _ in living_processes() if serving.search(cmdline(pid))]
 
 
 def launch_processes(launch_id: str) -> list[int]:
     """PIDs of this user's processes whose environment carries ``launch_id`` (not this one)."""
-    marker = f"{LAUNCH_ID_ENV}={launch_id}".encode()
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            if marker in (entry / "environ").read_bytes().split(b"\0"):
-                pids.append(int(entry.name))
-        except OSError:  # another user's process, or one that just ended
-            continue
-    return pids
+    return processes_with_env(f"{LAUNCH_ID_ENV}={launch_id}")
 
 
 def stop_launch(launch_id: str, grace_s: float = 10.0) -> list[int]:
@@ -178,16 +149,24 @@ class _StopOnSignal:
 
 
 def stop_superlink(port: int, grace_s: float = 10.0) -> None:
+    """Stop the local SuperLink serving ``port``: ``flwr run`` starts it detached, in a session
+    of its own, so its process group is it and whatever it started there (SIGTERM, then SIGKILL)."""
     for pid in _superlink_pids(port):
         try:
-            os.kill(pid, signal.SIGTERM)
+            group = os.getpgid(pid)
         except ProcessLookupError:
             continue
-    deadline = time.time() + grace_s
-    while time.time() < deadline and _superlink_pids(port):
-        time.sleep(0.2)
-    for pid in _superlink_pids(port):
-        os.kill(pid, signal.SIGKILL)
+        if group == pid and group != os.getpgrp():
+            stop_group(group, grace_s)
+        else:  # not a group leader (never seen): that process alone
+            for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    break
+                deadline = time.time() + wait
+                while time.time() < deadline and pid in _superlink_pids(port):
+                    time.sleep(0.2)
 
 
 def preflight(
@@ -231,7 +210,7 @@ def preflight(
     if num_supernodes != len(modalities):
         problems.append(f"{num_supernodes} SuperNode(s) asked for but {where} gives {len(modalities)} site(s): "
                         f"one SuperNode per site (--supernodes {len(modalities)})")
-    distil = cfg.pagkd.use_pro or cfg.pagkd.use_den or cfg.fed.student_init == "teacher"  # needs NBI sites
+    distil = cfg.needs_nbi_sites
     for modality, minimum, needed in (("nbi", cfg.fed.min_nbi_sites, distil), ("wli", cfg.fed.min_wli_sites, True)):
         have = modalities.count(modality)
         if needed and have < max(1, minimum):
@@ -303,7 +282,7 @@ def simulate(
     except Stopped as err:
         if submitted.get("run-id") is not None:  # ask Flower first, so the run is recorded as stopped
             try:
-                _flwr(["stop", str(submitted["run-id"]), "local"], env, work, timeout=30)
+                _cli(env, work).call("stop", str(submitted["run-id"]), "local", timeout=30)
             except (SimulationError, subprocess.TimeoutExpired):
                 pass
         raise Stopped(err.signum, f"{err}: run {submitted.get('run-id', '(not submitted)')} and its processes were stopped") from None
@@ -326,11 +305,10 @@ def _submit_and_follow(
     """``flwr run``, stream ``flwr log`` (in its own process group), then poll ``flwr list``
     until the run finished. ``submitted`` receives Flower's answer (the run id) as soon as it
     comes, so a stop can name the run."""
-    run_args = ["run", str(app_dir), "local", "--format", "json", "--federation-config", federation,
-                "--run-config", " ".join(f"{k}={toml_value(v)}" for k, v in overrides.items())]
+    cli = _cli(env, work)
     for attempt in range(3):
         submitted.clear()
-        submitted.update(json.loads(_flwr(run_args, env, work)))
+        submitted.update(cli.submit(app_dir, overrides, federation, timeout=120, check=True))
         # `flwr` gives the SuperLink it starts 15 s; a loaded machine can take longer. The
         # process keeps starting, so asking again reaches it (or starts one on this port).
         if submitted.get("success") or "Failed to start local SuperLink" not in str(submitted.get("error-message")):
@@ -339,7 +317,7 @@ def _submit_and_follow(
     if not submitted.get("success"):
         raise SimulationError(f"flwr run refused the run: {submitted}")
     run_id = str(submitted["run-id"])
-    log_proc = subprocess.Popen(["flwr", "log", run_id, "local"], env=env, cwd=work, stdout=subprocess.PIPE,
+    log_proc = subprocess.Popen(cli.log_command(run_id), env=env, cwd=work, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True, start_new_session=True)
     lines = []
     try:
@@ -353,15 +331,12 @@ def _submit_and_follow(
                 break
     finally:
         if log_proc.poll() is None:
-            os.killpg(log_proc.pid, signal.SIGKILL)
+            signal_group(log_proc.pid, signal.SIGKILL)
         log_proc.wait()
     status, details = "unknown", ""
-    while time.time() - started <= timeout_s:
-        runs = json.loads(_flwr(["list", "local", "--run-id", run_id, "--format", "json"], env, work))["runs"]
-        status, details = runs[0]["status"], runs[0].get("status-details", "")
-        if status.startswith("finished:"):
-            break
-        time.sleep(1)
+    if time.time() - started <= timeout_s:
+        row = cli.wait(run_id, deadline=started + timeout_s, poll_s=1.0)
+        status, details = row["status"], row.get("status-details", "")
     return SimulationResult(run_id, status, details, run_dir, time.time() - started, "".join(lines))
 
 

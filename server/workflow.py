@@ -74,8 +74,7 @@ class Protocol:
         self.dims = dims_of(cfg)
         self.ledger = Ledger(path=run_dir / LEDGER)
         self.channel = Channel(grid, self.dims, cfg.fed.round_timeout, self.ledger)
-        self.distil = cfg.pagkd.use_pro or cfg.pagkd.use_den
-        self.needs_teacher = self.distil or cfg.fed.student_init == "teacher"
+        self.distil, self.needs_teacher = cfg.distils, cfg.needs_nbi_sites
         torch.manual_seed(cfg.train.seed)
         c = cfg.data.num_classes
         self.run_state = RunState(

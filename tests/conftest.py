@@ -1,8 +1,9 @@
 """Shared fixtures for the protocol tests (client handlers, aggregation, workflow, simulation).
 
-``TINY`` is the smallest configuration the protocol runs with: 32 px images, a few dozen images
-per site, the timm ``test_resnet`` backbone (0.37 M parameters; 1x1 last-stage map at 32 px) and
-one round of each phase. Tests pass their own overrides on top with :func:`tiny_config`.
+``TINY`` (:data:`common.presets.TINY`) is the smallest configuration the protocol runs with: 32 px
+images, a few dozen images per site, the timm ``test_resnet`` backbone (0.37 M parameters; 1x1
+last-stage map at 32 px) and one round of each phase. Tests pass their own overrides on top with
+:func:`tiny_config`.
 """
 
 from __future__ import annotations
@@ -14,32 +15,8 @@ import pytest
 import torch
 
 from common.config import Config, config_from_flat
+from common.presets import TINY
 
-TINY: dict[str, Any] = {
-    "data.image_size": 32,
-    "data.train_per_site": 24,
-    "data.test_per_site": 15,  # 5 per class: no site size equals a declared dim (privacy audit)
-    "data.val_per_site": 6,  # model selection reads it every round
-    "train.batch_size": 12,
-    "train.local_epochs": 1,
-    "train.device": "cpu",
-    "pagkd.group_size": 4,
-    "pagkd.min_group_size": 2,
-    "model.student": "test_resnet",
-    "model.teacher": "test_resnet",
-    "model.embed_dim": 32,
-    "model.num_heads": 4,
-    "model.num_queries": 4,
-    "pagkd.codebook_size": 4,
-    "fed.teacher_rounds": 1,
-    "fed.student_rounds": 1,
-    "fed.num_bins": 20,
-    # Every phase of the protocol (teacher, knowledge refresh, distilling student), whatever the
-    # shipped default run is.
-    "pagkd.use_pro": True,
-    "pagkd.use_den": True,
-    "fed.student_init": "scratch",
-}
 
 
 def tiny_config(**overrides: Any) -> Config:

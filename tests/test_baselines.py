@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from client.site import synthetic_site_specs
 from client.wire import from_recorddict
 from common.config import ConfigError, config_to_flat
+from common.data import synthetic_site_specs
 from common.losses import prototype_regulariser
 from server.workflow import run_federation
 from tests.conftest import tiny_config

@@ -265,3 +265,46 @@ def test_a_renamed_key_is_still_read_under_its_old_name():
     cfg = config_from_flat({"fed.proto_weight": 0.5})
     assert cfg.fed.fedproto_weight == 0.5
     assert "fed.proto_weight" not in config_to_flat(cfg)
+
+
+# ---------------------------------------------------------------- choices, derived rules, presets (issue 16)
+
+
+def test_every_enumerated_key_lists_its_choices_once_and_validation_reads_them():
+    from common.config import AGGREGATIONS, choices, enumerated_keys
+    from server.aggregation import ROBUST
+
+    assert set(enumerated_keys()) == {"pagkd.grouping", "train.schedule", "train.augment", "fed.student_init",
+                                      "fed.student_sites", "fed.aggregation"}
+    assert ROBUST == AGGREGATIONS == choices("fed.aggregation") == ("mean", "median", "trimmed_mean")
+    for key in enumerated_keys():
+        for value in choices(key):  # every choice is accepted (with what it needs beside it)
+            extra = {"model.student": "resnet18"} if (key, value) == ("fed.student_init", "scratch") else {}
+            assert getattr(getattr(config_from_flat({key: value, **extra}), key.split(".")[0]), key.split(".")[1]) == value
+        with pytest.raises(ConfigError) as info:
+            config_from_flat({key: "no-such-choice"})
+        assert f"'{key}'" in str(info.value) and all(repr(v) in str(info.value) for v in choices(key))
+
+
+@pytest.mark.parametrize(
+    "overrides, distils, needs_nbi",
+    [
+        ({}, False, True),  # the default run: the student starts from the NBI teacher
+        ({"fed.student_init": "scratch"}, False, False),  # WLI-only FedAvg
+        ({"fed.student_init": "scratch", "pagkd.use_pro": True}, True, True),
+        ({"fed.student_init": "scratch", "pagkd.use_den": True}, True, True),
+    ],
+)
+def test_derived_rules_are_config_properties(overrides, distils, needs_nbi):
+    cfg = config_from_flat(overrides)
+    assert cfg.distils is distils and cfg.needs_nbi_sites is needs_nbi
+
+
+def test_every_named_preset_is_a_valid_run_config():
+    from common.presets import PRESETS, preset
+
+    for name, values in PRESETS.items():
+        config_from_flat(values)
+        assert preset(name, fed__student_rounds=3) == {**values, "fed.student_rounds": 3}
+    with pytest.raises(KeyError, match="tiny"):
+        preset("no-such-preset")

@@ -495,7 +495,7 @@ def test_classes_overlap_even_for_an_oracle():
 
     ds = SyntheticEndoscopyDataset(SyntheticSiteSpec("nbi", num_train=600), "train")
     s = np.array([ds.latents(i)["severity"] for i in range(len(ds))])
-    sigma = 0.4 / 2  # common.data._SEVERITY_SPREAD x class gap (1/2 for 3 classes)
+    sigma = 0.4 / 2  # common.data.synthetic._SEVERITY_SPREAD x class gap (1/2 for 3 classes)
     lik = np.stack([np.exp(-0.5 * ((s - c / 2) / sigma) ** 2) for c in range(3)], axis=1)
     auc = roc_auc_score(ds.labels, lik / lik.sum(1, keepdims=True), multi_class="ovr")
     assert 0.85 < auc < 0.99

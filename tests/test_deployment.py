@@ -1,5 +1,5 @@
 """End to end on a real deployment: ``flower-superlink`` + 4 ``flower-supernode`` on loopback, TLS and
-SuperNode authentication on, through :mod:`deploy.loopback`.
+SuperNode authentication on, through :mod:`tests.harness.loopback`.
 
 One federation (SuperLink + 2 NBI + 2 WLI SuperNodes, sites written from the simulation's own
 synthetic specs) and one run serve every test of this module:
@@ -27,8 +27,8 @@ from typing import Any
 import pytest
 
 from client.app import DRILL_DELAY_ENV
-from deploy import loopback
-from deploy.loopback import Loopback, RunResult
+from tests.harness import loopback
+from tests.harness.loopback import Loopback, RunResult
 
 pytestmark = pytest.mark.slow
 

@@ -1,5 +1,5 @@
 """Faults on a real deployment: ``flower-superlink`` + ``flower-supernode`` processes on loopback, TLS
-and SuperNode authentication on, through :mod:`deploy.loopback` (the in-process counterparts are in
+and SuperNode authentication on, through :mod:`tests.harness.loopback` (the in-process counterparts are in
 tests/test_workflow.py).
 
 One federation (SuperLink, 1 NBI + 2 WLI SuperNodes) and two Flower runs of ONE FedPaGKD run
@@ -34,8 +34,8 @@ from typing import Any
 import pytest
 
 from client.app import DRILL_DELAY_ENV
-from deploy import loopback
-from deploy.loopback import Loopback, RunResult
+from tests.harness import loopback
+from tests.harness.loopback import Loopback, RunResult
 
 pytestmark = pytest.mark.slow
 

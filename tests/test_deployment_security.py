@@ -1,5 +1,5 @@
 """What a hospital's security officer signs off, on a real deployment on loopback (TLS + SuperNode
-auth, through :mod:`deploy.loopback`): one federation (1 NBI + 1 WLI site, the smallest run with a
+auth, through :mod:`tests.harness.loopback`): one federation (1 NBI + 1 WLI site, the smallest run with a
 student round, no distillation) serves every test, in this order:
 
 1. (control) a site holding ``ca.crt`` and its own key, pointed at the Fleet API listener the sites
@@ -32,8 +32,9 @@ from typing import Any
 import pytest
 
 from client.app import DRILL_DELAY_ENV
-from deploy import bundle, loopback, registry
-from deploy.loopback import CONNECTION, REPO, Loopback
+from deploy import bundle, registry
+from tests.harness import loopback
+from tests.harness.loopback import CONNECTION, REPO, Loopback
 
 pytestmark = pytest.mark.slow
 

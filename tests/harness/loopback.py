@@ -3,7 +3,7 @@
 Everything the production deployment (``deploy/README.md``) does, on 127.0.0.1 in one work folder:
 
 1. writes synthetic sites as ImageFolder trees (``common.data.write_image_folder``), by default
-   exactly the specs the simulation uses (``client.site.synthetic_site_specs``), so a deployment
+   exactly the specs the simulation uses (``common.data.synthetic_site_specs``), so a deployment
    run and a simulation of the same run config see the same images;
 2. creates the CA, the SuperLink certificate (SANs localhost, 127.0.0.1, ::1) and one OpenSSH
    EC P-384 key pair per site with ``deploy/certs/make_certs.py``;
@@ -17,11 +17,14 @@ Everything the production deployment (``deploy/README.md``) does, on 127.0.0.1 i
 
 Every process gets its own ``FLWR_HOME`` and its own session (process group); :meth:`Loopback.close`
 (also on ``with`` exit) stops them all by process group, SIGTERM then SIGKILL. Every process logs to
-``<work>/logs/<name>.log``.
+``<work>/logs/<name>.log``. Processes, the ``flwr`` CLI and the environment are
+:mod:`server.processes` (the launcher's too); the base run config is :data:`common.presets.LOOPBACK`.
+A test harness (``tests/test_deployment*.py`` and their drills), not an operator's tool: what an
+operator runs is in ``deploy/``.
 
 CLI::
 
-    python -m deploy.loopback --work /tmp/fedpagkd-loopback [key=value ...]
+    python -m tests.harness.loopback --work /tmp/fedpagkd-loopback [key=value ...]
 
 prints the run id, status, wall time and the metrics.json path (exit 1 unless finished:completed).
 """
@@ -33,7 +36,6 @@ import contextlib
 import json
 import os
 import re
-import shlex
 import signal
 import subprocess
 import sys
@@ -42,50 +44,34 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
-from server.launch import FLOWER_ENV, free_port, toml_value  # one implementation of each (stdlib-only module)
+from common.presets import LOOPBACK
+from server import processes
+from server.processes import (  # noqa: F401  (run_config_arg, still_running: part of this harness's API)
+    BIN,
+    FlowerCLI,
+    FlowerProcessError,
+    GroupProcess,
+    free_port,
+    process_env,
+    run_config_arg,
+    still_running,
+)
+from server.processes import cmdline as _cmdline
+from server.processes import descendants as _descendants
+from server.processes import group_members as _group_members
+from server.processes import process_state as _state
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 CONNECTION = "loopback"
-BIN = Path(sys.executable).parent  # flower-superlink, flower-supernode and flwr live next to the interpreter
 
-# The smallest run that exercises every phase (same shape as tests/conftest.py TINY), 32 px.
-DEFAULT_RUN_CONFIG: dict[str, Any] = {
-    "data.image_size": 32,
-    "data.num_classes": 3,  # must match the class folders written below
-    # The synthetic generator's label order: the sites' ImageFolders would otherwise be read in
-    # sorted folder order (adenocarcinoma, adenoma, hyperplasia), a permutation of the labels
-    # that makes a deployment run differ from the simulation it is compared with.
-    "data.class_names": "hyperplasia,adenoma,adenocarcinoma",
-    "data.nbi_sites": 2,
-    "data.wli_sites": 2,
-    "data.train_per_site": 24,
-    "data.val_per_site": 0,
-    "data.test_per_site": 12,
-    "model.student": "resnet10t",
-    "model.teacher": "resnet10t",
-    "model.embed_dim": 32,
-    "model.num_heads": 4,
-    "model.num_queries": 4,
-    "pagkd.group_size": 4,
-    "pagkd.min_group_size": 2,
-    "pagkd.codebook_size": 4,
-    "pagkd.kmeans_iters": 1,  # each Lloyd step is one more message per NBI site (a process each)
-    "train.batch_size": 12,
-    "train.device": "cpu",
-    "fed.teacher_rounds": 1,
-    "fed.student_rounds": 1,
-    "fed.round_timeout": 300.0,
-    # Every phase, the knowledge refresh included, whatever the shipped default run is.
-    "pagkd.use_pro": True,
-    "pagkd.use_den": True,
-    "fed.student_init": "scratch",
-}
+# The smallest run that exercises every phase on real processes (common.presets.LOOPBACK), 32 px.
+DEFAULT_RUN_CONFIG: dict[str, Any] = LOOPBACK
 
 # Seen in the logs: the SuperNode is connected and activated / it gave up.
 SUPERNODE_ID_RE = re.compile(r"SuperNode ID: (\d+)")
 
 
-class LoopbackError(RuntimeError):
+class LoopbackError(FlowerProcessError):
     """A step of the loopback deployment failed; the message names the step and the log to read."""
 
 
@@ -99,51 +85,8 @@ class Site:
     node_id: int | None = None
 
 
-@dataclass
-class Proc:
-    """A started process: its own session (so its children die with it) and its log file."""
-
-    name: str
-    popen: subprocess.Popen
-    log: Path
-    cmd: list[str]
-    offset: int = 0  # where this process's output starts in ``log`` (a restart appends to the same file)
-
-    @property
-    def pid(self) -> int:
-        return self.popen.pid
-
-    def alive(self) -> bool:
-        return self.popen.poll() is None
-
-    def text(self) -> str:
-        """This process's output so far (not that of an earlier process with the same log)."""
-        try:
-            with open(self.log, "rb") as handle:
-                handle.seek(self.offset)
-                return handle.read().decode(errors="replace")
-        except FileNotFoundError:
-            return ""
-
-    def stop(self, grace_s: float = 10.0, sig: int = signal.SIGTERM) -> int | None:
-        """Signal the whole process group, wait ``grace_s``, then SIGKILL the group."""
-        _signal_group(self.popen.pid, sig)
-        try:
-            self.popen.wait(timeout=grace_s)
-        except subprocess.TimeoutExpired:
-            pass
-        # Children (flower-superexec, flwr-clientapp/serverapp) may outlive the leader: kill the group.
-        _signal_group(self.popen.pid, signal.SIGKILL)
-        try:
-            self.popen.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            pass
-        _wait_group_gone(self.popen.pid, 5.0)
-        return self.popen.returncode
-
-    def kill(self) -> int | None:
-        """A crash: SIGKILL to the whole group, no graceful deactivation."""
-        return self.stop(grace_s=0.0, sig=signal.SIGKILL)
+# A started process of the federation (its own session; stop() ends its whole process group).
+Proc = GroupProcess
 
 
 @contextlib.contextmanager
@@ -163,78 +106,6 @@ def checked_federation(work: Path, **kwargs: Any) -> Iterator["Loopback"]:
         left = still_running(started)
         if left:
             raise LoopbackError(f"processes left running: {left}")
-
-
-def still_running(pids: set[int], grace_s: float = 15.0) -> dict[int, str]:
-    """The processes of ``pids`` still alive after ``grace_s`` (flower-superexec notices that
-    its parent is gone within a few seconds), with their command lines."""
-    deadline = time.time() + grace_s
-    alive = {pid for pid in pids if _state(pid) not in ("", "Z")}
-    while alive and time.time() < deadline:
-        time.sleep(0.5)
-        alive = {pid for pid in alive if _state(pid) not in ("", "Z")}
-    return {pid: _cmdline(pid)[:120] for pid in alive}
-
-
-def _signal_group(pgid: int, sig: int) -> None:
-    try:
-        os.killpg(pgid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-def _living_processes() -> Iterator[tuple[int, int, int]]:
-    """(pid, parent pid, process group) of every process that is not a zombie, from /proc."""
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()  # [0] state, [1] ppid, [2] pgrp
-        except (OSError, IndexError):
-            continue
-        if len(fields) > 2 and fields[0] != "Z":
-            yield int(entry.name), int(fields[1]), int(fields[2])
-
-
-def _group_members(pgid: int) -> list[int]:
-    return [pid for pid, _, group in _living_processes() if group == pgid]
-
-
-def _state(pid: int) -> str:
-    try:
-        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return ""
-
-
-def _cmdline(pid: int) -> str:
-    try:
-        return (Path("/proc") / str(pid) / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
-
-
-def _descendants(pid: int) -> list[int]:
-    """Every living process below ``pid`` (by parent pid, whatever its session)."""
-    children: dict[int, list[int]] = {}
-    for child, parent, _ in _living_processes():
-        children.setdefault(parent, []).append(child)
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
-
-
-def _wait_group_gone(pgid: int, timeout: float) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline and _group_members(pgid):
-        time.sleep(0.1)
-
-
-def run_config_arg(run_config: Mapping[str, Any]) -> str:
-    return " ".join(f"{k}={toml_value(v)}" for k, v in run_config.items())
 
 
 @dataclass
@@ -260,7 +131,7 @@ class Loopback:
     """The whole federation in ``work``. Use as a context manager; :meth:`close` stops everything.
 
     ``run_config`` is the base run config (``DEFAULT_RUN_CONFIG`` plus these overrides); the sites
-    are written from ``client.site.synthetic_site_specs`` of that config unless ``specs`` is given
+    are written from ``common.data.synthetic_site_specs`` of that config unless ``specs`` is given
     as ``[(site name, SyntheticSiteSpec), ...]``.
     """
 
@@ -353,8 +224,8 @@ class Loopback:
         if self.specs is not None:
             return list(self.specs)
         import common  # noqa: F401  (torchvision shim before anything imports timm)
-        from client.site import synthetic_site_specs
         from common.config import config_from_flat
+        from common.data import synthetic_site_specs
 
         return synthetic_site_specs(config_from_flat(self.config))
 
@@ -406,35 +277,13 @@ class Loopback:
         thread; plus ``extra`` (e.g. a drill knob such as ``FEDPAGKD_DRILL_DELAY_S``)."""
         flwr_home = self.homes / home
         flwr_home.mkdir(parents=True, exist_ok=True)
-        env = dict(os.environ)
-        env.update(FLOWER_ENV)
-        env.update(
-            {
-                "FLWR_HOME": str(flwr_home),
-                "OMP_NUM_THREADS": "1",
-                "MKL_NUM_THREADS": "1",
-                "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-            }
-        )
-        env.update(extra or {})
-        return env
+        return process_env(flwr_home, {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}, extra)
 
     def spawn(self, name: str, cmd: list[str], home: str, cwd: Path | None = None, env: Mapping[str, str] | None = None) -> Proc:
-        log = self.logs / f"{name}.log"
-        handle = open(log, "ab")  # noqa: SIM115 - owned by the child
-        offset = handle.tell()
-        handle.write(f"\n$ {shlex.join(cmd)}\n".encode())
-        handle.flush()
-        try:
-            popen = subprocess.Popen(
-                cmd, stdout=handle, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=self.env(home, env),
-                cwd=cwd or (self.homes / home), start_new_session=True,
-            )
-        finally:
-            handle.close()
-        proc = Proc(name, popen, log, cmd, offset)
+        """Start ``cmd`` in its own process group (:func:`server.processes.spawn`), logging to ``logs/<name>.log``."""
+        proc = processes.spawn(name, cmd, self.logs / f"{name}.log", self.env(home, env), cwd or (self.homes / home))
         self.procs.append(proc)
-        self._say(f"started {name} (pid {popen.pid}), log {log}")
+        self._say(f"started {name} (pid {proc.pid}), log {proc.log}")
         return proc
 
     # ------------------------------------------------------------------ SuperLink and CLI
@@ -483,29 +332,23 @@ class Loopback:
         (folder / "config.toml").write_text(text)
         return folder / "config.toml"
 
+    def cli(self, home: str = "cli") -> FlowerCLI:
+        """The ``flwr`` CLI with FLWR_HOME ``homes/<home>`` (connection ``loopback``), every call
+        logged to ``logs/flwr-cli.log``; failures raise :class:`LoopbackError`."""
+        return FlowerCLI(self.env(home), self.work, CONNECTION, error=LoopbackError,
+                         transcript=self.logs / "flwr-cli.log", executable=str(BIN / "flwr"))
+
     def flwr(self, *args: str, timeout: float = 120.0, check: bool = True, home: str = "cli") -> subprocess.CompletedProcess:
         """Run the ``flwr`` CLI against this SuperLink (FLWR_HOME ``homes/<home>``); stdout captured."""
-        cmd = [str(BIN / "flwr"), *args]
-        proc = subprocess.run(cmd, env=self.env(home), cwd=self.work, capture_output=True, text=True, timeout=timeout)
-        with open(self.logs / "flwr-cli.log", "a") as log:
-            log.write(f"\n$ {shlex.join(cmd)}\n[exit {proc.returncode}]\n{proc.stdout}{proc.stderr}")
-        if check and proc.returncode != 0:
-            raise LoopbackError(f"{shlex.join(cmd[:3])} failed (exit {proc.returncode}): {(proc.stderr or proc.stdout).strip()}")
-        return proc
+        return self.cli(home).call(*args, timeout=timeout, check=check)
 
     def flwr_json_raw(self, *args: str, timeout: float = 120.0, home: str = "cli") -> dict[str, Any]:
         """``flwr ... --format json`` parsed, whether it succeeded or not."""
-        proc = self.flwr(*args, "--format", "json", timeout=timeout, check=False, home=home)
-        try:
-            return json.loads(proc.stdout)
-        except json.JSONDecodeError as err:
-            raise LoopbackError(f"flwr {' '.join(args[:2])}: no JSON (exit {proc.returncode}): {proc.stdout}{proc.stderr}") from err
+        return self.cli(home).json(*args, timeout=timeout)
 
     def flwr_json(self, *args: str, timeout: float = 120.0, home: str = "cli") -> dict[str, Any]:
-        out = self.flwr_json_raw(*args, timeout=timeout, home=home)
-        if not out.get("success", False):
-            raise LoopbackError(f"flwr {' '.join(args[:2])} failed: {out}")
-        return out
+        """``flwr ... --format json``; :class:`LoopbackError` unless it succeeded."""
+        return self.cli(home).ok(*args, timeout=timeout)
 
     @property
     def registry(self) -> Path:
@@ -661,7 +504,9 @@ class Loopback:
         config = {**self.config, **dict(run_config or {})}
         config["fed.run_dir"] = str(Path(config.get("fed.run_dir") or self.runs).resolve())
         config.setdefault("fed.run_name", time.strftime("run-%Y%m%d-%H%M%S"))
-        out = self.flwr_json("run", str(app_dir), CONNECTION, "--run-config", run_config_arg(config), timeout=300)
+        out = self.cli().submit(app_dir, config, timeout=300)
+        if not out.get("success", False):
+            raise LoopbackError(f"flwr run {app_dir} failed: {out}")
         run_id = str(out["run-id"])
         self.run_ids.append(run_id)
         self._say(f"submitted run {run_id} ({config['fed.run_name']})")
@@ -669,28 +514,20 @@ class Loopback:
 
     def follow_log(self, run_id: str) -> Proc:
         """``flwr log RUN_ID`` into ``logs/run-<id>.log`` (it streams until the run ends)."""
-        return self.spawn(f"run-{run_id}", [str(BIN / "flwr"), "log", run_id, CONNECTION], "cli", cwd=self.work)
+        return self.spawn(f"run-{run_id}", self.cli().log_command(run_id), "cli", cwd=self.work)
 
     def run_status(self, run_id: str) -> dict[str, Any]:
-        out = self.flwr_json("list", CONNECTION, "--run-id", run_id)
-        return out["runs"][0]
+        return self.cli().status(run_id)
 
     def wait(
         self, run_id: str, timeout: float = 900.0, poll_s: float = 3.0,
         on_poll: Callable[[dict[str, Any]], None] | None = None,
     ) -> dict[str, Any]:
         """Poll ``flwr list`` until the run is ``finished:*`` (or ``timeout``); returns the last row."""
-        deadline = time.time() + timeout
-        while True:
-            row = self.run_status(run_id)
-            if on_poll is not None:
-                on_poll(row)
-            if str(row["status"]).startswith("finished:") or time.time() > deadline:
-                return row
-            time.sleep(poll_s)
+        return self.cli().wait(run_id, deadline=time.time() + timeout, poll_s=poll_s, on_poll=on_poll)
 
     def stop_run(self, run_id: str) -> None:
-        self.flwr("stop", run_id, CONNECTION, check=False)
+        self.cli().stop(run_id)
 
     def serverapp_pids(self) -> list[int]:
         """The ``flwr-serverapp`` processes the SuperLink started (via its ``flower-superexec``,
