@@ -177,6 +177,7 @@ def test_compose_services_use_tls(path: Path) -> None:
             assert "supernode_auth_key" in secret_targets
             assert env["FEDPAGKD_CA_CERT"] == "/run/secrets/ca.crt"
             assert env["FEDPAGKD_AUTH_KEY"] == "/run/secrets/supernode_auth_key"
+            assert "FEDPAGKD_APP_DIGEST" in env, f"{path.name}:{name} pins no app bundle"  # fedpagkd-supernode --app-digest
             assert str(env["FEDPAGKD_MODALITY"]).startswith(("nbi", "wli", "${FEDPAGKD_MODALITY"))
             mounts = [m for m in svc["volumes"] if isinstance(m, dict) and m["target"] == "/data"]
             assert mounts and all(m.get("read_only") for m in mounts), f"{path.name}:{name} data not read-only"
@@ -201,8 +202,9 @@ def test_entrypoints_pass_tls_flags() -> None:
     for flag in ("--ssl-ca-certfile", "--ssl-certfile", "--ssl-keyfile", "--enable-supernode-auth"):
         assert flag in coord
     site = (DEPLOY / "docker" / "site-entrypoint.sh").read_text()
-    for flag in ("--root-certificates", "--auth-supernode-private-key", "--superlink", "--node-config"):
+    for flag in ("--root-certificates", "--auth-supernode-private-key", "--superlink", "--node-config", "--app-digest"):
         assert flag in site
+    assert 'exec fedpagkd-supernode "${args[@]}"' in site and "app-digest=" not in site
     assert "--insecure" not in coord + site
 
 
