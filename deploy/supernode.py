@@ -157,7 +157,12 @@ def run_clientapp(argv: Sequence[str]) -> None:
             raise
         return install_from_fab(fab_file, *args, **kwargs)
 
-    flower.pull_task_input, flower.install_from_fab = pull, install
+    def quiet_log(level: int, msg: str, *args: Any, **kwargs: Any) -> None:
+        if isinstance(kwargs.get("exc_info"), UntrustedBundle):
+            kwargs.pop("exc_info")  # the refusal line says it all: no traceback after it
+        log(level, msg, *args, **kwargs)
+
+    flower.pull_task_input, flower.install_from_fab, flower.log = pull, install, quiet_log
     sys.argv = [CLIENTAPP, *rest]
     flwr_clientapp()
 
@@ -216,6 +221,21 @@ def _runtime_address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+SECRET_PREFIX = "fedpagkd-superexec-"
+
+
+def _remove_stale_secrets() -> None:
+    """Secret folders of this user's SuperNodes that were killed (no atexit): removed."""
+    for entry in Path(tempfile.gettempdir()).glob(f"{SECRET_PREFIX}*"):
+        pid = entry.name[len(SECRET_PREFIX):].split("-")[0]
+        try:
+            mine = entry.is_dir() and entry.stat().st_uid == os.getuid()
+        except OSError:
+            continue
+        if mine and pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            shutil.rmtree(entry, ignore_errors=True)
+
+
 def run_supernode(argv: Sequence[str]) -> None:
     if any(a in ("-h", "--help") for a in argv):
         print(__doc__.split("\n\n")[0] + "\n\nusage: fedpagkd-supernode --app-digest sha256:...|any [flower-supernode arguments]\n")
@@ -247,7 +267,8 @@ def run_supernode(argv: Sequence[str]) -> None:
     peek.add_argument("--allow-runtime-dependency-installation", action="store_true")
     runtime, _ = peek.parse_known_args(rest)
 
-    folder = tempfile.mkdtemp(prefix="fedpagkd-superexec-")  # 0700
+    _remove_stale_secrets()
+    folder = tempfile.mkdtemp(prefix=f"{SECRET_PREFIX}{os.getpid()}-")  # 0700
     secret = Path(folder) / "secret"
     fd = os.open(secret, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as handle:

@@ -146,6 +146,7 @@ def test_site_clientapp_checks_the_bundle_before_flower_installs_it(fab: bytes, 
     context = SimpleNamespace(node_config={"site-name": "wli-a"}, node_id=7)
     monkeypatch.setattr(flower, "pull_task_input", lambda client: ("message", context, "run", pulled))
     monkeypatch.setattr(flower, "install_from_fab", lambda content, **kwargs: installed.append(content))
+    monkeypatch.setattr(flower, "log", flower.log)  # restored after the test (the hook quietens it)
 
     def flwr_clientapp() -> None:  # Flower's order: pull the task, install its FAB
         _, _, _, task_fab = flower.pull_task_input(None)
