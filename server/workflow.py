@@ -19,6 +19,7 @@ import json
 import logging
 import operator
 import random
+import re
 import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -50,6 +51,9 @@ from server.state import RunLock, StateError, check_run_folder, load_state, read
 
 log = logging.getLogger("fedpagkd.server")
 LEDGER = "ledger.json"  # the run's traffic and releases, written after every exchange
+# A site's SuperNode refusing a bundle (deploy/supernode.py, before any app code runs) answers with a
+# Flower ClientApp error "<class '...UntrustedBundle'>:<'site 'NAME' REFUSES app bundle ...'>": its name.
+SITE_REFUSAL_RE = re.compile(r":<'site '([^']+)' REFUSES app bundle ")
 
 
 class FederationError(RuntimeError):
@@ -173,6 +177,8 @@ class Channel:
             if not reply.has_error() and (seconds := compute_seconds(reply.content)) is not None:
                 timing["compute_s"][site] = seconds
             if reply.has_error():
+                if named := SITE_REFUSAL_RE.search(reply.error.reason):
+                    self.names.setdefault(node_id, named.group(1))  # a refusal before discovery
                 dropped[node_id] = f"ClientApp error: {reply.error.reason}"
                 continue
             try:

@@ -132,7 +132,10 @@ def test_modified_bundle_is_refused(federation, trusted_run, digest, tmp_path_fa
         assert not (home / "bundle-code-ran").exists(), f"code of the refused bundle ran at site {name}"
     run_log = result.log.read_text(errors="replace")
     assert "UntrustedBundle" in run_log and "site 'wli-0' REFUSES app bundle" in run_log, run_log[-3000:]
+    assert "'wli-0': ClientApp error: <class" in run_log, run_log[-3000:]  # named by site, not "node <id>"
     assert "no reply within" not in run_log, "a site did not answer its refusal at once"
+    entries = json.loads((result.run_dir / "ledger.json").read_text())["egress"]
+    assert {e["site"] for e in entries} == {"nbi-0", "wli-0"}, {e["site"] for e in entries}
     # No code of that bundle ran at a site: the sites' own egress logs have no entry for the run.
     for name in federation.sites:
         sent = [json.loads(ln) for ln in (federation.site_state(name) / "egress.jsonl").read_text().splitlines()]

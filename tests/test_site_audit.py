@@ -130,6 +130,15 @@ def test_pin_accepts_the_pinned_bundle_and_refuses_another(fab: bytes) -> None:
         check_fab(fab, parse_pins(digest), "wli-a", "f" * 64)
 
 
+def test_the_coordinator_names_a_refusing_site() -> None:
+    from deploy.supernode import refusal
+    from server.workflow import SITE_REFUSAL_RE
+
+    err = UntrustedBundle(refusal("wli-a", "sha256:" + "1" * 64, {"sha256:" + "2" * 64}))
+    reason = str(type(err)) + ":<'" + str(err) + "'>"  # how flwr-clientapp reports an exception to the ServerApp
+    assert SITE_REFUSAL_RE.search(reason).group(1) == "wli-a"
+
+
 def test_site_clientapp_checks_the_bundle_before_flower_installs_it(fab: bytes, monkeypatch) -> None:
     """The hook sits where Flower's flwr-clientapp pulls the task and then installs the FAB."""
     import inspect
