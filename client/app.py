@@ -114,7 +114,6 @@ def handles(
             site_name = str(context.node_config.get("site-name", f"partition-{context.node_config.get('partition-id', '?')}"))
             policy.guard_process()  # a deployment ClientApp ends with its SuperNode
             try:
-                policy.check_bundle(context.node_config, site_name)  # before anything of the request is read
                 if delay := drill_delays().get(kind, 0.0):
                     log.warning("drill (%s): site '%s' waits %.1f s before handling '%s'", DRILL_DELAY_ENV, site_name, delay, kind)
                     time.sleep(delay)

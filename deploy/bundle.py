@@ -1,11 +1,12 @@
 """The app bundle (FAB) that ``flwr run`` ships to every site: its size, files and digest.
 
-``python -m deploy.bundle [APP_DIR] [--list] [--out FILE]`` builds the bundle exactly as
+``python -m deploy.bundle [APP_DIR | FILE.fab] [--list | --digest] [--out FILE]`` builds the bundle exactly as
 ``flwr run APP_DIR`` does (Flower's own ``build_fab_from_disk``: ``.gitignore`` plus the
-``fab-include`` / ``fab-exclude`` lists of ``[tool.flwr.app]`` in pyproject.toml) and prints its
-size and its digest (:func:`common.bundle.fab_digest`). A site pins that digest as
-``app-digest='sha256:...'`` in its node config; its ClientApp then refuses any other bundle
-before handling a message (deploy/README.md, "Trusted code only").
+``fab-include`` / ``fab-exclude`` lists of ``[tool.flwr.app]`` in pyproject.toml), or reads a
+``.fab`` file, and prints its size and its digest (:func:`deploy.supernode.fab_digest`). A site
+pins that digest with ``fedpagkd-supernode --app-digest sha256:...`` (``FEDPAGKD_APP_DIGEST``);
+the site's SuperNode then refuses any other bundle before Flower installs it (deploy/README.md,
+"Trusted code only").
 """
 
 from __future__ import annotations
@@ -21,10 +22,13 @@ from typing import Sequence
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # run as a script or with -m from anywhere
 
-from common.bundle import fab_digest  # noqa: E402  (stdlib only)
+from deploy.supernode import fab_digest  # noqa: E402  (stdlib only)
 
 
 def build(app_dir: Path) -> bytes:
+    """The bundle ``flwr run app_dir`` submits (or the bytes of ``app_dir`` when it is a .fab file)."""
+    if Path(app_dir).is_file():
+        return Path(app_dir).read_bytes()
     from flwr.cli.build import build_fab_from_disk
 
     return build_fab_from_disk(Path(app_dir))
@@ -39,14 +43,18 @@ def summary(fab: bytes) -> dict:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("app_dir", nargs="?", type=Path, default=REPO)
+    parser.add_argument("app_dir", nargs="?", type=Path, default=REPO, help="an app folder (default: this checkout) or a .fab file")
     parser.add_argument("--list", action="store_true", help="print every file of the bundle")
     parser.add_argument("--out", type=Path, help="also write the .fab here")
+    parser.add_argument("--digest", action="store_true", help="print only the digest (FEDPAGKD_APP_DIGEST=$(... --digest))")
     args = parser.parse_args(argv)
     fab = build(args.app_dir)
     info = summary(fab)
     if args.out:
         args.out.write_bytes(fab)
+    if args.digest:
+        print(info["digest"])
+        return 0
     if not args.list:
         info.pop("list")
     print(json.dumps(info, indent=2))

@@ -1,3 +1,4 @@
+#!/usr/bin/env python3
 """``flower-superlink`` with the Control API kept apart from the Fleet API (Flower 1.41/1.42).
 
 Flower 1.41 serves every SuperLink API from ONE HTTPS listener (``--host``/``--port``): the Fleet

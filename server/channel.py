@@ -12,6 +12,7 @@ its DP budget is spent on, :mod:`server.accounting`). It is written, sealed with
 from __future__ import annotations
 
 import logging
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +28,9 @@ from common.records import Dims, Payload, PayloadError, reply_kind, validate
 from server.state import StateError, read_json, seal, state_key, unseal
 
 log = logging.getLogger("fedpagkd.server")
+# A site's SuperNode refusing a bundle (deploy/supernode.py, before any app code runs) answers with a
+# Flower ClientApp error "<class '...UntrustedBundle'>:<'site 'NAME' REFUSES app bundle ...'>": its name.
+SITE_REFUSAL_RE = re.compile(r":<'site '([^']+)' REFUSES app bundle ")
 LEDGER = "ledger.json"  # the run's traffic and releases, written after every exchange
 
 
@@ -141,6 +145,8 @@ class Channel:
             if not reply.has_error() and (seconds := compute_seconds(reply.content)) is not None:
                 timing["compute_s"][site] = seconds
             if reply.has_error():
+                if named := SITE_REFUSAL_RE.search(reply.error.reason):
+                    self.names.setdefault(node_id, named.group(1))  # a refusal before discovery
                 dropped[node_id] = f"ClientApp error: {reply.error.reason}"
                 continue
             try:

@@ -177,6 +177,7 @@ def test_compose_services_use_tls(path: Path) -> None:
             assert "supernode_auth_key" in secret_targets
             assert env["FEDPAGKD_CA_CERT"] == "/run/secrets/ca.crt"
             assert env["FEDPAGKD_AUTH_KEY"] == "/run/secrets/supernode_auth_key"
+            assert "FEDPAGKD_APP_DIGEST" in env, f"{path.name}:{name} pins no app bundle"  # fedpagkd-supernode --app-digest
             assert str(env["FEDPAGKD_MODALITY"]).startswith(("nbi", "wli", "${FEDPAGKD_MODALITY"))
             mounts = [m for m in svc["volumes"] if isinstance(m, dict) and m["target"] == "/data"]
             assert mounts and all(m.get("read_only") for m in mounts), f"{path.name}:{name} data not read-only"
@@ -201,8 +202,9 @@ def test_entrypoints_pass_tls_flags() -> None:
     for flag in ("--ssl-ca-certfile", "--ssl-certfile", "--ssl-keyfile", "--enable-supernode-auth"):
         assert flag in coord
     site = (DEPLOY / "docker" / "site-entrypoint.sh").read_text()
-    for flag in ("--root-certificates", "--auth-supernode-private-key", "--superlink", "--node-config"):
+    for flag in ("--root-certificates", "--auth-supernode-private-key", "--superlink", "--node-config", "--app-digest"):
         assert flag in site
+    assert 'exec fedpagkd-supernode "${args[@]}"' in site and "app-digest=" not in site
     assert "--insecure" not in coord + site
 
 
@@ -245,3 +247,15 @@ def test_dockerfile_non_root_and_pinned(path: Path) -> None:
     assert not re.search(r"^\s*(COPY|ADD)\s.*\b(certs|\.key|\.pem)\b", text, flags=re.M), "secrets copied into image"
     ignore = path.with_name(path.name + ".dockerignore")
     assert ignore.is_file(), f"{ignore.name} missing"
+
+
+@pytest.mark.parametrize("path", DOCKERFILES, ids=lambda p: p.name)
+def test_every_script_an_image_runs_by_name_has_a_shebang(path: Path) -> None:
+    """A file copied executable onto the image's PATH is exec'd by name: without ``#!`` the
+    kernel refuses it (ENOEXEC) and the container never starts (deploy/superlink.py had none)."""
+    import re
+
+    copied = re.findall(r"COPY --chmod=0?755 (\S+) /usr/local/bin/", path.read_text())
+    assert copied, f"{path.name}: no executable copied (the pattern no longer matches the Dockerfile)"
+    for source in copied:
+        assert (ROOT / source).read_text().startswith("#!"), f"{source} is run by name in {path.name} but has no shebang"

@@ -5,10 +5,11 @@ student round, no distillation) serves every test, in this order:
 1. (control) a site holding ``ca.crt`` and its own key, pointed at the Fleet API listener the sites
    dial, cannot list nodes or runs, submit a run or unregister a node; the operator, on the
    control listener, can;
-2. (trusted) both sites pin the bundle digest (node config ``app-digest``): the repository's app
-   runs to completion (with ``train.device`` set to a device the sites lack: each site's own
-   node-config ``device`` wins); a bundle with one changed line is refused by every site with a
-   log line naming the digest, and the run fails;
+2. (trusted) both sites pin the bundle digest (``deploy/supernode.py --app-digest``, the site's
+   own SuperNode, outside the bundle): the repository's app runs to completion (with
+   ``train.device`` set to a device the sites lack: each site's own node-config ``device`` wins);
+   a bundle with one changed file, whose own code would run first at import, is refused by every
+   site before Flower installs it, with one log line naming both digests, and the run fails;
 3. (egress) each site's own ``egress.jsonl`` agrees with the coordinator's ``egress.json``;
    discovery entries carry site names; the registry's status lists the sites by name;
 4. (lifetime) a SuperNode SIGKILLed while its ClientApp works leaves no ClientApp behind, and a
@@ -63,7 +64,7 @@ def digest() -> str:
 @pytest.fixture(scope="module")
 def federation(tmp_path_factory, digest):
     with loopback.checked_federation(tmp_path_factory.mktemp("loopback-security"), run_config=CONFIG, verbose=True,
-                                     node_config={"app-digest": digest, "device": "cpu"}) as fed:
+                                     node_config={"device": "cpu"}, app_digest=digest) as fed:
         yield fed
 
 
@@ -112,28 +113,34 @@ def test_pinned_bundle_runs_on_the_sites_own_device(federation, trusted_run):
 def test_modified_bundle_is_refused(federation, trusted_run, digest, tmp_path_factory):
     app = tmp_path_factory.mktemp("modified-app") / "app"
     shutil.copytree(REPO, app, ignore=shutil.ignore_patterns(".venv", ".git", "runs", "__pycache__", "tests", "benchmarks"))
-    with open(app / "server" / "outputs.py", "a") as handle:
-        handle.write("\n# one changed line\n")
+    # One changed file: code of its own that runs on import, before any check a bundle could carry
+    # (a coordinator shipping whatever it likes); it leaves a mark in the FLWR_HOME of the process.
+    with open(app / "client" / "app.py", "a") as handle:
+        handle.write("\nimport os, pathlib; pathlib.Path(os.environ.get('FLWR_HOME', '.'), 'bundle-code-ran').touch()\n")
     changed = bundle.summary(bundle.build(app))["digest"]
     assert changed != digest
-    result = federation.run({"fed.run_name": "modified", "fed.round_timeout": 60.0}, timeout=RUN_TIMEOUT_S, app_dir=app)
+    result = federation.run({"fed.run_name": "modified"}, timeout=RUN_TIMEOUT_S, app_dir=app)
     print(f"\nmodified bundle run {result.run_id}: {result.status} in {result.wall_s:.0f} s wall ({result.details})")
     assert result.status != "finished:completed"
     for name, proc in federation.supernodes.items():
-        text = proc.text()
-        line = next((ln for ln in text.splitlines() if "REFUSES app bundle" in ln), "")
-        assert changed in line and digest in line, f"{name}: no refusal line naming both digests in {proc.log}"
-        print(f"{name}: {line.strip()[:240]}")
+        lines = [ln for ln in proc.text().splitlines() if "REFUSES app bundle" in ln]
+        assert lines, f"{name}: no refusal line in {proc.log}"
+        assert f"site '{name}' REFUSES app bundle {changed}: it trusts only --app-digest {digest}. Fix: " in lines[0], lines[0]
+        print(f"{name}: {lines[0].strip()[:300]}")
+        # Never installed, never run: the site's FLWR_HOME holds the trusted bundle only, and no mark.
+        home = federation.homes / f"supernode-{name}"
+        assert len(list((home / "apps").iterdir())) == 1, list((home / "apps").iterdir())
+        assert not (home / "bundle-code-ran").exists(), f"code of the refused bundle ran at site {name}"
     run_log = result.log.read_text(errors="replace")
-    assert "refuses app bundle" in run_log, run_log[-3000:]
-    assert "'wli-0': UntrustedBundle" in run_log, run_log[-3000:]  # named by site, not "node <id>"
+    assert "UntrustedBundle" in run_log and "site 'wli-0' REFUSES app bundle" in run_log, run_log[-3000:]
+    assert "'wli-0': ClientApp error: <class" in run_log, run_log[-3000:]  # named by site, not "node <id>"
+    assert "no reply within" not in run_log, "a site did not answer its refusal at once"
     entries = json.loads((result.run_dir / "ledger.json").read_text())["egress"]
     assert {e["site"] for e in entries} == {"nbi-0", "wli-0"}, {e["site"] for e in entries}
-    # The site's own egress log records that it answered only with refusals for that run.
+    # No code of that bundle ran at a site: the sites' own egress logs have no entry for the run.
     for name in federation.sites:
         sent = [json.loads(ln) for ln in (federation.site_state(name) / "egress.jsonl").read_text().splitlines()]
-        kinds = {e["kind"] for e in sent if e["run-name"] == "modified"}
-        assert kinds == {"error"}, (name, kinds)
+        assert not [e for e in sent if e["run-name"] == "modified"], name
 
 
 # --------------------------------------------------------------------------- 3. egress, names
@@ -174,8 +181,10 @@ def test_health_checks(federation):
                          str(fed.superlink.pid), "--cert", str(fed.certs / "server.pem"), "--min-days", "30"],
                         capture_output=True, text=True)
     assert ok.returncode == 0, ok.stdout + ok.stderr
-    site = subprocess.run([sys.executable, str(HEALTHCHECK), f"127.0.0.1:{fed.health_port}", "--reach", fed.address,
-                           "--ca", str(fed.ca_cert)], capture_output=True, text=True)
+    # A site: its SuperNode's checking SuperExec child (deploy/supernode.py) is alive, the coordinator reachable.
+    site = subprocess.run([sys.executable, str(HEALTHCHECK), f"127.0.0.1:{fed.health_port}", "--superexec", "--service-pid",
+                           str(fed.supernodes["wli-0"].pid), "--reach", fed.address, "--ca", str(fed.ca_cert)],
+                          capture_output=True, text=True)
     assert site.returncode == 0, site.stdout + site.stderr
 
 

@@ -1,8 +1,11 @@
 """Fast checks of the deployment's audit and trust pieces (no Flower processes): egress log and its
-comparison, bundle digest and contents, the site's pin and device, health probes, registry."""
+comparison, bundle digest and contents, the site's pin (deploy/supernode.py) and device, health
+probes, registry."""
 
 from __future__ import annotations
 
+import hashlib
+import importlib
 import io
 import json
 import subprocess
@@ -16,10 +19,10 @@ import pytest
 
 from client import egress as site_egress
 from client import policy
-from common.bundle import fab_digest, tree_digest
 from common.egress import compare, describe
 from common.records import Payload
-from deploy import bundle, registry
+from deploy import bundle, registry, supernode
+from deploy.supernode import UntrustedBundle, check_fab, fab_digest, parse_pins
 
 ROOT = Path(__file__).resolve().parents[1]
 HEALTHCHECK = ROOT / "deploy" / "docker" / "healthcheck.py"
@@ -83,22 +86,129 @@ def test_bundle_holds_the_app_code_only(fab: bytes) -> None:
     assert info["bytes"] < sources + 500 * info["files"], (info["bytes"], sources, info["files"])
 
 
-def test_fab_digest_equals_installed_tree_digest(fab: bytes, tmp_path: Path) -> None:
-    with zipfile.ZipFile(io.BytesIO(fab)) as archive:
-        archive.extractall(tmp_path)
-    (tmp_path / "client" / "__pycache__").mkdir(exist_ok=True)
-    (tmp_path / "client" / "__pycache__" / "app.cpython-311.pyc").write_bytes(b"x")  # byte code does not count
-    assert tree_digest(tmp_path) == fab_digest(fab)
-    (tmp_path / "client" / "app.py").write_text((tmp_path / "client" / "app.py").read_text() + "\n#\n")
-    assert tree_digest(tmp_path) != fab_digest(fab)
+def _rezip(fab: bytes, compression: int = zipfile.ZIP_DEFLATED, change: dict[str, bytes] | None = None) -> bytes:
+    out = io.BytesIO()
+    with zipfile.ZipFile(io.BytesIO(fab)) as src, zipfile.ZipFile(out, "w", compression) as dst:
+        for info in src.infolist():
+            dst.writestr(info.filename, (change or {}).pop(info.filename, src.read(info)))
+        for name, data in (change or {}).items():
+            dst.writestr(name, data)
+    return out.getvalue()
 
 
-def test_pin_refuses_another_bundle(caplog) -> None:
-    policy.check_bundle({}, "s")  # no pin: nothing checked
-    policy.check_bundle({"app-digest": policy.running_digest()}, "s")
-    with pytest.raises(policy.UntrustedBundle, match="refuses app bundle"):
-        policy.check_bundle({"app-digest": "sha256:" + "0" * 64}, "wli-a")
-    assert "REFUSES app bundle" in caplog.text
+def test_fab_digest_counts_every_file_but_flowers_manifest(fab: bytes) -> None:
+    digest = fab_digest(fab)
+    assert digest.startswith("sha256:") and len(digest) == 71
+    # The same files stored another way (another zlib, no compression) or with another manifest: same digest.
+    assert fab_digest(_rezip(fab, zipfile.ZIP_STORED)) == digest
+    assert fab_digest(_rezip(fab, change={".info/CONTENT": b"anything"})) == digest
+    # One changed byte, or one more file anywhere (byte code included), is another bundle.
+    app = zipfile.ZipFile(io.BytesIO(fab)).read("client/app.py")
+    assert fab_digest(_rezip(fab, change={"client/app.py": app + b"\n"})) != digest
+    assert fab_digest(_rezip(fab, change={"client/__pycache__/app.cpython-311.pyc": b"x"})) != digest
+    assert fab_digest(_rezip(fab, change={".info/extra": b"x"})) != digest
+
+
+def test_pin_accepts_the_pinned_bundle_and_refuses_another(fab: bytes) -> None:
+    digest, other = fab_digest(fab), "sha256:" + "0" * 64
+    assert parse_pins("any") is None
+    assert parse_pins(f"{other}, {digest}") == {other, digest}
+    for bad in ("", "sha256:abc", digest.upper(), f"{digest},any", "md5:" + "0" * 32):
+        with pytest.raises(ValueError, match="python -m deploy.bundle"):
+            parse_pins(bad)
+    sha = hashlib.sha256(fab).hexdigest()
+    assert check_fab(fab, parse_pins(digest), "wli-a", sha) == digest
+    assert check_fab(fab, parse_pins(f"{other},{digest}"), "wli-a") == digest
+    assert check_fab(fab, None, "wli-a") == digest  # any
+    with pytest.raises(UntrustedBundle) as refused:
+        check_fab(fab, parse_pins(other), "wli-a", sha)
+    line = str(refused.value)
+    assert line.startswith(f"site 'wli-a' REFUSES app bundle {digest}: it trusts only --app-digest {other}. Fix: ")
+    assert "\n" not in line and "python -m deploy.bundle" in line and "FEDPAGKD_APP_DIGEST" in line
+    # Bytes that are not what the SuperNode named the bundle by (Flower loads it by that name).
+    with pytest.raises(UntrustedBundle, match="does not match its FAB hash"):
+        check_fab(fab, parse_pins(digest), "wli-a", "f" * 64)
+
+
+def test_the_coordinator_names_a_refusing_site() -> None:
+    from deploy.supernode import refusal
+    from server.channel import SITE_REFUSAL_RE
+
+    err = UntrustedBundle(refusal("wli-a", "sha256:" + "1" * 64, {"sha256:" + "2" * 64}))
+    reason = str(type(err)) + ":<'" + str(err) + "'>"  # how flwr-clientapp reports an exception to the ServerApp
+    assert SITE_REFUSAL_RE.search(reason).group(1) == "wli-a"
+
+
+def test_site_clientapp_checks_the_bundle_before_flower_installs_it(fab: bytes, monkeypatch) -> None:
+    """The hook sits where Flower's flwr-clientapp pulls the task and then installs the FAB."""
+    import inspect
+    from types import SimpleNamespace
+
+    import flwr.supercore
+    import flwr.supernode.cli as flower_cli
+
+    flower = importlib.import_module("flwr.supernode.runtime.run_clientapp")
+    source = inspect.getsource(flower.run_clientapp)
+    assert 0 < source.index("pull_task_input(client)") < source.index("install_from_fab(fab.content") < source.index("load_client_app_fn(")
+    installed: list[bytes] = []
+    pulled = SimpleNamespace(hash_str=hashlib.sha256(fab).hexdigest(), content=fab)
+    context = SimpleNamespace(node_config={"site-name": "wli-a"}, node_id=7)
+    monkeypatch.setattr(flower, "pull_task_input", lambda client: ("message", context, "run", pulled))
+    monkeypatch.setattr(flower, "install_from_fab", lambda content, **kwargs: installed.append(content))
+    monkeypatch.setattr(flower, "log", flower.log)  # restored after the test (the hook quietens it)
+
+    def flwr_clientapp() -> None:  # Flower's order: pull the task, install its FAB
+        _, _, _, task_fab = flower.pull_task_input(None)
+        flower.install_from_fab(task_fab.content, skip_prompt=True)
+
+    monkeypatch.setattr(flower_cli, "flwr_clientapp", flwr_clientapp)
+    monkeypatch.setattr(sys, "argv", ["pytest"])
+    logged: list[str] = []
+    monkeypatch.setattr(flwr.supercore, "log", lambda level, msg, *args: logged.append(msg % args))
+    supernode.main([supernode.CLIENTAPP, "--app-digest", fab_digest(fab), "--token", "t"])
+    assert installed == [fab]
+    with pytest.raises(UntrustedBundle):
+        supernode.main([supernode.CLIENTAPP, "--app-digest", "sha256:" + "1" * 64])
+    assert installed == [fab], "an untrusted bundle reached install_from_fab"
+    assert len(logged) == 1 and logged[0].startswith(f"site 'wli-a' REFUSES app bundle {fab_digest(fab)}: "), logged
+
+
+def test_site_superexec_launches_only_guarded_clientapps(monkeypatch) -> None:
+    import flwr.supercore.cli as flower_cli
+    from flwr.supercore.constant import TaskType
+    from flwr.supercore.superexec.executor import ExecutionSpec
+
+    flower = importlib.import_module("flwr.supercore.superexec.run_superexec")
+    executors, started = [], []
+    monkeypatch.setattr(flower_cli, "flower_superexec", lambda: executors.append(flower.get_executor("subprocess")))
+    monkeypatch.setattr(sys, "argv", ["pytest"])
+    monkeypatch.setattr(supernode.subprocess, "Popen", lambda args, **kwargs: started.append(args))
+    pin = "sha256:" + "2" * 64
+    supernode.main([supernode.SUPEREXEC, "--app-digest", pin, "--runtime-api-address", "127.0.0.1:1", "--insecure"])
+    executor = executors[0]
+    eligible, _ = executor.get_eligible_capacity({TaskType.CLIENT_APP, TaskType.SERVER_APP, TaskType.AGENT_APP})
+    assert eligible == {TaskType.CLIENT_APP}
+
+    def spec(task_type):
+        return ExecutionSpec(task_type=task_type, runtime_api_address="127.0.0.1:1", token="tok", insecure=True,
+                             root_certificates_path=None, runtime_dependency_install=False, parent_pid=42,
+                             suppress_output=False, task_id=1)
+
+    assert str(executor.launch(spec(TaskType.SERVER_APP)).status) != "accepted" and not started
+    assert str(executor.launch(spec(TaskType.CLIENT_APP)).status) == "accepted"
+    assert started == [[sys.executable, supernode.SCRIPT, "flwr-clientapp", "--app-digest", pin, "--runtime-api-address",
+                        "127.0.0.1:1", "--token", "tok", "--insecure", "--parent-pid", "42"]]
+
+
+@pytest.mark.parametrize("args, message", [
+    ([], "--app-digest is required"),
+    (["--app-digest", "sha256:abc"], "expected sha256:<64"),
+    (["--app-digest", "any", "--isolation", "subprocess"], "--isolation is set by"),
+    (["--app-digest", "any", "--node-config", "site-name='a' app-digest='sha256:x'"], "not read any more"),
+])
+def test_site_supernode_refuses_a_wrong_start(args: list[str], message: str) -> None:
+    with pytest.raises(SystemExit, match=message):
+        supernode.main(args)
 
 
 def test_site_device_replaces_train_device() -> None:
@@ -203,6 +313,14 @@ def test_coordinator_keeps_the_control_api_apart() -> None:
     assert "!deploy/superlink.py" in (ROOT / "deploy" / "docker" / "coordinator.Dockerfile.dockerignore").read_text()
 
 
+def test_site_image_runs_the_checking_supernode() -> None:
+    docker = ROOT / "deploy" / "docker"
+    assert "COPY --chmod=0755 deploy/supernode.py /usr/local/bin/fedpagkd-supernode" in (docker / "site.Dockerfile").read_text()
+    assert "!deploy/supernode.py" in (docker / "site.Dockerfile.dockerignore").read_text()
+    script = ROOT / "deploy" / "supernode.py"
+    assert script.read_text().startswith("#!/usr/bin/env python3\n") and script.stat().st_mode & 0o111
+
+
 @pytest.mark.parametrize("unit", ["fedpagkd-coordinator.service", "fedpagkd-site.service"])
 def test_systemd_units(unit: str) -> None:
     text = (ROOT / "deploy" / "systemd" / unit).read_text()
@@ -211,7 +329,8 @@ def test_systemd_units(unit: str) -> None:
         assert line in text, (unit, line)
     assert "--insecure" not in text
     if unit == "fedpagkd-site.service":
-        assert "state-dir=" in text and "app-digest=" in text and "device=" in text
+        assert "state-dir=" in text and "device=" in text
+        assert "/opt/fedpagkd/deploy/supernode.py --app-digest ${FEDPAGKD_APP_DIGEST}" in text and "app-digest=" not in text
 
 
 def test_split_superlink_refuses_control_paths_on_the_fleet_port() -> None:

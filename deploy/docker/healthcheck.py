@@ -66,7 +66,8 @@ def check_superexec(service_pid: int | None = None) -> str | None:
         if not entry.name.isdigit() or not _alive(entry.name):
             continue
         args = _cmdline(entry.name)
-        if not any(Path(a).name == "flower-superexec" for a in args[:2]) or "--parent-pid" not in args:
+        # flower-superexec, python .../flower-superexec, or a site's python .../supernode.py flower-superexec
+        if not any(Path(a).name == "flower-superexec" for a in args[:3]) or "--parent-pid" not in args:
             continue
         parent = args[args.index("--parent-pid") + 1] if args.index("--parent-pid") + 1 < len(args) else ""
         if _alive(parent) and (service_pid is None or parent == str(service_pid)):

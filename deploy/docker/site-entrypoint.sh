@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# FedPaGKD site entrypoint: check the configuration, then exec flower-supernode.
+# FedPaGKD site entrypoint: check the configuration, then exec fedpagkd-supernode (Flower's SuperNode
+# that runs only the app bundle pinned by FEDPAGKD_APP_DIGEST: deploy/supernode.py).
 #
 # Environment (see deploy/sites/example-site.env):
 #   FEDPAGKD_SITE_NAME      required, e.g. hospital-a-nbi
@@ -13,13 +14,15 @@
 #   FEDPAGKD_MAX_WAIT_TIME  optional, give up connecting after N seconds (default: never)
 #   FEDPAGKD_STATE_DIR      default /var/lib/fedpagkd-site (writable volume: egress.jsonl, what
 #                           this site sent; node config state-dir)
-#   FEDPAGKD_APP_DIGEST     optional, sha256:... of the only app bundle this site runs (node
-#                           config app-digest; `python -m deploy.bundle` prints it)
+#   FEDPAGKD_APP_DIGEST     required, sha256:... of the only app bundle this site runs
+#                           (comma-separated for several; `python -m deploy.bundle` on the reviewed
+#                           release prints it), or 'any' (rehearsals only); fedpagkd-supernode
+#                           --app-digest checks every bundle before Flower installs it
 #   FEDPAGKD_DEVICE         optional, this site's device (cpu | cuda | cuda:N | auto; node config
 #                           device), instead of the coordinator's train.device
 #   FEDPAGKD_EXTRA_NODE_CONFIG  optional, extra "key=value ..." node-config pairs
 #   FLWR_HEALTH_ADDRESS     default 127.0.0.1:9098 (in-container gRPC health server)
-# Extra arguments to the container are appended to flower-supernode.
+# Extra arguments to the container are appended to flower-supernode's.
 set -euo pipefail
 
 die() { echo "fedpagkd-site: ERROR: $*" >&2; exit 64; }
@@ -87,20 +90,24 @@ STATE_DIR="${FEDPAGKD_STATE_DIR:-/var/lib/fedpagkd-site}"
 mkdir -p "$STATE_DIR" 2>/dev/null || true
 [[ -d "$STATE_DIR" && -w "$STATE_DIR" ]] || die "state folder $STATE_DIR is not writable by uid $(id -u): mount a volume there (its egress.jsonl is this site's record of what it sent)"
 APP_DIGEST="${FEDPAGKD_APP_DIGEST:-}"
-[[ -z "$APP_DIGEST" || "$APP_DIGEST" =~ ^sha256:[0-9a-f]{64}$ ]] \
-  || die "FEDPAGKD_APP_DIGEST='$APP_DIGEST' is not sha256:<64 hex digits> (python -m deploy.bundle prints it)"
-[[ -n "$APP_DIGEST" ]] || warn "FEDPAGKD_APP_DIGEST is not set: this site runs whatever app bundle the coordinator submits"
+[[ -n "$APP_DIGEST" ]] || die "FEDPAGKD_APP_DIGEST is not set: the digest of the app bundle this site reviewed (python -m deploy.bundle on that release prints it), or 'any' to run whatever the coordinator submits"
+if [[ "$APP_DIGEST" == "any" ]]; then
+  warn "FEDPAGKD_APP_DIGEST=any: this site runs whatever app bundle the coordinator submits"
+else
+  [[ "$APP_DIGEST" =~ ^sha256:[0-9a-f]{64}(,sha256:[0-9a-f]{64})*$ ]] \
+    || die "FEDPAGKD_APP_DIGEST='$APP_DIGEST' is not sha256:<64 hex digits> (comma-separated for several; python -m deploy.bundle prints it)"
+fi
 DEVICE="${FEDPAGKD_DEVICE:-}"
 [[ "$DEVICE" =~ ^(|cpu|auto|cuda|cuda:[0-9]+)$ ]] || die "FEDPAGKD_DEVICE='$DEVICE' is invalid: use cpu, auto, cuda or cuda:N"
 
 NODE_CONFIG="site-name='$SITE_NAME' modality='$MODALITY' data-path='$DATA_PATH' state-dir='$STATE_DIR'"
-[[ -z "$APP_DIGEST" ]] || NODE_CONFIG="$NODE_CONFIG app-digest='$APP_DIGEST'"
 [[ -z "$DEVICE" ]] || NODE_CONFIG="$NODE_CONFIG device='$DEVICE'"
 if [[ -n "${FEDPAGKD_EXTRA_NODE_CONFIG:-}" ]]; then
   NODE_CONFIG="$NODE_CONFIG $FEDPAGKD_EXTRA_NODE_CONFIG"
 fi
 
 args=(
+  --app-digest "$APP_DIGEST"
   --superlink "$SUPERLINK"
   --root-certificates "$CA_CERT"
   --auth-supernode-private-key "$AUTH_KEY"
@@ -110,5 +117,5 @@ args=(
 [[ -z "${FEDPAGKD_MAX_RETRIES:-}" ]] || args+=(--max-retries "$FEDPAGKD_MAX_RETRIES")
 [[ -z "${FEDPAGKD_MAX_WAIT_TIME:-}" ]] || args+=(--max-wait-time "$FEDPAGKD_MAX_WAIT_TIME")
 
-echo "fedpagkd-site: site=$SITE_NAME modality=$MODALITY superlink=$SUPERLINK data=$DATA_PATH"
-exec flower-supernode "${args[@]}" "$@"
+echo "fedpagkd-site: site=$SITE_NAME modality=$MODALITY superlink=$SUPERLINK data=$DATA_PATH pinned bundle(s): $APP_DIGEST"
+exec fedpagkd-supernode "${args[@]}" "$@"

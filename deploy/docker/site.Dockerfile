@@ -1,4 +1,5 @@
-# FedPaGKD hospital site image: Flower SuperNode + the FedPaGKD ClientApp and its deps.
+# FedPaGKD hospital site image: Flower SuperNode (fedpagkd-supernode: only the pinned app bundle)
+# + the FedPaGKD ClientApp's deps.
 #
 # Build from the REPOSITORY ROOT (the build context must contain pyproject.toml):
 #   docker build -f deploy/docker/site.Dockerfile -t fedpagkd-site:0.1.0-cpu .
@@ -65,6 +66,9 @@ RUN groupadd --system --gid "${APP_GID}" fedpagkd \
 COPY --from=build /opt/venv /opt/venv
 COPY --chmod=0755 deploy/docker/site-entrypoint.sh /usr/local/bin/fedpagkd-site
 COPY --chmod=0755 deploy/docker/healthcheck.py /usr/local/bin/fedpagkd-healthcheck
+# The SuperNode that checks every app bundle against FEDPAGKD_APP_DIGEST before Flower installs it:
+# site code from this image, not from the bundle the coordinator submits.
+COPY --chmod=0755 deploy/supernode.py /usr/local/bin/fedpagkd-supernode
 
 ENV PATH=/opt/venv/bin:${PATH} \
     PYTHONUNBUFFERED=1 \

@@ -10,8 +10,10 @@ Everything the production deployment (``deploy/README.md``) does, on 127.0.0.1 i
 3. starts ``flower-superlink`` with TLS, ``--enable-supernode-auth`` and
    ``--disable-runtime-dependency-installation`` on a free port, writes the ``flwr`` CLI config,
    registers every site key with ``flwr supernode register``;
-4. starts one ``flower-supernode`` per site (``--root-certificates``, ``--auth-supernode-private-key``,
-   its own ``--port``, ``--node-config "site-name=.. modality=.. data-path=.."``);
+4. starts one SuperNode per site, as a site does: ``deploy/supernode.py --app-digest ...`` (Flower's
+   SuperNode that runs only the pinned bundle; ``app_digest``, default ``any``) with
+   ``--root-certificates``, ``--auth-supernode-private-key``, its own ``--port``,
+   ``--node-config "site-name=.. modality=.. data-path=.."``;
 5. submits the app with ``flwr run <repo> <connection> --format json``, follows ``flwr log`` into a
    file and polls ``flwr list --run-id ID --format json`` until the run is ``finished:*``.
 
@@ -147,6 +149,8 @@ class Loopback:
     # always gets its own state-dir (``<work>/site-state/<name>``: its egress log).
     node_config: Mapping[str, str] = field(default_factory=dict)
     site_node_config: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
+    # The bundle(s) every site trusts (deploy/supernode.py --app-digest): sha256:..., or any.
+    app_digest: str = "any"
 
     def __post_init__(self) -> None:
         self.work = Path(self.work).resolve()
@@ -383,7 +387,7 @@ class Loopback:
         node_config += "".join(f" {key}='{value}'" for key, value in extra.items())
         ca = self.ca_cert if root_certificates is None else root_certificates
         return [
-            str(BIN / "flower-supernode"),
+            sys.executable, str(REPO / "deploy" / "supernode.py"), "--app-digest", self.app_digest,
             "--superlink", self.address,
             *(["--root-certificates", str(ca)] if str(ca) else []),
             "--auth-supernode-private-key", str(key or site.key),
