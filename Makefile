@@ -35,8 +35,11 @@ demo: $(STAMP)
 	$(PY) -m server.launch $(ARGS)
 
 # Every test, slow ones included (what CI runs).
+# Two workers, whole files each (a file's federation fixtures stay in one process): the loopback
+# and Ray tests mostly wait on process start-up, so a 2-core machine runs them side by side.
+PYTEST_WORKERS ?= 2
 test: $(STAMP)
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)

@@ -40,7 +40,7 @@ ATTACKS = ("sign_flip", "scale", "random")
 DEFENCES = {"none": {}, "median": {"fed.aggregation": "median"},
             "trimmed_mean": {"fed.aggregation": "trimmed_mean", "fed.trim_fraction": 0.34},
             "median+clip": {"fed.aggregation": "median", "fed.clip_ratio": 2.0}}
-# Every statistic's float sum (common.records' table), sums of squares left honest.
+# Every statistic's float sum (common.records' table).
 POISONED_STATISTICS = tuple(stat.sum for stat in KNOWLEDGE_STATISTICS)
 
 

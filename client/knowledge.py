@@ -186,24 +186,20 @@ def _statistics(
         assigned = [cluster_assignment(b.x, b.k, b.centroids, generator) if len(b.x) else (b.centroids, None) for b in blocks]
         weights: list[torch.Tensor | None] = [None] * len(blocks)
         if dp:
-            # A group's contribution: each statistic's points (and, with squares, their squares)
-            # in their slots, all of it scaled to L2 <= clip.
+            # A group's contribution: each statistic's points in their slots, all of it scaled
+            # to L2 <= clip.
             parts = []
             for stat, b, (_, a) in zip(KNOWLEDGE_STATISTICS, blocks, assigned):
                 parts.append((b.x, b.groups, a, b.k))
-                if stat.squares:
-                    parts.append((b.x * b.x, b.groups, a, b.k))
             factors = clip_factors(group_sq_norms(num_groups, [part for part in parts if part[2] is not None]), privacy.clip)
             weights = [factors[b.groups] for b in blocks]
         for stat, block, (given, _), w in zip(KNOWLEDGE_STATISTICS, blocks, assigned, weights):
             # Prototype sets are one point per group (already >= K_min images); token clusters
             # need K_min distinct images unless DP noise protects them.
             min_owners = 1 if block.whole_groups or dp else cfg.pagkd.min_group_size
-            sums, counts, sqsums = cluster_statistics(block.x, block.owners, block.k, min_owners, given, generator, weights=w)
+            sums, counts = cluster_statistics(block.x, block.owners, block.k, min_owners, given, generator, weights=w)
             shape = dims.resolve(stat.shape)[1:]
             out[stat.sum][c] = sums.reshape(shape).numpy()
-            if stat.squares:
-                out[stat.sqsum][c] = sqsums.reshape(shape).numpy()
             out[stat.count][c] = counts.numpy()
         out[IMAGE_COUNT][c] = int(knowledge.group_sizes[knowledge.group_labels == c].sum())
     if dp:

@@ -312,7 +312,7 @@ def cluster_statistics(
     iters: int = 10,
     weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-cluster sums, counts and sums of squares, suppressing clusters of too few images.
+    """Per-cluster sums and counts, suppressing clusters of too few images.
 
     The one statistic NBI sites send for both the prototype bank and the token codebooks.
     Points go to clusters by :func:`cluster_assignment`. A cluster whose points come from fewer
@@ -324,30 +324,27 @@ def cluster_statistics(
         owners: long [T] image (or group) id of each point.
         k: slots in the output (centroids beyond k' or clusters beyond T stay zero).
         min_owners: K_min.
-        weights: optional [T] scale of each point in the sums and sums of squares (the DP clip
+        weights: optional [T] scale of each point in the sums (the DP clip
             factor of its group, :mod:`common.privacy`); counts stay counts of points.
 
     Returns:
-        sums [k, F], counts long [k], sqsums [k, F].
+        sums [k, F], counts long [k].
     """
     sums = x.new_zeros(k, x.shape[1])
-    sqsums = x.new_zeros(k, x.shape[1])
     counts = torch.zeros(k, dtype=torch.long, device=x.device)
     if x.shape[0] == 0:
-        return sums, counts, sqsums
+        return sums, counts
     centroids, assign = cluster_assignment(x, k, centroids, generator, iters)
     used = centroids.shape[0]
     scale = 1.0 if weights is None else weights.to(x.dtype)[:, None]
     part_sums, part_counts = centroid_sums(x * scale, assign, used)
-    part_sq, _ = centroid_sums(x * x * scale, assign, used)
     distinct = torch.tensor(
         [owners[assign == j].unique().numel() for j in range(used)], dtype=torch.long, device=x.device
     )
     keep = (distinct >= min_owners)[:, None]
     sums[:used] = torch.where(keep, part_sums, 0)
-    sqsums[:used] = torch.where(keep, part_sq, 0)
     counts[:used] = torch.where(keep[:, 0], part_counts, 0)
-    return sums, counts, sqsums
+    return sums, counts
 
 
 def make_groups(labels: torch.Tensor, tokens: torch.Tensor, pagkd, generator: torch.Generator) -> list[Group]:

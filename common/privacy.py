@@ -4,7 +4,7 @@ The unit of privacy is one *group* (>= K_min same-class images; groups are disjo
 image is in exactly one), neighbouring datasets add or remove one group. A site's release is
 its per-class cluster sums and counts (k-means seeds, or one federated Lloyd step):
 
-* **float sums** (prototype sums and sums of squares, foreground/background token sums): each
+* **float sums** (prototype sums, foreground/background token sums): each
   group's whole contribution, the vector of its per-cluster sums across all of them, is scaled
   to L2 <= ``clip`` (:func:`clip_factors`), so one group moves the float part by at most
   ``clip``; Gaussian noise of std ``noise_multiplier * clip`` is added to every entry.

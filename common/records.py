@@ -31,7 +31,7 @@ import numpy as np
 
 # 2: evaluations folded into knowledge.seeds and student.update; 3: secure aggregation, class prototypes;
 # 4: learning-rate schedule spans, validation split (model selection), evaluations in teacher.update
-PROTOCOL_VERSION = 4
+PROTOCOL_VERSION = 5
 
 
 # Longest config string accepted (a peer roster of ~700 sites fits): a larger one is refused, not parsed.
@@ -125,8 +125,9 @@ class Statistic:
 
     Per class there are ``slots`` clusters (a symbolic dim: S sub-types or L codebook
     centroids); a point has shape ``point``. The wire carries, per class and slot, the sum of
-    the points (``<name>_sum`` [C, slots, *point]), their count (``<name>_count`` [C, slots]) and
-    with ``squares`` the sum of their squares (``<name>_sqsum``, the bank's spread). The k-means
+    the points (``<name>_sum`` [C, slots, *point]) and their count (``<name>_count`` [C, slots]).
+    (Sums of squares, the bank's spread, were sent until protocol 5 and read by nothing: they
+    are no longer computed, noised or sent; README "Results", issue 12.) The k-means
     seeds carry the same sums and counts under ``<name>_seed_sum`` / ``<name>_seed_count``, and
     the server's Lloyd step sends the current ``<name>_centroids`` [C, slots, *point].
     """
@@ -135,26 +136,21 @@ class Statistic:
     slots: str  # symbolic dim of the clusters per class
     point: tuple[str, ...]  # symbolic shape of one point
     unit: str  # what a count counts
-    squares: bool = False  # also carry the sum of squares
 
     # Its wire keys, "<name>_<attribute>": e.g. prototype_sum, foreground_seed_count.
-    sum, sqsum, count, seed_sum, seed_count, centroids = _Key(), _Key(), _Key(), _Key(), _Key(), _Key()
+    sum, count, seed_sum, seed_count, centroids = _Key(), _Key(), _Key(), _Key(), _Key()
 
     @property
     def shape(self) -> tuple[str, ...]:
         """[C, slots, *point]: a sum's (and the centroids') symbolic shape."""
         return ("C", self.slots) + self.point
 
-    def sums(self) -> tuple[str, ...]:
-        """The float sums of this statistic (the sum, and the sum of squares with ``squares``)."""
-        return (self.sum, self.sqsum) if self.squares else (self.sum,)
-
 
 # THE table of knowledge statistics: every schema, the DP split, the masked fields, the
 # sum / count pairs and the bank's means below are derived from it. Adding a statistic is
 # adding a row (and the site's points for it, client/knowledge.py).
 KNOWLEDGE_STATISTICS = (
-    Statistic("prototype", "S", ("M", "D"), "groups", squares=True),  # group prototype sets
+    Statistic("prototype", "S", ("M", "D"), "groups"),  # group prototype sets
     Statistic("foreground", "L", ("D",), "tokens"),  # foreground token codebook
     Statistic("background", "L", ("D",), "tokens"),  # background token codebook
 )
@@ -165,7 +161,7 @@ IMAGE_COUNT = "image_count"  # [C]: images behind each class's sums
 def _bank_fields() -> tuple[ArrayField, ...]:
     fields_: list[ArrayField] = []
     for stat in KNOWLEDGE_STATISTICS:
-        fields_ += [ArrayField(name, _F32, stat.shape) for name in stat.sums()]
+        fields_.append(ArrayField(stat.sum, _F32, stat.shape))
         fields_.append(ArrayField(stat.count, _I64, ("C", stat.slots), counts=True))
     return tuple(fields_) + (ArrayField(IMAGE_COUNT, _I64, ("C",), counts=True),)
 
@@ -194,7 +190,7 @@ DP_FLOAT_KEYS = tuple(f.name for f in BANK_STATISTICS if not f.counts)
 DP_COUNT_KEYS = tuple(f.name for f in BANK_STATISTICS if f.counts)
 
 # Each float sum of the bank and the count it is divided by to read it as a mean.
-SUM_COUNT_PAIRS = tuple((name, s.count) for s in KNOWLEDGE_STATISTICS for name in s.sums())
+SUM_COUNT_PAIRS = tuple((s.sum, s.count) for s in KNOWLEDGE_STATISTICS)
 
 
 def seeds_from_statistics(stats: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

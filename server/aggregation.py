@@ -266,12 +266,11 @@ def robust_statistics(
 ) -> State:
     """The knowledge bank from per-site :data:`common.records.BANK_STATISTICS`, robustly.
 
-    prototype_sum / prototype_sqsum [C, S, M, D] with prototype_count [C, S]; foreground_sum /
+    prototype_sum [C, S, M, D] with prototype_count [C, S]; foreground_sum /
     background_sum [C, L, D] with foreground_count / background_count [C, L]; image_count [C].
 
     "mean" with ``clip_ratio <= 0`` is exactly :func:`bank_statistics` (exact sums). Otherwise,
-    per (class, slot): each site with a count there gives its mean (sum / count; sqsum / count
-    the mean of squares), optionally clipped towards the coordinate-wise median of the sites'
+    per (class, slot): each site with a count there gives its mean (sum / count), optionally clipped towards the coordinate-wise median of the sites'
     means (deviation norm at most ``clip_ratio`` x the median deviation norm), and the means are
     combined: "mean" count-weighted, "median" / "trimmed_mean" unweighted (see :data:`ROBUST`).
     The result is written back as combined_mean x total count, so counts stay the exact sums and

@@ -14,7 +14,7 @@ import torch
 
 from client.knowledge import SiteKnowledge, knowledge_sums
 from common.losses import BACKGROUND, FOREGROUND, UNCERTAIN
-from common.records import BANK_STATISTICS, CENTROIDS, CLASS_PROTOTYPES, EVALUATION_FIELDS, KNOWLEDGE_SEEDS_FIELDS, Dims, empty_statistics, make
+from common.records import BANK_STATISTICS, CENTROIDS, CLASS_PROTOTYPES, EVALUATION_FIELDS, KNOWLEDGE_SEEDS_FIELDS, SUM_COUNT_PAIRS, Dims, empty_statistics, make
 from server.aggregation import (
     ROBUST,
     bank_statistics,
@@ -336,8 +336,7 @@ def test_real_site_knowledge_split_in_two_sums_to_the_whole():
     summed = bank_statistics([knowledge_sums(p, dims, cfg, centroids) for p in parts])
     for name in ("prototype_count", "image_count"):
         np.testing.assert_array_equal(summed[name], whole[name], err_msg=name)
-    for name in ("prototype_sum", "prototype_sqsum"):
-        np.testing.assert_allclose(summed[name], whole[name], rtol=1e-5, atol=1e-4, err_msg=name)
+    np.testing.assert_allclose(summed["prototype_sum"], whole["prototype_sum"], rtol=1e-5, atol=1e-4, err_msg="prototype_sum")
     assert whole["image_count"].sum() == len(knowledge.classes)
     for label in ("foreground", "background"):
         count_parts, count_whole = summed[f"{label}_count"], whole[f"{label}_count"]
@@ -492,7 +491,7 @@ HONEST_SITES = 3
 
 
 def honest_bank_reply(rng: np.random.Generator, centres: dict[str, np.ndarray], counts: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Sums = count x (class mean + small noise); prototype sqsum = count x (mean^2 + 1)."""
+    """Sums = count x (class mean + small noise)."""
     out = {}
     for name in ("prototype", "foreground", "background"):
         n = counts[name].astype(np.int64)
@@ -500,8 +499,6 @@ def honest_bank_reply(rng: np.random.Generator, centres: dict[str, np.ndarray], 
         expand = n.reshape(n.shape + (1,) * (mean.ndim - n.ndim))
         out[f"{name}_sum"] = (mean * expand).astype(np.float32)
         out[f"{name}_count"] = n
-        if name == "prototype":
-            out["prototype_sqsum"] = ((mean ** 2 + 1.0) * expand).astype(np.float32)
     out["image_count"] = np.array([20, 30], np.int64)
     return out
 
@@ -523,8 +520,7 @@ def bank_sites(seed: int) -> tuple[list[dict[str, np.ndarray]], dict[str, np.nda
 def bank_means(bank: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """sum / count per slot where the count is positive (the bank's reading)."""
     out = {}
-    for sum_name, count_name in (("prototype_sum", "prototype_count"), ("prototype_sqsum", "prototype_count"),
-                                 ("foreground_sum", "foreground_count"), ("background_sum", "background_count")):
+    for sum_name, count_name in SUM_COUNT_PAIRS:
         count = bank[count_name]
         have = count > 0
         out[sum_name] = bank[sum_name][have].astype(np.float64) / count[have].reshape((-1,) + (1,) * (bank[sum_name].ndim - count.ndim))
@@ -534,7 +530,7 @@ def bank_means(bank: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 def poison(kind: str, honest: dict[str, np.ndarray], rng: np.random.Generator) -> dict[str, np.ndarray]:
     """A poisoned site with an honest site's counts (it may also claim huge ones)."""
     out = {k: v.copy() for k, v in honest.items()}
-    for name in ("prototype_sum", "prototype_sqsum", "foreground_sum", "background_sum"):
+    for name in ("prototype_sum", "foreground_sum", "background_sum"):
         if kind == "flip":
             out[name] = (-10.0 * honest[name]).astype(np.float32)
         elif kind == "scale":
@@ -584,17 +580,16 @@ def test_robust_statistics_resist_a_poisoned_site(kind, method, trim, clip):
     for spec in BANK_STATISTICS:
         if spec.counts:
             np.testing.assert_array_equal(robust[spec.name], plain[spec.name], err_msg=spec.name)
-    for sum_name, count_name in (("prototype_sum", "prototype_count"), ("prototype_sqsum", "prototype_count"),
-                                 ("foreground_sum", "foreground_count"), ("background_sum", "background_count")):
+    for sum_name, count_name in SUM_COUNT_PAIRS:
         empty = plain[count_name] == 0
         assert empty.any() and not robust[sum_name][empty].any(), sum_name
     got, bad = bank_means(robust), bank_means(plain)
     # Max deviation over slots of a bank mean from the honest pooled mean: the honest sites'
-    # means differ by noise 0.05 (and means of squares by ~0.05 x 2|mean|, the centres ~5).
+    # means differ by noise 0.05 (the centres ~5).
     # The count-weighted mean after clipping is only bounded: the poisoned site keeps its
     # claimed weight and sits up to clip x the median deviation from the median, hence 2x tol.
     for name in got:
-        tol = (2.0 if name == "prototype_sqsum" else 0.3) * (2 if method == "mean" else 1)
+        tol = 0.3 * (2 if method == "mean" else 1)
         robust_error = np.abs(got[name] - pooled[name]).max()
         plain_error = np.abs(bad[name] - pooled[name]).max()
         assert robust_error < tol, (name, robust_error)
@@ -624,18 +619,16 @@ def test_robust_statistics_median_on_hand_made_slot():
 
 
 def test_robust_statistics_trimmed_mean_on_hand_made_slot():
-    """One prototype slot, 5 sites with means 1, 2, 6, 7, 100 (sqsum means 1, 4, 36, 49, 1e4):
-    trim 0.2 drops one of each end -> (2 + 6 + 7) / 3 = 5 (sqsum 89 / 3); the median is 6."""
+    """One prototype slot, 5 sites with means 1, 2, 6, 7, 100:
+    trim 0.2 drops one of each end -> (2 + 6 + 7) / 3 = 5; the median is 6."""
     replies = []
     for mean, n in ((1.0, 4), (2.0, 1), (6.0, 2), (7.0, 1), (100.0, 2)):
         bank = empty_bank(DIMS)
         bank["prototype_count"][1, 0] = n
         bank["prototype_sum"][1, 0] = mean * n
-        bank["prototype_sqsum"][1, 0] = mean**2 * n
         replies.append(bank)
     trimmed = robust_statistics(replies, "trimmed_mean", 0.2, 0.0)
     np.testing.assert_allclose(trimmed["prototype_sum"][1, 0], 5.0 * 10, rtol=1e-6)
-    np.testing.assert_allclose(trimmed["prototype_sqsum"][1, 0], 89.0 / 3 * 10, rtol=1e-6)
     assert trimmed["prototype_count"][1, 0] == 10 and trimmed["prototype_sum"].dtype == np.float32
     median = robust_statistics(replies, "median", 0.0, 0.0)
     np.testing.assert_allclose(median["prototype_sum"][1, 0], 6.0 * 10, rtol=1e-6)

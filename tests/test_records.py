@@ -167,7 +167,7 @@ def test_num_bytes_counts_array_bytes():
     payload.config.clear()
     expected = sum(a.nbytes for a in payload.arrays.values())
     d = DIMS
-    by_hand = 4 * (2 * d.C * d.S * d.M * d.D + 2 * d.C * d.L * d.D) + 8 * (d.C * d.S + 2 * d.C * d.L + d.C)
+    by_hand = 4 * (d.C * d.S * d.M * d.D + 2 * d.C * d.L * d.D) + 8 * (d.C * d.S + 2 * d.C * d.L + d.C)
     assert expected == by_hand
     assert payload.num_bytes() == expected
     payload.weights["student"] = {"w": np.zeros((10, 10), np.float32)}
