@@ -104,14 +104,14 @@ def federated_runs(pattern: str = "recipe_federated*.json") -> dict[str, dict[st
     return merged
 
 
-def variant_runs() -> dict[str, tuple[dict, dict[str, dict]]]:
-    """{variant: (its overrides, {seed: FedAvg WLI-only run})} from
-    benchmarks/results/recipe_variant_<variant>.json: the federated recipe with one setting changed."""
+def variant_runs() -> dict[str, tuple[str, dict, dict[str, dict]]]:
+    """{variant: (method, its overrides, {seed: run})} from benchmarks/results/recipe_variant_<variant>.json:
+    a method of the recipe's federated runs with a setting changed (one method per file)."""
     variants = {}
     for path in sorted(RESULTS.glob("recipe_variant_*.json")):
         data = json.loads(path.read_text())
-        runs = dict(zip(map(str, data["seeds"]), data["runs"].get("fedavg_wli_only", [])))
-        variants[path.stem.removeprefix("recipe_variant_")] = (data["overrides"], runs)
+        (method, runs), = data["runs"].items()
+        variants[path.stem.removeprefix("recipe_variant_")] = (method, data["overrides"], dict(zip(map(str, data["seeds"]), runs)))
     return variants
 
 
@@ -168,16 +168,16 @@ def report(out: Path) -> dict:
             result[f"{arm}_vs_fedavg_wli_only"] = {arm: values, "fedavg_wli_only": fedavg, "paired": diff, "seeds": both}
             lines += [f"{arm} vs FedAvg WLI-only, federated, same seeds and data",
                       f"    {arm} {_stat(values)}   FedAvg {_stat(fedavg)}   difference {_ci(diff)}"]
-    recipe_runs = federated.get("fedavg_wli_only", {})
-    for name, (overrides, runs) in variant_runs().items():
+    for name, (method, overrides, runs) in variant_runs().items():
+        recipe_runs = federated.get(method, {})
         both = sorted(set(runs) & set(recipe_runs), key=int)
         if not both:
             continue
         values, recipe = [runs[s]["final"]["auc"] for s in both], [recipe_runs[s]["final"]["auc"] for s in both]
         diff = paired_difference(values, recipe)
-        result.setdefault("variants", {})[name] = {"overrides": overrides, "seeds": both, "auc": values, "recipe_auc": recipe,
-                                                   "paired": diff, "wall_s": [runs[s]["wall_s"] for s in both]}
-        lines += [f"(b') federated WLI-only FedAvg, recipe variant {name} ({overrides}) vs the recipe's (b) runs",
+        result.setdefault("variants", {})[name] = {"method": method, "overrides": overrides, "seeds": both, "auc": values,
+                                                   "recipe_auc": recipe, "paired": diff, "wall_s": [runs[s]["wall_s"] for s in both]}
+        lines += [f"(b') federated {method}, recipe variant {name} ({overrides}) vs the recipe's {method} runs",
                   f"    variant {_stat(values)}   recipe {_stat(recipe)}   variant - recipe {_ci(diff)}"]
         if central:
             cen_both = [s for s in both if s in central["per_seed"]]

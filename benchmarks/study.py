@@ -33,7 +33,7 @@ from common.config import config_from_flat
 from common.files import atomic_write_json
 from common.metrics import paired_difference
 
-DEFAULT_ARM = "fedpagkd"  # the Flower run config's default (pyproject.toml)
+DEFAULT_ARM = "fedavg_teacher_init"  # the Flower run config's default (pyproject.toml): FedAvg from the NBI teacher
 BASELINE_ARM = "fedavg_wli_only"
 CENTRALISED = {"central_wli_only": "wli_only", "central_pagkd": "pagkd"}
 ARMS = [*METHODS, *CENTRALISED]
