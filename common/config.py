@@ -52,7 +52,9 @@ class DataConfig:
     wli_sites: int = 2
     train_per_site: int = 96
     val_per_site: int = 32
-    test_per_site: int = 48
+    # Synthetic test images are free: 500 per site gives the default run's printed pooled WLI AUC
+    # a standard error of ~0.01 (at 48 per site it was ~0.04) for ~10 s of rendering.
+    test_per_site: int = 500
     # Site sizes: each site's train size is train_per_site * a Pareto(size_tail) factor (0 = all equal).
     size_tail: float = 0.0
     # Non-IID class balance: per-site class weights ~ Dirichlet(class_alpha); 0 = balanced.

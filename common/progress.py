@@ -20,6 +20,24 @@ site_log = logging.getLogger("fedpagkd.site")
 T = TypeVar("T")
 
 
+class _CurrentStderrHandler(logging.StreamHandler):
+    """A StreamHandler that writes to whatever ``sys.stderr`` is when a record is emitted (as
+    logging's own last-resort handler does), not to the stream it found when it was made: code
+    that swaps stderr for a while (a test's capture, a tool's redirection) would otherwise leave
+    it writing to a closed file."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
+
+
 def configure_logging(name: str = "fedpagkd") -> None:
     """INFO lines of our own logger ``name`` (and its children) on stderr; the root logger
     (httpx, grpc) is left alone. Idempotent. The ServerApp configures "fedpagkd", a ClientApp
@@ -29,7 +47,7 @@ def configure_logging(name: str = "fedpagkd") -> None:
     if logger.level == logging.NOTSET:
         logger.setLevel(logging.INFO)
     if not any(getattr(h, "_fedpagkd", False) for h in logger.handlers):
-        handler = logging.StreamHandler()
+        handler = _CurrentStderrHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
         handler._fedpagkd = True  # ours: added once per process
         logger.addHandler(handler)

@@ -8,14 +8,22 @@ last-stage map at 32 px) and one round of each phase. Tests pass their own overr
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
+import absl.logging  # noqa: F401  (see below)
 import common  # noqa: F401  (torchvision shim before timm/torchvision are imported)
 import pytest
 import torch
 
 from common.config import Config, config_from_flat
 from common.presets import TINY
+
+# absl.logging (imported by dp_accounting on the first epsilon) makes a handler on the sys.stderr
+# of that moment, pytest's capture stream, and closes that stream when logging's handlers are shut
+# down (Hydra's logging set-up does): every later test of the process then loses stderr. Pointed
+# at the real stderr, which absl never closes, it cannot.
+absl.logging.get_absl_handler().python_handler.stream = sys.__stderr__
 
 
 
