@@ -33,7 +33,7 @@ METHODS = {
     # state across rounds (+0.014 AUC over a fresh optimiser per round, README "Results" (b')).
     "fedavg_wli_only": {**_PLAIN, "train.keep_optimizer_state": True},
     # (b) FedProto-style: WLI sites only, CE + MSE to the global class prototypes (no NBI).
-    "fedproto_wli": {**_PLAIN, "fed.proto_weight": 1.0},
+    "fedproto_wli": {**_PLAIN, "fed.fedproto_weight": 1.0},
     # (c) the naive cross-modal baseline: one model FedAvg'ed over WLI and NBI sites (CE).
     "fedavg_joint": {**_PLAIN, "fed.student_sites": "all"},
     # (d) federated PaGKD and its ablations.

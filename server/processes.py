@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shlex
 import signal
 import socket
@@ -70,8 +71,25 @@ def process_env(flwr_home: Path | str, settings: Mapping[str, str] | None = None
     return env
 
 
+# Ports handed to the processes we start come from below Linux's default ephemeral range
+# (32768-60999): a port the kernel hands out as port 0 is also what it gives the next outgoing
+# connection, so with two federations starting side by side (two launches, two test workers) a
+# gRPC client of one could take the port just picked for the other ("address already in use").
+LISTEN_PORTS = range(20000, 32000)
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    """A TCP port on 127.0.0.1 that was free a moment ago, from :data:`LISTEN_PORTS` (random,
+    so concurrent pickers rarely try the same one; the kernel's choice if none is free)."""
+    rng = random.SystemRandom()
+    for _ in range(200):
+        port = rng.choice(LISTEN_PORTS)
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]

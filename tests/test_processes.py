@@ -113,3 +113,16 @@ def test_the_flwr_cli_runs_the_lifecycle_and_raises_the_callers_error(tmp_path):
                        "--run-config", "fed.student_rounds=1"]
     assert argv[1] == ["list", "conn", "--run-id", "7", "--format", "json"] and argv[2] == ["stop", "7", "conn"]
     assert "[exit 2]" in (tmp_path / "cli.log").read_text()
+
+
+def test_free_port_is_a_bindable_port_below_the_ephemeral_range():
+    """Outgoing connections take ports from the kernel's ephemeral range; a listen port picked
+    there could be taken by another federation's client before its server binds it."""
+    import socket
+
+    from server.processes import LISTEN_PORTS, free_port
+
+    ports = {free_port() for _ in range(20)}
+    assert all(port in LISTEN_PORTS for port in ports) and len(ports) > 1
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", ports.pop()))
