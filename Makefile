@@ -12,7 +12,7 @@ PY := $(VENV)/bin/python
 UV := $(VENV)/bin/uv
 UV_ARGS = --python $(PY) --compile-bytecode $(if $(FIND_LINKS),--find-links $(FIND_LINKS))
 
-.PHONY: install demo test test-fast centralised clean-runs
+.PHONY: install demo test test-fast lint format centralised clean-runs
 
 # uv (pinned in the lock) installs in ~1 min what pip resolves in 5-12 on this machine; the
 # bytecode is compiled at install because sandboxes often set PYTHONDONTWRITEBYTECODE, and every
@@ -38,8 +38,18 @@ demo: $(STAMP)
 # Two workers, whole files each (a file's federation fixtures stay in one process): the loopback
 # and Ray tests mostly wait on process start-up, so a 2-core machine runs them side by side.
 PYTEST_WORKERS ?= 2
-test: $(STAMP)
+test: lint
 	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
+
+# ruff (pyproject [tool.ruff]): lint and the formatter's check; `make format` rewrites.
+LINTED = common client server benchmarks deploy tests
+lint: $(STAMP)
+	$(VENV)/bin/ruff check $(LINTED)
+	$(VENV)/bin/ruff format --check $(LINTED)
+
+format: $(STAMP)
+	$(VENV)/bin/ruff format $(LINTED)
+	$(VENV)/bin/ruff check --fix $(LINTED)
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)

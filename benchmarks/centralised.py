@@ -30,7 +30,15 @@ from torch.utils.data import ConcatDataset
 
 import common  # noqa: F401  (torchvision shim before timm)
 from client.site import federation_sites
-from client.train import ValidationSelector, balanced_loader, eval_loader, live_teacher_bank, predict, train_student, train_teacher
+from client.train import (
+    ValidationSelector,
+    balanced_loader,
+    eval_loader,
+    live_teacher_bank,
+    predict,
+    train_student,
+    train_teacher,
+)
 from common.config import Config, config_from_mapping, config_to_dict, register_hydra_schema
 from common.files import atomic_write_json
 from common.metrics import classification_metrics, confusion_matrix
@@ -110,25 +118,45 @@ def run_seed(cfg: Config, seed: int, variants: list[str], done: dict[str, Any], 
         student = build_student(cfg.model, c)
         if VARIANTS[variant].get(INIT) == "teacher":
             if cfg.model.student != cfg.model.teacher:
-                raise ValueError(f"variant '{variant}' needs model.student == model.teacher, got {cfg.model.student} / {cfg.model.teacher}")
+                raise ValueError(
+                    f"variant '{variant}' needs model.student == model.teacher, got {cfg.model.student} / {cfg.model.teacher}"
+                )
             student.load_state_dict(teacher.state_dict())
         else:
             student.load_state_dict(student_init)
         # The shared head starts where the teacher left it (a fresh one without a teacher).
         head = copy.deepcopy(teacher_head).requires_grad_(True) if teacher_head is not None else build_query_head(cfg.model, c)
         if vcfg.distils:
-            bank_source = live_teacher_bank(teacher, head, balanced_loader(data["nbi", "train"], bs, seed + 2, workers), vcfg,
-                                            device, seed)
+            bank_source = live_teacher_bank(
+                teacher, head, balanced_loader(data["nbi", "train"], bs, seed + 2, workers), vcfg, device, seed
+            )
         else:
             bank_source = lambda: None  # noqa: E731
         started = time.time()
         selector = ValidationSelector(student, eval_loader(data["wli", "val"], bs, workers), device, cfg.train.amp)
-        result = train_student(student, head, balanced_loader(data["wli", "train"], bs, seed + 3, workers), bank_source, vcfg,
-                               device, vcfg.train.epochs, seed, on_epoch_end=selector)
+        result = train_student(
+            student,
+            head,
+            balanced_loader(data["wli", "train"], bs, seed + 3, workers),
+            bank_source,
+            vcfg,
+            device,
+            vcfg.train.epochs,
+            seed,
+            on_epoch_end=selector,
+        )
         selector.restore()
         probs, labels, _ = predict(student, eval_loader(data["wli", "test"], bs, workers), device, cfg.train.amp)
-        record(variant, {**classification_metrics(probs, labels), "train_s": time.time() - started,
-                         "best_epoch": selector.best_epoch, "val_auc": selector.best_auc, "train_losses": result.losses})
+        record(
+            variant,
+            {
+                **classification_metrics(probs, labels),
+                "train_s": time.time() - started,
+                "best_epoch": selector.best_epoch,
+                "val_auc": selector.best_auc,
+                "train_losses": result.losses,
+            },
+        )
 
 
 def _trained_teacher(cfg: Config, seed: int, data, done: dict[str, Any], record, device):
@@ -139,14 +167,29 @@ def _trained_teacher(cfg: Config, seed: int, data, done: dict[str, Any], record,
     started = time.time()
     # Model selection on the validation split (best epoch by pooled val AUC); test read once.
     selector = ValidationSelector(teacher, eval_loader(data["nbi", "val"], bs, workers), device, cfg.train.amp)
-    train_teacher(teacher, teacher_head, balanced_loader(data["nbi", "train"], bs, seed, workers), cfg, device,
-                  cfg.train.teacher_epochs, seed, on_epoch_end=selector)
+    train_teacher(
+        teacher,
+        teacher_head,
+        balanced_loader(data["nbi", "train"], bs, seed, workers),
+        cfg,
+        device,
+        cfg.train.teacher_epochs,
+        seed,
+        on_epoch_end=selector,
+    )
     selector.restore()
     if "nbi_teacher" not in done:
         probs, labels, _ = predict(teacher, eval_loader(data["nbi", "test"], bs, workers), device, cfg.train.amp)
-        record("nbi_teacher", {**classification_metrics(probs, labels), "train_s": time.time() - started,
-                               "best_epoch": selector.best_epoch, "val_auc": selector.best_auc,
-                               "confusion": confusion_matrix(labels, probs.argmax(1), c).tolist()})
+        record(
+            "nbi_teacher",
+            {
+                **classification_metrics(probs, labels),
+                "train_s": time.time() - started,
+                "best_epoch": selector.best_epoch,
+                "val_auc": selector.best_auc,
+                "confusion": confusion_matrix(labels, probs.argmax(1), c).tolist(),
+            },
+        )
     teacher.eval().requires_grad_(False)
     return teacher, teacher_head
 
@@ -215,8 +258,17 @@ def main(conf: DictConfig) -> None:
             log.info("resuming %s: %s", out, {k: sorted(v) for k, v in per_seed.items()})
 
     def write() -> None:
-        atomic_write_json(out, {"config": config_to_dict(cfg), "bench": bench, "summary": summarise(per_seed) if per_seed else {},
-                                "per_seed": per_seed, "paper_piccolo_auc": PAPER_PICCOLO_AUC, "environment": environment()})
+        atomic_write_json(
+            out,
+            {
+                "config": config_to_dict(cfg),
+                "bench": bench,
+                "summary": summarise(per_seed) if per_seed else {},
+                "per_seed": per_seed,
+                "paper_piccolo_auc": PAPER_PICCOLO_AUC,
+                "environment": environment(),
+            },
+        )
 
     for seed in bench["seeds"]:
         results = per_seed.setdefault(str(seed), {})

@@ -72,7 +72,9 @@ def run_once(overrides: dict[str, Any], runtime: str, run_dir: Path, name: str, 
         # The selected NBI teacher's test figures with its confusion matrix (None without teacher rounds).
         "final_teacher": metrics.get("final_teacher"),
         "selection": metrics.get("selection"),
-        "auc_per_round": [e["pooled"]["auc"] for e in metrics["evaluation"] if e["model"] == "student" and e.get("split") == "val"],
+        "auc_per_round": [
+            e["pooled"]["auc"] for e in metrics["evaluation"] if e["model"] == "student" and e.get("split") == "val"
+        ],
         "wall_s": time.time() - started,
         "bytes": metrics["bytes"],
         "bank_bytes": metrics["bank_bytes"],
@@ -90,7 +92,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--runtime", choices=("flower", "inprocess"), default="flower")
     parser.add_argument("--run-dir", type=Path, default=Path("runs/benchmark-federated").resolve())
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/federated.json"))
-    parser.add_argument("--fast", action="store_true", help="start from the fast preset (common.presets.FAST), then the overrides")
+    parser.add_argument(
+        "--fast", action="store_true", help="start from the fast preset (common.presets.FAST), then the overrides"
+    )
     args = parser.parse_args(argv)
     base = {**(FAST if args.fast else {}), **dict(item.split("=", 1) for item in args.overrides)}
     stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -118,17 +122,35 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{'method':<22}" + "".join(f"{k.upper()[:4]:>17}" for k in REPORTED) + f"{'wall s':>9}{'gain %':>9}")
     for method, row in summary.items():
         gain = "" if row["relative_auc_gain_pct"] is None else f"{row['relative_auc_gain_pct']:+.1f}"
-        print(f"{method:<22}" + "".join(f"{row[f'{k}_mean']:>10.4f} +/-{row[f'{k}_std']:.3f}" for k in REPORTED)
-              + f"{row['wall_s_mean']:>9.0f}{gain:>9}")
+        print(
+            f"{method:<22}"
+            + "".join(f"{row[f'{k}_mean']:>10.4f} +/-{row[f'{k}_std']:.3f}" for k in REPORTED)
+            + f"{row['wall_s_mean']:>9.0f}{gain:>9}"
+        )
     example = next(iter(runs.get("fedpagkd", []) or next(iter(runs.values()))))
     print("\nbytes per phase (first run of fedpagkd):")
     for phase, entry in example["bytes"].items():
-        print(f"  {phase:<10} sent {entry['sent'] / 2**20:9.2f} MiB  received {entry['received'] / 2**20:9.2f} MiB  messages {entry['messages']}")
-    print(f"knowledge bank {example['bank_bytes']} B = {100 * example['bank_share_of_student_upload']:.3f} % of one student upload "
-          f"({example['student_weights_bytes'] / 2**20:.1f} MiB)")
+        print(
+            f"  {phase:<10} sent {entry['sent'] / 2**20:9.2f} MiB  received {entry['received'] / 2**20:9.2f} MiB  messages {entry['messages']}"
+        )
+    print(
+        f"knowledge bank {example['bank_bytes']} B = {100 * example['bank_share_of_student_upload']:.3f} % of one student upload "
+        f"({example['student_weights_bytes'] / 2**20:.1f} MiB)"
+    )
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"runtime": args.runtime, "seeds": args.seeds, "overrides": base, "summary": summary,
-                                    "runs": runs, "environment": environment()}, indent=2))
+    args.out.write_text(
+        json.dumps(
+            {
+                "runtime": args.runtime,
+                "seeds": args.seeds,
+                "overrides": base,
+                "summary": summary,
+                "runs": runs,
+                "environment": environment(),
+            },
+            indent=2,
+        )
+    )
     print(f"wrote {args.out}")
 
 

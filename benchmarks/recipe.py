@@ -65,15 +65,26 @@ def curve(seeds: list[int], multiples: list[int], out: Path) -> dict:
             results = done.setdefault(str(seed), {})
             if key in results:
                 continue
-            cfg = config_from_flat({"train.seed": seed, "data.test_per_site": 500, "pagkd.use_pro": False, "pagkd.use_den": False,
-                                    "data.train_per_site": DEFAULT_TRAIN_PER_SITE * multiple, "train.epochs": CURVE[multiple]})
+            cfg = config_from_flat(
+                {
+                    "train.seed": seed,
+                    "data.test_per_site": 500,
+                    "pagkd.use_pro": False,
+                    "pagkd.use_den": False,
+                    "data.train_per_site": DEFAULT_TRAIN_PER_SITE * multiple,
+                    "train.epochs": CURVE[multiple],
+                }
+            )
             found: dict[str, Any] = {}
             run_seed(cfg, seed, ["wli_only"], found, lambda name, metrics: found.__setitem__(name, metrics), teacher_wanted=False)
             results[key] = {**found["wli_only"], "epochs": CURVE[multiple], "train_images": 2 * cfg.data.train_per_site}
             if "bayes" not in results:
                 results["bayes"] = bayes_ceiling(cfg)
-            print(f"seed {seed} {key}: AUC {results[key]['auc']:.4f} ({results[key]['train_s']:.0f} s); Bayes ceiling "
-                  f"{results['bayes']['auc']:.4f}", flush=True)
+            print(
+                f"seed {seed} {key}: AUC {results[key]['auc']:.4f} ({results[key]['train_s']:.0f} s); Bayes ceiling "
+                f"{results['bayes']['auc']:.4f}",
+                flush=True,
+            )
             atomic_write_json(out, {"per_seed": done, "curve_epochs": CURVE, "environment": environment()})
     return done
 
@@ -110,8 +121,12 @@ def variant_runs() -> dict[str, tuple[str, dict, dict[str, dict]]]:
     variants = {}
     for path in sorted(RESULTS.glob("recipe_variant_*.json")):
         data = json.loads(path.read_text())
-        (method, runs), = data["runs"].items()
-        variants[path.stem.removeprefix("recipe_variant_")] = (method, data["overrides"], dict(zip(map(str, data["seeds"]), runs)))
+        ((method, runs),) = data["runs"].items()
+        variants[path.stem.removeprefix("recipe_variant_")] = (
+            method,
+            data["overrides"],
+            dict(zip(map(str, data["seeds"]), runs)),
+        )
     return variants
 
 
@@ -125,10 +140,17 @@ def report(out: Path) -> dict:
         ref = [reference["per_seed"][s]["wli"]["auc"] for s in seeds]
         cen = [central["per_seed"][s]["wli_only"]["auc"] for s in seeds]
         diff = paired_difference(cen, ref)
-        result["a"] = {"seeds": seeds, "reference_auc": ref, "centralised_wli_only_auc": cen, "paired": diff,
-                       "reference_nbi_auc": [reference["per_seed"][s]["nbi"]["auc"] for s in seeds if "nbi" in reference["per_seed"][s]]}
-        lines += ["(a) centralised WLI-only student vs the plain reference CNN, same images, 1,000 WLI test images",
-                  f"    reference CNN (WLI) {_stat(ref)}   student {_stat(cen)}   student - reference {_ci(diff)}"]
+        result["a"] = {
+            "seeds": seeds,
+            "reference_auc": ref,
+            "centralised_wli_only_auc": cen,
+            "paired": diff,
+            "reference_nbi_auc": [reference["per_seed"][s]["nbi"]["auc"] for s in seeds if "nbi" in reference["per_seed"][s]],
+        }
+        lines += [
+            "(a) centralised WLI-only student vs the plain reference CNN, same images, 1,000 WLI test images",
+            f"    reference CNN (WLI) {_stat(ref)}   student {_stat(cen)}   student - reference {_ci(diff)}",
+        ]
         if result["a"]["reference_nbi_auc"]:
             lines.append(f"    reference CNN on NBI {_stat(result['a']['reference_nbi_auc'])}")
     if federated and central:
@@ -138,27 +160,37 @@ def report(out: Path) -> dict:
         if pairs:
             diff = paired_difference(*zip(*pairs))
             result["b"] = {"federated": [p[0] for p in pairs], "centralised": [p[1] for p in pairs], "paired": diff}
-            lines += ["(b) federated WLI-only FedAvg vs centralised WLI-only",
-                      f"    federated {_stat(result['b']['federated'])}   centralised {_stat(result['b']['centralised'])}   "
-                      f"federated - centralised {_ci(diff)}"]
+            lines += [
+                "(b) federated WLI-only FedAvg vs centralised WLI-only",
+                f"    federated {_stat(result['b']['federated'])}   centralised {_stat(result['b']['centralised'])}   "
+                f"federated - centralised {_ci(diff)}",
+            ]
         # The federated teacher of a seed is the same in every arm that trains one (same rounds and
         # seeds); the default run's (fedavg_teacher_init) come first: they were measured with the
         # selection that never keeps a collapsed round.
         with_teacher = {**federated.get("fedpagkd", {}), **federated.get("fedavg_teacher_init", {})}
-        teacher_seeds = sorted((s for s in set(with_teacher) & set(central["per_seed"]) if with_teacher[s].get("final_teacher")), key=int)
+        teacher_seeds = sorted(
+            (s for s in set(with_teacher) & set(central["per_seed"]) if with_teacher[s].get("final_teacher")), key=int
+        )
         teacher_runs = [(with_teacher[s]["final_teacher"], central["per_seed"][s]["nbi_teacher"]) for s in teacher_seeds]
         if teacher_runs:
             diff = paired_difference([f["auc"] for f, _ in teacher_runs], [c["auc"] for _, c in teacher_runs])
             recalls = [np.diag(np.array(f["confusion"])) / np.array(f["confusion"]).sum(axis=1) for f, _ in teacher_runs]
-            result["c"] = {"federated": [f["auc"] for f, _ in teacher_runs], "centralised": [c["auc"] for _, c in teacher_runs],
-                           "paired": diff, "min_class_recall": [float(r.min()) for r in recalls],
-                           "confusion": [f["confusion"] for f, _ in teacher_runs]}
-            lines += ["(c) NBI teacher: federated (10 rounds x 4 local epochs) vs centralised (40 epochs), 1,000 NBI test images",
-                      f"    federated {_stat(result['c']['federated'])}   centralised {_stat(result['c']['centralised'])}   "
-                      f"federated - centralised {_ci(diff)}",
-                      f"    seeds {teacher_seeds}; smallest per-class recall of the federated teacher per seed: "
-                      f"{[round(r, 3) for r in result['c']['min_class_recall']]}",
-                      f"    confusion matrix (rows: true class) of seed {teacher_seeds[0]}: {teacher_runs[0][0]['confusion']}"]
+            result["c"] = {
+                "federated": [f["auc"] for f, _ in teacher_runs],
+                "centralised": [c["auc"] for _, c in teacher_runs],
+                "paired": diff,
+                "min_class_recall": [float(r.min()) for r in recalls],
+                "confusion": [f["confusion"] for f, _ in teacher_runs],
+            }
+            lines += [
+                "(c) NBI teacher: federated (10 rounds x 4 local epochs) vs centralised (40 epochs), 1,000 NBI test images",
+                f"    federated {_stat(result['c']['federated'])}   centralised {_stat(result['c']['centralised'])}   "
+                f"federated - centralised {_ci(diff)}",
+                f"    seeds {teacher_seeds}; smallest per-class recall of the federated teacher per seed: "
+                f"{[round(r, 3) for r in result['c']['min_class_recall']]}",
+                f"    confusion matrix (rows: true class) of seed {teacher_seeds[0]}: {teacher_runs[0][0]['confusion']}",
+            ]
     for arm in ("fedpagkd", "fedavg_teacher_init"):
         if federated.get(arm) and federated.get("fedavg_wli_only"):
             both = sorted(set(federated[arm]) & set(federated["fedavg_wli_only"]), key=int)
@@ -166,8 +198,10 @@ def report(out: Path) -> dict:
             fedavg = [federated["fedavg_wli_only"][s]["final"]["auc"] for s in both]
             diff = paired_difference(values, fedavg)
             result[f"{arm}_vs_fedavg_wli_only"] = {arm: values, "fedavg_wli_only": fedavg, "paired": diff, "seeds": both}
-            lines += [f"{arm} vs FedAvg WLI-only, federated, same seeds and data",
-                      f"    {arm} {_stat(values)}   FedAvg {_stat(fedavg)}   difference {_ci(diff)}"]
+            lines += [
+                f"{arm} vs FedAvg WLI-only, federated, same seeds and data",
+                f"    {arm} {_stat(values)}   FedAvg {_stat(fedavg)}   difference {_ci(diff)}",
+            ]
     for name, (method, overrides, runs) in variant_runs().items():
         recipe_runs = federated.get(method, {})
         both = sorted(set(runs) & set(recipe_runs), key=int)
@@ -175,14 +209,24 @@ def report(out: Path) -> dict:
             continue
         values, recipe = [runs[s]["final"]["auc"] for s in both], [recipe_runs[s]["final"]["auc"] for s in both]
         diff = paired_difference(values, recipe)
-        result.setdefault("variants", {})[name] = {"method": method, "overrides": overrides, "seeds": both, "auc": values,
-                                                   "recipe_auc": recipe, "paired": diff, "wall_s": [runs[s]["wall_s"] for s in both]}
-        lines += [f"(b') federated {method}, recipe variant {name} ({overrides}) vs the recipe's {method} runs",
-                  f"    variant {_stat(values)}   recipe {_stat(recipe)}   variant - recipe {_ci(diff)}"]
+        result.setdefault("variants", {})[name] = {
+            "method": method,
+            "overrides": overrides,
+            "seeds": both,
+            "auc": values,
+            "recipe_auc": recipe,
+            "paired": diff,
+            "wall_s": [runs[s]["wall_s"] for s in both],
+        }
+        lines += [
+            f"(b') federated {method}, recipe variant {name} ({overrides}) vs the recipe's {method} runs",
+            f"    variant {_stat(values)}   recipe {_stat(recipe)}   variant - recipe {_ci(diff)}",
+        ]
         if central:
             cen_both = [s for s in both if s in central["per_seed"]]
-            cen_diff = paired_difference([runs[s]["final"]["auc"] for s in cen_both],
-                                         [central["per_seed"][s]["wli_only"]["auc"] for s in cen_both])
+            cen_diff = paired_difference(
+                [runs[s]["final"]["auc"] for s in cen_both], [central["per_seed"][s]["wli_only"]["auc"] for s in cen_both]
+            )
             result["variants"][name]["vs_centralised"] = cen_diff
             lines.append(f"    variant - centralised WLI-only {_ci(cen_diff)}")
     if curve_runs:
@@ -203,9 +247,11 @@ def report(out: Path) -> dict:
             sent = [sum(e["sent"] + e["received"] for e in r["bytes"].values()) for r in fed]
             cen_s = [r["wli_only"]["train_s"] for r in central["per_seed"].values()]
             result["e"] = {"federated_wall_s": [r["wall_s"] for r in fed], "federated_bytes": sent, "centralised_train_s": cen_s}
-            lines += ["(e) cost to the final AUC (in-process federation: no transport time; 1 thread)",
-                      f"    federated WLI-only: wall {_stat(result['e']['federated_wall_s'])} s, "
-                      f"{np.mean(sent) / 2**20:.1f} MiB on the wire; centralised WLI-only: {_stat(cen_s)} s, 0 bytes"]
+            lines += [
+                "(e) cost to the final AUC (in-process federation: no transport time; 1 thread)",
+                f"    federated WLI-only: wall {_stat(result['e']['federated_wall_s'])} s, "
+                f"{np.mean(sent) / 2**20:.1f} MiB on the wire; centralised WLI-only: {_stat(cen_s)} s, 0 bytes",
+            ]
     print("\n".join(lines))
     atomic_write_json(out, {"figures": result, "lines": lines, "environment": environment()})
     print(f"wrote {out}")

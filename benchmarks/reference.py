@@ -16,7 +16,6 @@ Writes JSON (per seed and mean/std per modality) and prints a table.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import time
 from pathlib import Path
@@ -24,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import ConcatDataset, DataLoader
+from torch.utils.data import ConcatDataset
 
 import common  # noqa: F401  (torchvision shim)
 from client.site import federation_sites
@@ -71,8 +70,16 @@ def dihedral(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return out
 
 
-def train_and_test(train: ConcatDataset, test: ConcatDataset, num_classes: int, seed: int, epochs: int, batch_size: int,
-                   lr: float, weight_decay: float) -> dict:
+def train_and_test(
+    train: ConcatDataset,
+    test: ConcatDataset,
+    num_classes: int,
+    seed: int,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    weight_decay: float,
+) -> dict:
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     x_train, y_train = load_all(train)
@@ -88,7 +95,7 @@ def train_and_test(train: ConcatDataset, test: ConcatDataset, num_classes: int, 
         order = torch.randperm(len(x_train), generator=generator)
         epoch_loss = 0.0
         for start in range(0, len(order), batch_size):
-            index = order[start:start + batch_size]
+            index = order[start : start + batch_size]
             loss = nn.functional.cross_entropy(model(dihedral(x_train[index], generator)), y_train[index])
             optimizer.zero_grad()
             loss.backward()
@@ -99,10 +106,16 @@ def train_and_test(train: ConcatDataset, test: ConcatDataset, num_classes: int, 
     train_s = time.time() - started
     model.eval()
     with torch.no_grad():
-        probs = torch.cat([torch.softmax(model(x_test[i:i + 256]), 1) for i in range(0, len(x_test), 256)]).numpy()
+        probs = torch.cat([torch.softmax(model(x_test[i : i + 256]), 1) for i in range(0, len(x_test), 256)]).numpy()
     metrics = classification_metrics(probs, y_test.numpy())
-    return {**metrics, "train_ce_first": losses[0], "train_ce_last": losses[-1], "train_s": train_s,
-            "train_images": len(x_train), "test_images": len(x_test)}
+    return {
+        **metrics,
+        "train_ce_first": losses[0],
+        "train_ce_last": losses[-1],
+        "train_s": train_s,
+        "train_images": len(x_train),
+        "test_images": len(x_test),
+    }
 
 
 def pooled(sites, modality: str, split: str) -> ConcatDataset:
@@ -129,9 +142,11 @@ def summarise(per_seed: dict[str, dict[str, dict]]) -> dict[str, dict[str, float
 def format_table(table: dict[str, dict[str, float]]) -> str:
     lines = [f"{'reference CNN':<14}{'n':>3}{'train':>7}{'test':>7}{'AUC':>18}{'ACC':>18}{'train CE':>10}{'s':>7}"]
     for modality, r in table.items():
-        lines.append(f"{modality.upper():<14}{r['n']:>3}{r['train_images']:>7}{r['test_images']:>7}"
-                     f"{r['auc_mean']:>10.4f} +/-{r['auc_std']:.3f}{r['accuracy_mean']:>10.4f} +/-{r['accuracy_std']:.3f}"
-                     f"{r['train_ce_last_mean']:>10.3f}{r['train_s_mean']:>7.0f}")
+        lines.append(
+            f"{modality.upper():<14}{r['n']:>3}{r['train_images']:>7}{r['test_images']:>7}"
+            f"{r['auc_mean']:>10.4f} +/-{r['auc_std']:.3f}{r['accuracy_mean']:>10.4f} +/-{r['accuracy_std']:.3f}"
+            f"{r['train_ce_last_mean']:>10.3f}{r['train_s_mean']:>7.0f}"
+        )
     return "\n".join(lines)
 
 
@@ -154,14 +169,35 @@ def main(argv: list[str] | None = None) -> dict:
         cfg = config_from_flat({**overrides, "train.seed": seed})
         sites = federation_sites(cfg)
         for modality in args.modalities:
-            result = train_and_test(pooled(sites, modality, "train"), pooled(sites, modality, "test"), cfg.data.num_classes, seed,
-                                    args.epochs, args.batch_size, args.lr, args.weight_decay)
+            result = train_and_test(
+                pooled(sites, modality, "train"),
+                pooled(sites, modality, "test"),
+                cfg.data.num_classes,
+                seed,
+                args.epochs,
+                args.batch_size,
+                args.lr,
+                args.weight_decay,
+            )
             per_seed.setdefault(str(seed), {})[modality] = result
-            log.info("seed %d %s: AUC %.4f ACC %.4f (train CE %.3f -> %.3f, %.0f s)", seed, modality, result["auc"],
-                     result["accuracy"], result["train_ce_first"], result["train_ce_last"], result["train_s"])
+            log.info(
+                "seed %d %s: AUC %.4f ACC %.4f (train CE %.3f -> %.3f, %.0f s)",
+                seed,
+                modality,
+                result["auc"],
+                result["accuracy"],
+                result["train_ce_first"],
+                result["train_ce_last"],
+                result["train_s"],
+            )
     table = summarise(per_seed)
-    out = {"summary": table, "per_seed": per_seed, "recipe": {k: v for k, v in vars(args).items() if k != "out"},
-           "config": config_to_dict(cfg), "threads": torch.get_num_threads()}
+    out = {
+        "summary": table,
+        "per_seed": per_seed,
+        "recipe": {k: v for k, v in vars(args).items() if k != "out"},
+        "config": config_to_dict(cfg),
+        "threads": torch.get_num_threads(),
+    }
     atomic_write_json(Path(args.out), out)
     print(format_table(table))
     print(f"wrote {args.out}")

@@ -37,9 +37,12 @@ from server.workflow import FederationError
 # common.presets.ROBUSTNESS: the fast setting, both group terms, the WLI student from the NBI teacher.
 BASE: dict[str, Any] = ROBUSTNESS
 ATTACKS = ("sign_flip", "scale", "random")
-DEFENCES = {"none": {}, "median": {"fed.aggregation": "median"},
-            "trimmed_mean": {"fed.aggregation": "trimmed_mean", "fed.trim_fraction": 0.34},
-            "median+clip": {"fed.aggregation": "median", "fed.clip_ratio": 2.0}}
+DEFENCES = {
+    "none": {},
+    "median": {"fed.aggregation": "median"},
+    "trimmed_mean": {"fed.aggregation": "trimmed_mean", "fed.trim_fraction": 0.34},
+    "median+clip": {"fed.aggregation": "median", "fed.clip_ratio": 2.0},
+}
 # Every statistic's float sum (common.records' table).
 POISONED_STATISTICS = tuple(stat.sum for stat in KNOWLEDGE_STATISTICS)
 
@@ -76,8 +79,10 @@ def poisoning_faults(attack: str, strength: float, nbi_node: int, wli_node: int,
             elif payload.kind == "student.update":
                 sent = from_recorddict(message.content).weights
                 for block, weights in payload.weights.items():
-                    payload.weights[block] = {k: attack_array(v, sent[block][k], attack, strength, rng) if v.dtype.kind == "f" else v
-                                              for k, v in weights.items()}
+                    payload.weights[block] = {
+                        k: attack_array(v, sent[block][k], attack, strength, rng) if v.dtype.kind == "f" else v
+                        for k, v in weights.items()
+                    }
             return Message(to_recorddict(payload), reply_to=message)
 
         return {nbi_node: poison, wli_node: poison}
@@ -104,8 +109,13 @@ def poisoning(args, base: dict[str, Any], run_dir: Path, stamp: str) -> dict[str
             faults = None if attack == "clean" else poisoning_faults(attack, args.strength, nbi_node, wli_node, seed)
             started = time.time()
             try:
-                result = run_once({**base, **DEFENCES[defence], "train.seed": seed}, "inprocess", run_dir,
-                                  f"{stamp}-{attack}-{defence}-seed{seed}", faults)
+                result = run_once(
+                    {**base, **DEFENCES[defence], "train.seed": seed},
+                    "inprocess",
+                    run_dir,
+                    f"{stamp}-{attack}-{defence}-seed{seed}",
+                    faults,
+                )
             except FederationError as err:
                 # The poisoned global model broke every site (e.g. a negative BatchNorm variance
                 # makes NaN scores): the run stops. Counted as a constant predictor in the table.
@@ -116,12 +126,17 @@ def poisoning(args, base: dict[str, Any], run_dir: Path, stamp: str) -> dict[str
             status = f"FAILED ({result['failed'][:120]})" if "failed" in result else f"AUC {result['final']['auc']:.4f}"
             print(f"seed {seed} {name}: {status} in {result['wall_s']:.0f} s", flush=True)
     summary = {name: {**summarise(r), "failed": sum("failed" in x for x in r), "runs": len(r)} for name, r in runs.items()}
-    print(f"\npoisoning (nbi-0 statistics + wli-0 update, strength {args.strength}), mean +/- std over seeds {args.seeds}; "
-          "a failed run (the model broke every site) counts as a constant predictor (AUC 0.5)")
+    print(
+        f"\npoisoning (nbi-0 statistics + wli-0 update, strength {args.strength}), mean +/- std over seeds {args.seeds}; "
+        "a failed run (the model broke every site) counts as a constant predictor (AUC 0.5)"
+    )
     print(f"{'attack/defence':<24}" + "".join(f"{k.upper()[:4]:>17}" for k in REPORTED) + f"{'failed':>8}")
     for name, row in summary.items():
-        print(f"{name:<24}" + "".join(f"{row[f'{k}_mean']:>10.4f} +/-{row[f'{k}_std']:.3f}" for k in REPORTED)
-              + f"{row['failed']:>5}/{row['runs']}")
+        print(
+            f"{name:<24}"
+            + "".join(f"{row[f'{k}_mean']:>10.4f} +/-{row[f'{k}_std']:.3f}" for k in REPORTED)
+            + f"{row['failed']:>5}/{row['runs']}"
+        )
     return {"strength": args.strength, "summary": summary, "runs": runs}
 
 
@@ -129,20 +144,32 @@ def privacy(args, base: dict[str, Any], run_dir: Path, stamp: str) -> dict[str, 
     runs: dict[str, list[dict[str, Any]]] = {}
     for seed in args.seeds:
         for sigma in args.sigmas:
-            result = run_once({**base, "privacy.noise_multiplier": sigma, "privacy.clip": args.clip, "train.seed": seed},
-                              "inprocess", run_dir, f"{stamp}-sigma{sigma}-seed{seed}")
+            result = run_once(
+                {**base, "privacy.noise_multiplier": sigma, "privacy.clip": args.clip, "train.seed": seed},
+                "inprocess",
+                run_dir,
+                f"{stamp}-sigma{sigma}-seed{seed}",
+            )
             runs.setdefault(str(sigma), []).append(result)
             eps = result["privacy"]["max_epsilon"]
-            print(f"seed {seed} sigma {sigma}: AUC {result['final']['auc']:.4f}, epsilon {eps}, {result['wall_s']:.0f} s", flush=True)
+            print(
+                f"seed {seed} sigma {sigma}: AUC {result['final']['auc']:.4f}, epsilon {eps}, {result['wall_s']:.0f} s",
+                flush=True,
+            )
     summary = {}
     for sigma, results in runs.items():
-        summary[sigma] = {**summarise(results), "epsilon": results[0]["privacy"]["max_epsilon"],
-                          "releases_per_site": max(results[0]["privacy"]["releases"].values())}
+        summary[sigma] = {
+            **summarise(results),
+            "epsilon": results[0]["privacy"]["max_epsilon"],
+            "releases_per_site": max(results[0]["privacy"]["releases"].values()),
+        }
     print(f"\nAUC vs epsilon (delta {base.get('privacy.delta', 1e-5)}, clip {args.clip}), mean +/- std over seeds {args.seeds}")
     print(f"{'sigma':>6}{'epsilon':>12}{'AUC':>20}{'ACC':>20}")
     for sigma, row in summary.items():
         eps = "no DP" if row["epsilon"] is None else f"{row['epsilon']:.2f}"
-        print(f"{sigma:>6}{eps:>12}{row['auc_mean']:>13.4f} +/-{row['auc_std']:.3f}{row['accuracy_mean']:>13.4f} +/-{row['accuracy_std']:.3f}")
+        print(
+            f"{sigma:>6}{eps:>12}{row['auc_mean']:>13.4f} +/-{row['auc_std']:.3f}{row['accuracy_mean']:>13.4f} +/-{row['accuracy_std']:.3f}"
+        )
     return {"clip": args.clip, "summary": summary, "runs": runs}
 
 

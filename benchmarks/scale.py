@@ -26,7 +26,6 @@ import json
 import os
 import tempfile
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -96,12 +95,18 @@ def round_overheads(metrics: dict[str, Any], slots: int) -> list[dict[str, Any]]
         compute = list(entry["compute_s"].values())
         wall = entry["wall_s"]
         packed = sum(compute) / min(slots, len(compute))
-        rows.append({
-            "phase": entry["phase"], "round": entry["round"], "sites": entry["sites"], "wall_s": wall,
-            "slowest_site_s": max(compute), "sum_compute_s": sum(compute),
-            "overhead_vs_slowest": (wall - max(compute)) / wall,
-            "overhead_vs_packed": (wall - packed) / wall,
-        })
+        rows.append(
+            {
+                "phase": entry["phase"],
+                "round": entry["round"],
+                "sites": entry["sites"],
+                "wall_s": wall,
+                "slowest_site_s": max(compute),
+                "sum_compute_s": sum(compute),
+                "overhead_vs_slowest": (wall - max(compute)) / wall,
+                "overhead_vs_packed": (wall - packed) / wall,
+            }
+        )
     return rows
 
 
@@ -109,7 +114,13 @@ def run_size(label: str, overrides: dict[str, Any], sites: int, work: Path, cpus
     from server.launch import simulate
 
     nbi = sites // 2
-    config = {**overrides, "data.nbi_sites": nbi, "data.wli_sites": sites - nbi, "fed.run_dir": str(work / "runs"), "fed.run_name": label}
+    config = {
+        **overrides,
+        "data.nbi_sites": nbi,
+        "data.wli_sites": sites - nbi,
+        "fed.run_dir": str(work / "runs"),
+        "fed.run_name": label,
+    }
     flower_work = work / f"flower-{label}"
     with RunMemory(flower_work / "flwr-home") as memory:
         result = simulate(config, sites, cpus_per_client, work_dir=flower_work, stream=False)
@@ -134,8 +145,10 @@ def run_size(label: str, overrides: dict[str, Any], sites: int, work: Path, cpus
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    head = (f"{'run':<14}{'sites':>6}{'student round s':>17}{'overhead vs slowest':>21}{'vs packed':>11}"
-            f"{'peak PSS GiB':>14}{'MiB/student round':>19}{'run s':>8}")
+    head = (
+        f"{'run':<14}{'sites':>6}{'student round s':>17}{'overhead vs slowest':>21}{'vs packed':>11}"
+        f"{'peak PSS GiB':>14}{'MiB/student round':>19}{'run s':>8}"
+    )
     lines = [head, "-" * len(head)]
     for r in rows:
         lines.append(

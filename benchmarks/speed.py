@@ -40,6 +40,7 @@ from common.models import build_query_head, build_student, group_prototypes
 def timed_pair(fn_a: Callable[[], object], fn_b: Callable[[], object], repeats: int, device: torch.device) -> tuple[float, float]:
     """Median seconds per call of two functions, calls interleaved A, B, A, B... so that load
     drift on a shared machine hits both alike (the differences measured are a few percent)."""
+
     def once(fn: Callable[[], object]) -> float:
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -109,7 +110,9 @@ def run(backbone: str, image_size: int, batch: int, repeats: int, classes: int =
             if distil:
                 token_labels = cam_token_labels(out.feature_map, student.classifier.weight, labels, 0.6, 0.3)
                 prototypes, group_labels, _ = group_prototypes(head, out.tokens, groups)
-                terms = PaGKDTerms(out.logits, labels, out.tokens, token_labels, prototypes, group_labels, head.classify(prototypes))
+                terms = PaGKDTerms(
+                    out.logits, labels, out.tokens, token_labels, prototypes, group_labels, head.classify(prototypes)
+                )
                 loss, _ = pagkd_loss(terms, bank, cfg.pagkd, True)
             else:
                 loss = torch.nn.functional.cross_entropy(out.logits, labels)
@@ -150,14 +153,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/speed.json"))
     args = parser.parse_args(argv)
     rows = [run(b, args.image_size, args.batch, args.repeats) for b in args.backbone]
-    print(f"{'backbone':<16}{'device':>7}{'fwd img/s':>11}{'+head img/s':>13}{'head %':>8}{'CE step s':>11}"
-          f"{'PaGKD step s':>14}{'GKD %':>8}{'extract %':>11}{'peak MB':>9}")
+    print(
+        f"{'backbone':<16}{'device':>7}{'fwd img/s':>11}{'+head img/s':>13}{'head %':>8}{'CE step s':>11}"
+        f"{'PaGKD step s':>14}{'GKD %':>8}{'extract %':>11}{'peak MB':>9}"
+    )
     for r in rows:
-        print(f"{r['backbone']:<16}{r['device']:>7}{r['forward_images_per_s']:>11.1f}{r['forward_with_head_images_per_s']:>13.1f}"
-              f"{r['head_cost_pct']:>8.1f}{r['ce_step_s']:>11.3f}{r['pagkd_step_s']:>14.3f}{r['gkd_step_overhead_pct']:>8.1f}"
-              f"{r['extraction_vs_inference_pct']:>11.1f}{r['peak_memory_mb']:>9.0f}")
+        print(
+            f"{r['backbone']:<16}{r['device']:>7}{r['forward_images_per_s']:>11.1f}{r['forward_with_head_images_per_s']:>13.1f}"
+            f"{r['head_cost_pct']:>8.1f}{r['ce_step_s']:>11.3f}{r['pagkd_step_s']:>14.3f}{r['gkd_step_overhead_pct']:>8.1f}"
+            f"{r['extraction_vs_inference_pct']:>11.1f}{r['peak_memory_mb']:>9.0f}"
+        )
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"results": rows, "environment": environment(), "args": vars(args) | {"out": str(args.out)}}, indent=2))
+    args.out.write_text(
+        json.dumps({"results": rows, "environment": environment(), "args": vars(args) | {"out": str(args.out)}}, indent=2)
+    )
     print(f"wrote {args.out}")
 
 

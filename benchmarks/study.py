@@ -52,14 +52,28 @@ def run_arm(arm: str, overrides: dict[str, Any], seed: int, run_dir: Path) -> di
     if arm in CENTRALISED:
         cfg = config_from_flat({**overrides, "train.seed": seed})
         found: dict[str, Any] = {}
-        run_seed(cfg, seed, [CENTRALISED[arm]], found, lambda name, m: found.__setitem__(name, m),
-                 teacher_wanted=CENTRALISED[arm] != "wli_only")
+        run_seed(
+            cfg,
+            seed,
+            [CENTRALISED[arm]],
+            found,
+            lambda name, m: found.__setitem__(name, m),
+            teacher_wanted=CENTRALISED[arm] != "wli_only",
+        )
         final = found[CENTRALISED[arm]]
-        return {"auc": final["auc"], "final": {k: final[k] for k in ("auc", "accuracy", "sensitivity", "specificity")},
-                "wall_s": time.time() - started}
+        return {
+            "auc": final["auc"],
+            "final": {k: final[k] for k in ("auc", "accuracy", "sensitivity", "specificity")},
+            "wall_s": time.time() - started,
+        }
     result = run_once({**overrides, **METHODS[arm], "train.seed": seed}, "inprocess", run_dir, f"{arm}-seed{seed}")
-    return {"auc": result["final"]["auc"], "final": result["final"], "wall_s": result["wall_s"],
-            "final_teacher": result.get("final_teacher"), "selection": result.get("selection")}
+    return {
+        "auc": result["final"]["auc"],
+        "final": result["final"],
+        "wall_s": result["wall_s"],
+        "final_teacher": result.get("final_teacher"),
+        "selection": result.get("selection"),
+    }
 
 
 def summarise(per_seed: dict[str, dict[str, dict]], arms: list[str]) -> tuple[dict, dict]:
@@ -70,14 +84,20 @@ def summarise(per_seed: dict[str, dict[str, dict]], arms: list[str]) -> tuple[di
         seeds = sorted((s for s, runs in per_seed.items() if arm in runs), key=int)
         aucs = [per_seed[s][arm]["auc"] for s in seeds]
         if aucs:
-            table[arm] = {"auc": aucs, "seeds": [int(s) for s in seeds], "mean": float(np.mean(aucs)),
-                          "std": float(np.std(aucs, ddof=1)) if len(aucs) > 1 else 0.0}
+            table[arm] = {
+                "auc": aucs,
+                "seeds": [int(s) for s in seeds],
+                "mean": float(np.mean(aucs)),
+                "std": float(np.std(aucs, ddof=1)) if len(aucs) > 1 else 0.0,
+            }
     pairs = [(arm, BASELINE_ARM) for arm in arms if arm != BASELINE_ARM]
     pairs += [(DEFAULT_ARM, arm) for arm in arms if arm not in (DEFAULT_ARM, BASELINE_ARM)]
     for a, b in pairs:
         seeds = sorted((s for s, runs in per_seed.items() if a in runs and b in runs), key=int)
         if len(seeds) >= 2:
-            paired[f"{a}_vs_{b}"] = paired_difference([per_seed[s][a]["auc"] for s in seeds], [per_seed[s][b]["auc"] for s in seeds])
+            paired[f"{a}_vs_{b}"] = paired_difference(
+                [per_seed[s][a]["auc"] for s in seeds], [per_seed[s][b]["auc"] for s in seeds]
+            )
     return table, paired
 
 
@@ -92,8 +112,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     out = args.out or Path(f"benchmarks/results/study{'' if args.regime == 'default' else '_' + args.regime}.json")
-    overrides = {**REGIMES[args.regime], "data.test_per_site": args.test_per_site,
-                 **dict(item.split("=", 1) for item in args.overrides)}
+    overrides = {
+        **REGIMES[args.regime],
+        "data.test_per_site": args.test_per_site,
+        **dict(item.split("=", 1) for item in args.overrides),
+    }
     previous = json.loads(out.read_text()) if out.exists() else {}
     per_seed: dict[str, dict[str, dict]] = previous.get("per_seed", {}) if previous.get("overrides") == overrides else {}
     cfg = config_from_flat(overrides)
@@ -102,11 +125,25 @@ def main(argv: list[str] | None = None) -> dict:
             if arm in per_seed.get(str(seed), {}):
                 continue
             per_seed.setdefault(str(seed), {})[arm] = run_arm(arm, overrides, seed, args.run_dir / args.regime)
-            print(f"seed {seed} {arm}: AUC {per_seed[str(seed)][arm]['auc']:.4f} ({per_seed[str(seed)][arm]['wall_s']:.0f} s)", flush=True)
+            print(
+                f"seed {seed} {arm}: AUC {per_seed[str(seed)][arm]['auc']:.4f} ({per_seed[str(seed)][arm]['wall_s']:.0f} s)",
+                flush=True,
+            )
             table, paired = summarise(per_seed, ARMS)
-            atomic_write_json(out, {"arms": table, "paired": paired, "default_arm": DEFAULT_ARM, "baseline_arm": BASELINE_ARM,
-                                    "test_images": cfg.data.wli_sites * cfg.data.test_per_site, "regime": args.regime,
-                                    "overrides": overrides, "per_seed": per_seed, "environment": environment()})
+            atomic_write_json(
+                out,
+                {
+                    "arms": table,
+                    "paired": paired,
+                    "default_arm": DEFAULT_ARM,
+                    "baseline_arm": BASELINE_ARM,
+                    "test_images": cfg.data.wli_sites * cfg.data.test_per_site,
+                    "regime": args.regime,
+                    "overrides": overrides,
+                    "per_seed": per_seed,
+                    "environment": environment(),
+                },
+            )
     table, paired = summarise(per_seed, ARMS)
     print(f"{'arm':<24}{'n':>3}{'AUC mean':>10}{'std':>8}   paired vs {BASELINE_ARM}: mean [95 % CI] p")
     for arm, row in table.items():

@@ -28,8 +28,14 @@ from common.presets import FAST
 PAIR = ("fedavg_teacher_init", "fedpagkd_teacher_init")
 # factor -> (label, {value: overrides}); NBI sites keep 192 training images in wli_train.
 FACTORS: dict[str, tuple[str, dict[Any, dict[str, Any]]]] = {
-    "wli_train": ("WLI training images per site", {n: {"data.train_per_site": n, "data.nbi_train_scale": 192 / n} for n in (48, 96, 192, 384)}),
-    "nbi_ratio": ("NBI : WLI training images (WLI 96 per site)", {r: {"data.train_per_site": 96, "data.nbi_train_scale": r} for r in (0.5, 1, 2, 4)}),
+    "wli_train": (
+        "WLI training images per site",
+        {n: {"data.train_per_site": n, "data.nbi_train_scale": 192 / n} for n in (48, 96, 192, 384)},
+    ),
+    "nbi_ratio": (
+        "NBI : WLI training images (WLI 96 per site)",
+        {r: {"data.train_per_site": 96, "data.nbi_train_scale": r} for r in (0.5, 1, 2, 4)},
+    ),
     "class_alpha": ("Dirichlet class balance alpha (0 = balanced)", {a: {"data.class_alpha": a} for a in (0.0, 1.0, 0.3)}),
     "group_size": ("group size K", {k: {"pagkd.group_size": k} for k in (4, 8, 16)}),
     "num_queries": ("queries M", {m: {"model.num_queries": m} for m in (2, 4, 12)}),
@@ -54,25 +60,41 @@ def main(argv: list[str] | None = None) -> None:
             aucs = {m: [] for m in PAIR}
             for seed in args.seeds:
                 for method in PAIR:
-                    run = run_once({**base, **METHODS[method], **overrides, "train.seed": seed}, "inprocess", args.run_dir,
-                                   f"{stamp}-{factor}-{value}-{method}-seed{seed}")
+                    run = run_once(
+                        {**base, **METHODS[method], **overrides, "train.seed": seed},
+                        "inprocess",
+                        args.run_dir,
+                        f"{stamp}-{factor}-{value}-{method}-seed{seed}",
+                    )
                     aucs[method].append(run["final"]["auc"])
             gains = np.array(aucs[PAIR[1]]) - np.array(aucs[PAIR[0]])
-            point = {"overrides": overrides, "auc": aucs, "gain_mean": float(gains.mean()),
-                     "gain_std": float(gains.std(ddof=1) if len(gains) > 1 else 0.0),
-                     "relative_gain_pct": float(100 * gains.mean() / np.mean(aucs[PAIR[0]]))}
+            point = {
+                "overrides": overrides,
+                "auc": aucs,
+                "gain_mean": float(gains.mean()),
+                "gain_std": float(gains.std(ddof=1) if len(gains) > 1 else 0.0),
+                "relative_gain_pct": float(100 * gains.mean() / np.mean(aucs[PAIR[0]])),
+            }
             results[factor]["points"][str(value)] = point
-            print(f"{factor}={value}: FedAvg {np.mean(aucs[PAIR[0]]):.4f}  PaGKD {np.mean(aucs[PAIR[1]]):.4f}  "
-                  f"gain {point['gain_mean']:+.4f} +/- {point['gain_std']:.4f} ({point['relative_gain_pct']:+.1f} %)", flush=True)
+            print(
+                f"{factor}={value}: FedAvg {np.mean(aucs[PAIR[0]]):.4f}  PaGKD {np.mean(aucs[PAIR[1]]):.4f}  "
+                f"gain {point['gain_mean']:+.4f} +/- {point['gain_std']:.4f} ({point['relative_gain_pct']:+.1f} %)",
+                flush=True,
+            )
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"seeds": args.seeds, "pair": PAIR, "overrides": base, "factors": results,
-                                        "environment": environment()}, indent=2))
+        args.out.write_text(
+            json.dumps(
+                {"seeds": args.seeds, "pair": PAIR, "overrides": base, "factors": results, "environment": environment()}, indent=2
+            )
+        )
     print(f"\nPaGKD gain over FedAvg (both from the NBI teacher), seeds {args.seeds}; paper: +1.1 to +3.3 % relative AUC")
     print(f"{'factor':<14}{'value':>8}{'FedAvg AUC':>12}{'PaGKD AUC':>11}{'gain':>18}{'relative':>10}")
     for factor, entry in results.items():
         for value, p in entry["points"].items():
-            print(f"{factor:<14}{value:>8}{np.mean(p['auc'][PAIR[0]]):>12.4f}{np.mean(p['auc'][PAIR[1]]):>11.4f}"
-                  f"{p['gain_mean']:>+11.4f} +/-{p['gain_std']:.3f}{p['relative_gain_pct']:>+9.1f}%")
+            print(
+                f"{factor:<14}{value:>8}{np.mean(p['auc'][PAIR[0]]):>12.4f}{np.mean(p['auc'][PAIR[1]]):>11.4f}"
+                f"{p['gain_mean']:>+11.4f} +/-{p['gain_std']:.3f}{p['relative_gain_pct']:>+9.1f}%"
+            )
     plot(results, args.out.with_suffix(".png"))
     print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
 

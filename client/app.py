@@ -40,7 +40,16 @@ from common.device import pick_device
 from common.models import build_query_head, build_student, build_teacher
 from common.progress import configure_logging, site_log
 from common.records import (
-    CLASS_PROTOTYPES, EVALUATION_FIELDS, EVALUATION_SPLITS, PROTOCOL_VERSION, Dims, Payload, PayloadError, dims_of, empty_statistics, make,
+    CLASS_PROTOTYPES,
+    EVALUATION_FIELDS,
+    EVALUATION_SPLITS,
+    PROTOCOL_VERSION,
+    Dims,
+    Payload,
+    PayloadError,
+    dims_of,
+    empty_statistics,
+    make,
     validate,
 )
 
@@ -115,7 +124,9 @@ def handles(
             policy.guard_process()  # a deployment ClientApp ends with its SuperNode
             try:
                 if delay := drill_delays().get(kind, 0.0):
-                    log.warning("drill (%s): site '%s' waits %.1f s before handling '%s'", DRILL_DELAY_ENV, site_name, delay, kind)
+                    log.warning(
+                        "drill (%s): site '%s' waits %.1f s before handling '%s'", DRILL_DELAY_ENV, site_name, delay, kind
+                    )
                     time.sleep(delay)
                 cfg = policy.site_config(config_from_flat(context.run_config), context.node_config, site_name)
                 dims = dims_of(cfg)
@@ -134,14 +145,26 @@ def handles(
                 reply = handler(request, site, cfg, dims, context)
                 validate(reply, dims, sender=f"site '{site.name}'")
                 round_ = request.config.get("round")
-                site_log.info("site '%s': %s%s done in %.1f s%s", site.name, kind, f" (round {round_})" if round_ is not None else "",
-                              time.perf_counter() - started, _loss_note(reply))
+                site_log.info(
+                    "site '%s': %s%s done in %.1f s%s",
+                    site.name,
+                    kind,
+                    f" (round {round_})" if round_ is not None else "",
+                    time.perf_counter() - started,
+                    _loss_note(reply),
+                )
             except Exception as err:  # noqa: BLE001 - every failure must reach the server as a reply
                 log.exception("site '%s' refused '%s'", site_name, kind)
                 reason = f"{type(err).__name__}: {err}"  # bounded: the server refuses over-long strings
                 reply = Payload("error", config={"site-name": site_name, "reason": reason[:4000]})
-            reply = logged(reply, context.node_config, site=site_name, run_id=context.run_id,  # the site's own record, before it leaves
-                           run_name=str(context.run_config.get("fed.run_name", "")), request=kind)
+            reply = logged(
+                reply,
+                context.node_config,
+                site=site_name,
+                run_id=context.run_id,  # the site's own record, before it leaves
+                run_name=str(context.run_config.get("fed.run_name", "")),
+                request=kind,
+            )
             return Message(to_recorddict(reply, compute_s=time.perf_counter() - started), reply_to=message)
 
         # Not functools.wraps: Flower inspects the (message, context) signature of what it registers.
@@ -176,8 +199,13 @@ def discover(request: Payload, site: SiteData, cfg: Config, dims: Dims, context:
             "val_class_counts": _class_counts(site.val.labels if site.val is not None else [], classes),
             "test_class_counts": _class_counts(site.test.labels, classes),
         },
-        config={"site-name": site.name, "modality": site.modality, "version": VERSION, "protocol": PROTOCOL_VERSION,
-                "class-names": json.dumps(list(site.class_names))},
+        config={
+            "site-name": site.name,
+            "modality": site.modality,
+            "version": VERSION,
+            "protocol": PROTOCOL_VERSION,
+            "class-names": json.dumps(list(site.class_names)),
+        },
     )
 
 
@@ -198,8 +226,17 @@ def teacher_round(request: Payload, site: SiteData, cfg: Config, dims: Dims, con
     scores, scored = _scores(teacher, site, cfg, dims, request.config["evaluate"])
     seed = site_seed(request.config["seed"], site.name)
     loader = balanced_loader(site.train, cfg.train.batch_size, seed, cfg.data.num_workers)
-    result = train_teacher(teacher, head, loader, cfg, pick_device(cfg.train.device), request.config["local-epochs"], seed,
-                           span=_span(request), optimizer_state=_kept_optimizer(context, cfg, "teacher"))
+    result = train_teacher(
+        teacher,
+        head,
+        loader,
+        cfg,
+        pick_device(cfg.train.device),
+        request.config["local-epochs"],
+        seed,
+        span=_span(request),
+        optimizer_state=_kept_optimizer(context, cfg, "teacher"),
+    )
     _keep_optimizer(context, cfg, "teacher", result.optimizer_state)
     return make(
         "teacher.update",
@@ -254,7 +291,9 @@ def knowledge_seed(request: Payload, site: SiteData, cfg: Config, dims: Dims, co
     context.state[_STATE_KNOWLEDGE] = ConfigRecord(local)
     scores, scored = _scores(teacher, site, cfg, dims, request.config["evaluate"])
     return make(
-        "knowledge.seeds", dims, arrays={**knowledge_seeds(knowledge, dims, cfg, seed), **scores},
+        "knowledge.seeds",
+        dims,
+        arrays={**knowledge_seeds(knowledge, dims, cfg, seed), **scores},
         config={"groups": len(knowledge.group_labels), "public-key": public_key, **scored},
     )
 
@@ -281,8 +320,10 @@ def knowledge_stats(request: Payload, site: SiteData, cfg: Config, dims: Dims, c
 def _masked(sums: dict[str, np.ndarray], site: SiteData, request: Payload, local) -> dict[str, np.ndarray]:
     """This site's sums in fixed point plus its pairwise masks with the listed peers."""
     if "secagg-private" not in local:
-        raise RuntimeError(f"site '{site.name}' was asked for masked sums but made no key this refresh; set privacy.secure_aggregation "
-                           "the same on server and sites")
+        raise RuntimeError(
+            f"site '{site.name}' was asked for masked sums but made no key this refresh; set privacy.secure_aggregation "
+            "the same on server and sites"
+        )
     try:
         listed = json.loads(request.config["peers"])
     except json.JSONDecodeError as err:
@@ -297,7 +338,9 @@ def _masked(sums: dict[str, np.ndarray], site: SiteData, request: Payload, local
     context = f"{request.config['round']}|{request.config['iteration']}|{request.config['attempt']}"
     used = list(local.get("secagg-used", []))
     if context in used:  # a second roster under one context would let the server cancel the masks
-        raise PayloadError(f"knowledge.stats: site '{site.name}' already masked a sum for step {context}; a restart needs a new attempt")
+        raise PayloadError(
+            f"knowledge.stats: site '{site.name}' already masked a sum for step {context}; a restart needs a new attempt"
+        )
     local["secagg-used"] = used + [context]
     masks = secagg.pairwise_masks(site.name, private, peers, context.encode(), {k: v.shape for k, v in sums.items()})
     return secagg.mask(secagg.encode_fixed_point(sums), masks)
@@ -328,16 +371,27 @@ def student_round(request: Payload, site: SiteData, cfg: Config, dims: Dims, con
     loader = balanced_loader(site.train, cfg.train.batch_size, seed, cfg.data.num_workers)
     device = pick_device(cfg.train.device)
     result = train_student(
-        student, head, loader, lambda: bank.to(device) if bank is not None else None, cfg, device,
-        request.config["local-epochs"], seed, group_losses=request.config["group-losses"],
-        class_prototypes=class_prototypes if counts.sum() > 0 else None, span=_span(request),
+        student,
+        head,
+        loader,
+        lambda: bank.to(device) if bank is not None else None,
+        cfg,
+        device,
+        request.config["local-epochs"],
+        seed,
+        group_losses=request.config["group-losses"],
+        class_prototypes=class_prototypes if counts.sum() > 0 else None,
+        span=_span(request),
         optimizer_state=_kept_optimizer(context, cfg, "student"),
     )
     _keep_optimizer(context, cfg, "student", result.optimizer_state)
     losses = result.losses
     prototypes = empty_statistics(CLASS_PROTOTYPES, dims)
     if result.class_prototype_sum is not None:
-        prototypes = {"class_prototype_sum": result.class_prototype_sum.numpy(), "class_prototype_count": result.class_prototype_count.numpy()}
+        prototypes = {
+            "class_prototype_sum": result.class_prototype_sum.numpy(),
+            "class_prototype_count": result.class_prototype_count.numpy(),
+        }
     return make(
         "student.update",
         dims,
@@ -363,7 +417,9 @@ def evaluate(request: Payload, site: SiteData, cfg: Config, dims: Dims, context:
     if expected is None:
         raise PayloadError(f"evaluate: model '{model}' is not 'student' or 'teacher'")
     if site.modality != expected:
-        raise RoleError(f"site '{site.name}' holds {site.modality.upper()} data; the {model} is evaluated on {expected.upper()} sites")
+        raise RoleError(
+            f"site '{site.name}' holds {site.modality.upper()} data; the {model} is evaluated on {expected.upper()} sites"
+        )
     split = request.config["split"]
     if split not in EVALUATION_SPLITS:
         raise PayloadError(f"evaluate: split '{split}' is not one of {list(EVALUATION_SPLITS)}")

@@ -42,8 +42,15 @@ def site_log_path(node_config: Mapping[str, Any]) -> Path | None:
 
 def record(path: Path, *, site: str, run_id: int, run_name: str, request: str, reply: Payload) -> None:
     """Append one line (O_APPEND + fsync: concurrent ClientApp processes never interleave)."""
-    entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "run-id": int(run_id), "run-name": run_name, "site": site,
-             "request": request, "direction": "from_site", **describe(reply)}
+    entry = {
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "run-id": int(run_id),
+        "run-name": run_name,
+        "site": site,
+        "request": request,
+        "direction": "from_site",
+        **describe(reply),
+    }
     line = (json.dumps(entry, sort_keys=True) + "\n").encode()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -54,8 +61,10 @@ def record(path: Path, *, site: str, run_id: int, run_name: str, request: str, r
         finally:
             os.close(fd)
     except OSError as err:
-        raise OSError(f"cannot append to the site egress log {path} ({err.strerror}); make the node config's "
-                      f"'{STATE_DIR_KEY}' a folder the SuperNode's user can write") from None
+        raise OSError(
+            f"cannot append to the site egress log {path} ({err.strerror}); make the node config's "
+            f"'{STATE_DIR_KEY}' a folder the SuperNode's user can write"
+        ) from None
 
 
 def logged(reply: Payload, node_config: Mapping[str, Any], **meta: Any) -> Payload:
@@ -89,8 +98,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     cmp.add_argument("--site-log", type=Path, required=True, help=f"the site's <state-dir>/{SITE_LOG}")
     cmp.add_argument("--coordinator", type=Path, required=True, help="the run folder's egress.json (or ledger.json)")
     cmp.add_argument("--site", help="site name (default: the one name in the site log)")
-    cmp.add_argument("--run-id", type=int, action="append", default=[],
-                     help="Flower run id(s) to compare (default: the site entries whose run name is the run folder's name)")
+    cmp.add_argument(
+        "--run-id",
+        type=int,
+        action="append",
+        default=[],
+        help="Flower run id(s) to compare (default: the site entries whose run name is the run folder's name)",
+    )
     args = parser.parse_args(argv)
     try:
         sent = read_site_log(args.site_log)
@@ -106,8 +120,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     run_name = args.coordinator.resolve().parent.name
     chosen = select([e for e in sent if e.get("site") == site], run_name, args.run_id)
     if not chosen:
-        print(f"error: no entry of site '{site}' in {args.site_log} for run name '{run_name}'"
-              f"{' / run ids ' + str(args.run_id) if args.run_id else ''}: pass the run's --run-id (flwr ls)", file=sys.stderr)
+        print(
+            f"error: no entry of site '{site}' in {args.site_log} for run name '{run_name}'"
+            f"{' / run ids ' + str(args.run_id) if args.run_id else ''}: pass the run's --run-id (flwr ls)",
+            file=sys.stderr,
+        )
         return 2
     problems = compare(site, chosen, coordinator)
     runs = sorted({int(e.get("run-id", -1)) for e in chosen})
@@ -116,7 +133,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         for line in problems:
             print(f"  - {line}")
         return 1
-    print(f"site '{site}', run '{run_name}' (Flower runs {runs}): the coordinator's log lists exactly the {len(chosen)} message(s) the site sent")
+    print(
+        f"site '{site}', run '{run_name}' (Flower runs {runs}): the coordinator's log lists exactly the {len(chosen)} message(s) the site sent"
+    )
     return 0
 
 

@@ -29,7 +29,14 @@ from common.models import LesionQueryHead, PaGKDNet, group_prototypes, labelled_
 from common.progress import progress, site_log
 from common.privacy import add_noise, clip_factors, count_sensitivity, group_sq_norms, max_group_size, noise_generator
 from common.records import (
-    BANK_STATISTICS, DP_COUNT_KEYS, DP_FLOAT_KEYS, IMAGE_COUNT, KNOWLEDGE_STATISTICS, Dims, empty_statistics, seeds_from_statistics,
+    BANK_STATISTICS,
+    DP_COUNT_KEYS,
+    DP_FLOAT_KEYS,
+    IMAGE_COUNT,
+    KNOWLEDGE_STATISTICS,
+    Dims,
+    empty_statistics,
+    seeds_from_statistics,
 )
 
 
@@ -84,8 +91,13 @@ def extract_site_knowledge(
         p, gl, _ = group_prototypes(head, all_tokens, groups[start : start + 64])
         prototypes.append(p.float())
         group_labels.append(gl)
-    site_log.info("knowledge extraction: %d images, %d group(s) of >= %d in %.1f s", len(all_classes), len(groups),
-                  cfg.pagkd.min_group_size, time.perf_counter() - started)
+    site_log.info(
+        "knowledge extraction: %d images, %d group(s) of >= %d in %.1f s",
+        len(all_classes),
+        len(groups),
+        cfg.pagkd.min_group_size,
+        time.perf_counter() - started,
+    )
     kept = torch.cat([g.indices for g in groups]) if groups else torch.zeros(0, dtype=torch.long)
     kept = kept.to(all_tokens.device)
     dim = all_tokens.shape[-1]
@@ -204,8 +216,14 @@ def _statistics(
         out[IMAGE_COUNT][c] = int(knowledge.group_sizes[knowledge.group_labels == c].sum())
     if dp:
         bound = count_sensitivity(max_group_size(cfg.pagkd.group_size, cfg.pagkd.min_group_size), knowledge.tokens.shape[1])
-        out = add_noise(out, DP_FLOAT_KEYS, DP_COUNT_KEYS, privacy.noise_multiplier * privacy.clip,
-                        privacy.noise_multiplier * bound, noise or noise_generator())
+        out = add_noise(
+            out,
+            DP_FLOAT_KEYS,
+            DP_COUNT_KEYS,
+            privacy.noise_multiplier * privacy.clip,
+            privacy.noise_multiplier * bound,
+            noise or noise_generator(),
+        )
     return out
 
 
@@ -215,9 +233,7 @@ def knowledge_seeds(knowledge: SiteKnowledge, dims: Dims, cfg: Config, seed: int
     return seeds_from_statistics(_statistics(knowledge, dims, cfg, None, seed))
 
 
-def knowledge_sums(
-    knowledge: SiteKnowledge, dims: Dims, cfg: Config, centroids: dict[str, np.ndarray]
-) -> dict[str, np.ndarray]:
+def knowledge_sums(knowledge: SiteKnowledge, dims: Dims, cfg: Config, centroids: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Sufficient statistics for the server's centroids (arrays of
     :data:`common.records.BANK_STATISTICS`). Summed over sites they equal the statistics of
     one site holding all the groups."""

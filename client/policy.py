@@ -33,8 +33,10 @@ def site_config(cfg: Config, node_config: Mapping[str, Any], site: str) -> Confi
     try:
         pick_device(device)
     except (RuntimeError, ValueError) as err:
-        raise ValueError(f"site '{site}': node config {DEVICE_KEY}='{device}' is unusable here ({err}); "
-                         f"set {DEVICE_KEY}='cpu' or 'auto' in this site's node config") from None
+        raise ValueError(
+            f"site '{site}': node config {DEVICE_KEY}='{device}' is unusable here ({err}); "
+            f"set {DEVICE_KEY}='cpu' or 'auto' in this site's node config"
+        ) from None
     return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, device=device))
 
 

@@ -82,8 +82,15 @@ def export_model(checkpoint: Path, fmt: str, out: Path, atol: float = 1e-4) -> f
         traced.save(str(out))
         got = torch.jit.load(str(out))(example).detach().numpy()
     elif fmt == "onnx":
-        torch.onnx.export(model, (example,), str(out), input_names=["images"], output_names=["probabilities"],
-                          dynamic_axes={"images": {0: "batch"}, "probabilities": {0: "batch"}}, dynamo=False)
+        torch.onnx.export(
+            model,
+            (example,),
+            str(out),
+            input_names=["images"],
+            output_names=["probabilities"],
+            dynamic_axes={"images": {0: "batch"}, "probabilities": {0: "batch"}},
+            dynamo=False,
+        )
         import onnxruntime
 
         session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])

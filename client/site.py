@@ -90,10 +90,14 @@ def read_sites_file(root: str | Path) -> list[dict[str, str]]:
         # per folder (two entries for one folder would count the same images twice).
         name, folder = str(entry["name"]), (Path(root) / str(entry["path"])).resolve()
         if name in names:
-            raise DataError(f"{path}: [[site]] number {number} reuses the name '{name}' of number {names[name]}; give each site a unique name")
+            raise DataError(
+                f"{path}: [[site]] number {number} reuses the name '{name}' of number {names[name]}; give each site a unique name"
+            )
         if folder in folders:
-            raise DataError(f"{path}: [[site]] number {number} ('{name}') has the same folder {folder} as number "
-                            f"{folders[folder]}; one site per folder (merge the entries or point each at its own data)")
+            raise DataError(
+                f"{path}: [[site]] number {number} ('{name}') has the same folder {folder} as number "
+                f"{folders[folder]}; one site per folder (merge the entries or point each at its own data)"
+            )
         names[name], folders[folder] = number, number
     return entries
 
@@ -102,7 +106,9 @@ def federation_sites(cfg: Config) -> list[SiteData]:
     """Every site of the run's federation, in partition order: the embedded synthetic one, or
     the ``[[site]]`` entries of ``<data.root>/sites.toml`` (what benchmarks pool centrally)."""
     if cfg.data.root:
-        return [folder_site(e["name"], e["modality"], Path(cfg.data.root) / e["path"], cfg) for e in read_sites_file(cfg.data.root)]
+        return [
+            folder_site(e["name"], e["modality"], Path(cfg.data.root) / e["path"], cfg) for e in read_sites_file(cfg.data.root)
+        ]
     return [synthetic_site(name, spec, cfg.data.image_size) for name, spec in synthetic_site_specs(cfg)]
 
 

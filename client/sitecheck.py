@@ -84,15 +84,19 @@ def check_site(path: str | Path, modality: str | None, cfg: Config, name: str | 
         except DataError as err:
             report.problem(f"{err} (in its node config or {SITES_FILE} entry)")
     if not root.is_dir():
-        report.problem(f"{root} does not exist or is not a folder: point the site's path at the folder holding "
-                       f"{'/'.join(SPLITS)}/<class>/ images or a {MANIFEST_FILE}")
+        report.problem(
+            f"{root} does not exist or is not a folder: point the site's path at the folder holding "
+            f"{'/'.join(SPLITS)}/<class>/ images or a {MANIFEST_FILE}"
+        )
         return report
     declared = _declared_modality(root)
     if report.modality and declared not in ("-", report.modality):
         # Checked here, not by the datasets below: they would refuse every split, and the
         # images would go unchecked.
-        report.problem(f"{root / SITE_FILE} declares modality '{declared}' but the site is declared '{report.modality}' "
-                       f"(node config / {SITES_FILE}): correct whichever is wrong")
+        report.problem(
+            f"{root / SITE_FILE} declares modality '{declared}' but the site is declared '{report.modality}' "
+            f"(node config / {SITES_FILE}): correct whichever is wrong"
+        )
     report.class_names, report.names_source = site_class_names(root, cfg)
     for split in SPLITS:
         optional = split not in REQUIRED_SPLITS
@@ -110,8 +114,10 @@ def check_site(path: str | Path, modality: str | None, cfg: Config, name: str | 
             _decode_all(dataset, report, cfg.data.image_size)
     for c, count in enumerate(report.counts.get("test", [])):
         if count == 0:
-            report.warnings.append(f"{root}: the test split has no '{report.class_names[c]}' images, so this site cannot "
-                                   "score that class (AUC); add some if the site has them")
+            report.warnings.append(
+                f"{root}: the test split has no '{report.class_names[c]}' images, so this site cannot "
+                "score that class (AUC); add some if the site has them"
+            )
     return report
 
 
@@ -132,20 +138,35 @@ def _decode_all(dataset: FolderSiteDataset, report: SiteReport, image_size: int)
         report.sizes[size] += 1
         width, height = size
         if mode in WIDE_MODES:
-            odd.setdefault((f"mode {mode} (more than 8 bits per channel): converting it to RGB clips values; "
-                            "export these images as 8-bit RGB PNG/JPEG", True), []).append(path)
+            odd.setdefault(
+                (
+                    f"mode {mode} (more than 8 bits per channel): converting it to RGB clips values; "
+                    "export these images as 8-bit RGB PNG/JPEG",
+                    True,
+                ),
+                [],
+            ).append(path)
         elif mode != "RGB":
-            odd.setdefault((f"mode {mode}, converted to RGB when read; check these are the images you meant", False), []).append(path)
+            odd.setdefault((f"mode {mode}, converted to RGB when read; check these are the images you meant", False), []).append(
+                path
+            )
         if min(size) < MIN_SIDE:
             report.problem(f"image {path} is {width}x{height} px, below {MIN_SIDE} px: replace or delete it")
         elif min(size) < image_size:
             odd.setdefault((f"smaller than data.image_size={image_size} px: upscaled when read", False), []).append(path)
         if max(size) > 2 * min(size):
-            odd.setdefault(("more than twice as wide as high (or the reverse): squashed to a square when read; "
-                            "crop them to the field of view", False), []).append(path)
+            odd.setdefault(
+                (
+                    "more than twice as wide as high (or the reverse): squashed to a square when read; "
+                    "crop them to the field of view",
+                    False,
+                ),
+                [],
+            ).append(path)
     for (what, is_problem), paths in odd.items():
         (report.problems if is_problem else report.warnings).append(
-            f"{len(paths)} image(s) in {report.path / dataset.split} {what} (e.g. {paths[0]})")
+            f"{len(paths)} image(s) in {report.path / dataset.split} {what} (e.g. {paths[0]})"
+        )
 
 
 def check_federation(root: str | Path, cfg: Config, decode: bool = False) -> tuple[list[SiteReport], list[str]]:
@@ -159,12 +180,16 @@ def check_federation(root: str | Path, cfg: Config, decode: bool = False) -> tup
     problems = []
     repeated = sorted(n for n, k in Counter(r.name for r in reports).items() if k > 1)
     if repeated:
-        problems.append(f"{Path(root) / SITES_FILE}: site names {repeated} appear more than once; give each [[site]] its own name")
+        problems.append(
+            f"{Path(root) / SITES_FILE}: site names {repeated} appear more than once; give each [[site]] its own name"
+        )
     named = [r for r in reports if r.class_names]
     if len({r.class_names for r in named}) > 1:
         listing = "; ".join(f"'{r.name}' ({r.path}): {list(r.class_names)}" for r in named)
-        problems.append(f"the sites disagree on the class names ({listing}): give every site the same class folders "
-                        "(rename or remove the odd ones), or set data.class_names='name1,name2,...' to check each site against one list")
+        problems.append(
+            f"the sites disagree on the class names ({listing}): give every site the same class folders "
+            "(rename or remove the odd ones), or set data.class_names='name1,name2,...' to check each site against one list"
+        )
     return reports, problems
 
 
@@ -178,8 +203,18 @@ def format_reports(reports: list[SiteReport], problems: list[str] = ()) -> str:
     header = ("site", "modality", "site.json", "path", "classes", "train", "val", "test")
     rows = [header]
     for r in reports:
-        rows.append((r.name, r.modality or "-", _declared_modality(r.path), str(r.path), ",".join(r.class_names) or "-",
-                     _cell(r.counts.get("train")), _cell(r.counts.get("val")), _cell(r.counts.get("test"))))
+        rows.append(
+            (
+                r.name,
+                r.modality or "-",
+                _declared_modality(r.path),
+                str(r.path),
+                ",".join(r.class_names) or "-",
+                _cell(r.counts.get("train")),
+                _cell(r.counts.get("val")),
+                _cell(r.counts.get("test")),
+            )
+        )
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
@@ -187,7 +222,9 @@ def format_reports(reports: list[SiteReport], problems: list[str] = ()) -> str:
         if r.decoded:
             sizes = ", ".join(f"{w}x{h}: {n}" for (w, h), n in r.sizes.most_common(5))
             modes = ", ".join(f"{m}: {n}" for m, n in r.modes.most_common())
-            lines.append(f"{r.name}: decoded {r.decoded} image(s); sizes {sizes}{' ...' if len(r.sizes) > 5 else ''}; modes {modes}")
+            lines.append(
+                f"{r.name}: decoded {r.decoded} image(s); sizes {sizes}{' ...' if len(r.sizes) > 5 else ''}; modes {modes}"
+            )
     all_problems = list(problems) + [f"[{r.name}] {p}" for r in reports for p in r.problems]
     warnings = [f"[{r.name}] {w}" for r in reports for w in r.warnings]
     if all_problems:
@@ -214,8 +251,10 @@ def write_synthetic_federation(cfg: Config, out: str | Path, site_names: list[st
     names = [name for name, _ in specs]
     if site_names is not None:
         if len(site_names) != len(specs) or len(set(site_names)) != len(site_names):
-            raise DataError(f"--site-names gives {len(site_names)} name(s) {site_names} for {len(specs)} sites ({names}); "
-                            "give one distinct name per site, NBI sites first")
+            raise DataError(
+                f"--site-names gives {len(site_names)} name(s) {site_names} for {len(specs)} sites ({names}); "
+                "give one distinct name per site, NBI sites first"
+            )
         names = list(site_names)
     # Into ``out`` itself (it may be a mounted volume, which cannot be renamed): each site is
     # renamed into place whole by write_image_folder, and sites.toml, written last and
@@ -227,7 +266,9 @@ def write_synthetic_federation(cfg: Config, out: str | Path, site_names: list[st
         lines = []
         for name, (_, spec) in zip(names, progress(specs, "sites", len(specs))):
             written.append(write_image_folder(spec, out / name, [split for split in SPLITS if spec.split_size(split) > 0]))
-            lines.append(f"[[site]]\nname = {json.dumps(name)}\nmodality = {json.dumps(spec.modality)}\npath = {json.dumps(name)}\n")
+            lines.append(
+                f"[[site]]\nname = {json.dumps(name)}\nmodality = {json.dumps(spec.modality)}\npath = {json.dumps(name)}\n"
+            )
         atomic_write_bytes(out / SITES_FILE, "\n".join(lines).encode())
     except BaseException:
         for path in written:  # only what this call wrote
@@ -242,7 +283,8 @@ def check_main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="fedpagkd check-site",
         description="Check a site's data before it joins: decodes every image, prints per-split per-class counts, "
-                    "image sizes and modes and the declared modality; exits 1 on problems.")
+        "image sizes and modes and the declared modality; exits 1 on problems.",
+    )
     parser.add_argument("path", nargs="?", type=Path, help="the site's data folder (ImageFolder tree or manifest.csv)")
     parser.add_argument("--root", type=Path, help="check every site of ROOT/sites.toml instead of one PATH")
     parser.add_argument("--modality", help="the site's modality, wli or nbi (what its SuperNode's node config will say)")
@@ -277,13 +319,22 @@ def write_synthetic_main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="fedpagkd write-synthetic",
         description="Write the synthetic federation as ImageFolder trees + sites.toml for rehearsals "
-                    "(then: fedpagkd simulate data.root=OUT, or one SuperNode per site folder).")
+        "(then: fedpagkd simulate data.root=OUT, or one SuperNode per site folder).",
+    )
     parser.add_argument("out", type=Path, help="a new (or empty) folder")
-    parser.add_argument("overrides", nargs="*", help="run-config keys that shape the sites, e.g. data.nbi_sites=2 "
-                        "data.render_shift=0.3 data.image_size=64 train.seed=1")
-    parser.add_argument("--site-names", default="", help="comma-separated names, one per site, NBI first (default nbi-0,..,wli-0,..)")
-    parser.add_argument("--if-missing", action="store_true", help="exit 0 without writing when OUT already holds a sites.toml "
-                        "(a one-shot container that may run again)")
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        help="run-config keys that shape the sites, e.g. data.nbi_sites=2 data.render_shift=0.3 data.image_size=64 train.seed=1",
+    )
+    parser.add_argument(
+        "--site-names", default="", help="comma-separated names, one per site, NBI first (default nbi-0,..,wli-0,..)"
+    )
+    parser.add_argument(
+        "--if-missing",
+        action="store_true",
+        help="exit 0 without writing when OUT already holds a sites.toml (a one-shot container that may run again)",
+    )
     args = parser.parse_args(argv)
     if args.if_missing and (args.out / SITES_FILE).is_file():
         print(f"{args.out / SITES_FILE} exists: kept as it is")

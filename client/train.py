@@ -51,7 +51,12 @@ def eval_loader(dataset: Dataset, batch_size: int, num_workers: int = 0) -> Data
 
 
 def _epochs(
-    loader: DataLoader, epochs: int, first_epoch: int, cfg: Config, device: torch.device, seed: int,
+    loader: DataLoader,
+    epochs: int,
+    first_epoch: int,
+    cfg: Config,
+    device: torch.device,
+    seed: int,
     on_epoch_end: Callable[[int], None] | None = None,
 ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
     """(epoch, augmented images on device, labels on device) for each training batch;
@@ -66,7 +71,9 @@ def _epochs(
             images = augment(images.to(device, non_blocking=True), generator)
             seen += len(labels)
             yield epoch, to_device(images, device, cfg.train.channels_last), labels.to(device)
-        site_log.info("local epoch %d/%d: %d images in %.1f s", epoch - first_epoch + 1, epochs, seen, time.perf_counter() - started)
+        site_log.info(
+            "local epoch %d/%d: %d images in %.1f s", epoch - first_epoch + 1, epochs, seen, time.perf_counter() - started
+        )
         if on_epoch_end is not None:
             on_epoch_end(epoch)
 
@@ -142,7 +149,12 @@ class _Mean:
 
 
 def _train_mode_optimizer(
-    cfg: Config, net: PaGKDNet, head: LesionQueryHead, device: torch.device, steps: int, span: Span,
+    cfg: Config,
+    net: PaGKDNet,
+    head: LesionQueryHead,
+    device: torch.device,
+    steps: int,
+    span: Span,
     optimizer_state: dict | None = None,
 ) -> tuple[torch.optim.Optimizer, ProgressSchedule]:
     """Move both modules to the device in train mode; AdamW over both, with the run's schedule
@@ -158,8 +170,16 @@ def _train_mode_optimizer(
 
 
 def train_teacher(
-    teacher: PaGKDNet, head: LesionQueryHead, loader: DataLoader, cfg: Config, device: torch.device, epochs: int, seed: int,
-    span: Span = Span(), on_epoch_end: Callable[[int], None] | None = None, optimizer_state: dict | None = None,
+    teacher: PaGKDNet,
+    head: LesionQueryHead,
+    loader: DataLoader,
+    cfg: Config,
+    device: torch.device,
+    epochs: int,
+    seed: int,
+    span: Span = Span(),
+    on_epoch_end: Callable[[int], None] | None = None,
+    optimizer_state: dict | None = None,
 ) -> TrainResult:
     """NBI teacher: CE on the backbone + classifier; group CE on the (detached-feature) token
     embedding and the shared query head, so the NBI token space and queries are class-aware
@@ -227,7 +247,13 @@ def train_student(
             view = group_view(student, head, images, labels, cfg.pagkd, generator, grouped=cfg.pagkd.use_pro and group_on)
             out = view.out
             terms = PaGKDTerms(
-                out.logits, labels, out.tokens, view.token_labels, view.prototypes, view.group_labels, head.classify(view.prototypes)
+                out.logits,
+                labels,
+                out.tokens,
+                view.token_labels,
+                view.prototypes,
+                view.group_labels,
+                head.classify(view.prototypes),
             )
             loss, parts = pagkd_loss(terms, bank, cfg.pagkd, group_on)
             if proto_weight > 0:

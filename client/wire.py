@@ -96,4 +96,6 @@ def load_numpy_state(module: torch.nn.Module, state: Mapping[str, np.ndarray], b
     load silently). Scalars travel as (1,)."""
     check_weights("server", block, state, module_weight_shapes(module), model="this site's model")
     own = module.state_dict()
-    module.load_state_dict({name: torch.from_numpy(state[name].copy()).reshape(target.shape) for name, target in own.items()}, strict=True)
+    module.load_state_dict(
+        {name: torch.from_numpy(state[name].copy()).reshape(target.shape) for name, target in own.items()}, strict=True
+    )

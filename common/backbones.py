@@ -38,8 +38,15 @@ class SmallConvNet(nn.Module):
     images [B, 3, H, W] -> features [B, widths[-1], H / 2**len(widths), W / 2**len(widths)].
     """
 
-    def __init__(self, widths: tuple[int, ...] = (32, 64, 128), num_classes: int = 1000, in_chans: int = 3,
-                 drop_rate: float = 0.0, output_stride: int | None = None, **_: object):
+    def __init__(
+        self,
+        widths: tuple[int, ...] = (32, 64, 128),
+        num_classes: int = 1000,
+        in_chans: int = 3,
+        drop_rate: float = 0.0,
+        output_stride: int | None = None,
+        **_: object,
+    ):
         super().__init__()
         native = 2 ** len(widths)
         if output_stride is not None and output_stride not in (native, 32):
@@ -83,10 +90,12 @@ def _create(variant: str, pretrained: bool, **kwargs) -> SmallConvNet:
 
 
 # timm reads a module's ``default_cfgs`` when registering its models (no hub weights: url "").
-default_cfgs = generate_default_cfgs({
-    name: {"url": "", "num_classes": 1000, "input_size": (3, 64, 64), "pool_size": (8, 8), "classifier": "head"}
-    for name in ("pagkd_cnn_s", "pagkd_cnn_m")
-})
+default_cfgs = generate_default_cfgs(
+    {
+        name: {"url": "", "num_classes": 1000, "input_size": (3, 64, 64), "pool_size": (8, 8), "classifier": "head"}
+        for name in ("pagkd_cnn_s", "pagkd_cnn_m")
+    }
+)
 
 
 @register_model

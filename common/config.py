@@ -234,15 +234,21 @@ class Config:
             ("data.render_shift", 0 <= self.data.render_shift <= 1, "in [0, 1]"),
             ("data.nbi_train_scale", 0 < self.data.nbi_train_scale <= 20, "in (0, 20]"),
             ("model.num_heads", self.model.num_heads >= 1, ">= 1"),
-            ("model.embed_dim", self.model.embed_dim > 0 and self.model.num_heads >= 1
-             and self.model.embed_dim % self.model.num_heads == 0, "> 0 and divisible by model.num_heads"),
+            (
+                "model.embed_dim",
+                self.model.embed_dim > 0 and self.model.num_heads >= 1 and self.model.embed_dim % self.model.num_heads == 0,
+                "> 0 and divisible by model.num_heads",
+            ),
             ("model.num_queries", self.model.num_queries >= 1, ">= 1"),
             ("model.output_stride", self.model.output_stride in (8, 16, 32), "8, 16 or 32"),
             ("pagkd.den_weight", self.pagkd.den_weight >= 0, ">= 0"),
             ("pagkd.pro_weight", self.pagkd.pro_weight >= 0, ">= 0"),
             ("pagkd.temperature", self.pagkd.temperature > 0, "> 0"),
-            ("pagkd.bg_threshold", 0 <= self.pagkd.bg_threshold <= self.pagkd.fg_threshold <= 1,
-             "0 <= bg_threshold <= fg_threshold <= 1"),
+            (
+                "pagkd.bg_threshold",
+                0 <= self.pagkd.bg_threshold <= self.pagkd.fg_threshold <= 1,
+                "0 <= bg_threshold <= fg_threshold <= 1",
+            ),
             _choice(self, "pagkd.grouping"),
             ("pagkd.min_group_size", self.pagkd.min_group_size >= 2, ">= 2 (a group of one is a per-image statistic)"),
             ("pagkd.group_size", self.pagkd.group_size >= self.pagkd.min_group_size, ">= pagkd.min_group_size"),
@@ -252,10 +258,12 @@ class Config:
             ("train.lr", self.train.lr > 0, "> 0"),
             ("train.weight_decay", self.train.weight_decay >= 0, ">= 0"),
             ("train.batch_size", self.train.batch_size >= self.data.num_classes, ">= data.num_classes"),
-            ("pagkd.min_group_size", not self.distils
-             or self.pagkd.min_group_size <= self.train.batch_size // self.data.num_classes,
-             "<= train.batch_size // data.num_classes (a class's share of a class-balanced batch; larger groups "
-             "never form and the group losses would be off): lower it or raise train.batch_size"),
+            (
+                "pagkd.min_group_size",
+                not self.distils or self.pagkd.min_group_size <= self.train.batch_size // self.data.num_classes,
+                "<= train.batch_size // data.num_classes (a class's share of a class-balanced batch; larger groups "
+                "never form and the group losses would be off): lower it or raise train.batch_size",
+            ),
             ("train.epochs", self.train.epochs >= 0, ">= 0"),
             ("train.local_epochs", self.train.local_epochs >= 1, ">= 1"),
             ("train.rotation_deg", 0 <= self.train.rotation_deg <= 180, "in [0, 180]"),
@@ -263,8 +271,11 @@ class Config:
             ("train.warmup_fraction", 0 <= self.train.warmup_fraction < 1, "in [0, 1)"),
             _choice(self, "train.augment"),
             ("train.color_jitter", 0 <= self.train.color_jitter < 1, "in [0, 1)"),
-            ("train.device", self.train.device == "auto" or self.train.device.split(":")[0] in ("cpu", "cuda", "mps"),
-             "auto, cpu, cuda or cuda:N"),
+            (
+                "train.device",
+                self.train.device == "auto" or self.train.device.split(":")[0] in ("cpu", "cuda", "mps"),
+                "auto, cpu, cuda or cuda:N",
+            ),
             ("fed.teacher_rounds", self.fed.teacher_rounds >= 0, ">= 0"),
             ("fed.student_rounds", self.fed.student_rounds >= 0, ">= 0"),
             ("fed.bank_refresh_every", self.fed.bank_refresh_every >= 0, ">= 0"),
@@ -272,19 +283,32 @@ class Config:
             ("fed.min_wli_sites", self.fed.min_wli_sites >= 1, ">= 1"),
             ("fed.fraction_train", 0 < self.fed.fraction_train <= 1, "in (0, 1]"),
             ("fed.round_timeout", self.fed.round_timeout > 0, "> 0"),
-            ("fed.min_site_share", 0 <= self.fed.min_site_share <= 1, "in [0, 1] (1 = every discovered site must take part throughout)"),
-            ("fed.run_name", run_name_ok(self.fed.run_name),
-             "one folder name inside fed.run_dir: letters, digits, '.', '_', '-', not starting with '.' (no '/', no '..')"),
+            (
+                "fed.min_site_share",
+                0 <= self.fed.min_site_share <= 1,
+                "in [0, 1] (1 = every discovered site must take part throughout)",
+            ),
+            (
+                "fed.run_name",
+                run_name_ok(self.fed.run_name),
+                "one folder name inside fed.run_dir: letters, digits, '.', '_', '-', not starting with '.' (no '/', no '..')",
+            ),
             ("fed.run_dir", bool(self.fed.run_dir) and "\0" not in self.fed.run_dir, "a non-empty path"),
             _choice(self, "fed.student_init"),
-            ("fed.student_init", self.fed.student_init != "teacher" or self.model.student == self.model.teacher,
-             "'teacher' only when model.student == model.teacher (the student starts from the teacher's weights); "
-             "set fed.student_init=scratch for a student backbone of its own"),
+            (
+                "fed.student_init",
+                self.fed.student_init != "teacher" or self.model.student == self.model.teacher,
+                "'teacher' only when model.student == model.teacher (the student starts from the teacher's weights); "
+                "set fed.student_init=scratch for a student backbone of its own",
+            ),
             ("fed.num_bins", self.fed.num_bins >= 10, ">= 10"),
             ("fed.max_norm_ratio", self.fed.max_norm_ratio > 1, "> 1 (a multiple of the median update norm)"),
             _choice(self, "fed.student_sites"),
-            ("fed.student_sites", self.fed.student_sites == "wli" or not self.distils,
-             "'all' (the joint cross-modal baseline) only with pagkd.use_pro=false pagkd.use_den=false"),
+            (
+                "fed.student_sites",
+                self.fed.student_sites == "wli" or not self.distils,
+                "'all' (the joint cross-modal baseline) only with pagkd.use_pro=false pagkd.use_den=false",
+            ),
             ("fed.fedproto_weight", self.fed.fedproto_weight >= 0, ">= 0 (0 = off)"),
             _choice(self, "fed.aggregation"),
             ("fed.trim_fraction", 0 <= self.fed.trim_fraction < 0.5, "in [0, 0.5)"),
@@ -292,9 +316,11 @@ class Config:
             ("privacy.noise_multiplier", self.privacy.noise_multiplier >= 0, ">= 0 (0 = no DP noise)"),
             ("privacy.clip", self.privacy.clip > 0, "> 0"),
             ("privacy.delta", 0 < self.privacy.delta < 1, "in (0, 1)"),
-            ("privacy.secure_aggregation", not self.privacy.secure_aggregation
-             or (self.fed.aggregation == "mean" and self.fed.clip_ratio == 0),
-             "false with fed.aggregation != mean or fed.clip_ratio > 0 (under secure aggregation the server sees only sums)"),
+            (
+                "privacy.secure_aggregation",
+                not self.privacy.secure_aggregation or (self.fed.aggregation == "mean" and self.fed.clip_ratio == 0),
+                "false with fed.aggregation != mean or fed.clip_ratio > 0 (under secure aggregation the server sees only sums)",
+            ),
         ]
         for key, ok, allowed in checks:
             if not ok:
@@ -477,15 +503,12 @@ def config_from_flat(values: Mapping[str, Any], base: Config | None = None) -> C
         parts = _normalise(raw_key).split(".")
         if len(parts) != 2 or parts[0] not in sections:
             raise ConfigError(
-                f"unknown config key '{raw_key}': keys look like '<section>.<name>' with section one of "
-                f"{sorted(sections)}"
+                f"unknown config key '{raw_key}': keys look like '<section>.<name>' with section one of {sorted(sections)}"
             )
         section, name = parts
         fields = _field_types(sections[section])
         if name not in fields:
-            raise ConfigError(
-                f"unknown config key '{raw_key}': section '{section}' has {sorted(fields)}"
-            )
+            raise ConfigError(f"unknown config key '{raw_key}': section '{section}' has {sorted(fields)}")
         setattr(getattr(cfg, section), name, _coerce(raw_key, value, fields[name]))
     names = parse_class_names(cfg.data.class_names)
     if names:  # the names define the classes; Flower's run config always carries a num_classes too
@@ -544,15 +567,16 @@ __all__ = [
 ]
 
 
-
 def register_hydra_schema(name: str, extra: dict[str, Any]) -> None:
     """Register ``Config`` plus entry-point sections (``extra``: name -> dataclass instance) as
     a Hydra structured config, so YAML presets and CLI overrides are type-checked against the
     same schema Flower's run config uses (a key missing from a preset is still settable)."""
     from hydra.core.config_store import ConfigStore
 
-    sections = [(section, mirror, field(default_factory=mirror))
-                for section, mirror in ((s, _hydra_mirror(cls)) for s, cls in _field_types(Config).items())]
+    sections = [
+        (section, mirror, field(default_factory=mirror))
+        for section, mirror in ((s, _hydra_mirror(cls)) for s, cls in _field_types(Config).items())
+    ]
     fields = [(key, type(value), field(default_factory=lambda v=value: dataclasses.replace(v))) for key, value in extra.items()]
     schema = dataclasses.make_dataclass(f"{name}_schema", sections + fields)
     ConfigStore.instance().store(name=f"{name}_schema", node=schema)

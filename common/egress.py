@@ -64,7 +64,11 @@ def _key(entry: Mapping[str, Any]) -> str:
 def _brief(entry: Mapping[str, Any]) -> str:
     shapes = ", ".join(f"{k} {v['dtype']}{v['shape']}" for k, v in sorted((entry.get("arrays") or {}).items()))
     weights = ", ".join(f"{b} {w['tensors']} tensors" for b, w in sorted((entry.get("weights") or {}).items()))
-    return f"'{entry.get('kind')}' of {entry.get('bytes')} bytes" + (f" [{shapes}]" if shapes else "") + (f" [{weights}]" if weights else "")
+    return (
+        f"'{entry.get('kind')}' of {entry.get('bytes')} bytes"
+        + (f" [{shapes}]" if shapes else "")
+        + (f" [{weights}]" if weights else "")
+    )
 
 
 def compare(site: str, sent: Sequence[Mapping[str, Any]], coordinator: Iterable[Mapping[str, Any]]) -> list[str]:

@@ -72,9 +72,7 @@ def _class_indices(labels: torch.Tensor, min_size: int) -> Iterator[tuple[int, t
             yield int(c), idx
 
 
-def random_groups(
-    labels: torch.Tensor, group_size: int, min_size: int, generator: torch.Generator
-) -> list[Group]:
+def random_groups(labels: torch.Tensor, group_size: int, min_size: int, generator: torch.Generator) -> list[Group]:
     """Random same-class groups of ``group_size`` images.
 
     Per class: shuffle its indices and cut them into chunks of ``group_size``; a last chunk
@@ -186,9 +184,7 @@ def _reseed_empty(x: torch.Tensor, centroids: torch.Tensor, assign: torch.Tensor
     return centroids
 
 
-def kmeans(
-    x: torch.Tensor, k: int, iters: int, generator: torch.Generator
-) -> tuple[torch.Tensor, torch.Tensor]:
+def kmeans(x: torch.Tensor, k: int, iters: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """Lloyd's k-means with k-means++ seeding.
 
     Args:
@@ -338,9 +334,7 @@ def cluster_statistics(
     used = centroids.shape[0]
     scale = 1.0 if weights is None else weights.to(x.dtype)[:, None]
     part_sums, part_counts = centroid_sums(x * scale, assign, used)
-    distinct = torch.tensor(
-        [owners[assign == j].unique().numel() for j in range(used)], dtype=torch.long, device=x.device
-    )
+    distinct = torch.tensor([owners[assign == j].unique().numel() for j in range(used)], dtype=torch.long, device=x.device)
     keep = (distinct >= min_owners)[:, None]
     sums[:used] = torch.where(keep, part_sums, 0)
     counts[:used] = torch.where(keep[:, 0], part_counts, 0)

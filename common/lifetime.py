@@ -76,7 +76,9 @@ def exit_with_service(what: str, poll_s: float = 2.0) -> dict[int, str]:
             if os.getppid() != parent and not gone:
                 gone = [f"parent pid {parent}"]
             if gone:
-                log.error("%s: %s is gone; exiting (code %d) so that no work outlives its service", what, ", ".join(gone), EXIT_CODE)
+                log.error(
+                    "%s: %s is gone; exiting (code %d) so that no work outlives its service", what, ", ".join(gone), EXIT_CODE
+                )
                 for handler in logging.getLogger().handlers:
                     try:
                         handler.flush()

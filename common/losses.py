@@ -99,12 +99,17 @@ class KnowledgeBank:
         :func:`common.records.mean_of`. Slots with count 0 are invalid. Keys are the foreground
         then the background centroids, labelled accordingly.
         """
-        means = {s.sum: torch.from_numpy(np.ascontiguousarray(mean_of(arrays[s.sum], arrays[s.count]))) for s in KNOWLEDGE_STATISTICS}
+        means = {
+            s.sum: torch.from_numpy(np.ascontiguousarray(mean_of(arrays[s.sum], arrays[s.count]))) for s in KNOWLEDGE_STATISTICS
+        }
         counts = {s.count: torch.from_numpy(np.ascontiguousarray(arrays[s.count])) for s in KNOWLEDGE_STATISTICS}
         fg, bg = STATISTICS["foreground"], STATISTICS["background"]
         keys = torch.cat([means[fg.sum], means[bg.sum]], dim=1)
         key_labels = torch.cat(
-            [torch.full_like(counts[fg.count], FOREGROUND, dtype=torch.long), torch.full_like(counts[bg.count], BACKGROUND, dtype=torch.long)],
+            [
+                torch.full_like(counts[fg.count], FOREGROUND, dtype=torch.long),
+                torch.full_like(counts[bg.count], BACKGROUND, dtype=torch.long),
+            ],
             dim=1,
         )
         key_valid = torch.cat([counts[fg.count] > 0, counts[bg.count] > 0], dim=1)
@@ -112,7 +117,9 @@ class KnowledgeBank:
         return cls(means[proto.sum].float(), counts[proto.count] > 0, keys.float(), key_labels, key_valid)
 
     def to(self, device: torch.device | str) -> "KnowledgeBank":
-        return KnowledgeBank(*(t.to(device) for t in (self.prototypes, self.prototype_valid, self.keys, self.key_labels, self.key_valid)))
+        return KnowledgeBank(
+            *(t.to(device) for t in (self.prototypes, self.prototype_valid, self.keys, self.key_labels, self.key_valid))
+        )
 
     @property
     def num_classes(self) -> int:
@@ -236,7 +243,9 @@ def gkd_den_loss(
 # --------------------------------------------------------------------------- the total
 
 
-def prototype_regulariser(embeddings: torch.Tensor, labels: torch.Tensor, prototypes: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+def prototype_regulariser(
+    embeddings: torch.Tensor, labels: torch.Tensor, prototypes: torch.Tensor, valid: torch.Tensor
+) -> torch.Tensor:
     """FedProto's regulariser: mean squared distance of each image's embedding to its class's
     global prototype, over the images whose class has one.
 

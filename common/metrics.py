@@ -274,9 +274,7 @@ def histogram_metrics(hist: ScoreHistogram) -> dict:
     Accuracy, sensitivity, specificity, precision and F1 are exact (they come from the confusion
     matrix); the AUC is the binned ROC's, with pairs in the same bin counted 1/2.
     """
-    auc_per_class = np.array(
-        [_auc_from_counts(hist.positives[c], hist.negatives[c]) for c in range(hist.num_classes)]
-    )
+    auc_per_class = np.array([_auc_from_counts(hist.positives[c], hist.negatives[c]) for c in range(hist.num_classes)])
     return _summarise(hist.confusion, auc_per_class)
 
 

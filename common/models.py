@@ -43,9 +43,7 @@ class PaGKDNet(nn.Module):
     trains it without touching the frozen teacher.
     """
 
-    def __init__(
-        self, backbone: str, num_classes: int, embed_dim: int, detach_embed: bool = False, output_stride: int = 32
-    ):
+    def __init__(self, backbone: str, num_classes: int, embed_dim: int, detach_embed: bool = False, output_stride: int = 32):
         super().__init__()
         # output_stride 16/8 dilates the last stage: more tokens per image at the same resolution.
         extra = {} if output_stride == 32 else {"output_stride": output_stride}
@@ -150,7 +148,9 @@ class GroupView:
     group_labels: torch.Tensor  # long [G]
 
 
-def labelled_forward(net: PaGKDNet, images: torch.Tensor, labels: torch.Tensor, pagkd: PaGKDConfig) -> tuple[NetOutput, torch.Tensor]:
+def labelled_forward(
+    net: PaGKDNet, images: torch.Tensor, labels: torch.Tensor, pagkd: PaGKDConfig
+) -> tuple[NetOutput, torch.Tensor]:
     """forward -> token labels: images [B, 3, H, W], labels [B] -> (outputs, token labels [B, N])."""
     out = net(images)
     token_labels = cam_token_labels(out.feature_map, net.classifier.weight, labels, pagkd.fg_threshold, pagkd.bg_threshold)
@@ -158,8 +158,13 @@ def labelled_forward(net: PaGKDNet, images: torch.Tensor, labels: torch.Tensor, 
 
 
 def group_view(
-    net: PaGKDNet, head: LesionQueryHead, images: torch.Tensor, labels: torch.Tensor, pagkd: PaGKDConfig,
-    generator: torch.Generator, grouped: bool = True,
+    net: PaGKDNet,
+    head: LesionQueryHead,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    pagkd: PaGKDConfig,
+    generator: torch.Generator,
+    grouped: bool = True,
 ) -> GroupView:
     """forward -> token labels -> groups -> prototypes for one batch: the step every student
     step and every live-teacher bank shares. Groups follow ``pagkd.grouping``
@@ -257,9 +262,11 @@ def pretrained_backbone_state(backbone: str, file: str | Path | None = None) -> 
 
 
 def _offline_fix(backbone: str, err: Exception) -> str:
-    return (f"cannot load timm's pretrained weights for '{backbone}' ({type(err).__name__}: {err}). On a machine with "
-            f"internet run `fedpagkd fetch-weights {backbone} --out {backbone}.safetensors`, copy the file here and set "
-            "model.teacher_weights / model.student_weights to its path; or set model.pretrained=false to start from scratch")
+    return (
+        f"cannot load timm's pretrained weights for '{backbone}' ({type(err).__name__}: {err}). On a machine with "
+        f"internet run `fedpagkd fetch-weights {backbone} --out {backbone}.safetensors`, copy the file here and set "
+        "model.teacher_weights / model.student_weights to its path; or set model.pretrained=false to start from scratch"
+    )
 
 
 def load_pretrained(module: nn.Module, backbone: str) -> int:

@@ -86,8 +86,10 @@ class MetricsBoard:
             return
         cls = writer_class or _summary_writer_class()
         if cls is None:
-            log.info("TensorBoard event files skipped: the optional 'tensorboard' package is not installed "
-                     "(pip install 'fedpagkd[tensorboard]'); metrics.json has every round")
+            log.info(
+                "TensorBoard event files skipped: the optional 'tensorboard' package is not installed "
+                "(pip install 'fedpagkd[tensorboard]'); metrics.json has every round"
+            )
             return
         self.writer = cls(log_dir=str(Path(run_dir) / self.SUBDIR))
 

@@ -109,6 +109,7 @@ _F32, _I64 = "float32", "int64"
 
 # --------------------------------------------------------------------------- the knowledge statistics
 
+
 class _Key:
     """A :class:`Statistic`'s wire key: ``<statistic name>_<attribute name>``."""
 
@@ -211,6 +212,7 @@ def statistic_means(stats: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Every float sum of a bank (:data:`BANK_STATISTICS`) as its mean (same keys and shapes)."""
     return {name: mean_of(stats[name], stats[count]) for name, count in SUM_COUNT_PAIRS}
 
+
 # FedProto-style baseline: per-class sums of the WLI students' mean embedded tokens (zeros when off).
 CLASS_PROTOTYPES = (
     ArrayField("class_prototype_sum", _F32, ("C", "D")),
@@ -255,14 +257,21 @@ SCHEMAS: dict[str, Schema] = {
         ),
         # The received teacher is the previous round's global one: "evaluate" scores it (val).
         Schema("teacher.train", config=_ROUND + (("local-epochs", int),) + _SPAN + _EVALUATE, weights=("teacher", "head")),
-        Schema("teacher.update", arrays=EVALUATION_FIELDS, config=(("num-examples", int), ("loss", float)) + EVALUATED,
-               weights=("teacher", "head")),
+        Schema(
+            "teacher.update",
+            arrays=EVALUATION_FIELDS,
+            config=(("num-examples", int), ("loss", float)) + EVALUATED,
+            weights=("teacher", "head"),
+        ),
         # "evaluate": also score the (selected) teacher on the test split (its evaluation rides on
         # this reply instead of costing a message of its own).
         Schema("knowledge.seed", config=_ROUND + _EVALUATE, weights=("teacher", "head")),
         # "public-key": the site's X25519 key (hex) for this refresh's secure aggregation; "" when off.
-        Schema("knowledge.seeds", arrays=KNOWLEDGE_SEEDS_FIELDS + EVALUATION_FIELDS,
-               config=(("groups", int), ("public-key", str)) + EVALUATED),
+        Schema(
+            "knowledge.seeds",
+            arrays=KNOWLEDGE_SEEDS_FIELDS + EVALUATION_FIELDS,
+            config=(("groups", int), ("public-key", str)) + EVALUATED,
+        ),
         # "peers": JSON {site-name: public-key hex} of every site in this secure sum ("" when off);
         # "attempt" changes the masks when a step is restarted without a site that dropped out.
         Schema("knowledge.stats", arrays=CENTROIDS, config=_ROUND + (("iteration", int), ("peers", str), ("attempt", int))),
@@ -340,7 +349,9 @@ def _check_config(where: str, config: Mapping[str, Any], schema: Schema) -> None
         if not ok:
             raise PayloadError(f"{where}: config '{key}' = {value!r} should be {kind.__name__}")
         if isinstance(value, str) and len(value) > MAX_STRING_CHARS:
-            raise PayloadError(f"{where}: config '{key}' is {len(value)} characters long, at most {MAX_STRING_CHARS} are accepted")
+            raise PayloadError(
+                f"{where}: config '{key}' is {len(value)} characters long, at most {MAX_STRING_CHARS} are accepted"
+            )
         if isinstance(value, int) and not isinstance(value, bool) and not -(2**63) <= value < 2**63:
             raise PayloadError(f"{where}: config '{key}' = {value} does not fit in int64 (what a record carries)")
         if kind is float:
@@ -353,7 +364,10 @@ def _check_config(where: str, config: Mapping[str, Any], schema: Schema) -> None
 
 
 def check_weights(
-    where: str, block: str, weights: Mapping[str, np.ndarray], reference: Mapping[str, tuple[tuple[int, ...], str]],
+    where: str,
+    block: str,
+    weights: Mapping[str, np.ndarray],
+    reference: Mapping[str, tuple[tuple[int, ...], str]],
     model: str = "the model",
 ) -> None:
     """The one weight-shape check: ``weights`` (a received state dict of numpy arrays) must have
@@ -373,8 +387,10 @@ def check_weights(
         array = weights[name]
         if not isinstance(array, np.ndarray) or array.shape != tuple(shape) or array.dtype != np.dtype(dtype):
             got_shape, got_dtype = getattr(array, "shape", None), getattr(array, "dtype", type(array).__name__)
-            raise PayloadError(f"{where}: weights '{block}.{name}' has shape {got_shape} and dtype {got_dtype}, "
-                               f"expected shape {tuple(shape)} and dtype {dtype} ({model})")
+            raise PayloadError(
+                f"{where}: weights '{block}.{name}' has shape {got_shape} and dtype {got_dtype}, "
+                f"expected shape {tuple(shape)} and dtype {dtype} ({model})"
+            )
         if array.dtype.kind == "f" and not np.isfinite(array).all():
             raise PayloadError(f"{where}: weights '{block}.{name}' hold NaN or Inf")
 
@@ -409,7 +425,9 @@ def validate(
     _check_config(where, payload.config, schema)
     config = payload.config
     if "evaluate" in config and config["evaluate"] not in ("", *EVALUATION_SPLITS):
-        raise PayloadError(f"{where}: config 'evaluate' = {config['evaluate']!r}, expected '' or one of {list(EVALUATION_SPLITS)}")
+        raise PayloadError(
+            f"{where}: config 'evaluate' = {config['evaluate']!r}, expected '' or one of {list(EVALUATION_SPLITS)}"
+        )
     if "schedule-start" in config and not 0.0 <= config["schedule-start"] <= config["schedule-end"] <= 1.0:
         raise PayloadError(f"{where}: schedule span [{config['schedule-start']}, {config['schedule-end']}] is not within [0, 1]")
     blocks = set(schema.weights)

@@ -149,9 +149,7 @@ def encode_fixed_point(arrays: Mapping[str, np.ndarray], sum_bound_sites: int = 
     return {key: _encode_one(key, value, limit) for key, value in arrays.items()}
 
 
-def decode_fixed_point(
-    encoded: Mapping[str, np.ndarray], like: Mapping[str, np.dtype | str]
-) -> dict[str, np.ndarray]:
+def decode_fixed_point(encoded: Mapping[str, np.ndarray], like: Mapping[str, np.dtype | str]) -> dict[str, np.ndarray]:
     """Inverse of :func:`encode_fixed_point` for int64 arrays (e.g. a sum over sites).
 
     ``like`` maps each key to its plaintext dtype: float keys are divided by 2**FRACTION_BITS in
@@ -174,8 +172,9 @@ def decode_fixed_point(
 # ------------------------------------------------------------------------------ masking
 
 
-def _pair_stream(own_private: X25519PrivateKey, own_name: str, peer_name: str, peer_public: bytes,
-                 context: bytes, n_values: int) -> np.ndarray:
+def _pair_stream(
+    own_private: X25519PrivateKey, own_name: str, peer_name: str, peer_public: bytes, context: bytes, n_values: int
+) -> np.ndarray:
     """The ChaCha20 keystream of the pair (own, peer) as ``n_values`` uint64; both ends agree."""
     peer_key = X25519PublicKey.from_public_bytes(_check_key_bytes(peer_public, f"public key of {peer_name!r}"))
     try:
@@ -183,8 +182,9 @@ def _pair_stream(own_private: X25519PrivateKey, own_name: str, peer_name: str, p
     except ValueError as err:  # a low-order point gives an all-zero secret, which cryptography refuses
         raise SecAggError(f"public key of {peer_name!r} is unusable ({err}); that site must send a fresh key") from err
     lo, hi = sorted((own_name.encode(), peer_name.encode()))
-    key = HKDF(algorithm=hashes.SHA256(), length=32, salt=None,
-               info=_INFO_PREFIX + context + b"|" + lo + b"|" + hi).derive(shared)
+    key = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=_INFO_PREFIX + context + b"|" + lo + b"|" + hi).derive(
+        shared
+    )
     encryptor = Cipher(algorithms.ChaCha20(key, _NONCE), mode=None).encryptor()
     return np.frombuffer(encryptor.update(bytes(8 * n_values)), dtype="<u8").astype(np.uint64)
 
@@ -199,8 +199,7 @@ def _check_roster(own_name: str, own_public: bytes, peers: Mapping[str, bytes]) 
     others = {name: key for name, key in peers.items() if name != own_name}
     if not others:
         raise SecAggError(
-            f"site {own_name!r} has no peers: a lone site cannot hide its values; "
-            "aggregate securely only with at least two sites"
+            f"site {own_name!r} has no peers: a lone site cannot hide its values; aggregate securely only with at least two sites"
         )
     owners: dict[bytes, str] = {own_public: own_name}
     for name, key in others.items():
@@ -212,8 +211,9 @@ def _check_roster(own_name: str, own_public: bytes, peers: Mapping[str, bytes]) 
     return others
 
 
-def pairwise_masks(own_name: str, own_private: bytes, peers: Mapping[str, bytes], context: bytes,
-                   shapes: Mapping[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
+def pairwise_masks(
+    own_name: str, own_private: bytes, peers: Mapping[str, bytes], context: bytes, shapes: Mapping[str, tuple[int, ...]]
+) -> dict[str, np.ndarray]:
     """This site's total mask for arrays of the given shapes, as int64 (uint64 bit pattern).
 
     ``peers`` maps the other sites' names to their raw 32-byte public keys (``own_name`` may be

@@ -43,7 +43,9 @@ def summary(fab: bytes) -> dict:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("app_dir", nargs="?", type=Path, default=REPO, help="an app folder (default: this checkout) or a .fab file")
+    parser.add_argument(
+        "app_dir", nargs="?", type=Path, default=REPO, help="an app folder (default: this checkout) or a .fab file"
+    )
     parser.add_argument("--list", action="store_true", help="print every file of the bundle")
     parser.add_argument("--out", type=Path, help="also write the .fab here")
     parser.add_argument("--digest", action="store_true", help="print only the digest (FEDPAGKD_APP_DIGEST=$(... --digest))")

@@ -76,7 +76,9 @@ def cli_runner(connection_home: str | None = None) -> FlwrJson:
         try:
             return json.loads(proc.stdout)
         except json.JSONDecodeError:
-            raise RegistryError(f"flwr {' '.join(args[:2])}: no JSON (exit {proc.returncode}): {proc.stderr or proc.stdout}") from None
+            raise RegistryError(
+                f"flwr {' '.join(args[:2])}: no JSON (exit {proc.returncode}): {proc.stderr or proc.stdout}"
+            ) from None
 
     return run
 
@@ -91,8 +93,12 @@ def register(flwr_json: FlwrJson, registry: Path, public_key: Path, name: str, c
     out = flwr_json("supernode", "register", str(public_key), connection, "--name", name)
     if not out.get("success"):
         raise RegistryError(f"flwr supernode register {public_key} {connection} failed: {out.get('error-message', out)}")
-    entry = {"node-id": str(out["node-id"]), "fingerprint": print_, "public-key": str(Path(public_key).resolve()),
-             "registered-at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    entry = {
+        "node-id": str(out["node-id"]),
+        "fingerprint": print_,
+        "public-key": str(Path(public_key).resolve()),
+        "registered-at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
     sites[name] = entry
     save(registry, sites)
     return entry
@@ -129,14 +135,27 @@ def status(flwr_json: FlwrJson, registry: Path, connection: str) -> list[dict[st
         if "unregistered-at" in entry:
             continue
         node = nodes.pop(entry["node-id"], None)
-        rows.append({"site": name, "node-id": entry["node-id"], "fingerprint": entry["fingerprint"],
-                     "status": node.get("status") if node else "not known to the SuperLink",
-                     "last-contact": last_contact(node) if node else "-"})
+        rows.append(
+            {
+                "site": name,
+                "node-id": entry["node-id"],
+                "fingerprint": entry["fingerprint"],
+                "status": node.get("status") if node else "not known to the SuperLink",
+                "last-contact": last_contact(node) if node else "-",
+            }
+        )
     for node_id, node in sorted(nodes.items()):
         if node.get("status") == "unregistered":
             continue
-        rows.append({"site": "(not in registry)", "node-id": node_id, "fingerprint": "?", "status": node.get("status"),
-                     "last-contact": last_contact(node)})
+        rows.append(
+            {
+                "site": "(not in registry)",
+                "node-id": node_id,
+                "fingerprint": "?",
+                "status": node.get("status"),
+                "last-contact": last_contact(node),
+            }
+        )
     return rows
 
 

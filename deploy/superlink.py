@@ -57,12 +57,19 @@ class ApiSplit:
                 if scope["type"] == "websocket":
                     await send({"type": "websocket.close", "code": 1008})
                     return
-                body = json.dumps({
-                    "detail": f"{path} is not served on the Fleet API listener (port {self.fleet_port}); "
-                              "the Control and Runtime APIs listen on the operator-only --control-api-address",
-                }).encode()
-                await send({"type": "http.response.start", "status": 403,
-                            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+                body = json.dumps(
+                    {
+                        "detail": f"{path} is not served on the Fleet API listener (port {self.fleet_port}); "
+                        "the Control and Runtime APIs listen on the operator-only --control-api-address",
+                    }
+                ).encode()
+                await send(
+                    {
+                        "type": "http.response.start",
+                        "status": 403,
+                        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+                    }
+                )
                 await send({"type": "http.response.body", "body": body})
                 return
         await self.app(scope, receive, send)
@@ -83,8 +90,10 @@ def bind(host: str, port: int, flag: str) -> socket.socket:
     try:
         sock.bind((host, port))
     except OSError as err:
-        raise SystemExit(f"fedpagkd-superlink: ERROR: cannot listen on {host}:{port} ({flag}): {err}; "
-                         "is another SuperLink running, or is the address not on this machine?") from None
+        raise SystemExit(
+            f"fedpagkd-superlink: ERROR: cannot listen on {host}:{port} ({flag}): {err}; "
+            "is another SuperLink running, or is the address not on this machine?"
+        ) from None
     sock.listen(2048)
     sock.set_inheritable(True)
     return sock
@@ -123,8 +132,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     from flwr.supercore.version import package_version
 
     if not package_version.startswith(SUPPORTED_FLWR):
-        raise SystemExit(f"fedpagkd-superlink: ERROR: written for flwr {'/'.join(v + 'x' for v in SUPPORTED_FLWR)}, "
-                         f"found {package_version}: check that the new release still serves every API on one port")
+        raise SystemExit(
+            f"fedpagkd-superlink: ERROR: written for flwr {'/'.join(v + 'x' for v in SUPPORTED_FLWR)}, "
+            f"found {package_version}: check that the new release still serves every API on one port"
+        )
     import uvicorn
     import importlib
 
@@ -137,12 +148,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = fs._parse_superlink_lifespan_config()  # Flower's own parsing and checks (TLS, auth, ...)
     sockets = [bind(control_host, control_port, "--control-api-address"), bind(fleet_host, fleet_port, "--fleet-api-address")]
     app = ApiSplit(create_app(config, fs.SuperLinkLifespan), fleet_port)
-    print(f"fedpagkd-superlink: Fleet API on https://{fleet_host}:{fleet_port} (sites), "
-          f"Control + Runtime API on https://{control_host}:{control_port} (operator only)", flush=True)
-    server = uvicorn.Server(uvicorn.Config(
-        app=app, reload=False, access_log=True, log_config=get_uvicorn_log_config(console_handler.level),
-        ssl_keyfile=config.ssl_keyfile, ssl_certfile=config.ssl_certfile, workers=1, lifespan="on",
-    ))
+    print(
+        f"fedpagkd-superlink: Fleet API on https://{fleet_host}:{fleet_port} (sites), "
+        f"Control + Runtime API on https://{control_host}:{control_port} (operator only)",
+        flush=True,
+    )
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app=app,
+            reload=False,
+            access_log=True,
+            log_config=get_uvicorn_log_config(console_handler.level),
+            ssl_keyfile=config.ssl_keyfile,
+            ssl_certfile=config.ssl_certfile,
+            workers=1,
+            lifespan="on",
+        )
+    )
     server.run(sockets=sockets)
     return 0
 

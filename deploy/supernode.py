@@ -64,8 +64,10 @@ DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
 SCRIPT = str(Path(__file__).resolve())
 SUPEREXEC, CLIENTAPP = "flower-superexec", "flwr-clientapp"  # the internal modes, named as Flower's processes
 PROG = "fedpagkd-supernode"
-FIX = ("Fix: the coordinator submits the release this site reviewed (`python -m deploy.bundle` on it prints "
-       "its digest); or the site reviews this bundle and pins it: FEDPAGKD_APP_DIGEST / --app-digest, then restart")
+FIX = (
+    "Fix: the coordinator submits the release this site reviewed (`python -m deploy.bundle` on it prints "
+    "its digest); or the site reviews this bundle and pins it: FEDPAGKD_APP_DIGEST / --app-digest, then restart"
+)
 
 
 class UntrustedBundle(PermissionError):
@@ -95,15 +97,17 @@ def parse_pins(text: str) -> frozenset[str] | None:
         return None
     bad = [v for v in values if not DIGEST_RE.match(v)]
     if not values or bad:
-        raise ValueError(f"--app-digest {text!r}: expected sha256:<64 lower-case hex digits> (comma-separated for "
-                         f"several) or '{ANY}'; `python -m deploy.bundle` on the reviewed release prints the digest")
+        raise ValueError(
+            f"--app-digest {text!r}: expected sha256:<64 lower-case hex digits> (comma-separated for "
+            f"several) or '{ANY}'; `python -m deploy.bundle` on the reviewed release prints the digest"
+        )
     return frozenset(values)
 
 
 def refusal(site: str, received: str, pins: Iterable[str], why: str = "") -> str:
     """The one line a site logs (and sends as its error) when it refuses a bundle."""
     expected = " or ".join(sorted(pins))
-    return (f"site '{site}' REFUSES app bundle {received}{why}: it trusts only --app-digest {expected}. {FIX}")
+    return f"site '{site}' REFUSES app bundle {received}{why}: it trusts only --app-digest {expected}. {FIX}"
 
 
 def check_fab(fab: bytes, pins: frozenset[str] | None, site: str, claimed_hash: str | None = None) -> str:
@@ -135,6 +139,7 @@ def run_clientapp(argv: Sequence[str]) -> None:
 
     from flwr.supercore import log
     from flwr.supernode.cli import flwr_clientapp
+
     flower = importlib.import_module("flwr.supernode.runtime.run_clientapp")
 
     pulled: dict[str, Any] = {}
@@ -179,6 +184,7 @@ def run_superexec(argv: Sequence[str]) -> None:
 
     from flwr.supercore.cli import flower_superexec
     from flwr.supercore.constant import TaskType
+
     flower = importlib.import_module("flwr.supercore.superexec.run_superexec")
     from flwr.supercore.superexec.executor import LaunchResult
     from flwr.supercore.superexec.executor.subprocess_executor import SubprocessExecutor
@@ -193,8 +199,17 @@ def run_superexec(argv: Sequence[str]) -> None:
         def launch(self, spec: Any) -> Any:
             if spec.task_type != TaskType.CLIENT_APP:
                 return LaunchResult.failed(f"{PROG} runs ClientApps only, not {spec.task_type}")
-            args = [sys.executable, SCRIPT, CLIENTAPP, "--app-digest", ours.app_digest,
-                    "--runtime-api-address", spec.runtime_api_address, "--token", spec.token]
+            args = [
+                sys.executable,
+                SCRIPT,
+                CLIENTAPP,
+                "--app-digest",
+                ours.app_digest,
+                "--runtime-api-address",
+                spec.runtime_api_address,
+                "--token",
+                spec.token,
+            ]
             if spec.insecure:
                 args.append("--insecure")
             elif spec.root_certificates_path is not None:
@@ -227,7 +242,7 @@ SECRET_PREFIX = "fedpagkd-superexec-"
 def _remove_stale_secrets() -> None:
     """Secret folders of this user's SuperNodes that were killed (no atexit): removed."""
     for entry in Path(tempfile.gettempdir()).glob(f"{SECRET_PREFIX}*"):
-        pid = entry.name[len(SECRET_PREFIX):].split("-")[0]
+        pid = entry.name[len(SECRET_PREFIX) :].split("-")[0]
         try:
             mine = entry.is_dir() and entry.stat().st_uid == os.getuid()
         except OSError:
@@ -238,7 +253,9 @@ def _remove_stale_secrets() -> None:
 
 def run_supernode(argv: Sequence[str]) -> None:
     if any(a in ("-h", "--help") for a in argv):
-        print(__doc__.split("\n\n")[0] + "\n\nusage: fedpagkd-supernode --app-digest sha256:...|any [flower-supernode arguments]\n")
+        print(
+            __doc__.split("\n\n")[0] + "\n\nusage: fedpagkd-supernode --app-digest sha256:...|any [flower-supernode arguments]\n"
+        )
         from flwr.supernode.cli import flower_supernode
 
         sys.argv = ["flower-supernode", "--help"]
@@ -248,8 +265,10 @@ def run_supernode(argv: Sequence[str]) -> None:
     parser.add_argument("--app-digest")
     ours, rest = parser.parse_known_args(argv)
     if ours.app_digest is None:
-        raise SystemExit(f"{PROG}: ERROR: --app-digest is required: the digest of the app bundle this site reviewed "
-                         f"(`python -m deploy.bundle` on that release prints it), or '{ANY}' to run any bundle")
+        raise SystemExit(
+            f"{PROG}: ERROR: --app-digest is required: the digest of the app bundle this site reviewed "
+            f"(`python -m deploy.bundle` on that release prints it), or '{ANY}' to run any bundle"
+        )
     try:
         parse_pins(ours.app_digest)
     except ValueError as err:
@@ -273,10 +292,20 @@ def run_supernode(argv: Sequence[str]) -> None:
     fd = os.open(secret, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as handle:
         handle.write(secrets.token_hex(32).encode())
-    cmd = [sys.executable, SCRIPT, SUPEREXEC, "--app-digest", ours.app_digest,
-           "--runtime-api-address", _runtime_address(runtime.host, runtime.port),
-           *(["--root-certificates", runtime.ssl_ca_certfile] if runtime.ssl_ca_certfile else ["--insecure"]),
-           "--superexec-auth-secret-file", str(secret), "--parent-pid", str(os.getpid())]
+    cmd = [
+        sys.executable,
+        SCRIPT,
+        SUPEREXEC,
+        "--app-digest",
+        ours.app_digest,
+        "--runtime-api-address",
+        _runtime_address(runtime.host, runtime.port),
+        *(["--root-certificates", runtime.ssl_ca_certfile] if runtime.ssl_ca_certfile else ["--insecure"]),
+        "--superexec-auth-secret-file",
+        str(secret),
+        "--parent-pid",
+        str(os.getpid()),
+    ]
     if runtime.allow_runtime_dependency_installation:
         cmd.append("--allow-runtime-dependency-installation")
     child = subprocess.Popen(cmd)  # noqa: S603  pylint: disable=consider-using-with

@@ -22,7 +22,9 @@ def site_epsilon(privacy: PrivacyConfig, releases: int) -> float | None:
     """Epsilon at ``privacy.delta`` after ``releases`` releases; None without noise (no DP guarantee)."""
     if privacy.noise_multiplier <= 0:
         return None
-    accountant = RdpAccountant(AccountingConfig(privacy.delta, 1, NeighboringRelation.ADD_OR_REMOVE_ONE, SamplingMethod.NO_AMPLIFICATION))
+    accountant = RdpAccountant(
+        AccountingConfig(privacy.delta, 1, NeighboringRelation.ADD_OR_REMOVE_ONE, SamplingMethod.NO_AMPLIFICATION)
+    )
     accountant.compose(GaussianPrivacyEvent(privacy.noise_multiplier, 1, 1), count=releases * MECHANISMS_PER_RELEASE)
     return accountant.get_epsilon(privacy.delta)
 
@@ -30,8 +32,14 @@ def site_epsilon(privacy: PrivacyConfig, releases: int) -> float | None:
 def privacy_spent(privacy: PrivacyConfig, releases: Mapping[str, int]) -> dict[str, Any]:
     """The run's privacy report (``metrics.json["privacy"]``): the settings, each site's
     releases and epsilon, and ``max_epsilon`` (None unless every site has one)."""
-    report: dict[str, Any] = {"noise_multiplier": privacy.noise_multiplier, "clip": privacy.clip, "delta": privacy.delta,
-                              "secure_aggregation": privacy.secure_aggregation, "releases": releases, "epsilon": {}}
+    report: dict[str, Any] = {
+        "noise_multiplier": privacy.noise_multiplier,
+        "clip": privacy.clip,
+        "delta": privacy.delta,
+        "secure_aggregation": privacy.secure_aggregation,
+        "releases": releases,
+        "epsilon": {},
+    }
     for site, count in releases.items():
         report["epsilon"][site] = site_epsilon(privacy, count)
     spent = [e for e in report["epsilon"].values() if e is not None]

@@ -19,7 +19,16 @@ import torch
 from common.grouping import kmeans, update_centroids
 from common import secagg
 from common.records import (
-    BANK_STATISTICS, CENTROIDS, KNOWLEDGE_STATISTICS, SUM_COUNT_PAIRS, Dims, Payload, PayloadError, empty_statistics, mean_of, validate,
+    BANK_STATISTICS,
+    CENTROIDS,
+    KNOWLEDGE_STATISTICS,
+    SUM_COUNT_PAIRS,
+    Dims,
+    Payload,
+    PayloadError,
+    empty_statistics,
+    mean_of,
+    validate,
 )
 
 State = dict[str, np.ndarray]
@@ -98,7 +107,7 @@ def _class_centroids(seed_sum: np.ndarray, seed_count: np.ndarray, k: int, seed:
     centroids, _ = kmeans(torch.from_numpy(means.astype(np.float32)), k, 20, torch.Generator().manual_seed(seed))
     out[: len(centroids)] = centroids.numpy()
     if len(centroids) < k:  # too few seeds: repeat the last ones so every slot is a real location
-        out[len(centroids):] = centroids.numpy()[np.arange(k - len(centroids)) % len(centroids)]
+        out[len(centroids) :] = centroids.numpy()[np.arange(k - len(centroids)) % len(centroids)]
     return out
 
 
@@ -161,7 +170,7 @@ def _combine(stack: np.ndarray, method: str, trim_fraction: float, weights: np.n
         cut = int(np.floor(trim_fraction * n))
         if n - 2 * cut < 1:  # unreachable for trim_fraction < 0.5; kept as the guard the contract states
             raise ValueError(f"trimmed_mean: trimming {cut} of each end of {n} values leaves nothing")
-        return np.sort(stack, axis=0)[cut: n - cut].mean(axis=0)
+        return np.sort(stack, axis=0)[cut : n - cut].mean(axis=0)
     return np.average(stack, axis=0, weights=weights)
 
 
@@ -228,8 +237,12 @@ def robust_average(
 
 
 def aggregate_weights(
-    states: Mapping[str, Sequence[Mapping[str, np.ndarray]]], weights: Sequence[float], globals_: Mapping[str, Mapping[str, np.ndarray]],
-    method: str, trim_fraction: float, clip_ratio: float,
+    states: Mapping[str, Sequence[Mapping[str, np.ndarray]]],
+    weights: Sequence[float],
+    globals_: Mapping[str, Mapping[str, np.ndarray]],
+    method: str,
+    trim_fraction: float,
+    clip_ratio: float,
 ) -> tuple[dict[str, State], dict[str, list[float]]]:
     """New global weight blocks from the sites' ``states`` ({block: one state per site}): each
     block's updates clipped to ``clip_ratio`` x the median update norm against ``globals_``
@@ -261,9 +274,7 @@ def _robust_slot(means: np.ndarray, counts: np.ndarray, method: str, trim_fracti
     return _combine(means, method, trim_fraction, weights=counts)
 
 
-def robust_statistics(
-    replies: Sequence[Mapping[str, np.ndarray]], method: str, trim_fraction: float, clip_ratio: float
-) -> State:
+def robust_statistics(replies: Sequence[Mapping[str, np.ndarray]], method: str, trim_fraction: float, clip_ratio: float) -> State:
     """The knowledge bank from per-site :data:`common.records.BANK_STATISTICS`, robustly.
 
     prototype_sum [C, S, M, D] with prototype_count [C, S]; foreground_sum /
@@ -308,5 +319,7 @@ def unmask_bank(masked_replies: Sequence[Mapping[str, np.ndarray]], dims: Dims, 
     try:
         validate(Payload("knowledge.sums", arrays=bank, config={"groups": 0, "smallest-group": 0}), dims, sender="the masked sum")
     except PayloadError as err:
-        raise PayloadError(f"{step}: the masked sums did not decode to a valid bank ({err}); a site's masks did not cancel") from None
+        raise PayloadError(
+            f"{step}: the masked sums did not decode to a valid bank ({err}); a site's masks did not cancel"
+        ) from None
     return bank

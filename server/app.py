@@ -29,7 +29,9 @@ def run_folder(run_dir: str, run_name: str) -> Path:
     root = (base / Path(run_dir).expanduser()).resolve()
     folder = (root / name).resolve()
     if folder.parent != root:  # the config refuses such names; this keeps any other caller inside too
-        raise ValueError(f"fed.run_name {run_name!r} would put the run folder outside fed.run_dir {root}; use one plain folder name")
+        raise ValueError(
+            f"fed.run_name {run_name!r} would put the run folder outside fed.run_dir {root}; use one plain folder name"
+        )
     return folder
 
 

@@ -63,14 +63,18 @@ class Ledger:
         the state (``saved_seq`` writes) and count at least the state's releases per site."""
         assert self.path is not None
         if not self.path.is_file():
-            raise StateError(f"{self.path} (the run's traffic, egress audit and DP releases) is missing; restore it from a "
-                             "backup or start a new run with another fed.run_name: a run without it would undercount epsilon")
+            raise StateError(
+                f"{self.path} (the run's traffic, egress audit and DP releases) is missing; restore it from a "
+                "backup or start a new run with another fed.run_name: a run without it would undercount epsilon"
+            )
         saved = unseal(read_json(self.path), state_key(self.path.parent), self.path)
         short = {site: n for site, n in saved_releases.items() if saved["releases"].get(site, 0) < n}
         if saved["seq"] < saved_seq or short:
-            raise StateError(f"{self.path} is older than the run's state (write {saved['seq']} < {saved_seq}"
-                             + (f"; fewer DP releases for {sorted(short)}" if short else "")
-                             + "): restore the latest ledger from a backup or use another fed.run_name")
+            raise StateError(
+                f"{self.path} is older than the run's state (write {saved['seq']} < {saved_seq}"
+                + (f"; fewer DP releases for {sorted(short)}" if short else "")
+                + "): restore the latest ledger from a backup or use another fed.run_name"
+            )
         self.bytes, self.egress, self.timing, self.releases = saved["bytes"], saved["egress"], saved["timing"], saved["releases"]
         self.seq = saved["seq"]
 
@@ -89,7 +93,13 @@ class Ledger:
 
     def snapshot(self) -> dict[str, Any]:
         """What the run state records of the ledger (its write count pins this ledger's version)."""
-        return {"bytes": self.bytes, "timing": self.timing, "egress": self.egress, "releases": self.releases, "ledger_seq": self.seq}
+        return {
+            "bytes": self.bytes,
+            "timing": self.timing,
+            "egress": self.egress,
+            "releases": self.releases,
+            "ledger_seq": self.seq,
+        }
 
     def rename(self, names: dict[str, str]) -> None:
         """Entries logged under a placeholder (``node <id>`` before discovery) get the site's name."""
@@ -119,8 +129,14 @@ class Channel:
         started = time.perf_counter()
         replies = list(self.grid.send_and_receive(messages, timeout=self.timeout))
         first = next(iter(requests.values()), None)
-        timing = {"phase": phase, "kind": first.kind if first else "", "round": first.config.get("round") if first else None,
-                  "sites": len(requests), "wall_s": time.perf_counter() - started, "compute_s": {}}
+        timing = {
+            "phase": phase,
+            "kind": first.kind if first else "",
+            "round": first.config.get("round") if first else None,
+            "sites": len(requests),
+            "wall_s": time.perf_counter() - started,
+            "compute_s": {},
+        }
         self.ledger.timing.append(timing)
         # Match replies to requests by message id: errors the SuperLink itself answers with
         # (e.g. Node Unavailable) come from node 1, not from the site. Pushing sets the ids;
@@ -159,7 +175,9 @@ class Channel:
                     continue
                 expected = reply_kind(requests[node_id])
                 if payload.kind != expected:
-                    raise PayloadError(f"site '{site}': replied '{payload.kind}' to '{requests[node_id].kind}', expected '{expected}'")
+                    raise PayloadError(
+                        f"site '{site}': replied '{payload.kind}' to '{requests[node_id].kind}', expected '{expected}'"
+                    )
                 ok[node_id] = validate(payload, self.dims, reference, sender=f"site '{site}'")
             except (PayloadError, KeyError) as err:
                 dropped[node_id] = str(err)

@@ -41,8 +41,11 @@ def _as_main(module: str, name: str) -> Callable[[list[str]], int]:
 
     def run(argv: list[str]) -> int:
         if importlib.util.find_spec(module) is None:
-            print(f"error: `fedpagkd {name}` needs the module {module}, which this installation does not have "
-                  "(run from a source checkout that has it)", file=sys.stderr)
+            print(
+                f"error: `fedpagkd {name}` needs the module {module}, which this installation does not have "
+                "(run from a source checkout that has it)",
+                file=sys.stderr,
+            )
             return 2
         saved = sys.argv
         sys.argv = [f"fedpagkd {name}", *argv]
@@ -88,8 +91,9 @@ def _fetch_weights(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="fedpagkd fetch-weights",
         description="On a machine with internet (or a warm timm/Hugging Face cache): write timm's pretrained weights of "
-                    "a backbone to a .safetensors file; copy it to an offline machine and set model.teacher_weights / "
-                    "model.student_weights to its path.")
+        "a backbone to a .safetensors file; copy it to an offline machine and set model.teacher_weights / "
+        "model.student_weights to its path.",
+    )
     parser.add_argument("backbone", help="a timm model name, e.g. resnet50 (what model.teacher / model.student say)")
     parser.add_argument("--out", type=Path, required=True, help="a new .safetensors file")
     args = parser.parse_args(argv)
@@ -101,15 +105,19 @@ def _fetch_weights(argv: list[str]) -> int:
     except (PretrainedWeightsError, FileExistsError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB); on the offline machine set "
-          f"model.teacher_weights={out.name} and/or model.student_weights={out.name} (full paths there)")
+    print(
+        f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB); on the offline machine set "
+        f"model.teacher_weights={out.name} and/or model.student_weights={out.name} (full paths there)"
+    )
     return 0
 
 
 def _certs(argv: list[str]) -> int:
     if not CERTS_SCRIPT.is_file():
-        print(f"error: `fedpagkd certs` runs {CERTS_SCRIPT}, which this installation lacks; run it from a source checkout",
-              file=sys.stderr)
+        print(
+            f"error: `fedpagkd certs` runs {CERTS_SCRIPT}, which this installation lacks; run it from a source checkout",
+            file=sys.stderr,
+        )
         return 2
     spec = importlib.util.spec_from_file_location("fedpagkd_make_certs", CERTS_SCRIPT)
     module = importlib.util.module_from_spec(spec)
@@ -119,17 +127,28 @@ def _certs(argv: list[str]) -> int:
 
 
 COMMANDS: dict[str, Command] = {
-    "simulate": Command("federated run on a local Ray simulation (synthetic sites, or data.root=<folder with sites.toml>)", _simulate),
-    "experiment": Command("Hydra jobs of simulate: presets, experiments, --multirun sweeps (conf/federated.yaml)",
-                          _as_main("server.experiment", "experiment")),
-    "centralised": Command("centralised reference on pooled data (Hydra, conf/centralised.yaml; preset=paper)",
-                           _as_main("benchmarks.centralised", "centralised")),
-    "reference": Command("the plain reference CNN on the same images, WLI and NBI (the yardstick a student must approach)",
-                         _as_main("benchmarks.reference", "reference")),
-    "recipe": Command("the training-recipe figures: learning curve + Bayes ceiling (curve), the report (report)",
-                      _as_main("benchmarks.recipe", "recipe")),
-    "study": Command("the powered federated PaGKD study: every arm, paired CIs over seeds (resumable)",
-                     _as_main("benchmarks.study", "study")),
+    "simulate": Command(
+        "federated run on a local Ray simulation (synthetic sites, or data.root=<folder with sites.toml>)", _simulate
+    ),
+    "experiment": Command(
+        "Hydra jobs of simulate: presets, experiments, --multirun sweeps (conf/federated.yaml)",
+        _as_main("server.experiment", "experiment"),
+    ),
+    "centralised": Command(
+        "centralised reference on pooled data (Hydra, conf/centralised.yaml; preset=paper)",
+        _as_main("benchmarks.centralised", "centralised"),
+    ),
+    "reference": Command(
+        "the plain reference CNN on the same images, WLI and NBI (the yardstick a student must approach)",
+        _as_main("benchmarks.reference", "reference"),
+    ),
+    "recipe": Command(
+        "the training-recipe figures: learning curve + Bayes ceiling (curve), the report (report)",
+        _as_main("benchmarks.recipe", "recipe"),
+    ),
+    "study": Command(
+        "the powered federated PaGKD study: every arm, paired CIs over seeds (resumable)", _as_main("benchmarks.study", "study")
+    ),
     "predict": Command("CSV of class probabilities for a folder of WLI images, from a trained student", _predict("predict")),
     "export": Command("a trained student as ONNX or TorchScript, verified against PyTorch", _predict("export")),
     "check-site": Command("check a site's data before joining (every image decoded; exit 1 on problems)", _check_site),
@@ -143,7 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fedpagkd",
         description="FedPaGKD: federated pairing-free group-level knowledge distillation (NBI -> WLI). "
-                    "`fedpagkd COMMAND --help` shows each command's options.")
+        "`fedpagkd COMMAND --help` shows each command's options.",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, command in COMMANDS.items():
         # add_help=False: --help goes through to the tool's own parser.

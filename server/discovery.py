@@ -74,8 +74,10 @@ def duplicate_names(sites: dict[int, SiteInfo]) -> dict[int, str]:
         if len(nodes) < 2:
             continue
         for node_id in nodes:
-            reasons[node_id] = (f"{len(nodes)} SuperNodes (node ids {sorted(nodes)}) call themselves '{name}'; "
-                                "give each site a unique site-name (node config or sites.toml)")
+            reasons[node_id] = (
+                f"{len(nodes)} SuperNodes (node ids {sorted(nodes)}) call themselves '{name}'; "
+                "give each site a unique site-name (node config or sites.toml)"
+            )
     return reasons
 
 
@@ -112,8 +114,10 @@ def agreed_class_names(sites: dict[int, SiteInfo], cfg: Config) -> tuple[str, ..
     agreed = distinct[0] if distinct else run_class_names(cfg)
     expected = configured or run_class_names(cfg)
     if configured and agreed != configured:
-        raise FederationError(f"the sites report class names {list(agreed)} but the run's data.class_names is "
-                              f"{list(configured)} ({listing}); make them the same (order included)")
+        raise FederationError(
+            f"the sites report class names {list(agreed)} but the run's data.class_names is "
+            f"{list(configured)} ({listing}); make them the same (order included)"
+        )
     if not configured and len(agreed) != cfg.data.num_classes:
         raise FederationError(
             f"the sites have {len(agreed)} classes {list(agreed)} but the run expects data.num_classes="

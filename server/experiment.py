@@ -46,8 +46,15 @@ def main(conf: DictConfig) -> float:
     overrides = config_to_flat(cfg) | {"fed.run_dir": str(out), "fed.run_name": "flower"}
     supernodes = sim["supernodes"] or cfg.data.nbi_sites + cfg.data.wli_sites
     env = {"RAY_ADDRESS": sim["ray_address"]} if sim["ray_address"] else None
-    result = simulate(overrides, supernodes, sim["cpus_per_client"], sim["gpus_per_client"], work_dir=out / "flower",
-                      extra_env=env, stream=False)
+    result = simulate(
+        overrides,
+        supernodes,
+        sim["cpus_per_client"],
+        sim["gpus_per_client"],
+        work_dir=out / "flower",
+        extra_env=env,
+        stream=False,
+    )
     final = json.loads((result.run_dir / "metrics.json").read_text())["final"]
     log.info("run %s %s in %.0f s: pooled WLI AUC %.4f", result.run_id, result.status, result.wall_s, final["auc"])
     return float(final["auc"])

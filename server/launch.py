@@ -84,12 +84,16 @@ class SimulationResult:
 def flower_env(flwr_home: Path, port: int, ray_tmp: Path, extra: Mapping[str, str] | None = None) -> dict[str, str]:
     """The environment every Flower process of this run needs (and inherits from the SuperLink):
     its own FLWR_HOME, Ray temp folder and local-SuperLink ports (``flwr run`` starts the SuperLink)."""
-    return process_env(flwr_home, {
-        "RAY_USAGE_STATS_ENABLED": "0",
-        "RAY_TMPDIR": str(ray_tmp),
-        "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(port),
-        "FLWR_LOCAL_CONTROL_API_PORT": str(free_port()),
-    }, extra)
+    return process_env(
+        flwr_home,
+        {
+            "RAY_USAGE_STATS_ENABLED": "0",
+            "RAY_TMPDIR": str(ray_tmp),
+            "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(port),
+            "FLWR_LOCAL_CONTROL_API_PORT": str(free_port()),
+        },
+        extra,
+    )
 
 
 def _cli(env: Mapping[str, str], cwd: Path) -> FlowerCLI:
@@ -208,18 +212,25 @@ def preflight(
         modalities = ["nbi"] * cfg.data.nbi_sites + ["wli"] * cfg.data.wli_sites
         where = "data.nbi_sites + data.wli_sites"
     if num_supernodes != len(modalities):
-        problems.append(f"{num_supernodes} SuperNode(s) asked for but {where} gives {len(modalities)} site(s): "
-                        f"one SuperNode per site (--supernodes {len(modalities)})")
+        problems.append(
+            f"{num_supernodes} SuperNode(s) asked for but {where} gives {len(modalities)} site(s): "
+            f"one SuperNode per site (--supernodes {len(modalities)})"
+        )
     distil = cfg.needs_nbi_sites
     for modality, minimum, needed in (("nbi", cfg.fed.min_nbi_sites, distil), ("wli", cfg.fed.min_wli_sites, True)):
         have = modalities.count(modality)
         if needed and have < max(1, minimum):
-            fix = ("add NBI sites, or train a WLI-only student: fed.student_init=scratch pagkd.use_pro=false pagkd.use_den=false"
-                   if modality == "nbi" else "add WLI sites")
+            fix = (
+                "add NBI sites, or train a WLI-only student: fed.student_init=scratch pagkd.use_pro=false pagkd.use_den=false"
+                if modality == "nbi"
+                else "add WLI sites"
+            )
             problems.append(f"{have} {modality.upper()} site(s) in {where}, the run needs at least {max(1, minimum)}: {fix}")
     if cfg.privacy.secure_aggregation and distil and modalities.count("nbi") < 2:
-        problems.append(f"privacy.secure_aggregation needs >= 2 NBI sites ({where} gives {modalities.count('nbi')}): "
-                        "a lone site's masked sum would be its own statistics; add NBI sites or set it to false")
+        problems.append(
+            f"privacy.secure_aggregation needs >= 2 NBI sites ({where} gives {modalities.count('nbi')}): "
+            "a lone site's masked sum would be its own statistics; add NBI sites or set it to false"
+        )
     cores = os.cpu_count() or 1
     if cpus_per_client < 1 or cpus_per_client > cores:
         problems.append(f"client-resources-num-cpus = {cpus_per_client}, this machine has {cores} CPU core(s): use 1..{cores}")
@@ -258,7 +269,9 @@ def simulate(
     """
     settled: dict[str, Any] = {}
     if check:
-        settled = preflight(run_config, num_supernodes, cpus_per_client, gpus_per_client, report=print if stream else lambda _: None)
+        settled = preflight(
+            run_config, num_supernodes, cpus_per_client, gpus_per_client, report=print if stream else lambda _: None
+        )
     work = Path(work_dir or tempfile.mkdtemp(prefix="fedpagkd-"))
     flwr_home = work / "flwr-home"
     ray_tmp = Path(tempfile.mkdtemp(prefix="fpr-"))  # short: Ray's unix socket paths are length-limited
@@ -285,7 +298,9 @@ def simulate(
                 _cli(env, work).call("stop", str(submitted["run-id"]), "local", timeout=30)
             except (SimulationError, subprocess.TimeoutExpired):
                 pass
-        raise Stopped(err.signum, f"{err}: run {submitted.get('run-id', '(not submitted)')} and its processes were stopped") from None
+        raise Stopped(
+            err.signum, f"{err}: run {submitted.get('run-id', '(not submitted)')} and its processes were stopped"
+        ) from None
     finally:
         with _StopOnSignal():  # a second signal must not interrupt the clean-up
             stop_superlink(port)
@@ -299,8 +314,16 @@ def simulate(
 
 
 def _submit_and_follow(
-    app_dir: Path, federation: str, overrides: Mapping[str, Any], env: dict[str, str], work: Path, started: float,
-    timeout_s: float, stream: bool, run_dir: Path, submitted: dict[str, Any],
+    app_dir: Path,
+    federation: str,
+    overrides: Mapping[str, Any],
+    env: dict[str, str],
+    work: Path,
+    started: float,
+    timeout_s: float,
+    stream: bool,
+    run_dir: Path,
+    submitted: dict[str, Any],
 ) -> SimulationResult:
     """``flwr run``, stream ``flwr log`` (in its own process group), then poll ``flwr list``
     until the run finished. ``submitted`` receives Flower's answer (the run id) as soon as it
@@ -317,8 +340,15 @@ def _submit_and_follow(
     if not submitted.get("success"):
         raise SimulationError(f"flwr run refused the run: {submitted}")
     run_id = str(submitted["run-id"])
-    log_proc = subprocess.Popen(cli.log_command(run_id), env=env, cwd=work, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    log_proc = subprocess.Popen(
+        cli.log_command(run_id),
+        env=env,
+        cwd=work,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     lines = []
     try:
         assert log_proc.stdout is not None
@@ -359,7 +389,9 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"{bad} are not key=value run-config overrides (e.g. fed.student_rounds=5)")
         overrides = dict(item.split("=", 1) for item in args.overrides)
         cfg = config_from_flat(overrides)  # fail here, with a clear message, before Ray starts
-        supernodes = args.supernodes or (len(read_sites_file(cfg.data.root)) if cfg.data.root else cfg.data.nbi_sites + cfg.data.wli_sites)
+        supernodes = args.supernodes or (
+            len(read_sites_file(cfg.data.root)) if cfg.data.root else cfg.data.nbi_sites + cfg.data.wli_sites
+        )
     except (ConfigError, DataError) as err:
         print(f"FAILED: the run cannot start: {err}", file=sys.stderr)
         return 1
@@ -388,14 +420,18 @@ def outcome_lines(metrics: Mapping[str, Any]) -> list[str]:
     lines = []
     final, teacher = metrics.get("final"), metrics.get("final_teacher")
     if final:
-        lines.append(f"final pooled WLI student after {metrics.get('student_rounds', '?')} student round(s), round "
-                     f"{final['selected_round']} selected on val: AUC {final['auc']:.4f}  ACC {final['accuracy']:.4f}  "
-                     f"SENS {final['sensitivity']:.4f}  SPEC {final['specificity']:.4f}  (test split)")
+        lines.append(
+            f"final pooled WLI student after {metrics.get('student_rounds', '?')} student round(s), round "
+            f"{final['selected_round']} selected on val: AUC {final['auc']:.4f}  ACC {final['accuracy']:.4f}  "
+            f"SENS {final['sensitivity']:.4f}  SPEC {final['specificity']:.4f}  (test split)"
+        )
     else:
         lines.append(f"no WLI student figure: {metrics.get('student_rounds', 0)} student round(s) ran (fed.student_rounds)")
     if teacher:
-        lines.append(f"NBI teacher of this run (on NBI sites, not the student), round {teacher['selected_round']} selected on val: "
-                     f"AUC {teacher['auc']:.4f}  ACC {teacher['accuracy']:.4f}")
+        lines.append(
+            f"NBI teacher of this run (on NBI sites, not the student), round {teacher['selected_round']} selected on val: "
+            f"AUC {teacher['auc']:.4f}  ACC {teacher['accuracy']:.4f}"
+        )
     if metrics.get("knowledge") and "bank_share_of_student_upload" in metrics:  # a run that built a bank
         lines.append(f"knowledge bank = {100 * metrics['bank_share_of_student_upload']:.3f} % of one student upload")
     for model, problems in (metrics.get("not_learned") or {}).items():
@@ -403,8 +439,10 @@ def outcome_lines(metrics: Mapping[str, Any]) -> list[str]:
     status = metrics.get("status", "completed")
     if status == "degraded":
         verdict = "accepted" if metrics.get("accepted") else "NOT accepted"
-        lines.append(f"DEGRADED ({verdict}): {100 * metrics['site_share']:.0f} % of the discovered sites took part throughout, "
-                     f"fed.min_site_share = {100 * metrics['min_site_share']:.0f} %")
+        lines.append(
+            f"DEGRADED ({verdict}): {100 * metrics['site_share']:.0f} % of the discovered sites took part throughout, "
+            f"fed.min_site_share = {100 * metrics['min_site_share']:.0f} %"
+        )
         for site in metrics.get("sites_lost", []):
             reasons = "; ".join(f"{phase}: {v}" for phase, v in metrics["site_status"][site].items() if v.startswith("dropped"))
             lines.append(f"  lost '{site}': {reasons}")

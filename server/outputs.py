@@ -36,10 +36,12 @@ def final_figures(metrics: Mapping[str, Any], student_rounds: int) -> dict[str, 
     a teacher's figure is never reported as the student's), with the rounds behind it;
     ``final_teacher``: the selected NBI teacher's test figures."""
     student = _test_figure(metrics, "student")
-    return {"final": student,
-            "final_student_round": student["selected_round"] if student else 0,
-            "student_rounds": student_rounds,
-            "final_teacher": _test_figure(metrics, "teacher")}
+    return {
+        "final": student,
+        "final_student_round": student["selected_round"] if student else 0,
+        "student_rounds": student_rounds,
+        "final_teacher": _test_figure(metrics, "teacher"),
+    }
 
 
 def outcome(metrics: Mapping[str, Any], min_site_share: float) -> dict[str, Any]:
@@ -49,13 +51,24 @@ def outcome(metrics: Mapping[str, Any], min_site_share: float) -> dict[str, Any]
     status = metrics.get("site_status", {})
     lost = sorted(name for name, phases in status.items() if any(v.startswith("dropped") for v in phases.values()))
     share = 1.0 - len(lost) / len(status) if status else 0.0
-    return {"status": "degraded" if lost else "completed", "sites_lost": lost, "site_share": share,
-            "min_site_share": min_site_share, "accepted": share >= min_site_share}
+    return {
+        "status": "degraded" if lost else "completed",
+        "sites_lost": lost,
+        "site_share": share,
+        "min_site_share": min_site_share,
+        "accepted": share >= min_site_share,
+    }
 
 
 def run_summary(
-    metrics: Mapping[str, Any], ledger: Mapping[str, Any], student: Mapping[str, np.ndarray], bank: Mapping[str, np.ndarray],
-    sites: list[dict[str, Any]], class_names: tuple[str, ...], student_rounds: int, min_site_share: float,
+    metrics: Mapping[str, Any],
+    ledger: Mapping[str, Any],
+    student: Mapping[str, np.ndarray],
+    bank: Mapping[str, np.ndarray],
+    sites: list[dict[str, Any]],
+    class_names: tuple[str, ...],
+    student_rounds: int,
+    min_site_share: float,
     privacy: dict[str, Any],
 ) -> dict[str, Any]:
     """``metrics.json`` of a finished run (``ledger``: :meth:`server.channel.Ledger.snapshot`)."""
@@ -80,7 +93,11 @@ def run_summary(
 
 
 def write_outputs(
-    run_dir: Path, summary: dict[str, Any], egress: list[dict[str, Any]], cfg: Config, student: Mapping[str, np.ndarray],
+    run_dir: Path,
+    summary: dict[str, Any],
+    egress: list[dict[str, Any]],
+    cfg: Config,
+    student: Mapping[str, np.ndarray],
     class_names: tuple[str, ...],
 ) -> None:
     """metrics.json, egress.json, config.json, the student checkpoint and the plots."""

@@ -60,7 +60,9 @@ class FlowerProcessError(RuntimeError):
 # ------------------------------------------------------------------ environment, ports, run configs
 
 
-def process_env(flwr_home: Path | str, settings: Mapping[str, str] | None = None, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+def process_env(
+    flwr_home: Path | str, settings: Mapping[str, str] | None = None, extra: Mapping[str, str] | None = None
+) -> dict[str, str]:
     """This process's environment + :data:`FLOWER_ENV` + ``FLWR_HOME`` + ``settings``, with
     :data:`BIN` first on ``PATH``, then ``extra`` (a caller's own variables, applied last)."""
     env = dict(os.environ)
@@ -152,8 +154,14 @@ class FlowerCLI:
             raise self.error(f"flwr {' '.join(args[:2])} failed: {out}")
         return out
 
-    def submit(self, app_dir: Path, run_config: Mapping[str, Any], federation_config: str | None = None,
-               timeout: float = 300.0, check: bool = False) -> dict[str, Any]:
+    def submit(
+        self,
+        app_dir: Path,
+        run_config: Mapping[str, Any],
+        federation_config: str | None = None,
+        timeout: float = 300.0,
+        check: bool = False,
+    ) -> dict[str, Any]:
         """``flwr run APP_DIR CONNECTION --format json [--federation-config ...] --run-config ...``:
         Flower's answer (``run-id`` when ``success``), not checked; with ``check`` a non-zero
         exit raises ``error`` before the answer is read."""
@@ -177,8 +185,9 @@ class FlowerCLI:
         """The run's row of ``flwr list --run-id`` (``status`` e.g. ``finished:completed``)."""
         return self.ok("list", self.connection, "--run-id", str(run_id))["runs"][0]
 
-    def wait(self, run_id: str, deadline: float, poll_s: float = 1.0,
-             on_poll: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    def wait(
+        self, run_id: str, deadline: float, poll_s: float = 1.0, on_poll: Callable[[dict[str, Any]], None] | None = None
+    ) -> dict[str, Any]:
         """Poll :meth:`status` until it reads ``finished:*`` or ``time.time()`` passes ``deadline``;
         the last row."""
         while True:
@@ -257,8 +266,9 @@ def spawn(name: str, cmd: list[str], log: Path, env: Mapping[str, str], cwd: Pat
     handle.write(f"\n$ {shlex.join(cmd)}\n".encode())
     handle.flush()
     try:
-        popen = subprocess.Popen(cmd, stdout=handle, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=dict(env),
-                                 cwd=cwd, start_new_session=True)
+        popen = subprocess.Popen(
+            cmd, stdout=handle, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=dict(env), cwd=cwd, start_new_session=True
+        )
     finally:
         handle.close()
     return GroupProcess(name, popen, log, cmd, offset)

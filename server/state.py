@@ -61,8 +61,9 @@ State = dict[str, np.ndarray]
 
 # Config keys a resumed run may change: more rounds, another timeout or run folder, another
 # acceptance share. Any other difference refuses the resume.
-RESUME_IGNORES = frozenset({"fed.teacher_rounds", "fed.student_rounds", "fed.round_timeout", "fed.run_dir", "fed.run_name",
-                            "fed.min_site_share"})
+RESUME_IGNORES = frozenset(
+    {"fed.teacher_rounds", "fed.student_rounds", "fed.round_timeout", "fed.run_dir", "fed.run_name", "fed.min_site_share"}
+)
 
 
 @dataclass
@@ -92,8 +93,13 @@ class RunState:
 
     def blocks(self) -> dict[str, State]:
         """The tensors as ``state.safetensors`` blocks."""
-        blocks = {"teacher": self.teacher, "student": self.student, "head": self.head, "bank": self.bank,
-                  "prototypes": self.class_prototypes}
+        blocks = {
+            "teacher": self.teacher,
+            "student": self.student,
+            "head": self.head,
+            "bank": self.bank,
+            "prototypes": self.class_prototypes,
+        }
         if self.centroids:
             blocks["centroids"] = self.centroids
         for model, weights in self.best.items():
@@ -186,13 +192,17 @@ def seal(obj: Mapping[str, Any], key: bytes) -> dict[str, Any]:
 def unseal(obj: Any, key: bytes, path: Path) -> dict[str, Any]:
     """The body of a sealed record, or StateError when its keyed digest does not match."""
     if not isinstance(obj, dict) or not isinstance(obj.get("hmac"), str):
-        raise StateError(f"{path} carries no keyed digest (written by an older release, or replaced); "
-                         "it cannot be trusted: start a new run with another fed.run_name")
+        raise StateError(
+            f"{path} carries no keyed digest (written by an older release, or replaced); "
+            "it cannot be trusted: start a new run with another fed.run_name"
+        )
     body = {k: v for k, v in obj.items() if k != "hmac"}
     expected = hmac.new(key, _canonical(body), hashlib.sha256).hexdigest()
     if not hmac.compare_digest(expected, obj["hmac"]):
-        raise StateError(f"{path} was edited after the run wrote it (its keyed digest does not match); restore it "
-                         f"from a backup or start a new run with another fed.run_name (wrong key? ${KEY_ENV} / {KEY_FILE})")
+        raise StateError(
+            f"{path} was edited after the run wrote it (its keyed digest does not match); restore it "
+            f"from a backup or start a new run with another fed.run_name (wrong key? ${KEY_ENV} / {KEY_FILE})"
+        )
     return body
 
 
@@ -200,7 +210,9 @@ def read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise StateError(f"{path} is not valid JSON ({err}); restore it from a backup or start a new run with another fed.run_name") from err
+        raise StateError(
+            f"{path} is not valid JSON ({err}); restore it from a backup or start a new run with another fed.run_name"
+        ) from err
 
 
 def check_run_folder(run_dir: Path) -> None:
@@ -233,7 +245,9 @@ def load_state(run_dir: Path) -> tuple[dict[str, dict[str, np.ndarray]], dict[st
         return None
     meta = unseal(read_json(meta_path), state_key(run_dir), meta_path)
     if not tensor_path.exists():
-        raise StateError(f"{tensor_path} is missing although {meta_path} exists; restore it from a backup or use another fed.run_name")
+        raise StateError(
+            f"{tensor_path} is missing although {meta_path} exists; restore it from a backup or use another fed.run_name"
+        )
     digest = hashlib.sha256(tensor_path.read_bytes()).hexdigest()
     if digest != meta.get("tensors_sha256"):
         raise StateError(f"{tensor_path} does not match the digest in {meta_path} (tampered or torn write)")
@@ -257,8 +271,10 @@ class RunLock:
             handle.seek(0)
             owner = handle.read().strip() or "?"
             handle.close()
-            raise StateError(f"run folder {self.path.parent} is in use by another run (pid {owner}); wait for it to end "
-                             "or use another fed.run_name") from None
+            raise StateError(
+                f"run folder {self.path.parent} is in use by another run (pid {owner}); wait for it to end "
+                "or use another fed.run_name"
+            ) from None
         handle.seek(0)
         handle.truncate()
         handle.write(str(os.getpid()))

@@ -28,8 +28,12 @@ import numpy as np
 from common.records import Payload
 
 # The reply config key holding the images a reply's evaluation scored, by reply kind.
-EVALUATED_EXAMPLES = {"evaluation": "num-examples", "student.update": "eval-examples", "knowledge.seeds": "eval-examples",
-                      "teacher.update": "eval-examples"}
+EVALUATED_EXAMPLES = {
+    "evaluation": "num-examples",
+    "student.update": "eval-examples",
+    "knowledge.seeds": "eval-examples",
+    "teacher.update": "eval-examples",
+}
 # Replies whose ``num-examples`` weighs their weights in FedAvg.
 TRAINING_REPLIES = ("teacher.update", "student.update")
 
@@ -46,7 +50,6 @@ def evaluated_split(request: Payload) -> str | None:
     if request.kind == "evaluate":
         return str(request.config["split"])
     return str(request.config.get("evaluate") or "") or None
-
 
 
 def screen_examples(reply: Payload, declared_train: int, site: str) -> None:
@@ -95,5 +98,7 @@ def screen_reply(request: Payload, reply: Payload, declared: dict[str, Sequence[
     if reply.kind in EVALUATED_EXAMPLES:
         split = evaluated_split(request)
         if split is not None and split not in declared:
-            raise TrustError(f"site '{site}' declared no '{split}' split at discovery, so its '{split}' evaluation cannot be checked")
+            raise TrustError(
+                f"site '{site}' declared no '{split}' split at discovery, so its '{split}' evaluation cannot be checked"
+            )
         screen_evaluation(reply, split, declared.get(split, ()), site)

@@ -195,8 +195,13 @@ class Protocol:
         """NBI sites train the teacher (FedAvg); their replies carry the previous global
         teacher's val evaluation."""
         nodes = self._sample("nbi", self._seed(1, round_))
-        config = {"round": round_, "seed": self._seed(1, round_), "local-epochs": self.cfg.train.local_epochs,
-                  **self._span(round_, self.cfg.fed.teacher_rounds), "evaluate": "val" if round_ > 1 else ""}
+        config = {
+            "round": round_,
+            "seed": self._seed(1, round_),
+            "local-epochs": self.cfg.train.local_epochs,
+            **self._span(round_, self.cfg.fed.teacher_rounds),
+            "evaluate": "val" if round_ > 1 else "",
+        }
         request = make("teacher.train", self.dims, config=config, weights={"teacher": self.teacher, "head": self.head})
         reference = {"teacher": weight_shapes(self.teacher), "head": weight_shapes(self.head)}
         replies, dropped = self._exchange("teacher", f"teacher round {round_}", {n: request for n in nodes}, reference)
@@ -234,10 +239,17 @@ class Protocol:
                 "lower pagkd.min_group_size / pagkd.group_size or raise train.batch_size"
             )
         self.metrics["knowledge"].append(
-            {"refresh": refresh, "groups": groups, "images_per_class": images, "sites": [self.channel.name(n) for n in nodes],
-             "bank_bytes": int(sum(a.nbytes for a in self.bank.values()))}
+            {
+                "refresh": refresh,
+                "groups": groups,
+                "images_per_class": images,
+                "sites": [self.channel.name(n) for n in nodes],
+                "bank_bytes": int(sum(a.nbytes for a in self.bank.values())),
+            }
         )
-        log.info("[knowledge %d] bank from %d group(s) of %s images per class, %d NBI site(s)", refresh, groups, images, len(nodes))
+        log.info(
+            "[knowledge %d] bank from %d group(s) of %s images per class, %d NBI site(s)", refresh, groups, images, len(nodes)
+        )
         self.board.scalars("knowledge", {"groups": groups, "images": int(sum(images))}, refresh)
 
     def student_round(self, round_: int) -> None:
@@ -248,14 +260,28 @@ class Protocol:
         if fed.student_sites == "all":  # the joint cross-modal baseline: NBI sites train the student too
             nodes += self._sample("nbi", self._seed(3, round_))
         group_on = (round_ - 1) * self.cfg.train.local_epochs >= self.cfg.pagkd.warmup_epochs
-        config = {"round": round_, "seed": self._seed(3, round_), "local-epochs": self.cfg.train.local_epochs,
-                  "group-losses": bool(group_on), "use-bank": bool(self.distil), **self._span(round_, fed.student_rounds)}
+        config = {
+            "round": round_,
+            "seed": self._seed(3, round_),
+            "local-epochs": self.cfg.train.local_epochs,
+            "group-losses": bool(group_on),
+            "use-bank": bool(self.distil),
+            **self._span(round_, fed.student_rounds),
+        }
         weights = {"student": self.student, "head": self.head}
         arrays = {**self.bank, **self.class_prototypes}
         # The global student sent is round_ - 1's: its val evaluation (model selection) rides on
         # this round's replies, WLI sites only (the student is a WLI model).
-        by_modality = {m: make("student.train", self.dims, arrays=arrays, weights=weights,
-                               config={**config, "evaluate": "val" if round_ > 1 and m == "wli" else ""}) for m in ("wli", "nbi")}
+        by_modality = {
+            m: make(
+                "student.train",
+                self.dims,
+                arrays=arrays,
+                weights=weights,
+                config={**config, "evaluate": "val" if round_ > 1 and m == "wli" else ""},
+            )
+            for m in ("wli", "nbi")
+        }
         requests = {n: by_modality[self.sites[n].modality] for n in nodes}
         reference = {"student": weight_shapes(self.student), "head": weight_shapes(self.head)}
         replies, dropped = self._exchange("student", f"student round {round_}", requests, reference)
@@ -267,14 +293,26 @@ class Protocol:
         used, new = self._fedavg("student", "wli", replies, {"student": self.student, "head": self.head})
         self.student, self.head = new["student"], new["head"]
         if fed.fedproto_weight > 0:  # FedProto-style: the global class prototypes are summed class means
-            self.class_prototypes = aggregation.sum_statistics([replies[n].arrays for n in used], [f.name for f in CLASS_PROTOTYPES])
+            self.class_prototypes = aggregation.sum_statistics(
+                [replies[n].arrays for n in used], [f.name for f in CLASS_PROTOTYPES]
+            )
         parts = {k: float(np.mean([replies[n].config[k] for n in used])) for k in ("loss", "ce", "den", "pro")}
         self.metrics["student"].append({"round": round_, **parts, "sites": [self.channel.name(n) for n in used]})
         self.board.scalars("student", parts, round_)
-        log.info("[student %d/%d] loss %.4f (ce %.4f den %.4f pro %.4f) from %d site(s)", round_, fed.student_rounds,
-                 parts["loss"], parts["ce"], parts["den"], parts["pro"], len(used))
+        log.info(
+            "[student %d/%d] loss %.4f (ce %.4f den %.4f pro %.4f) from %d site(s)",
+            round_,
+            fed.student_rounds,
+            parts["loss"],
+            parts["ce"],
+            parts["den"],
+            parts["pro"],
+            len(used),
+        )
 
-    def evaluate(self, model: str, round_: int, split: str = "test", weights: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
+    def evaluate(
+        self, model: str, round_: int, split: str = "test", weights: dict[str, np.ndarray] | None = None
+    ) -> dict[str, Any]:
         """An evaluation of its own: every site of the model's modality scores ``weights``
         (default: the current global model) on ``split``."""
         modality = "wli" if model == "student" else "nbi"
@@ -290,13 +328,26 @@ class Protocol:
     def finish(self) -> dict[str, Any]:
         """Final outputs (:mod:`server.outputs`): metrics.json, egress.json, config.json, the
         student checkpoint, plots."""
-        summary = run_summary(self.metrics, self.ledger.snapshot(), self.student, self.bank, [s.__dict__ for s in self.sites.values()],
-                              self.class_names, self.progress.student_rounds, self.cfg.fed.min_site_share, self.privacy_spent())
+        summary = run_summary(
+            self.metrics,
+            self.ledger.snapshot(),
+            self.student,
+            self.bank,
+            [s.__dict__ for s in self.sites.values()],
+            self.class_names,
+            self.progress.student_rounds,
+            self.cfg.fed.min_site_share,
+            self.privacy_spent(),
+        )
         write_outputs(self.run_dir, summary, self.ledger.egress, self.cfg, self.student, self.class_names)
         self.board.close()
         if summary["status"] == "degraded":
-            log.warning("run DEGRADED (%.0f %% of the sites took part throughout, fed.min_site_share = %.0f %%): lost %s",
-                        100 * summary["site_share"], 100 * summary["min_site_share"], ", ".join(summary["sites_lost"]))
+            log.warning(
+                "run DEGRADED (%.0f %% of the sites took part throughout, fed.min_site_share = %.0f %%): lost %s",
+                100 * summary["site_share"],
+                100 * summary["min_site_share"],
+                ", ".join(summary["sites_lost"]),
+            )
         log.info("run finished: %s", self.run_dir)
         return summary
 
@@ -304,8 +355,11 @@ class Protocol:
 
     def save(self) -> None:
         self.ledger.write()  # the state records the ledger write it goes with
-        save_run(self.run_dir, self.run_state,
-                 {**self.ledger.snapshot(), "config": config_to_flat(self.cfg), "sites": [s.__dict__ for s in self.sites.values()]})
+        save_run(
+            self.run_dir,
+            self.run_state,
+            {**self.ledger.snapshot(), "config": config_to_flat(self.cfg), "sites": [s.__dict__ for s in self.sites.values()]},
+        )
 
     def resume(self) -> bool:
         loaded = load_run(self.run_dir, config_to_flat(self.cfg))
@@ -361,10 +415,15 @@ class Protocol:
             if not dropped:
                 return aggregation.unmask_bank(in_order, self.dims, step), replies
             if len(replies) < 2:
-                raise FederationError(f"{step}: secure aggregation needs >= 2 NBI sites, {len(replies)} left after dropping "
-                                      + "; ".join(f"'{self.channel.name(n)}': {r}" for n, r in dropped.items()))
-            log.warning("[%s] restarting the masked sum without %s (their masks would not cancel)", step,
-                        ", ".join(f"'{self.channel.name(n)}'" for n in dropped))
+                raise FederationError(
+                    f"{step}: secure aggregation needs >= 2 NBI sites, {len(replies)} left after dropping "
+                    + "; ".join(f"'{self.channel.name(n)}': {r}" for n, r in dropped.items())
+                )
+            log.warning(
+                "[%s] restarting the masked sum without %s (their masks would not cancel)",
+                step,
+                ", ".join(f"'{self.channel.name(n)}'" for n in dropped),
+            )
             nodes = sorted(replies)
         raise FederationError(f"{step}: no masked sum completed")  # pragma: no cover (each attempt drops a site)
 
@@ -377,12 +436,22 @@ class Protocol:
                 secagg.parse_public_key(reply.config["public-key"], f"site '{self.channel.name(node_id)}'")
                 keys[node_id] = reply.config["public-key"]
             except secagg.SecAggError as err:
-                log.warning("[knowledge] dropped site '%s': %s (privacy.secure_aggregation must be on there too)",
-                            self.channel.name(node_id), err)
-                self._mark("knowledge", "secure aggregation set-up", (), {node_id: f"{err} (privacy.secure_aggregation must be on there too)"})
+                log.warning(
+                    "[knowledge] dropped site '%s': %s (privacy.secure_aggregation must be on there too)",
+                    self.channel.name(node_id),
+                    err,
+                )
+                self._mark(
+                    "knowledge",
+                    "secure aggregation set-up",
+                    (),
+                    {node_id: f"{err} (privacy.secure_aggregation must be on there too)"},
+                )
         if len(keys) < max(2, self.cfg.fed.min_nbi_sites):
-            raise FederationError(f"secure aggregation needs >= {max(2, self.cfg.fed.min_nbi_sites)} NBI sites with a key; "
-                                  f"{len(keys)} sent one (a lone site's sum would be its own statistics)")
+            raise FederationError(
+                f"secure aggregation needs >= {max(2, self.cfg.fed.min_nbi_sites)} NBI sites with a key; "
+                f"{len(keys)} sent one (a lone site's sum would be its own statistics)"
+            )
         return keys
 
     # ------------------------------------------------------------------ exchanges and aggregation
@@ -396,7 +465,9 @@ class Protocol:
         replies, dropped = self.channel.exchange(phase, requests, reference)
         for node_id in sorted(replies):
             try:
-                trust.screen_reply(requests[node_id], replies[node_id], self.sites[node_id].declared(), self.channel.name(node_id))
+                trust.screen_reply(
+                    requests[node_id], replies[node_id], self.sites[node_id].declared(), self.channel.name(node_id)
+                )
             except trust.TrustError as err:
                 dropped[node_id] = str(err)
                 del replies[node_id]
@@ -438,7 +509,13 @@ class Protocol:
         new, scales = aggregation.aggregate_weights(states, weights, blocks, fed.aggregation, fed.trim_fraction, fed.clip_ratio)
         for block, block_scales in scales.items():
             if clipped := [self.channel.name(n) for n, scale in zip(used, block_scales) if scale < 1]:
-                log.info("[%s] clipped the '%s' update of %s to %.1fx the median norm", phase, block, ", ".join(clipped), fed.clip_ratio)
+                log.info(
+                    "[%s] clipped the '%s' update of %s to %.1fx the median norm",
+                    phase,
+                    block,
+                    ", ".join(clipped),
+                    fed.clip_ratio,
+                )
         return used, new
 
     def _seed(self, phase: int, round_: int) -> int:
@@ -467,11 +544,16 @@ class Protocol:
 
     # ------------------------------------------------------------------ evaluation and model selection
 
-    def _record_evaluation(self, model: str, round_: int, replies: dict[int, Payload], examples_key: str, split: str) -> dict[str, Any]:
+    def _record_evaluation(
+        self, model: str, round_: int, replies: dict[int, Payload], examples_key: str, split: str
+    ) -> dict[str, Any]:
         """Pooled and per-site metrics on ``split`` from the score histograms the ``replies`` carry
         (those that scored no image are left out)."""
         replies = {n: r for n, r in replies.items() if r.config[examples_key] > 0}
-        hists = {n: ScoreHistogram(r.arrays["score_positives"], r.arrays["score_negatives"], r.arrays["confusion"]) for n, r in replies.items()}
+        hists = {
+            n: ScoreHistogram(r.arrays["score_positives"], r.arrays["score_negatives"], r.arrays["confusion"])
+            for n, r in replies.items()
+        }
         if not hists:
             log.warning("[evaluate %s, round %d] no site scored a test image; nothing recorded", model, round_)
             return {}
@@ -482,13 +564,26 @@ class Protocol:
             "split": split,
             "pooled": histogram_metrics(pooled),
             "sites": {self.channel.name(n): histogram_metrics(h) for n, h in hists.items()},
-            "histogram": {"positives": pooled.positives.tolist(), "negatives": pooled.negatives.tolist(), "confusion": pooled.confusion.tolist()},
+            "histogram": {
+                "positives": pooled.positives.tolist(),
+                "negatives": pooled.negatives.tolist(),
+                "confusion": pooled.confusion.tolist(),
+            },
         }
         self.metrics["evaluation"].append(result)
         self.board.scalars(f"evaluate_{model}", {"pooled": result["pooled"], "sites": result["sites"]}, round_)
         p = result["pooled"]
-        log.info("[evaluate %s, round %d, %s] pooled AUC %.4f ACC %.4f SENS %.4f SPEC %.4f over %d site(s)", model, round_, split,
-                 p["auc"], p["accuracy"], p["sensitivity"], p["specificity"], len(replies))
+        log.info(
+            "[evaluate %s, round %d, %s] pooled AUC %.4f ACC %.4f SENS %.4f SPEC %.4f over %d site(s)",
+            model,
+            round_,
+            split,
+            p["auc"],
+            p["accuracy"],
+            p["sensitivity"],
+            p["specificity"],
+            len(replies),
+        )
         return result
 
     def _select(self, model: str, round_: int, evaluation: dict[str, Any], weights: dict[str, dict[str, np.ndarray]]) -> None:
@@ -507,7 +602,9 @@ class Protocol:
     def _evaluated(self, model: str, round_: int, split: str) -> bool:
         return any(e["model"] == model and e["round"] == round_ and e.get("split") == split for e in self.metrics["evaluation"])
 
-    def _finish_selection(self, model: str, rounds: int, weights: dict[str, dict[str, np.ndarray]]) -> dict[str, dict[str, np.ndarray]]:
+    def _finish_selection(
+        self, model: str, rounds: int, weights: dict[str, dict[str, np.ndarray]]
+    ) -> dict[str, dict[str, np.ndarray]]:
         """After the last of ``rounds`` rounds: score the last global model on val too, and return
         the selected round's weights (the last ones when no site holds a val split). A selected
         model at chance or collapsed is logged as not learned (metrics["selection"])."""

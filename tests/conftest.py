@@ -26,7 +26,6 @@ from common.presets import TINY
 absl.logging.get_absl_handler().python_handler.stream = sys.__stderr__
 
 
-
 def tiny_config(**overrides: Any) -> Config:
     """``TINY`` plus overrides given with ``__`` for the dot: ``tiny_config(fed__student_rounds=3)``."""
     values = dict(TINY)

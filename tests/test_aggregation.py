@@ -14,7 +14,17 @@ import torch
 
 from client.knowledge import SiteKnowledge, knowledge_sums
 from common.losses import BACKGROUND, FOREGROUND, UNCERTAIN
-from common.records import BANK_STATISTICS, CENTROIDS, CLASS_PROTOTYPES, EVALUATION_FIELDS, KNOWLEDGE_SEEDS_FIELDS, SUM_COUNT_PAIRS, Dims, empty_statistics, make
+from common.records import (
+    BANK_STATISTICS,
+    CENTROIDS,
+    CLASS_PROTOTYPES,
+    EVALUATION_FIELDS,
+    KNOWLEDGE_SEEDS_FIELDS,
+    SUM_COUNT_PAIRS,
+    Dims,
+    empty_statistics,
+    make,
+)
 from server.aggregation import (
     ROBUST,
     bank_statistics,
@@ -64,7 +74,9 @@ def test_weighted_average_of_one_state_is_that_state():
     assert out["n"].tolist() == [5]
 
 
-@pytest.mark.parametrize("states, weights, needle", [([], [], "at least one"), ([{"w": np.ones(2, np.float32)}] * 2, [0, 0], "sum to")])
+@pytest.mark.parametrize(
+    "states, weights, needle", [([], [], "at least one"), ([{"w": np.ones(2, np.float32)}] * 2, [0, 0], "sum to")]
+)
 def test_weighted_average_refuses_degenerate_input(states, weights, needle):
     with pytest.raises(ValueError, match=needle):
         weighted_average(states, weights)
@@ -106,9 +118,23 @@ def test_empty_bank_is_all_zeros_with_the_schema_shapes():
         assert bank[spec.name].dtype == np.dtype(spec.dtype)
         assert not bank[spec.name].any()
     # It is a valid student.train payload (a WLI-only student is sent it).
-    config = {"round": 1, "seed": 0, "local-epochs": 1, "group-losses": False, "use-bank": False, "evaluate": "",
-              "schedule-start": 0.0, "schedule-end": 1.0}
-    make("student.train", DIMS, arrays={**bank, **empty_statistics(CLASS_PROTOTYPES, DIMS)}, config=config, weights={"student": {}, "head": {}})
+    config = {
+        "round": 1,
+        "seed": 0,
+        "local-epochs": 1,
+        "group-losses": False,
+        "use-bank": False,
+        "evaluate": "",
+        "schedule-start": 0.0,
+        "schedule-end": 1.0,
+    }
+    make(
+        "student.train",
+        DIMS,
+        arrays={**bank, **empty_statistics(CLASS_PROTOTYPES, DIMS)},
+        config=config,
+        weights={"student": {}, "head": {}},
+    )
 
 
 def test_sum_statistics_adds_floats_in_float64_and_counts_exactly():
@@ -148,8 +174,17 @@ def make_knowledge(groups_per_class: int, group_size: int, seed: int) -> SiteKno
         for k in range(group_size):
             j = k % DIMS.L
             noise = rng.normal(scale=0.3, size=(4, DIMS.D))
-            tokens.append(np.stack([centres["foreground"][c, j], centres["foreground"][c, j], centres["background"][c, j],
-                                    np.zeros(DIMS.D, np.float32)]) + noise)
+            tokens.append(
+                np.stack(
+                    [
+                        centres["foreground"][c, j],
+                        centres["foreground"][c, j],
+                        centres["background"][c, j],
+                        np.zeros(DIMS.D, np.float32),
+                    ]
+                )
+                + noise
+            )
             token_labels.append([FOREGROUND, FOREGROUND, BACKGROUND, UNCERTAIN])
             classes.append(c)
     return SiteKnowledge(
@@ -253,7 +288,12 @@ def seed_reply(rng: np.random.Generator, means: dict[str, np.ndarray], counts: d
         out[f"{name}_seed_count"] = n.astype(np.int64)
         out[f"{name}_seed_sum"] = (means[name] * n.reshape(n.shape + (1,) * (means[name].ndim - n.ndim))).astype(np.float32)
     scores = {f.name: np.zeros(DIMS.resolve(f.shape), np.int64) for f in EVALUATION_FIELDS}
-    make("knowledge.seeds", DIMS, arrays={**out, **scores}, config={"groups": 1, "public-key": "", "eval-examples": 0, "eval-loss": 0.0})  # a valid reply
+    make(
+        "knowledge.seeds",
+        DIMS,
+        arrays={**out, **scores},
+        config={"groups": 1, "public-key": "", "eval-examples": 0, "eval-loss": 0.0},
+    )  # a valid reply
     return out
 
 
@@ -262,8 +302,11 @@ def test_initial_centroids_shapes_finite_and_at_the_seed_means():
     centres = _centres(np.random.default_rng(1234))
     replies = []
     for site in range(2):
-        counts = {"prototype": np.full((DIMS.C, DIMS.S), 3 + site), "foreground": np.full((DIMS.C, DIMS.L), 10),
-                  "background": np.full((DIMS.C, DIMS.L), 7)}
+        counts = {
+            "prototype": np.full((DIMS.C, DIMS.S), 3 + site),
+            "foreground": np.full((DIMS.C, DIMS.L), 10),
+            "background": np.full((DIMS.C, DIMS.L), 7),
+        }
         means = {k: v + rng.normal(scale=0.01, size=v.shape).astype(np.float32) for k, v in centres.items()}
         replies.append(seed_reply(rng, means, counts))
     out = initial_centroids(replies, DIMS, seed=0)
@@ -287,8 +330,11 @@ def test_initial_centroids_shapes_finite_and_at_the_seed_means():
 def test_initial_centroids_with_missing_or_too_few_seeds():
     rng = np.random.default_rng(1)
     centres = _centres(np.random.default_rng(1234))
-    counts = {"prototype": np.array([[2, 0], [0, 0]]), "foreground": np.array([[5, 5], [0, 0]]),
-              "background": np.array([[0, 3], [0, 0]])}
+    counts = {
+        "prototype": np.array([[2, 0], [0, 0]]),
+        "foreground": np.array([[5, 5], [0, 0]]),
+        "background": np.array([[0, 3], [0, 0]]),
+    }
     out = initial_centroids([seed_reply(rng, centres, counts)], DIMS, seed=1)
     for array in out.values():
         assert np.isfinite(array).all()
@@ -326,7 +372,9 @@ def test_real_site_knowledge_split_in_two_sums_to_the_whole():
     torch.manual_seed(0)
     teacher, head = build_teacher(cfg.model, dims.C), build_query_head(cfg.model, dims.C)
     site = resolve_site({"partition-id": 0, "num-partitions": 4}, cfg)
-    knowledge = extract_site_knowledge(teacher, head, eval_loader(site.train, cfg.train.batch_size), cfg, torch.device("cpu"), seed=3)
+    knowledge = extract_site_knowledge(
+        teacher, head, eval_loader(site.train, cfg.train.batch_size), cfg, torch.device("cpu"), seed=3
+    )
     groups = len(knowledge.group_sizes)
     assert groups >= 4 and int(knowledge.group_sizes.min()) >= cfg.pagkd.min_group_size
     assert len(knowledge.classes) == int(knowledge.group_sizes.sum()) <= len(site.train)
@@ -398,8 +446,10 @@ def test_robust_average_of_one_state_is_that_state(method):
 
 @pytest.mark.parametrize("method", ["median", "trimmed_mean"])
 def test_robust_average_rounds_integer_buffers_and_keeps_dtypes(method):
-    states = [{"n": np.array([0, 4], np.int32), "h": np.array([0.25], np.float64)},
-              {"n": np.array([1, 7], np.int32), "h": np.array([0.5], np.float64)}]
+    states = [
+        {"n": np.array([0, 4], np.int32), "h": np.array([0.25], np.float64)},
+        {"n": np.array([1, 7], np.int32), "h": np.array([0.5], np.float64)},
+    ]
     out = robust_average(states, [1, 1], method, 0.0)  # median of 2 = mean: 0.5 -> 0 (half to even), 5.5 -> 6
     assert out["n"].dtype == np.int32 and out["n"].tolist() == [0, 6]
     assert out["h"].dtype == np.float64 and out["h"].tolist() == [0.375]
@@ -436,14 +486,21 @@ def test_robust_choices():
 
 def clip_inputs() -> tuple[list[dict[str, np.ndarray]], dict[str, np.ndarray]]:
     rng = np.random.default_rng(2)
-    reference = {"w": rng.normal(size=(4, 3)).astype(np.float32), "b": rng.normal(size=3).astype(np.float32),
-                 "n": np.array([7], np.int64)}
+    reference = {
+        "w": rng.normal(size=(4, 3)).astype(np.float32),
+        "b": rng.normal(size=3).astype(np.float32),
+        "n": np.array([7], np.int64),
+    }
     states = []
     for i in range(5):
         scale = 100.0 if i == 3 else 1.0
-        states.append({"w": (reference["w"] + scale * rng.normal(size=(4, 3))).astype(np.float32),
-                       "b": (reference["b"] + scale * rng.normal(size=3)).astype(np.float32),
-                       "n": np.array([7 + 1000 * i], np.int64)})
+        states.append(
+            {
+                "w": (reference["w"] + scale * rng.normal(size=(4, 3))).astype(np.float32),
+                "b": (reference["b"] + scale * rng.normal(size=3)).astype(np.float32),
+                "n": np.array([7 + 1000 * i], np.int64),
+            }
+        )
     return states, reference
 
 
@@ -456,7 +513,9 @@ def test_clip_updates_scales_the_huge_update_to_ratio_times_median():
     assert update_norm(clipped[3], reference) == pytest.approx(2.0 * median, rel=1e-6)
     assert scales[3] == pytest.approx(2.0 * median / norms[3]) and scales[3] < 1
     # Direction kept: the clipped update is the original one scaled.
-    np.testing.assert_allclose(clipped[3]["w"] - reference["w"], scales[3] * (states[3]["w"] - reference["w"]), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        clipped[3]["w"] - reference["w"], scales[3] * (states[3]["w"] - reference["w"]), rtol=1e-5, atol=1e-6
+    )
     for i in (0, 1, 2, 4):
         assert scales[i] == 1.0
         for name in states[i]:
@@ -490,7 +549,9 @@ def test_clip_updates_with_zero_median_norm_clips_nothing():
 HONEST_SITES = 3
 
 
-def honest_bank_reply(rng: np.random.Generator, centres: dict[str, np.ndarray], counts: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+def honest_bank_reply(
+    rng: np.random.Generator, centres: dict[str, np.ndarray], counts: dict[str, np.ndarray]
+) -> dict[str, np.ndarray]:
     """Sums = count x (class mean + small noise)."""
     out = {}
     for name in ("prototype", "foreground", "background"):
@@ -507,9 +568,21 @@ def bank_sites(seed: int) -> tuple[list[dict[str, np.ndarray]], dict[str, np.nda
     rng = np.random.default_rng(seed)
     centres = _centres(np.random.default_rng(1234))
     counts = [
-        {"prototype": np.array([[3, 2], [0, 0]]), "foreground": np.array([[10, 4], [6, 0]]), "background": np.array([[5, 5], [2, 0]])},
-        {"prototype": np.array([[1, 4], [0, 0]]), "foreground": np.array([[8, 8], [1, 0]]), "background": np.array([[3, 1], [9, 0]])},
-        {"prototype": np.array([[2, 2], [0, 0]]), "foreground": np.array([[5, 2], [7, 0]]), "background": np.array([[4, 6], [1, 0]])},
+        {
+            "prototype": np.array([[3, 2], [0, 0]]),
+            "foreground": np.array([[10, 4], [6, 0]]),
+            "background": np.array([[5, 5], [2, 0]]),
+        },
+        {
+            "prototype": np.array([[1, 4], [0, 0]]),
+            "foreground": np.array([[8, 8], [1, 0]]),
+            "background": np.array([[3, 1], [9, 0]]),
+        },
+        {
+            "prototype": np.array([[2, 2], [0, 0]]),
+            "foreground": np.array([[5, 2], [7, 0]]),
+            "background": np.array([[4, 6], [1, 0]]),
+        },
     ]
     replies = [honest_bank_reply(rng, centres, c) for c in counts]
     for reply in replies:
@@ -523,7 +596,9 @@ def bank_means(bank: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     for sum_name, count_name in SUM_COUNT_PAIRS:
         count = bank[count_name]
         have = count > 0
-        out[sum_name] = bank[sum_name][have].astype(np.float64) / count[have].reshape((-1,) + (1,) * (bank[sum_name].ndim - count.ndim))
+        out[sum_name] = bank[sum_name][have].astype(np.float64) / count[have].reshape(
+            (-1,) + (1,) * (bank[sum_name].ndim - count.ndim)
+        )
     return out
 
 
@@ -537,7 +612,7 @@ def poison(kind: str, honest: dict[str, np.ndarray], rng: np.random.Generator) -
             out[name] = (100.0 * honest[name]).astype(np.float32)
         else:  # random of norm 1000 per slot
             noise = rng.normal(size=honest[name].shape)
-            slots = noise.reshape(noise.shape[: 2] + (-1,))
+            slots = noise.reshape(noise.shape[:2] + (-1,))
             slots *= 1000.0 / np.linalg.norm(slots, axis=-1, keepdims=True)
             out[name] = slots.reshape(noise.shape).astype(np.float32)
     if kind == "scale":  # and claims 50x the counts, to buy weight in a weighted mean
@@ -561,14 +636,28 @@ def assert_bank_shape(bank: dict[str, np.ndarray], replies: list[dict[str, np.nd
     for spec in BANK_STATISTICS:
         assert bank[spec.name].shape == replies[0][spec.name].shape == DIMS.resolve(spec.shape), spec.name
         assert bank[spec.name].dtype == replies[0][spec.name].dtype == np.dtype(spec.dtype), spec.name
-    make("student.train", DIMS, arrays={**bank, **empty_statistics(CLASS_PROTOTYPES, DIMS)}, weights={"student": {}, "head": {}},
-         config={"round": 1, "seed": 0, "local-epochs": 1, "group-losses": False, "use-bank": True, "evaluate": "",
-                 "schedule-start": 0.0, "schedule-end": 1.0})
+    make(
+        "student.train",
+        DIMS,
+        arrays={**bank, **empty_statistics(CLASS_PROTOTYPES, DIMS)},
+        weights={"student": {}, "head": {}},
+        config={
+            "round": 1,
+            "seed": 0,
+            "local-epochs": 1,
+            "group-losses": False,
+            "use-bank": True,
+            "evaluate": "",
+            "schedule-start": 0.0,
+            "schedule-end": 1.0,
+        },
+    )
 
 
 @pytest.mark.parametrize("kind", ["flip", "scale", "random"])
-@pytest.mark.parametrize("method, trim, clip", [("median", 0.0, 0.0), ("trimmed_mean", 0.25, 0.0), ("median", 0.0, 2.0),
-                                                ("mean", 0.0, 2.0)])
+@pytest.mark.parametrize(
+    "method, trim, clip", [("median", 0.0, 0.0), ("trimmed_mean", 0.25, 0.0), ("median", 0.0, 2.0), ("mean", 0.0, 2.0)]
+)
 def test_robust_statistics_resist_a_poisoned_site(kind, method, trim, clip):
     honest, _ = bank_sites(1)
     replies = honest + [poison(kind, honest[0], np.random.default_rng(7))]
@@ -639,7 +728,9 @@ def test_robust_statistics_trimmed_mean_on_hand_made_slot():
     assert not trimmed["prototype_sum"][mask].any()
 
 
-@pytest.mark.parametrize("method, trim, needle", [("krum", 0.0, "unknown"), ("trimmed_mean", 0.5, "outside"), ("median", 0.0, "at least one")])
+@pytest.mark.parametrize(
+    "method, trim, needle", [("krum", 0.0, "unknown"), ("trimmed_mean", 0.5, "outside"), ("median", 0.0, "at least one")]
+)
 def test_robust_statistics_refuses(method, trim, needle):
     replies = [] if needle == "at least one" else bank_sites(0)[0]
     with pytest.raises(ValueError, match=needle):

@@ -23,7 +23,9 @@ from tests.fakes import InProcessGrid
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 
-def write_tree(root: Path, classes: dict[str, int], splits=("train", "test"), size: int = 32, modality: str | None = None) -> Path:
+def write_tree(
+    root: Path, classes: dict[str, int], splits=("train", "test"), size: int = 32, modality: str | None = None
+) -> Path:
     """``root/<split>/<class>/<i>.png`` with ``classes[name]`` images per split (distinct pixels)."""
     rng = np.random.default_rng(len(str(root)))
     for split in splits:
@@ -52,8 +54,16 @@ def test_empty_class_names_keep_the_synthetic_defaults():
     assert run_class_names(config_from_flat({})) == ("hyperplasia", "adenoma", "adenocarcinoma")
 
 
-@pytest.mark.parametrize("text, says", [("adenoma", "at least 2"), ("a,,b", "at least 2"), ("a,b,a", "repeats ['a']"),
-                                        ("a,x/y", "cannot be class folder names"), ("a,.b", "cannot be class folder names")])
+@pytest.mark.parametrize(
+    "text, says",
+    [
+        ("adenoma", "at least 2"),
+        ("a,,b", "at least 2"),
+        ("a,b,a", "repeats ['a']"),
+        ("a,x/y", "cannot be class folder names"),
+        ("a,.b", "cannot be class folder names"),
+    ],
+)
 def test_bad_class_names_are_refused_naming_the_key(text, says):
     with pytest.raises(ConfigError, match="data.class_names") as err:
         config_from_flat({"data.class_names": text})

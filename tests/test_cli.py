@@ -25,8 +25,20 @@ def test_pyproject_declares_the_fedpagkd_script():
 
 
 def test_every_user_command_is_a_subcommand():
-    assert set(cli.COMMANDS) == {"simulate", "experiment", "centralised", "reference", "recipe", "study", "predict", "export", "check-site",
-                                 "write-synthetic", "fetch-weights", "certs"}
+    assert set(cli.COMMANDS) == {
+        "simulate",
+        "experiment",
+        "centralised",
+        "reference",
+        "recipe",
+        "study",
+        "predict",
+        "export",
+        "check-site",
+        "write-synthetic",
+        "fetch-weights",
+        "certs",
+    }
 
 
 @pytest.mark.parametrize("command", ARGPARSE_COMMANDS)
@@ -87,8 +99,9 @@ def test_python_dash_m_runs_the_same_entry_point():
     assert proc.returncode == 0 and "write-synthetic" in proc.stdout
 
 
-@pytest.mark.parametrize("command, module", [("reference", "benchmarks.reference"), ("recipe", "benchmarks.recipe"),
-                                             ("study", "benchmarks.study")])
+@pytest.mark.parametrize(
+    "command, module", [("reference", "benchmarks.reference"), ("recipe", "benchmarks.recipe"), ("study", "benchmarks.study")]
+)
 def test_benchmark_commands_show_their_modules_help(command, module, capsys):
     assert cli.main([command, "--help"]) == 0
     assert "usage:" in capsys.readouterr().out

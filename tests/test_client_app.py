@@ -21,7 +21,16 @@ from client.wire import MESSAGE_TYPE, from_recorddict, state_to_numpy, to_record
 from common.config import config_to_flat
 from common.data import SyntheticSiteSpec, write_image_folder
 from common.models import build_query_head, build_student, build_teacher
-from common.records import CLASS_PROTOTYPES, PROTOCOL_VERSION, REPLY_KIND, Payload, empty_statistics, make, validate, weight_shapes
+from common.records import (
+    CLASS_PROTOTYPES,
+    PROTOCOL_VERSION,
+    REPLY_KIND,
+    Payload,
+    empty_statistics,
+    make,
+    validate,
+    weight_shapes,
+)
 from server.aggregation import empty_bank, initial_centroids
 from tests.conftest import tiny_config
 
@@ -98,7 +107,9 @@ def seed_request(globals_, round_=1, evaluate=False) -> Payload:
 
 
 def stats_request(centroids, round_=1) -> Payload:
-    return make("knowledge.stats", DIMS, arrays=centroids, config={"round": round_, "seed": 5, "iteration": 1, "peers": "", "attempt": 0})
+    return make(
+        "knowledge.stats", DIMS, arrays=centroids, config={"round": round_, "seed": 5, "iteration": 1, "peers": "", "attempt": 0}
+    )
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +128,9 @@ def knowledge(single_thread, globals_):
 # ---------------------------------------------------------------------------------- discover
 
 
-@pytest.mark.parametrize("partition, name, modality", [(0, "nbi-0", "nbi"), (1, "nbi-1", "nbi"), (2, "wli-0", "wli"), (3, "wli-1", "wli")])
+@pytest.mark.parametrize(
+    "partition, name, modality", [(0, "nbi-0", "nbi"), (1, "nbi-1", "nbi"), (2, "wli-0", "wli"), (3, "wli-1", "wli")]
+)
 def test_discover_returns_metadata_with_the_site_class_counts(partition, name, modality):
     reply = send(make("discover", DIMS, config={"protocol": PROTOCOL_VERSION}), new_context(node(partition)))
     assert reply.kind == REPLY_KIND["discover"] == "metadata"
@@ -151,7 +164,9 @@ def test_teacher_train_on_nbi_returns_finite_weights_of_the_right_shapes(globals
         for name, array in reply.weights[block].items():
             assert array.shape == globals_[block][name].shape and array.dtype == globals_[block][name].dtype
             assert np.isfinite(array).all()
-    changed = [n for n, a in reply.weights["teacher"].items() if a.dtype.kind == "f" and not np.array_equal(a, globals_["teacher"][n])]
+    changed = [
+        n for n, a in reply.weights["teacher"].items() if a.dtype.kind == "f" and not np.array_equal(a, globals_["teacher"][n])
+    ]
     assert changed, "local training changed no teacher tensor"
     assert reply.config["num-examples"] == CFG.data.train_per_site  # the images behind the update, not the batches drawn
     assert math.isfinite(reply.config["loss"]) and reply.config["loss"] > 0
@@ -218,10 +233,19 @@ def test_knowledge_seed_on_wli_is_refused(globals_):
 
 
 def student_request(globals_, bank, use_bank=True, evaluate=False) -> Payload:
-    config = {"round": 1, "seed": 3, "local-epochs": 1, "group-losses": True, "use-bank": use_bank, "evaluate": "val" if evaluate else "",
-              **SPAN}
+    config = {
+        "round": 1,
+        "seed": 3,
+        "local-epochs": 1,
+        "group-losses": True,
+        "use-bank": use_bank,
+        "evaluate": "val" if evaluate else "",
+        **SPAN,
+    }
     arrays = {**bank, **empty_statistics(CLASS_PROTOTYPES, DIMS)}
-    return make("student.train", DIMS, arrays=arrays, config=config, weights={"student": globals_["student"], "head": globals_["head"]})
+    return make(
+        "student.train", DIMS, arrays=arrays, config=config, weights={"student": globals_["student"], "head": globals_["head"]}
+    )
 
 
 @pytest.mark.parametrize("use_bank", [True, False], ids=["with-bank", "wli-only"])
@@ -230,7 +254,9 @@ def test_student_train_on_wli_returns_changed_finite_weights(globals_, knowledge
     reply = send(student_request(globals_, bank, use_bank), new_context(node(WLI)))
     assert reply.kind == "student.update"
     validate(reply, DIMS, {"student": weight_shapes(globals_["student"]), "head": weight_shapes(globals_["head"])})
-    changed = [n for n, a in reply.weights["student"].items() if a.dtype.kind == "f" and not np.array_equal(a, globals_["student"][n])]
+    changed = [
+        n for n, a in reply.weights["student"].items() if a.dtype.kind == "f" and not np.array_equal(a, globals_["student"][n])
+    ]
     assert len(changed) > len(reply.weights["student"]) // 2, "most student tensors should move after a local epoch"
     head_changed = [n for n, a in reply.weights["head"].items() if not np.array_equal(a, globals_["head"][n])]
     assert head_changed
@@ -258,8 +284,10 @@ def test_kept_optimizer_state_carries_adamw_moments_into_the_next_round(globals_
 
     steps_per_round = math.ceil(CFG.data.train_per_site / CFG.train.batch_size)  # one local epoch
     cfg = dataclasses.replace(CFG, train=dataclasses.replace(CFG.train, keep_optimizer_state=True))
-    for role, request, partition in (("student", student_request(globals_, empty_bank(DIMS), use_bank=False), WLI),
-                                     ("teacher", teacher_request(globals_), NBI)):
+    for role, request, partition in (
+        ("student", student_request(globals_, empty_bank(DIMS), use_bank=False), WLI),
+        ("teacher", teacher_request(globals_), NBI),
+    ):
         context = new_context(node(partition), cfg)
         for round_ in (1, 2):
             assert send(request, context).kind == ("student.update" if role == "student" else "teacher.update")
@@ -280,7 +308,9 @@ def test_student_train_on_nbi_is_refused(globals_):
 @pytest.mark.parametrize("model, partition", [("student", WLI), ("teacher", NBI)])
 def test_evaluate_returns_histograms_totalling_the_test_split(globals_, model, partition):
     net = globals_[model]
-    reply = send(make("evaluate", DIMS, config={"model": model, "split": "test"}, weights={"net": net}), new_context(node(partition)))
+    reply = send(
+        make("evaluate", DIMS, config={"model": model, "split": "test"}, weights={"net": net}), new_context(node(partition))
+    )
     assert reply.kind == "evaluation"
     validate(reply, DIMS)
     site = resolve_site(node(partition), CFG)
@@ -290,7 +320,9 @@ def test_evaluate_returns_histograms_totalling_the_test_split(globals_, model, p
     assert reply.arrays["score_positives"].sum() == n_test  # each image is positive for one class
     assert reply.arrays["score_negatives"].sum() == n_test * (DIMS.C - 1)
     assert reply.arrays["confusion"].sum() == n_test
-    np.testing.assert_array_equal(reply.arrays["confusion"].sum(axis=1), np.bincount(np.asarray(site.test.labels), minlength=DIMS.C))
+    np.testing.assert_array_equal(
+        reply.arrays["confusion"].sum(axis=1), np.bincount(np.asarray(site.test.labels), minlength=DIMS.C)
+    )
     np.testing.assert_array_equal(reply.arrays["score_positives"].sum(axis=1), reply.arrays["confusion"].sum(axis=1))
     assert reply.config["loss"] > 0
 
@@ -307,9 +339,17 @@ def test_a_folded_evaluation_equals_the_evaluate_reply(globals_, knowledge, mode
     else:
         split, requests = "val", [teacher_request(globals_, evaluate=flag) for flag in ("val", "")]
     model = "teacher" if model == "teacher.train" else model
-    alone = send(make("evaluate", DIMS, config={"model": model, "split": split}, weights={"net": globals_[model]}), new_context(node(partition)))
+    alone = send(
+        make("evaluate", DIMS, config={"model": model, "split": split}, weights={"net": globals_[model]}),
+        new_context(node(partition)),
+    )
     folded, skipped = [send(r, new_context(node(partition))) for r in requests]
-    assert folded.kind == {"student.train": "student.update", "knowledge.seed": "knowledge.seeds", "teacher.train": "teacher.update"}[requests[0].kind]
+    assert (
+        folded.kind
+        == {"student.train": "student.update", "knowledge.seed": "knowledge.seeds", "teacher.train": "teacher.update"}[
+            requests[0].kind
+        ]
+    )
     for name in ("score_positives", "score_negatives", "confusion"):
         np.testing.assert_array_equal(folded.arrays[name], alone.arrays[name])
         assert not skipped.arrays[name].any()
@@ -361,22 +401,56 @@ def _malformed_cases(globals_, centroids):
 
     teacher_config = {"round": 1, "seed": 1, "local-epochs": 1, **SPAN, "evaluate": ""}
     return {
-        "missing-config-key": (Payload("teacher.train", config={"round": 1, "local-epochs": 1, **SPAN, "evaluate": ""},
-                                       weights={"teacher": globals_["teacher"], "head": globals_["head"]}), ["missing config keys", "seed"]),
+        "missing-config-key": (
+            Payload(
+                "teacher.train",
+                config={"round": 1, "local-epochs": 1, **SPAN, "evaluate": ""},
+                weights={"teacher": globals_["teacher"], "head": globals_["head"]},
+            ),
+            ["missing config keys", "seed"],
+        ),
         "nan-array": (Payload("knowledge.stats", arrays=nan_centroids, config=stats_config), ["prototype_centroids", "NaN"]),
-        "wrong-shape-array": (Payload("knowledge.stats", arrays=bad_shape, config=stats_config), ["foreground_centroids", "shape"]),
-        "missing-array": (Payload("knowledge.stats", arrays=missing_array, config=stats_config), ["missing arrays", "background_centroids"]),
-        "nan-weight": (Payload("teacher.train", config=teacher_config, weights=_bad_teacher_weights(globals_, nan_weight)), [name, "NaN"]),
-        "wrong-shape-weight": (Payload("teacher.train", config=teacher_config, weights=_bad_teacher_weights(globals_, wrong_shape)), [name]),
-        "missing-weight": (Payload("teacher.train", config=teacher_config, weights=_bad_teacher_weights(globals_, drop_tensor)), [name, "lack"]),
-        "wrong-config-type": (Payload("teacher.train", config={**teacher_config, "local-epochs": 1.5},
-                                      weights={"teacher": globals_["teacher"], "head": globals_["head"]}), ["local-epochs", "int"]),
+        "wrong-shape-array": (
+            Payload("knowledge.stats", arrays=bad_shape, config=stats_config),
+            ["foreground_centroids", "shape"],
+        ),
+        "missing-array": (
+            Payload("knowledge.stats", arrays=missing_array, config=stats_config),
+            ["missing arrays", "background_centroids"],
+        ),
+        "nan-weight": (
+            Payload("teacher.train", config=teacher_config, weights=_bad_teacher_weights(globals_, nan_weight)),
+            [name, "NaN"],
+        ),
+        "wrong-shape-weight": (
+            Payload("teacher.train", config=teacher_config, weights=_bad_teacher_weights(globals_, wrong_shape)),
+            [name],
+        ),
+        "missing-weight": (
+            Payload("teacher.train", config=teacher_config, weights=_bad_teacher_weights(globals_, drop_tensor)),
+            [name, "lack"],
+        ),
+        "wrong-config-type": (
+            Payload(
+                "teacher.train",
+                config={**teacher_config, "local-epochs": 1.5},
+                weights={"teacher": globals_["teacher"], "head": globals_["head"]},
+            ),
+            ["local-epochs", "int"],
+        ),
     }
 
 
-CASES = ["missing-config-key", "nan-array", "wrong-shape-array", "missing-array", "nan-weight",
-         "wrong-shape-weight",
-         "missing-weight", "wrong-config-type"]
+CASES = [
+    "missing-config-key",
+    "nan-array",
+    "wrong-shape-array",
+    "missing-array",
+    "nan-weight",
+    "wrong-shape-weight",
+    "missing-weight",
+    "wrong-config-type",
+]
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -395,8 +469,11 @@ def test_weight_of_the_wrong_size_is_refused(globals_):
     name = _first_float(globals_["teacher"])
     teacher = dict(globals_["teacher"])
     teacher[name] = np.zeros(teacher[name].shape[:-1] + (teacher[name].shape[-1] + 1,), np.float32)
-    payload = Payload("teacher.train", config={"round": 1, "seed": 1, "local-epochs": 1, **SPAN, "evaluate": ""},
-                      weights={"teacher": teacher, "head": globals_["head"]})
+    payload = Payload(
+        "teacher.train",
+        config={"round": 1, "seed": 1, "local-epochs": 1, **SPAN, "evaluate": ""},
+        weights={"teacher": teacher, "head": globals_["head"]},
+    )
     assert_error(send(payload, new_context(node(NBI))), ("partition-0", "nbi-0"), "shape")
 
 
@@ -404,8 +481,11 @@ def test_weight_of_the_wrong_shape_but_the_same_size_is_refused(globals_):
     name = next(k for k, v in globals_["teacher"].items() if v.ndim == 4 and v.shape[0] != v.shape[1])
     teacher = dict(globals_["teacher"])
     teacher[name] = np.ascontiguousarray(teacher[name].transpose(1, 0, 2, 3))
-    payload = Payload("teacher.train", config={"round": 1, "seed": 1, "local-epochs": 1, **SPAN, "evaluate": ""},
-                      weights={"teacher": teacher, "head": globals_["head"]})
+    payload = Payload(
+        "teacher.train",
+        config={"round": 1, "seed": 1, "local-epochs": 1, **SPAN, "evaluate": ""},
+        weights={"teacher": teacher, "head": globals_["head"]},
+    )
     reply = send(payload, new_context(node(NBI)))
     assert_error(reply, ("partition-0", "nbi-0"), name)
 
@@ -423,7 +503,9 @@ def test_request_without_a_config_record_is_refused():
 
 
 def test_request_with_an_unknown_kind_is_refused():
-    reply = send(Payload("teacher.finetune", config={"round": 1}), new_context(node(NBI)), message_type=MESSAGE_TYPE["teacher.train"])
+    reply = send(
+        Payload("teacher.finetune", config={"round": 1}), new_context(node(NBI)), message_type=MESSAGE_TYPE["teacher.train"]
+    )
     assert_error(reply, "partition-0", "unknown message kind", "teacher.finetune")
 
 
@@ -452,7 +534,7 @@ def test_deployment_node_config_with_a_data_path_works(globals_, folder_site):
     assert reply.config["site-name"] == "hospital-a" and reply.config["modality"] == "nbi"
     on_disk = [sum(1 for _ in (root / split / name).glob("*.png")) for split in ("train", "test") for name in spec.class_names]
     np.testing.assert_array_equal(reply.arrays["train_class_counts"], on_disk[: DIMS.C])
-    np.testing.assert_array_equal(reply.arrays["test_class_counts"], on_disk[DIMS.C:])
+    np.testing.assert_array_equal(reply.arrays["test_class_counts"], on_disk[DIMS.C :])
     assert reply.arrays["train_class_counts"].sum() == 12 and reply.arrays["test_class_counts"].sum() == 6
     update = send(teacher_request(globals_), new_context(node_config))
     assert update.kind == "teacher.update"
@@ -475,6 +557,8 @@ def test_deployment_with_a_missing_data_path_is_refused_naming_it(tmp_path):
 
 def test_deployment_without_modality_is_refused(folder_site):
     root, _ = folder_site
-    reply = send(make("discover", DIMS, config={"protocol": PROTOCOL_VERSION}),
-                 new_context({"site-name": "hospital-c", "data-path": str(root)}))
+    reply = send(
+        make("discover", DIMS, config={"protocol": PROTOCOL_VERSION}),
+        new_context({"site-name": "hospital-c", "data-path": str(root)}),
+    )
     assert_error(reply, "hospital-c", "modality")

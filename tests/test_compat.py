@@ -108,9 +108,7 @@ print(json.dumps({
 @pytest.fixture(scope="module")
 def procs():
     started = {
-        name: subprocess.Popen(
-            [sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-        )
+        name: subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for name, code in SCRIPTS.items()
     }
     yield started

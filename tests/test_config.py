@@ -150,8 +150,13 @@ def test_lossy_or_wrong_type_is_refused_naming_the_key(key, value):
 
 def test_config_to_flat_round_trip():
     cfg = config_from_flat(
-        {"model.student": "efficientnet_b0", "fed.student_init": "scratch", "pagkd.grouping": "adaptive", "train.lr": 3e-4,
-         "fed.num_bins": 50}
+        {
+            "model.student": "efficientnet_b0",
+            "fed.student_init": "scratch",
+            "pagkd.grouping": "adaptive",
+            "train.lr": 3e-4,
+            "fed.num_bins": 50,
+        }
     )
     flat = config_to_flat(cfg)
     assert set(flat) == set(config_keys())
@@ -274,8 +279,14 @@ def test_every_enumerated_key_lists_its_choices_once_and_validation_reads_them()
     from common.config import AGGREGATIONS, choices, enumerated_keys
     from server.aggregation import ROBUST
 
-    assert set(enumerated_keys()) == {"pagkd.grouping", "train.schedule", "train.augment", "fed.student_init",
-                                      "fed.student_sites", "fed.aggregation"}
+    assert set(enumerated_keys()) == {
+        "pagkd.grouping",
+        "train.schedule",
+        "train.augment",
+        "fed.student_init",
+        "fed.student_sites",
+        "fed.aggregation",
+    }
     assert ROBUST == AGGREGATIONS == choices("fed.aggregation") == ("mean", "median", "trimmed_mean")
     for key in enumerated_keys():
         for value in choices(key):  # every choice is accepted (with what it needs beside it)

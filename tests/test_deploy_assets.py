@@ -146,6 +146,7 @@ def test_parse_sans_distinguishes_ip_and_dns() -> None:
 
 # -------------------------------------------------------------- compose files
 
+
 def _compose(path: Path) -> dict:
     yaml = pytest.importorskip("yaml", reason="PyYAML not installed (it normally comes with hydra-core/omegaconf)")
     doc = yaml.safe_load(path.read_text())
@@ -217,9 +218,7 @@ def test_no_private_key_under_deploy() -> None:
     offenders = [
         p
         for p in DEPLOY.rglob("*")
-        if p.is_file()
-        and p.relative_to(DEPLOY).parts[:2] != ("certs", "out")
-        and pem_key.search(p.read_bytes())
+        if p.is_file() and p.relative_to(DEPLOY).parts[:2] != ("certs", "out") and pem_key.search(p.read_bytes())
     ]
     assert offenders == []
 

@@ -46,8 +46,9 @@ HOLD_BACK = {DRILL_DELAY_ENV: "knowledge.seed=75"}
 
 @pytest.fixture(scope="module")
 def federation(tmp_path_factory):
-    with loopback.checked_federation(tmp_path_factory.mktemp("loopback"), verbose=True,
-                                     site_env={"nbi-0": HOLD_BACK, "nbi-1": HOLD_BACK}) as fed:
+    with loopback.checked_federation(
+        tmp_path_factory.mktemp("loopback"), verbose=True, site_env={"nbi-0": HOLD_BACK, "nbi-1": HOLD_BACK}
+    ) as fed:
         yield fed
 
 
@@ -75,9 +76,11 @@ def deployment_run(federation, crash) -> RunResult:
             crash["log"] = proc.log
 
     result = federation.run({"fed.run_name": "deployment"}, timeout=RUN_TIMEOUT_S, on_poll=on_poll)
-    print(f"\ndeployment run {result.run_id}: {result.status} in {result.wall_s:.0f} s wall "
-          f"(SuperLink elapsed {result.elapsed_s} s); killed {VICTIM} (exit {crash.get('kill_exit')}), "
-          f"rejoined after {crash.get('rejoined_s', float('nan')):.0f} s in {crash.get('attempts')} start(s)")
+    print(
+        f"\ndeployment run {result.run_id}: {result.status} in {result.wall_s:.0f} s wall "
+        f"(SuperLink elapsed {result.elapsed_s} s); killed {VICTIM} (exit {crash.get('kill_exit')}), "
+        f"rejoined after {crash.get('rejoined_s', float('nan')):.0f} s in {crash.get('attempts')} start(s)"
+    )
     return result
 
 
@@ -168,7 +171,9 @@ def test_e_deployment_equals_simulation(federation, deployment_run, tmp_path):
 
     assert deployment_run.status == "finished:completed"
     config = {**federation.config, "fed.run_dir": str(tmp_path / "runs"), "fed.run_name": "simulation"}
-    sim = launch.simulate(config, num_supernodes=4, cpus_per_client=1, work_dir=tmp_path / "sim", timeout_s=RUN_TIMEOUT_S, stream=False)
+    sim = launch.simulate(
+        config, num_supernodes=4, cpus_per_client=1, work_dir=tmp_path / "sim", timeout_s=RUN_TIMEOUT_S, stream=False
+    )
     assert sim.status == "finished:completed", sim.details
     dep_metrics = deployment_run.metrics()
     sim_metrics = json.loads((sim.run_dir / "metrics.json").read_text())

@@ -69,8 +69,10 @@ def federation(tmp_path_factory):
 
 def clientapps(fed: Loopback) -> dict[str, list[int]]:
     """The ClientApp processes running under each site's SuperNode."""
-    return {name: [p for p in loopback._descendants(proc.pid) if "flwr-clientapp" in loopback._cmdline(p)]
-            for name, proc in fed.supernodes.items()}
+    return {
+        name: [p for p in loopback._descendants(proc.pid) if "flwr-clientapp" in loopback._cmdline(p)]
+        for name, proc in fed.supernodes.items()
+    }
 
 
 @pytest.fixture(scope="module")
@@ -94,13 +96,17 @@ def crashed(federation) -> dict[str, Any]:
 
     result = fed.run({}, timeout=RUN_TIMEOUT_S, on_poll=on_poll)
     crash["result"] = result
-    crash["final_outputs"] = sorted(p.name for p in result.run_dir.glob("*") if p.name in ("metrics.json", "egress.json", "student.safetensors"))
+    crash["final_outputs"] = sorted(
+        p.name for p in result.run_dir.glob("*") if p.name in ("metrics.json", "egress.json", "student.safetensors")
+    )
     # A SuperNode that pulls a message of the run just as it is stopped ignores it, but Flower 1.41
     # still starts a ClientApp for it, which then waits forever (idle; stopped with its SuperNode).
     # It does not hold up the SuperNode, so nothing here waits for it.
     crash["stale_clientapps"] = clientapps(fed)
-    print(f"\nrun A {result.run_id}: {result.status} after {result.wall_s:.0f} s wall; ServerApp pid(s) {crash.get('killed')} "
-          f"killed at progress {crash.get('progress')}; ClientApps left by the stop: {crash['stale_clientapps']}")
+    print(
+        f"\nrun A {result.run_id}: {result.status} after {result.wall_s:.0f} s wall; ServerApp pid(s) {crash.get('killed')} "
+        f"killed at progress {crash.get('progress')}; ClientApps left by the stop: {crash['stale_clientapps']}"
+    )
     return crash
 
 
@@ -114,12 +120,16 @@ def resumed(federation, crashed) -> dict[str, Any]:
     fed.wait_online([LATE])
     restart_s = time.time() - t0
     result = fed.run({}, timeout=RUN_TIMEOUT_S)
-    print(f"\n{LATE} restarted with {DRILL_DELAY_ENV}=student.train={LATE_BY_S:g} in {restart_s:.0f} s; "
-          f"run B {result.run_id}: {result.status} after {result.wall_s:.0f} s wall (SuperLink elapsed {result.elapsed_s} s)")
+    print(
+        f"\n{LATE} restarted with {DRILL_DELAY_ENV}=student.train={LATE_BY_S:g} in {restart_s:.0f} s; "
+        f"run B {result.run_id}: {result.status} after {result.wall_s:.0f} s wall (SuperLink elapsed {result.elapsed_s} s)"
+    )
     if result.metrics_path.is_file():
         for entry in result.metrics()["timing"]:
-            print(f"  {entry['phase']:9s} round {entry['round']}: {entry['wall_s']:5.1f} s wall, {len(entry['compute_s'])}/{entry['sites']} "
-                  f"replied, compute {', '.join(f'{k} {v:.1f} s' for k, v in entry['compute_s'].items())}")
+            print(
+                f"  {entry['phase']:9s} round {entry['round']}: {entry['wall_s']:5.1f} s wall, {len(entry['compute_s'])}/{entry['sites']} "
+                f"replied, compute {', '.join(f'{k} {v:.1f} s' for k, v in entry['compute_s'].items())}"
+            )
     return {"result": result, "late_log": proc, "restart_s": restart_s}
 
 

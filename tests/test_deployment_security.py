@@ -27,7 +27,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -35,7 +34,7 @@ import pytest
 from client.app import DRILL_DELAY_ENV
 from deploy import bundle, registry
 from tests.harness import loopback
-from tests.harness.loopback import CONNECTION, REPO, Loopback
+from tests.harness.loopback import CONNECTION, REPO
 
 pytestmark = pytest.mark.slow
 
@@ -63,8 +62,13 @@ def digest() -> str:
 
 @pytest.fixture(scope="module")
 def federation(tmp_path_factory, digest):
-    with loopback.checked_federation(tmp_path_factory.mktemp("loopback-security"), run_config=CONFIG, verbose=True,
-                                     node_config={"device": "cpu"}, app_digest=digest) as fed:
+    with loopback.checked_federation(
+        tmp_path_factory.mktemp("loopback-security"),
+        run_config=CONFIG,
+        verbose=True,
+        node_config={"device": "cpu"},
+        app_digest=digest,
+    ) as fed:
         yield fed
 
 
@@ -153,8 +157,12 @@ def test_site_egress_logs_match_the_coordinator(federation, trusted_run):
     assert {e["site"] for e in entries if e["phase"] == "discover"} == {"nbi-0", "wli-0"}
     for name in federation.sites:
         site_log = federation.site_state(name) / "egress.jsonl"
-        out = subprocess.run([sys.executable, "-m", "client.egress", "compare", "--site-log", str(site_log),
-                              "--coordinator", str(egress_json)], capture_output=True, text=True, cwd=REPO)
+        out = subprocess.run(
+            [sys.executable, "-m", "client.egress", "compare", "--site-log", str(site_log), "--coordinator", str(egress_json)],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+        )
         print(f"\n{name}: {out.stdout.strip()} {out.stderr.strip()}")
         assert out.returncode == 0, out.stdout + out.stderr
     # One forged line in a site's log is reported.
@@ -177,14 +185,40 @@ def test_registry_status_names_the_sites(federation, trusted_run):
 
 def test_health_checks(federation):
     fed = federation
-    ok = subprocess.run([sys.executable, str(HEALTHCHECK), f"127.0.0.1:{fed.health_port}", "--superexec", "--service-pid",
-                         str(fed.superlink.pid), "--cert", str(fed.certs / "server.pem"), "--min-days", "30"],
-                        capture_output=True, text=True)
+    ok = subprocess.run(
+        [
+            sys.executable,
+            str(HEALTHCHECK),
+            f"127.0.0.1:{fed.health_port}",
+            "--superexec",
+            "--service-pid",
+            str(fed.superlink.pid),
+            "--cert",
+            str(fed.certs / "server.pem"),
+            "--min-days",
+            "30",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert ok.returncode == 0, ok.stdout + ok.stderr
     # A site: its SuperNode's checking SuperExec child (deploy/supernode.py) is alive, the coordinator reachable.
-    site = subprocess.run([sys.executable, str(HEALTHCHECK), f"127.0.0.1:{fed.health_port}", "--superexec", "--service-pid",
-                           str(fed.supernodes["wli-0"].pid), "--reach", fed.address, "--ca", str(fed.ca_cert)],
-                          capture_output=True, text=True)
+    site = subprocess.run(
+        [
+            sys.executable,
+            str(HEALTHCHECK),
+            f"127.0.0.1:{fed.health_port}",
+            "--superexec",
+            "--service-pid",
+            str(fed.supernodes["wli-0"].pid),
+            "--reach",
+            fed.address,
+            "--ca",
+            str(fed.ca_cert),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert site.returncode == 0, site.stdout + site.stderr
 
 
@@ -219,7 +253,9 @@ def test_no_app_process_outlives_its_service(federation, trusted_run):
     os.kill(proc.pid, signal.SIGKILL)  # the SuperNode alone, as a crash or an OOM kill does
     proc.popen.wait(timeout=10)  # reaped, as systemd or init does (a zombie still "exists" for os.kill(pid, 0))
     left = _wait_gone(clientapps + helpers, 30.0)
-    print(f"\nSuperNode killed: ClientApp(s) {clientapps} and helpers {helpers}; left after {time.time() - started:.0f} s: {left}")
+    print(
+        f"\nSuperNode killed: ClientApp(s) {clientapps} and helpers {helpers}; left after {time.time() - started:.0f} s: {left}"
+    )
     assert not left, {p: loopback._cmdline(p) for p in left}
 
     serverapps = fed.serverapp_pids()
@@ -231,6 +267,16 @@ def test_no_app_process_outlives_its_service(federation, trusted_run):
     left = _wait_gone(serverapps + helpers, 30.0)
     print(f"SuperLink killed: ServerApp(s) {serverapps} and helpers {helpers}; left after {time.time() - started:.0f} s: {left}")
     assert not left, {p: loopback._cmdline(p) for p in left}
-    health = subprocess.run([sys.executable, str(HEALTHCHECK), f"127.0.0.1:{fed.health_port}", "--superexec", "--service-pid",
-                             str(fed.superlink.pid)], capture_output=True, text=True)
+    health = subprocess.run(
+        [
+            sys.executable,
+            str(HEALTHCHECK),
+            f"127.0.0.1:{fed.health_port}",
+            "--superexec",
+            "--service-pid",
+            str(fed.superlink.pid),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert health.returncode == 1 and "unhealthy" in health.stderr

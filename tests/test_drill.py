@@ -42,7 +42,11 @@ def slept(monkeypatch) -> list[float]:
 def test_drill_delays_parse_comma_separated_kind_seconds():
     assert drill_delays("") == {} and drill_delays(" , ") == {}
     assert drill_delays("student.train=40") == {"student.train": 40.0}
-    assert drill_delays(" student.train = 2.5 , evaluate=0,discover=1e1 ") == {"student.train": 2.5, "evaluate": 0.0, "discover": 10.0}
+    assert drill_delays(" student.train = 2.5 , evaluate=0,discover=1e1 ") == {
+        "student.train": 2.5,
+        "evaluate": 0.0,
+        "discover": 10.0,
+    }
     assert set(drill_delays(",".join(f"{kind}=1" for kind in MESSAGE_TYPE))) == set(MESSAGE_TYPE)  # every request kind
 
 
@@ -52,8 +56,20 @@ def test_the_drill_is_off_unless_set(slept):
     assert slept == []
 
 
-@pytest.mark.parametrize("value", ["student.train", "student.train=soon", "student.train=-1", "student.train=nan",
-                                   "student.train=inf", "studnet.train=40", "=40", "train.student=40", "student.train=40;evaluate=5"])
+@pytest.mark.parametrize(
+    "value",
+    [
+        "student.train",
+        "student.train=soon",
+        "student.train=-1",
+        "student.train=nan",
+        "student.train=inf",
+        "studnet.train=40",
+        "=40",
+        "train.student=40",
+        "student.train=40;evaluate=5",
+    ],
+)
 def test_a_bad_drill_value_names_the_variable_and_the_expected_form(value):
     with pytest.raises(ValueError) as err:
         drill_delays(value)

@@ -159,7 +159,9 @@ def test_two_replies_to_one_request_are_both_refused(tmp_path):
     class TwiceGrid(InProcessGrid):
         def send_and_receive(self, messages, *, timeout=None):
             replies = list(super().send_and_receive(messages, timeout=timeout))
-            doubled = [r for r in replies if r.metadata.src_node_id == WLI0 and r.metadata.message_type == MESSAGE_TYPE["student.train"]]
+            doubled = [
+                r for r in replies if r.metadata.src_node_id == WLI0 and r.metadata.message_type == MESSAGE_TYPE["student.train"]
+            ]
             return replies + doubled
 
     grid = TwiceGrid(synthetic_node_configs(4), config_to_flat(cfg))
@@ -235,10 +237,20 @@ def scripted(single_thread, tmp_path_factory):
 
 
 def _update(dims, weights, count, hist):
-    return Payload("student.update", arrays={**hist, **empty_statistics(CLASS_PROTOTYPES, dims)},
-                   config={"num-examples": int(count), "loss": 0.1, "ce": 0.1, "den": 0.0, "pro": 0.0,
-                           "eval-examples": int(hist["confusion"].sum()), "eval-loss": 0.0},
-                   weights={"student": {"w": np.asarray(weights, np.float32)}, "head": {"h": np.zeros(2, np.float32)}})
+    return Payload(
+        "student.update",
+        arrays={**hist, **empty_statistics(CLASS_PROTOTYPES, dims)},
+        config={
+            "num-examples": int(count),
+            "loss": 0.1,
+            "ce": 0.1,
+            "den": 0.0,
+            "pro": 0.0,
+            "eval-examples": int(hist["confusion"].sum()),
+            "eval-loss": 0.0,
+        },
+        weights={"student": {"w": np.asarray(weights, np.float32)}, "head": {"h": np.zeros(2, np.float32)}},
+    )
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -262,13 +274,27 @@ def test_no_reply_moves_the_aggregate_further_than_an_honest_site_could(
     dims = protocol.dims
     nodes = [WLI0, WLI1, 105]
     # The evaluation riding on student.train scores the val split (model selection).
-    protocol.sites = {n: SiteInfo(n, f"s{n}", "wli", [d, 0, 0], [5, 5, 5], "v", val_counts=test_counts) for n, d in zip(nodes, declared)}
+    protocol.sites = {
+        n: SiteInfo(n, f"s{n}", "wli", [d, 0, 0], [5, 5, 5], "v", val_counts=test_counts) for n, d in zip(nodes, declared)
+    }
     protocol.channel.names = {n: f"s{n}" for n in nodes}
     protocol.metrics["evaluation"] = []
-    request = make("student.train", dims, arrays={**protocol.bank, **protocol.class_prototypes},
-                   weights={"student": protocol.student, "head": protocol.head},
-                   config={"round": 2, "seed": 1, "local-epochs": 1, "group-losses": False, "use-bank": False, "evaluate": "val",
-                           "schedule-start": 0.5, "schedule-end": 1.0})
+    request = make(
+        "student.train",
+        dims,
+        arrays={**protocol.bank, **protocol.class_prototypes},
+        weights={"student": protocol.student, "head": protocol.head},
+        config={
+            "round": 2,
+            "seed": 1,
+            "local-epochs": 1,
+            "group-losses": False,
+            "use-bank": False,
+            "evaluate": "val",
+            "schedule-start": 0.5,
+            "schedule-end": 1.0,
+        },
+    )
     honest_hist = _honest_histograms(test_counts)
     stale = Message(to_recorddict(request), dst_node_id=105, message_type=MESSAGE_TYPE["student.train"])
     stale.metadata.__dict__["_message_id"] = "an-earlier-round"
@@ -283,8 +309,12 @@ def test_no_reply_moves_the_aggregate_further_than_an_honest_site_could(
         return [Message(to_recorddict(_update(dims, honest[i], declared[i], honest_hist)), reply_to=message)]
 
     grid.script = script
-    replies, dropped = protocol._exchange("student", "student round 2", {n: request for n in nodes},
-                                          {"student": weight_shapes(protocol.student), "head": weight_shapes(protocol.head)})
+    replies, dropped = protocol._exchange(
+        "student",
+        "student round 2",
+        {n: request for n in nodes},
+        {"student": weight_shapes(protocol.student), "head": weight_shapes(protocol.head)},
+    )
     accepted = 105 in replies
     assert accepted == (not replay and 0 < claimed <= declared[2] and (hist_scale == 1 or sum(test_counts) == 0))
     protocol._record_evaluation("student", 1, replies, "eval-examples", "val")
@@ -384,10 +414,19 @@ def test_a_second_run_on_a_locked_run_folder_is_refused(tmp_path):
 def test_a_run_folder_locked_by_another_process_is_refused_until_it_ends(tmp_path):
     cfg = tiny_config()
     run_dir = tmp_path / "run"
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; sys.path.insert(0, sys.argv[1]);"
-                               "from pathlib import Path; from server.state import RunLock;"
-                               "lock = RunLock(Path(sys.argv[2])).__enter__(); print('held', flush=True); time.sleep(60)",
-                               str(REPO), str(run_dir)], stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; sys.path.insert(0, sys.argv[1]);"
+            "from pathlib import Path; from server.state import RunLock;"
+            "lock = RunLock(Path(sys.argv[2])).__enter__(); print('held', flush=True); time.sleep(60)",
+            str(REPO),
+            str(run_dir),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "held"
         with pytest.raises(StateError, match=rf"pid {holder.pid}"):
@@ -413,6 +452,13 @@ def _marked(marker: str) -> list[int]:
             except OSError:
                 continue
     return pids
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")[:200]
+    except OSError:
+        return "(gone)"
 
 
 def test_stop_launch_ends_every_process_of_the_launch_and_nothing_else():
@@ -454,10 +500,24 @@ def test_sigterm_to_server_launch_stops_the_run_and_every_process_it_started(tmp
     flwr-simulation and Ray) is gone afterwards, and the exit code says it was stopped."""
     marker = uuid.uuid4().hex
     env = {**os.environ, "FEDPAGKD_TEST_MARK": marker, "OMP_NUM_THREADS": "1"}
-    overrides = [f"{k}={v}" for k, v in {**TINY_RUN, "fed.run_dir": str(tmp_path / "runs"), "fed.run_name": "stopped",
-                                         "fed.student_rounds": 50}.items()]
-    proc = subprocess.Popen([sys.executable, "-m", "server.launch", *overrides], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    overrides = [
+        f"{k}={v}"
+        for k, v in {
+            **TINY_RUN,
+            "fed.run_dir": str(tmp_path / "runs"),
+            "fed.run_name": "stopped",
+            "fed.student_rounds": 50,
+        }.items()
+    ]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "server.launch", *overrides],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     seen = []
     try:
         deadline = time.time() + 240
@@ -473,7 +533,8 @@ def test_sigterm_to_server_launch_stops_the_run_and_every_process_it_started(tmp
         deadline = time.time() + 20
         while _marked(marker) and time.time() < deadline:
             time.sleep(0.5)
-        assert not _marked(marker), f"left running: {_marked(marker)}"
+        left = {pid: _cmdline(pid) for pid in _marked(marker)}
+        assert not left, f"left running: {left}"
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
@@ -481,10 +542,25 @@ def test_sigterm_to_server_launch_stops_the_run_and_every_process_it_started(tmp
             os.kill(pid, signal.SIGKILL)
 
 
-TINY_RUN = {"data.image_size": 32, "data.train_per_site": 24, "data.test_per_site": 15, "data.val_per_site": 0,
-            "train.batch_size": 12, "train.local_epochs": 1, "train.device": "cpu", "pagkd.group_size": 4,
-            "pagkd.min_group_size": 2, "model.student": "test_resnet", "model.teacher": "test_resnet", "model.embed_dim": 32,
-            "model.num_heads": 4, "model.num_queries": 4, "pagkd.codebook_size": 4, "fed.teacher_rounds": 1, "fed.num_bins": 20}
+TINY_RUN = {
+    "data.image_size": 32,
+    "data.train_per_site": 24,
+    "data.test_per_site": 15,
+    "data.val_per_site": 0,
+    "train.batch_size": 12,
+    "train.local_epochs": 1,
+    "train.device": "cpu",
+    "pagkd.group_size": 4,
+    "pagkd.min_group_size": 2,
+    "model.student": "test_resnet",
+    "model.teacher": "test_resnet",
+    "model.embed_dim": 32,
+    "model.num_heads": 4,
+    "model.num_queries": 4,
+    "pagkd.codebook_size": 4,
+    "fed.teacher_rounds": 1,
+    "fed.num_bins": 20,
+}
 
 
 # ----------------------------------------------------------------------------- degraded runs
@@ -493,8 +569,10 @@ TINY_RUN = {"data.image_size": 32, "data.train_per_site": 24, "data.test_per_sit
 def _failing(grid: InProcessGrid, kind: str):
     def fault(node_id: int, message: Message) -> Message | None:
         if message.metadata.message_type == MESSAGE_TYPE[kind]:
-            return Message(to_recorddict(Payload("error", config={"site-name": "wli-0", "reason": "cannot read /data/x.png"})),
-                           reply_to=message)
+            return Message(
+                to_recorddict(Payload("error", config={"site-name": "wli-0", "reason": "cannot read /data/x.png"})),
+                reply_to=message,
+            )
         return grid.deliver(node_id, message)
 
     return fault
@@ -548,12 +626,26 @@ def test_a_group_size_above_a_class_share_of_a_batch_is_refused():
 # ----------------------------------------------------------------------------- bounds
 
 
-@pytest.mark.parametrize("key, value", [
-    ("fed.run_name", "../../x"), ("fed.run_name", "/tmp/abs"), ("fed.run_name", "a/b"), ("fed.run_name", ".hidden"),
-    ("fed.num_bins", 10**9), ("pagkd.codebook_size", 10**7), ("pagkd.kmeans_iters", 10**6), ("data.num_workers", -1),
-    ("data.image_size", 10**6), ("model.num_queries", 10**6), ("fed.student_rounds", 10**9), ("train.batch_size", 10**7),
-    ("fed.round_timeout", 1e12), ("fed.min_site_share", 1.5), ("pagkd.subtypes", 10**5),
-])
+@pytest.mark.parametrize(
+    "key, value",
+    [
+        ("fed.run_name", "../../x"),
+        ("fed.run_name", "/tmp/abs"),
+        ("fed.run_name", "a/b"),
+        ("fed.run_name", ".hidden"),
+        ("fed.num_bins", 10**9),
+        ("pagkd.codebook_size", 10**7),
+        ("pagkd.kmeans_iters", 10**6),
+        ("data.num_workers", -1),
+        ("data.image_size", 10**6),
+        ("model.num_queries", 10**6),
+        ("fed.student_rounds", 10**9),
+        ("train.batch_size", 10**7),
+        ("fed.round_timeout", 1e12),
+        ("fed.min_site_share", 1.5),
+        ("pagkd.subtypes", 10**5),
+    ],
+)
 def test_every_config_value_is_bounded_and_named(key, value):
     with pytest.raises(ConfigError, match=rf"'{key}'"):
         config_from_flat({key: value})
@@ -576,8 +668,10 @@ def _modes(tmp_path: Path):
     cases = {}
     cases["i16.png"] = (Image.fromarray(GRAY16), np.repeat(np.array([0, 1, 128, 255])[:, None], 3, 1))
     cases["i32.tif"] = (Image.fromarray(GRAY16.astype(np.int32)), np.repeat(np.array([0, 1, 128, 255])[:, None], 3, 1))
-    cases["float.tif"] = (Image.fromarray(np.array([[0.0, 0.25, 0.5, 1.0]], np.float32)),
-                          np.repeat(np.array([0, 64, 128, 255])[:, None], 3, 1))
+    cases["float.tif"] = (
+        Image.fromarray(np.array([[0.0, 0.25, 0.5, 1.0]], np.float32)),
+        np.repeat(np.array([0, 64, 128, 255])[:, None], 3, 1),
+    )
     rgba = np.array([[[255, 0, 0, 0], [255, 0, 0, 128], [0, 255, 0, 255], [9, 9, 9, 255]]], np.uint8)
     cases["rgba.png"] = (Image.fromarray(rgba), np.array([[0, 0, 0], [128, 0, 0], [0, 255, 0], [9, 9, 9]]))
     la = np.array([[[200, 0], [200, 255], [200, 128], [10, 255]]], np.uint8)
@@ -593,7 +687,10 @@ def _modes(tmp_path: Path):
     binary = Image.new("1", (4, 1))
     binary.putdata([0, 255, 0, 255])
     cases["binary.png"] = (binary, np.array([[0] * 3, [255] * 3, [0] * 3, [255] * 3]))
-    cases["gray.png"] = (Image.fromarray(np.array([[0, 77, 128, 255]], np.uint8)), np.repeat(np.array([0, 77, 128, 255])[:, None], 3, 1))
+    cases["gray.png"] = (
+        Image.fromarray(np.array([[0, 77, 128, 255]], np.uint8)),
+        np.repeat(np.array([0, 77, 128, 255])[:, None], 3, 1),
+    )
     out = []
     for name, (image, expected) in cases.items():
         image.save(tmp_path / name)
@@ -610,10 +707,13 @@ def test_every_pil_mode_decodes_to_its_known_pixel_values(tmp_path):
         np.testing.assert_array_equal(got[0], expected, err_msg=f"{path.name} (mode {mode})")
 
 
-@pytest.mark.parametrize("name, array, match", [
-    ("float_range.tif", np.array([[0.0, 3.5]], np.float32), r"values in \[0, 3.5\]"),
-    ("negative.tif", np.array([[-5, 10]], np.int32), r"values in \[-5, 10\]"),
-])
+@pytest.mark.parametrize(
+    "name, array, match",
+    [
+        ("float_range.tif", np.array([[0.0, 3.5]], np.float32), r"values in \[0, 3.5\]"),
+        ("negative.tif", np.array([[-5, 10]], np.int32), r"values in \[-5, 10\]"),
+    ],
+)
 def test_an_image_whose_value_range_is_unknown_is_refused_naming_the_file(tmp_path, name, array, match):
     Image.fromarray(array).save(tmp_path / name)
     with pytest.raises(DataError, match=rf"{name}.*{match}"):
@@ -632,14 +732,17 @@ def _site(tmp_path: Path) -> Path:
 CLASSES = ("x", "y")
 
 
-@pytest.mark.parametrize("text", [
-    "\ufeffpath,label,split\na.png,x,train\nb.png,y,train\nc.png,x,test\n",                    # UTF-8 BOM
-    "path,label,split\r\na.png,x,train\r\nb.png,y,train\r\nc.png,x,test\r\n",                  # CRLF
-    "path;label;split\na.png;x;train\nb.png;y;train\nc.png;x;test\n",                          # semicolons
-    '"path","label","split"\n"a.png","x","train"\n"b.png","y","train"\n"c.png","x","test"\n',  # quoted cells
-    "path,label,split,\na.png ,x , train,\nb.png,y,train,\nc.png,x,test,\n,,,\n\n",            # trailing blanks
-    "Path\tLabel\tSplit\na.png\tx\tTrain\nb.png\ty\ttrain\nc.png\tx\ttest\n",                   # tabs, capitals
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "\ufeffpath,label,split\na.png,x,train\nb.png,y,train\nc.png,x,test\n",  # UTF-8 BOM
+        "path,label,split\r\na.png,x,train\r\nb.png,y,train\r\nc.png,x,test\r\n",  # CRLF
+        "path;label;split\na.png;x;train\nb.png;y;train\nc.png;x;test\n",  # semicolons
+        '"path","label","split"\n"a.png","x","train"\n"b.png","y","train"\n"c.png","x","test"\n',  # quoted cells
+        "path,label,split,\na.png ,x , train,\nb.png,y,train,\nc.png,x,test,\n,,,\n\n",  # trailing blanks
+        "Path\tLabel\tSplit\na.png\tx\tTrain\nb.png\ty\ttrain\nc.png\tx\ttest\n",  # tabs, capitals
+    ],
+)
 def test_a_manifest_from_a_spreadsheet_tool_is_read_as_meant(tmp_path, text):
     root = _site(tmp_path)
     (root / "manifest.csv").write_bytes(text.encode())
@@ -649,10 +752,16 @@ def test_a_manifest_from_a_spreadsheet_tool_is_read_as_meant(tmp_path, text):
     assert [p.name for p in test.paths] == ["c.png"] and test.labels.tolist() == [0]
 
 
-@pytest.mark.parametrize("rows, match", [
-    ("a.png,x,train\nb.png,y,train\na.png,x,train\nc.png,x,test\n", r"line 4: image .*a.png is listed twice in 'train' \(line 2"),
-    ("a.png,x,train\nb.png,y,train\nc.png,x,test\n./a.png,x,test\n", r"line 5: .*a.png is listed in both 'train' and 'test'"),
-])
+@pytest.mark.parametrize(
+    "rows, match",
+    [
+        (
+            "a.png,x,train\nb.png,y,train\na.png,x,train\nc.png,x,test\n",
+            r"line 4: image .*a.png is listed twice in 'train' \(line 2",
+        ),
+        ("a.png,x,train\nb.png,y,train\nc.png,x,test\n./a.png,x,test\n", r"line 5: .*a.png is listed in both 'train' and 'test'"),
+    ],
+)
 def test_duplicate_or_train_test_overlapping_rows_are_refused(tmp_path, rows, match):
     root = _site(tmp_path)
     (root / "manifest.csv").write_text("path,label,split\n" + rows)

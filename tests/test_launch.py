@@ -36,8 +36,10 @@ def test_zero_sites_of_a_modality_say_which_and_how_to_fix():
     message = refusal({"data.nbi_sites": 2, "data.wli_sites": 0}, supernodes=2)
     assert "0 WLI site(s)" in message
     # WLI-only FedAvg needs no NBI site.
-    preflight({"data.nbi_sites": 0, "data.wli_sites": 2, "pagkd.use_pro": False, "pagkd.use_den": False,
-               "fed.student_init": "scratch"}, 2)
+    preflight(
+        {"data.nbi_sites": 0, "data.wli_sites": 2, "pagkd.use_pro": False, "pagkd.use_den": False, "fed.student_init": "scratch"},
+        2,
+    )
 
 
 def test_secure_aggregation_with_one_nbi_site_is_refused():
@@ -60,7 +62,9 @@ def test_sites_file_decides_the_number_of_sites(tmp_path):
     for name in ("a", "b"):
         write_tree(tmp_path / name, {"adenoma": 1, "hyperplastic": 1})
     assert preflight({"data.root": str(tmp_path)}, 2, report=lambda _: None) == {
-        "data.class_names": "adenoma,hyperplastic", "data.num_classes": 2}
+        "data.class_names": "adenoma,hyperplastic",
+        "data.num_classes": 2,
+    }
     assert "sites.toml gives 2 site(s)" in refusal({"data.root": str(tmp_path)}, supernodes=3)
     assert "no sites.toml" in refusal({"data.root": str(tmp_path / "missing")}, supernodes=2)
 
@@ -91,18 +95,22 @@ def test_simulate_refuses_before_starting_anything(monkeypatch, tmp_path):
 def test_round_overheads_of_the_scale_benchmark():
     from benchmarks.scale import round_overheads
 
-    metrics = {"timing": [
-        {"phase": "discover", "round": None, "sites": 4, "wall_s": 1.0, "compute_s": {"a": 0.1}},
-        {"phase": "student", "round": 1, "sites": 4, "wall_s": 10.0, "compute_s": {"a": 4.0, "b": 6.0, "c": 2.0, "d": 4.0}},
-        {"phase": "teacher", "round": 1, "sites": 2, "wall_s": 5.0, "compute_s": {}},  # no declared compute: skipped
-    ]}
+    metrics = {
+        "timing": [
+            {"phase": "discover", "round": None, "sites": 4, "wall_s": 1.0, "compute_s": {"a": 0.1}},
+            {"phase": "student", "round": 1, "sites": 4, "wall_s": 10.0, "compute_s": {"a": 4.0, "b": 6.0, "c": 2.0, "d": 4.0}},
+            {"phase": "teacher", "round": 1, "sites": 2, "wall_s": 5.0, "compute_s": {}},  # no declared compute: skipped
+        ]
+    }
     (row,) = round_overheads(metrics, slots=2)
     assert (row["phase"], row["round"], row["slowest_site_s"], row["sum_compute_s"]) == ("student", 1, 6.0, 16.0)
     assert row["overhead_vs_slowest"] == pytest.approx(0.4)  # (10 - 6) / 10
     assert row["overhead_vs_packed"] == pytest.approx(0.2)  # (10 - 16 / 2) / 10
 
 
-@pytest.mark.parametrize("value, expected", [(1.5, 1.5), (0.0, 0.0), (-1.0, None), (float("nan"), None), (float("inf"), None), (None, None)])
+@pytest.mark.parametrize(
+    "value, expected", [(1.5, 1.5), (0.0, 0.0), (-1.0, None), (float("nan"), None), (float("inf"), None), (None, None)]
+)
 def test_a_reply_declares_its_compute_time_or_nothing(value, expected):
     from flwr.app import MetricRecord, RecordDict
 

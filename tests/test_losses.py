@@ -104,9 +104,7 @@ def test_relation_weights_values():
     keys = torch.tensor([[FOREGROUND, BACKGROUND, UNCERTAIN, FOREGROUND]])
     relation = relation_weights(labels, keys)
     assert relation.shape == (1, 3, 4)
-    expected = torch.tensor(
-        [[[1.0, 0.0, 0.5, 1.0], [0.0, 1.0, 0.5, 0.0], [0.5, 0.5, 0.5, 0.5]]]
-    )
+    expected = torch.tensor([[[1.0, 0.0, 0.5, 1.0], [0.0, 1.0, 0.5, 0.0], [0.5, 0.5, 0.5, 0.5]]])
     assert torch.equal(relation, expected)
     assert set(relation.unique().tolist()) == {0.0, 0.5, 1.0}
 
@@ -130,8 +128,14 @@ def _statistics(seed: int = 0):
 
 def bank_from_statistics(proto_sum, proto_count, fg_sum, fg_count, bg_sum, bg_count) -> KnowledgeBank:
     """The six statistics as the record arrays that :meth:`KnowledgeBank.from_statistics` reads."""
-    arrays = {"prototype_sum": proto_sum, "prototype_count": proto_count, "foreground_sum": fg_sum,
-              "foreground_count": fg_count, "background_sum": bg_sum, "background_count": bg_count}
+    arrays = {
+        "prototype_sum": proto_sum,
+        "prototype_count": proto_count,
+        "foreground_sum": fg_sum,
+        "foreground_count": fg_count,
+        "background_sum": bg_sum,
+        "background_count": bg_count,
+    }
     return KnowledgeBank.from_statistics({k: v.numpy() for k, v in arrays.items()})
 
 
@@ -225,8 +229,7 @@ def test_gkd_pro_minimal_at_the_bank_and_grows_with_noise():
     losses = []
     for level in (0.0, 0.1, 0.3, 1.0, 3.0):
         per_seed = [
-            gkd_pro_contrastive(clean + level * _randn(*clean.shape, seed=s), labels, bank, temperature=0.1)
-            for s in range(3)
+            gkd_pro_contrastive(clean + level * _randn(*clean.shape, seed=s), labels, bank, temperature=0.1) for s in range(3)
         ]
         losses.append(torch.stack(per_seed).mean().item())
     assert losses[0] < 1e-3, losses
@@ -255,9 +258,7 @@ def _reference_contrastive(student, labels, bank, temperature):
             if o != c and bank.prototype_valid[o, s]
         ]
         negatives += [
-            prototype_similarity(student[g], student[h]) / temperature
-            for h in range(len(labels))
-            if int(labels[h]) != c
+            prototype_similarity(student[g], student[h]) / temperature for h in range(len(labels)) if int(labels[h]) != c
         ]
         logits = torch.stack([positive] + negatives)
         losses.append(torch.logsumexp(logits, 0) - positive)
@@ -271,7 +272,10 @@ def test_gkd_pro_matches_loop_reference(seed):
     valid[1] = False  # class 1 has no NBI set: its anchors are skipped
     valid[0, 0] = True
     bank = KnowledgeBank(
-        _randn(C, S, M, D, seed=seed + 10), valid, torch.zeros(C, 1, D), torch.zeros(C, 1, dtype=torch.long),
+        _randn(C, S, M, D, seed=seed + 10),
+        valid,
+        torch.zeros(C, 1, D),
+        torch.zeros(C, 1, dtype=torch.long),
         torch.zeros(C, 1, dtype=torch.bool),
     )
     labels = torch.randint(0, C, (G,), generator=gen)
@@ -516,7 +520,9 @@ def test_zero_weights_switch_terms_off():
     t_tokens, _, t_prototypes, _ = teacher(_randn(B, N, D, seed=1), groups)
     bank = bank_from_teacher_batch(t_prototypes, group_labels, t_tokens, token_labels, classes, C)
     terms = _terms(_Side(2), _randn(B, N, D, seed=2), classes, groups, group_labels, token_labels)
-    total, parts = pagkd_loss(terms, bank, PaGKDConfig(use_pro=True, use_den=True, den_weight=0.0, pro_weight=0.0), group_losses_on=True)
+    total, parts = pagkd_loss(
+        terms, bank, PaGKDConfig(use_pro=True, use_den=True, den_weight=0.0, pro_weight=0.0), group_losses_on=True
+    )
     assert set(parts) == {"ce", "total"}
     torch.testing.assert_close(total, F.cross_entropy(terms.logits, classes))
 

@@ -100,9 +100,7 @@ def test_classification_metrics_match_sklearn(seed, num_classes):
     np.testing.assert_allclose(out["sensitivity_per_class"], skm.recall_score(labels, preds, average=None))
 
     cm = skm.confusion_matrix(labels, preds, labels=range(num_classes))
-    spec = [
-        np.delete(np.delete(cm, c, 0), c, 1).sum() / np.delete(cm, c, 0).sum() for c in range(num_classes)
-    ]
+    spec = [np.delete(np.delete(cm, c, 0), c, 1).sum() / np.delete(cm, c, 0).sum() for c in range(num_classes)]
     np.testing.assert_allclose(out["specificity_per_class"], spec)
     assert out["specificity"] == pytest.approx(np.mean(spec))
     assert out["num_examples"] == len(labels)
@@ -119,9 +117,7 @@ def test_absent_class_gives_nan_and_macro_over_present():
     assert out["auc"] == pytest.approx(np.mean([out["auc_per_class"][c] for c in present]))
     preds = probs.argmax(axis=1)
     assert out["sensitivity"] == pytest.approx(skm.recall_score(labels, preds, labels=present, average="macro"))
-    assert out["f1"] == pytest.approx(
-        skm.f1_score(labels, preds, labels=present, average="macro", zero_division=0)
-    )
+    assert out["f1"] == pytest.approx(skm.f1_score(labels, preds, labels=present, average="macro", zero_division=0))
     assert all(math.isfinite(out[k]) for k in ("auc", "accuracy", "sensitivity", "specificity", "precision", "f1"))
 
 

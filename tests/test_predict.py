@@ -19,8 +19,15 @@ from common.models import build_student
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    cfg: Config = config_from_flat({"data.image_size": 32, "model.student": "resnet10t", "model.embed_dim": 32, "model.num_heads": 4,
-                                    "fed.student_init": "scratch"})
+    cfg: Config = config_from_flat(
+        {
+            "data.image_size": 32,
+            "model.student": "resnet10t",
+            "model.embed_dim": 32,
+            "model.num_heads": 4,
+            "fed.student_init": "scratch",
+        }
+    )
     torch.manual_seed(0)
     net = build_student(cfg.model, cfg.data.num_classes)
     path = tmp_path_factory.mktemp("ckpt") / "student.safetensors"
@@ -39,7 +46,9 @@ def test_checkpoint_round_trip_keeps_weights_and_metadata(checkpoint):
 
 
 def test_predict_folder_writes_one_row_per_image(tmp_path, checkpoint):
-    root = write_image_folder(SyntheticSiteSpec("wli", num_train=0, num_val=0, num_test=6, image_size=32), tmp_path / "site", splits=("test",))
+    root = write_image_folder(
+        SyntheticSiteSpec("wli", num_train=0, num_val=0, num_test=6, image_size=32), tmp_path / "site", splits=("test",)
+    )
     out = tmp_path / "preds.csv"
     assert predict_folder(checkpoint, root / "test", out) == 6
     rows = list(csv.DictReader(out.open()))
@@ -55,7 +64,20 @@ def test_predict_refuses_missing_or_empty_folders(tmp_path, checkpoint):
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="holds no"):
         predict_folder(checkpoint, tmp_path / "empty", tmp_path / "x.csv")
-    assert main(["predict", "--checkpoint", str(tmp_path / "missing.safetensors"), "--images", str(tmp_path), "--out", str(tmp_path / "o.csv")]) == 2
+    assert (
+        main(
+            [
+                "predict",
+                "--checkpoint",
+                str(tmp_path / "missing.safetensors"),
+                "--images",
+                str(tmp_path),
+                "--out",
+                str(tmp_path / "o.csv"),
+            ]
+        )
+        == 2
+    )
 
 
 @pytest.mark.parametrize("fmt", ["torchscript", "onnx"])

@@ -115,8 +115,14 @@ def without_group(knowledge: SiteKnowledge, group: int) -> SiteKnowledge:
     keep_groups = torch.arange(len(knowledge.group_labels)) != group
     keep_images = torch.ones(len(knowledge.classes), dtype=torch.bool)
     keep_images[start:stop] = False
-    return SiteKnowledge(knowledge.prototypes[keep_groups], knowledge.group_labels[keep_groups], knowledge.group_sizes[keep_groups],
-                         knowledge.tokens[keep_images], knowledge.token_labels[keep_images], knowledge.classes[keep_images])
+    return SiteKnowledge(
+        knowledge.prototypes[keep_groups],
+        knowledge.group_labels[keep_groups],
+        knowledge.group_sizes[keep_groups],
+        knowledge.tokens[keep_images],
+        knowledge.token_labels[keep_images],
+        knowledge.classes[keep_images],
+    )
 
 
 def release_parts(stats: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
@@ -132,9 +138,12 @@ DP_DIMS = dims_of(DP_CFG)
 def _centroids(knowledge, cfg, phase):
     if phase == "seeds":
         return None
-    seeds = _statistics(knowledge, DP_DIMS, dataclasses.replace(cfg, privacy=dataclasses.replace(cfg.privacy, noise_multiplier=0.0)), None, 3)
-    return initial_centroids([{f"{k.replace('_sum', '_seed_sum').replace('_count', '_seed_count')}": v for k, v in seeds.items()}],
-                             DP_DIMS, seed=3)
+    seeds = _statistics(
+        knowledge, DP_DIMS, dataclasses.replace(cfg, privacy=dataclasses.replace(cfg.privacy, noise_multiplier=0.0)), None, 3
+    )
+    return initial_centroids(
+        [{f"{k.replace('_sum', '_seed_sum').replace('_count', '_seed_count')}": v for k, v in seeds.items()}], DP_DIMS, seed=3
+    )
 
 
 @pytest.mark.parametrize("phase", ["seeds", "lloyd"])
@@ -211,7 +220,9 @@ def test_a_dp_run_reports_each_sites_releases_and_epsilon(tmp_path):
     expected = 1 + cfg.pagkd.kmeans_iters  # seeds + one release per Lloyd step
     assert privacy["releases"] == {"nbi-0": expected, "nbi-1": expected}
     assert 0 < privacy["max_epsilon"] < float("inf")
-    assert json.loads((tmp_path / "dp" / "metrics.json").read_text())["privacy"]["max_epsilon"] == pytest.approx(privacy["max_epsilon"])
+    assert json.loads((tmp_path / "dp" / "metrics.json").read_text())["privacy"]["max_epsilon"] == pytest.approx(
+        privacy["max_epsilon"]
+    )
     # The noisy counts stay usable counts on the wire.
     sums = [from_recorddict(m.content) for m in grid.received if from_recorddict(m.content).kind == "knowledge.sums"]
     assert sums and all((p.arrays["image_count"] >= 0).all() for p in sums)
@@ -364,13 +375,27 @@ def seeded_site(single_thread):
     dims = dims_of(cfg)
     torch.manual_seed(0)
     proto, _ = protocol(cfg, __import__("pathlib").Path("/nonexistent"))
-    context = Context(run_id=1, node_id=7, node_config={"partition-id": 0, "num-partitions": 4}, state=RecordDict(),
-                      run_config=config_to_flat(cfg))
-    request = make("knowledge.seed", dims, config={"round": 1, "seed": 5, "evaluate": ""},
-                   weights={"teacher": proto.teacher, "head": proto.head})
+    context = Context(
+        run_id=1,
+        node_id=7,
+        node_config={"partition-id": 0, "num-partitions": 4},
+        state=RecordDict(),
+        run_config=config_to_flat(cfg),
+    )
+    request = make(
+        "knowledge.seed",
+        dims,
+        config={"round": 1, "seed": 5, "evaluate": ""},
+        weights={"teacher": proto.teacher, "head": proto.head},
+    )
     seeds = ask(request, context)
-    return {"cfg": cfg, "dims": dims, "context": context, "key": seeds.config["public-key"],
-            "centroids": initial_centroids([seeds.arrays], dims, seed=5)}
+    return {
+        "cfg": cfg,
+        "dims": dims,
+        "context": context,
+        "key": seeds.config["public-key"],
+        "centroids": initial_centroids([seeds.arrays], dims, seed=5),
+    }
 
 
 def ask(request: Payload, context: Context) -> Payload:

@@ -45,7 +45,9 @@ def test_process_env_puts_the_interpreter_folder_first_and_extra_last(tmp_path):
 
 
 def test_a_group_process_stop_ends_children_that_ignore_sigterm(tmp_path):
-    proc = spawn("tree", ["bash", "-c", "trap '' TERM; sleep 120 & sleep 120 & wait"], tmp_path / "tree.log", dict(os.environ), tmp_path)
+    proc = spawn(
+        "tree", ["bash", "-c", "trap '' TERM; sleep 120 & sleep 120 & wait"], tmp_path / "tree.log", dict(os.environ), tmp_path
+    )
     try:
         assert isinstance(proc, GroupProcess)
         assert _wait_for(lambda: len(processes.group_members(proc.pid)) == 3)
@@ -71,8 +73,12 @@ def test_stop_group_ends_a_detached_group_it_did_not_start(tmp_path):
 def test_the_launcher_finds_and_stops_its_superlink_by_port_without_pgrep():
     port = processes.free_port()
     # A stand-in for the SuperLink `flwr run` detaches: a session of its own, the name and port on its command line.
-    fake = subprocess.Popen(["bash", "-c", f'exec -a "flower-superlink --insecure --port {port}" sleep 120'], start_new_session=True)
-    other = subprocess.Popen(["bash", "-c", f'exec -a "flower-superlink --insecure --port {port}1" sleep 120'], start_new_session=True)
+    fake = subprocess.Popen(
+        ["bash", "-c", f'exec -a "flower-superlink --insecure --port {port}" sleep 120'], start_new_session=True
+    )
+    other = subprocess.Popen(
+        ["bash", "-c", f'exec -a "flower-superlink --insecure --port {port}1" sleep 120'], start_new_session=True
+    )
     try:
         assert _wait_for(lambda: launch._superlink_pids(port) == [fake.pid])
         launch.stop_superlink(port, grace_s=2.0)
@@ -109,8 +115,17 @@ def test_the_flwr_cli_runs_the_lifecycle_and_raises_the_callers_error(tmp_path):
     with pytest.raises(MyError, match="flwr boom failed \\(exit 2\\): it broke"):
         cli.call("boom")
     argv = [json.loads(line) for line in calls.read_text().splitlines()]
-    assert argv[0] == ["run", str(tmp_path), "conn", "--format", "json", "--federation-config", "num-supernodes=2",
-                       "--run-config", "fed.student_rounds=1"]
+    assert argv[0] == [
+        "run",
+        str(tmp_path),
+        "conn",
+        "--format",
+        "json",
+        "--federation-config",
+        "num-supernodes=2",
+        "--run-config",
+        "fed.student_rounds=1",
+    ]
     assert argv[1] == ["list", "conn", "--run-id", "7", "--format", "json"] and argv[2] == ["stop", "7", "conn"]
     assert "[exit 2]" in (tmp_path / "cli.log").read_text()
 

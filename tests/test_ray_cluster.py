@@ -58,8 +58,16 @@ def ray_head():
     temp = tempfile.mkdtemp(prefix="frh-")  # short: Ray's unix socket paths are length-limited
     port = free_port()
     env = {**os.environ, **FLOWER_ENV, "RAY_TMPDIR": temp}
-    cmd = [str(BIN / "ray"), "start", "--head", f"--port={port}", "--num-cpus=2", f"--temp-dir={temp}",
-           "--include-dashboard=false", "--disable-usage-stats"]
+    cmd = [
+        str(BIN / "ray"),
+        "start",
+        "--head",
+        f"--port={port}",
+        "--num-cpus=2",
+        f"--temp-dir={temp}",
+        "--include-dashboard=false",
+        "--disable-usage-stats",
+    ]
     try:
         subprocess.run(cmd, env=env, check=True, capture_output=True, text=True, timeout=180)
         yield f"127.0.0.1:{port}", temp
@@ -75,7 +83,11 @@ def test_a_run_attaches_to_an_existing_ray_cluster(ray_head, tmp_path):
     env = {**os.environ, **FLOWER_ENV}
     proc = subprocess.run(
         [sys.executable, "-m", "server.experiment", f"sim.ray_address={address}", f"hydra.run.dir={out}", *overrides],
-        cwd=Path(__file__).resolve().parent.parent, env=env, capture_output=True, text=True, timeout=600,
+        cwd=Path(__file__).resolve().parent.parent,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     print(proc.stdout[-2000:], proc.stderr[-3000:])
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -87,7 +99,9 @@ def test_a_run_attaches_to_an_existing_ray_cluster(ray_head, tmp_path):
         f"ray.init(address='{address}', logging_level='ERROR'); "
         "print(json.dumps(sorted(a['ActorClassName'] for a in state.actors().values())))"
     )
-    listed = subprocess.run([sys.executable, "-c", probe], env={**env, "RAY_TMPDIR": temp}, capture_output=True, text=True, timeout=120)
+    listed = subprocess.run(
+        [sys.executable, "-c", probe], env={**env, "RAY_TMPDIR": temp}, capture_output=True, text=True, timeout=120
+    )
     assert listed.returncode == 0, listed.stderr[-2000:]
     classes = json.loads(listed.stdout.strip().splitlines()[-1])
     print(f"actors on the cluster at {address}: {classes}")

@@ -97,8 +97,17 @@ def test_a_short_centralised_wli_run_learns(single_thread, seed):
     the training CE well below ln 3. Measured on this machine (1 thread, 2026-12-01), seeds 0 / 1:
     test AUC 0.861 / 0.823, training CE averaged over all 20 epochs 0.76 / 0.86, test CE 0.64 /
     0.81 (ln 3 = 1.10); the bounds leave room for seeds and thread counts."""
-    cfg = config_from_flat({"train.seed": seed, "train.epochs": 20, "data.test_per_site": 150, "data.val_per_site": 30,
-                            "pagkd.use_pro": False, "pagkd.use_den": False, "train.device": "cpu"})
+    cfg = config_from_flat(
+        {
+            "train.seed": seed,
+            "train.epochs": 20,
+            "data.test_per_site": 150,
+            "data.val_per_site": 30,
+            "pagkd.use_pro": False,
+            "pagkd.use_den": False,
+            "train.device": "cpu",
+        }
+    )
     sites = [s for s in federation_sites(cfg) if s.modality == "wli"]
 
     def pool(split):
@@ -110,8 +119,17 @@ def test_a_short_centralised_wli_run_learns(single_thread, seed):
     student, head = build_student(cfg.model, 3), build_query_head(cfg.model, 3)
     device = torch.device("cpu")
     selector = ValidationSelector(student, eval_loader(pool("val"), 64), device, False)
-    result = train_student(student, head, balanced_loader(pool("train"), cfg.train.batch_size, seed), lambda: None, cfg, device,
-                           cfg.train.epochs, seed, on_epoch_end=selector)
+    result = train_student(
+        student,
+        head,
+        balanced_loader(pool("train"), cfg.train.batch_size, seed),
+        lambda: None,
+        cfg,
+        device,
+        cfg.train.epochs,
+        seed,
+        on_epoch_end=selector,
+    )
     selector.restore()
     probs, labels, test_ce = predict(student, eval_loader(pool("test"), 64), device, False)
     metrics = classification_metrics(probs, labels)

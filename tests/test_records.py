@@ -64,7 +64,9 @@ def valid_payload(kind: str, dims: Dims = DIMS, seed: int = 0) -> Payload:
     return Payload(
         kind,
         arrays={spec.name: _fill(spec, dims, rng) for spec in schema.arrays},
-        config={key: SPECIAL_VALUES[key](dims) if key in SPECIAL_VALUES else CONFIG_VALUES[kind_] for key, kind_ in schema.config},
+        config={
+            key: SPECIAL_VALUES[key](dims) if key in SPECIAL_VALUES else CONFIG_VALUES[kind_] for key, kind_ in schema.config
+        },
         weights={block: _weight_block(rng) for block in schema.weights},
     )
 
@@ -83,13 +85,16 @@ SPECIAL_VALUES = {
 }
 
 
-@pytest.mark.parametrize("config, fragment", [
-    ({"evaluate": "train"}, "'evaluate'"),
-    ({"evaluate": "x"}, "'evaluate'"),
-    ({"schedule-start": 0.6, "schedule-end": 0.5}, "schedule span"),
-    ({"schedule-start": -0.1}, "schedule span"),
-    ({"schedule-end": 1.5}, "schedule span"),
-])
+@pytest.mark.parametrize(
+    "config, fragment",
+    [
+        ({"evaluate": "train"}, "'evaluate'"),
+        ({"evaluate": "x"}, "'evaluate'"),
+        ({"schedule-start": 0.6, "schedule-end": 0.5}, "schedule span"),
+        ({"schedule-start": -0.1}, "schedule span"),
+        ({"schedule-end": 1.5}, "schedule span"),
+    ],
+)
 def test_evaluation_split_and_schedule_span_out_of_range_are_refused(config, fragment):
     payload = valid_payload("student.train")
     payload.config.update(config)

@@ -43,6 +43,8 @@ LEARN: dict[str, Any] = {
 # student starts from the teacher here, and both floors below are gated.
 TEACHER_AUC_FLOOR = 0.8
 STUDENT_AUC_FLOOR = 0.62
+
+
 @pytest.fixture()
 def ports(monkeypatch) -> list[int]:
     """Every port the launcher picks (the SuperLink's first), to check nothing is left on them."""
@@ -66,7 +68,9 @@ def _run_config(tmp_path, name: str, **overrides: Any) -> dict[str, Any]:
 
 def test_simulation_completes_and_the_student_learns(tmp_path, ports):
     run_config = _run_config(tmp_path, "e2e")
-    result = launch.simulate(run_config, num_supernodes=4, cpus_per_client=1, work_dir=tmp_path / "work", timeout_s=480, stream=False)
+    result = launch.simulate(
+        run_config, num_supernodes=4, cpus_per_client=1, work_dir=tmp_path / "work", timeout_s=480, stream=False
+    )
     assert result.status == "finished:completed", result.details
     assert result.run_dir == tmp_path / "runs" / "e2e"
     metrics = json.loads((result.run_dir / "metrics.json").read_text())
@@ -76,8 +80,10 @@ def test_simulation_completes_and_the_student_learns(tmp_path, ports):
     student_aucs = [round(e["pooled"]["auc"], 3) for e in metrics["evaluation"] if e["model"] == "student"]
     teacher_auc = next(e["pooled"]["auc"] for e in metrics["evaluation"] if e["model"] == "teacher")
     ce = [round(e["ce"], 3) for e in metrics["student"]]
-    print(f"e2e simulation: {result.wall_s:.0f} s; NBI teacher AUC {teacher_auc:.3f}; WLI student AUC per round {student_aucs}; "
-          f"student CE per round {ce}")
+    print(
+        f"e2e simulation: {result.wall_s:.0f} s; NBI teacher AUC {teacher_auc:.3f}; WLI student AUC per round {student_aucs}; "
+        f"student CE per round {ce}"
+    )
     assert final["num_examples"] == 2 * run_config["data.test_per_site"]
     assert 0.0 <= final["auc"] <= 1.0
     assert teacher_auc > TEACHER_AUC_FLOOR, f"the federated NBI teacher did not learn: pooled AUC {teacher_auc:.3f}"
@@ -105,10 +111,10 @@ def test_a_failing_run_is_reported_as_a_failure(tmp_path, ports):
     with pytest.raises(launch.SimulationError) as err:
         # check=False: the launcher's preflight would refuse this run before Flower starts (tested
         # in test_launch.py); here the ServerApp's own refusal must come back as a failed run.
-        launch.simulate(run_config, num_supernodes=2, cpus_per_client=1, work_dir=tmp_path / "work", timeout_s=300, stream=False,
-                        check=False)
+        launch.simulate(
+            run_config, num_supernodes=2, cpus_per_client=1, work_dir=tmp_path / "work", timeout_s=300, stream=False, check=False
+        )
     message = str(err.value)
     assert "finished:failed" in message
     assert "NBI: 0 of 1 needed" in message, message
     assert not (tmp_path / "runs" / "no-nbi" / "metrics.json").exists()
-

@@ -29,8 +29,12 @@ HEALTHCHECK = ROOT / "deploy" / "docker" / "healthcheck.py"
 
 
 def _payload(groups: int = 3) -> Payload:
-    return Payload("knowledge.sums", arrays={"prototype_sum": np.zeros((3, 1, 4, 8), np.float32)},
-                   config={"groups": groups}, weights={"student": {"w": np.zeros(5, np.float32)}})
+    return Payload(
+        "knowledge.sums",
+        arrays={"prototype_sum": np.zeros((3, 1, 4, 8), np.float32)},
+        config={"groups": groups},
+        weights={"student": {"w": np.zeros(5, np.float32)}},
+    )
 
 
 # ----------------------------------------------------------------- egress
@@ -39,7 +43,9 @@ def _payload(groups: int = 3) -> Payload:
 def test_site_log_round_trip_and_compare(tmp_path: Path) -> None:
     node_config = {"state-dir": str(tmp_path / "state")}
     for groups in (3, 4):
-        reply = site_egress.logged(_payload(groups), node_config, site="nbi-a", run_id=7, run_name="r1", request="knowledge.stats")
+        reply = site_egress.logged(
+            _payload(groups), node_config, site="nbi-a", run_id=7, run_name="r1", request="knowledge.stats"
+        )
         assert reply.kind == "knowledge.sums"
     lines = (tmp_path / "state" / "egress.jsonl").read_text().splitlines()
     assert len(lines) == 2
@@ -50,10 +56,20 @@ def test_site_log_round_trip_and_compare(tmp_path: Path) -> None:
     run_dir = tmp_path / "runs" / "r1"
     run_dir.mkdir(parents=True)
     (run_dir / "egress.json").write_text(json.dumps(coordinator))
-    assert site_egress.main(["compare", "--site-log", str(tmp_path / "state" / "egress.jsonl"), "--coordinator", str(run_dir / "egress.json")]) == 0
+    assert (
+        site_egress.main(
+            ["compare", "--site-log", str(tmp_path / "state" / "egress.jsonl"), "--coordinator", str(run_dir / "egress.json")]
+        )
+        == 0
+    )
     # The coordinator lists a message the site never sent, and misses one it did.
     (run_dir / "egress.json").write_text(json.dumps([coordinator[0], {**coordinator[1], "bytes": 1}]))
-    assert site_egress.main(["compare", "--site-log", str(tmp_path / "state" / "egress.jsonl"), "--coordinator", str(run_dir / "egress.json")]) == 1
+    assert (
+        site_egress.main(
+            ["compare", "--site-log", str(tmp_path / "state" / "egress.jsonl"), "--coordinator", str(run_dir / "egress.json")]
+        )
+        == 1
+    )
     problems = compare("nbi-a", [json.loads(line) for line in lines], [coordinator[0], {**coordinator[1], "bytes": 1}])
     assert len(problems) == 2 and "does not list" in problems[0] and "did not send" in problems[1]
 
@@ -149,7 +165,12 @@ def test_site_clientapp_checks_the_bundle_before_flower_installs_it(fab: bytes, 
 
     flower = importlib.import_module("flwr.supernode.runtime.run_clientapp")
     source = inspect.getsource(flower.run_clientapp)
-    assert 0 < source.index("pull_task_input(client)") < source.index("install_from_fab(fab.content") < source.index("load_client_app_fn(")
+    assert (
+        0
+        < source.index("pull_task_input(client)")
+        < source.index("install_from_fab(fab.content")
+        < source.index("load_client_app_fn(")
+    )
     installed: list[bytes] = []
     pulled = SimpleNamespace(hash_str=hashlib.sha256(fab).hexdigest(), content=fab)
     context = SimpleNamespace(node_config={"site-name": "wli-a"}, node_id=7)
@@ -190,22 +211,47 @@ def test_site_superexec_launches_only_guarded_clientapps(monkeypatch) -> None:
     assert eligible == {TaskType.CLIENT_APP}
 
     def spec(task_type):
-        return ExecutionSpec(task_type=task_type, runtime_api_address="127.0.0.1:1", token="tok", insecure=True,
-                             root_certificates_path=None, runtime_dependency_install=False, parent_pid=42,
-                             suppress_output=False, task_id=1)
+        return ExecutionSpec(
+            task_type=task_type,
+            runtime_api_address="127.0.0.1:1",
+            token="tok",
+            insecure=True,
+            root_certificates_path=None,
+            runtime_dependency_install=False,
+            parent_pid=42,
+            suppress_output=False,
+            task_id=1,
+        )
 
     assert str(executor.launch(spec(TaskType.SERVER_APP)).status) != "accepted" and not started
     assert str(executor.launch(spec(TaskType.CLIENT_APP)).status) == "accepted"
-    assert started == [[sys.executable, supernode.SCRIPT, "flwr-clientapp", "--app-digest", pin, "--runtime-api-address",
-                        "127.0.0.1:1", "--token", "tok", "--insecure", "--parent-pid", "42"]]
+    assert started == [
+        [
+            sys.executable,
+            supernode.SCRIPT,
+            "flwr-clientapp",
+            "--app-digest",
+            pin,
+            "--runtime-api-address",
+            "127.0.0.1:1",
+            "--token",
+            "tok",
+            "--insecure",
+            "--parent-pid",
+            "42",
+        ]
+    ]
 
 
-@pytest.mark.parametrize("args, message", [
-    ([], "--app-digest is required"),
-    (["--app-digest", "sha256:abc"], "expected sha256:<64"),
-    (["--app-digest", "any", "--isolation", "subprocess"], "--isolation is set by"),
-    (["--app-digest", "any", "--node-config", "site-name='a' app-digest='sha256:x'"], "not read any more"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        ([], "--app-digest is required"),
+        (["--app-digest", "sha256:abc"], "expected sha256:<64"),
+        (["--app-digest", "any", "--isolation", "subprocess"], "--isolation is set by"),
+        (["--app-digest", "any", "--node-config", "site-name='a' app-digest='sha256:x'"], "not read any more"),
+    ],
+)
 def test_site_supernode_refuses_a_wrong_start(args: list[str], message: str) -> None:
     with pytest.raises(SystemExit, match=message):
         supernode.main(args)
@@ -282,11 +328,14 @@ def test_registry_register_and_status(tmp_path: Path) -> None:
         calls.append(args)
         if args[:2] == ("supernode", "register"):
             return {"success": True, "node-id": 11 if "nbi-a" in args[2] else 22}
-        return {"success": True, "nodes": [
-            {"node-id": "11", "status": "online", "online-at": "2026-12-01 10:00:00Z", "offline-at": "N/A"},
-            {"node-id": "22", "status": "offline", "online-at": "N/A", "offline-at": "2026-12-01 09:00:00Z"},
-            {"node-id": "33", "status": "registered", "online-at": "N/A", "offline-at": "N/A"},
-        ]}
+        return {
+            "success": True,
+            "nodes": [
+                {"node-id": "11", "status": "online", "online-at": "2026-12-01 10:00:00Z", "offline-at": "N/A"},
+                {"node-id": "22", "status": "offline", "online-at": "N/A", "offline-at": "2026-12-01 09:00:00Z"},
+                {"node-id": "33", "status": "registered", "online-at": "N/A", "offline-at": "N/A"},
+            ],
+        }
 
     reg = tmp_path / "registry.json"
     registry.register(flwr_json, reg, tmp_path / "nbi-a.pub", "nbi-a", "c")
@@ -324,8 +373,15 @@ def test_site_image_runs_the_checking_supernode() -> None:
 @pytest.mark.parametrize("unit", ["fedpagkd-coordinator.service", "fedpagkd-site.service"])
 def test_systemd_units(unit: str) -> None:
     text = (ROOT / "deploy" / "systemd" / unit).read_text()
-    for line in ("Restart=on-failure", "KillMode=control-group", "RestartMaxDelaySec=", "StateDirectory=", "WorkingDirectory=",
-                 "Environment=FLWR_HOME=", "StartLimitBurst="):
+    for line in (
+        "Restart=on-failure",
+        "KillMode=control-group",
+        "RestartMaxDelaySec=",
+        "StateDirectory=",
+        "WorkingDirectory=",
+        "Environment=FLWR_HOME=",
+        "StartLimitBurst=",
+    ):
         assert line in text, (unit, line)
     assert "--insecure" not in text
     if unit == "fedpagkd-site.service":
@@ -347,8 +403,14 @@ def test_split_superlink_refuses_control_paths_on_the_fleet_port() -> None:
         sent.append(message)
 
     split = ApiSplit(app, fleet_port=8000)
-    for path, port in (("/v1/fleet/pull-messages", 8000), ("/health", 8000), ("/v1/control/list-runs", 9093),
-                       ("/v1/runtime/pull-messages", 9093), ("/v1/control/list-runs", 8000), ("/v1/runtime/x", 8000)):
+    for path, port in (
+        ("/v1/fleet/pull-messages", 8000),
+        ("/health", 8000),
+        ("/v1/control/list-runs", 9093),
+        ("/v1/runtime/pull-messages", 9093),
+        ("/v1/control/list-runs", 8000),
+        ("/v1/runtime/x", 8000),
+    ):
         asyncio.run(split({"type": "http", "path": path, "server": ("0.0.0.0", port)}, None, send))
     assert seen == ["/v1/fleet/pull-messages", "/health", "/v1/control/list-runs", "/v1/runtime/pull-messages"]
     assert [m["status"] for m in sent if m["type"] == "http.response.start"] == [403, 403]
@@ -376,8 +438,10 @@ def test_follow_exits_with_the_run_outcome(tmp_path: Path, monkeypatch, capsys, 
     from deploy import follow
 
     fake = tmp_path / "flwr"
-    fake.write_text("#!/bin/sh\nif [ \"$1\" = list ]; then echo '{\"success\": true, \"runs\": [{\"status\": \"%s\", "
-                    "\"status-details\": \"why\"}]}'; else echo streaming; fi\n" % status)
+    fake.write_text(
+        '#!/bin/sh\nif [ "$1" = list ]; then echo \'{"success": true, "runs": [{"status": "%s", '
+        '"status-details": "why"}]}\'; else echo streaming; fi\n' % status
+    )
     fake.chmod(0o755)
     monkeypatch.setenv("PATH", f"{tmp_path}:{__import__('os').environ['PATH']}")
     assert follow.main(["42", "conn"]) == code

@@ -47,7 +47,9 @@ def test_every_problem_is_listed_with_its_path_and_the_exit_status_is_1(tmp_path
     Image.fromarray(np.zeros((40, 40), np.uint16)).save(root / "test" / "adenoma" / "wide.png")  # 16-bit grey
     report = check_site(root, "nbi", CFG, decode=True)
     text = "\n".join(report.problems)
-    assert "site.json declares modality 'wli'" in text and "declared 'nbi'" in text  # the declaration and the node config disagree
+    assert (
+        "site.json declares modality 'wli'" in text and "declared 'nbi'" in text
+    )  # the declaration and the node config disagree
     assert str(bad) in text and str(truncated) in text and "replace or delete" in text
     assert str(root / "train" / "hyperplastic" / "tiny.png") in text and "below 16 px" in text
     assert "mode I;16" in text and "8-bit RGB" in text
@@ -116,8 +118,14 @@ def test_preflight_settles_the_discovered_class_names(tmp_path):
 # ------------------------------------------------------------------------------ write-synthetic
 
 
-SMALL = ["data.nbi_sites=1", "data.wli_sites=1", "data.train_per_site=6", "data.val_per_site=0", "data.test_per_site=3",
-         "data.image_size=32"]
+SMALL = [
+    "data.nbi_sites=1",
+    "data.wli_sites=1",
+    "data.train_per_site=6",
+    "data.val_per_site=0",
+    "data.test_per_site=3",
+    "data.image_size=32",
+]
 
 
 def test_write_synthetic_writes_a_federation_a_run_can_read(tmp_path, capsys):

@@ -97,8 +97,10 @@ FAULTS: dict[str, tuple[Callable, str]] = {
     "nan-weights": (_edit_student(_nan), "NaN"),
     "missing-array": (_edit_student(_drop), "missing"),
     "wrong-shape": (_edit_student(_reshape), "expected"),
-    "error-payload": (lambda request, reply: reply_as(request, Payload("error", config={"site-name": "wli-0", "reason": "disk on fire"})),
-                      "disk on fire"),
+    "error-payload": (
+        lambda request, reply: reply_as(request, Payload("error", config={"site-name": "wli-0", "reason": "disk on fire"})),
+        "disk on fire",
+    ),
     "no-reply": (lambda request, reply: None, "no reply"),
     "flower-error": (lambda request, reply: Message(Error(code=2, reason="ClientAppException: boom"), reply_to=request), "boom"),
     "wrong-kind": (lambda request, reply: reply_as(request, Payload("error-free", config={})), "error-free"),
@@ -147,7 +149,9 @@ def test_full_run_writes_every_output(full_run):
     net, meta = load_checkpoint(run_dir / STUDENT_CHECKPOINT)
     last_eval = [p for p in parsed(full_run["grid"].sent) if p.kind == "evaluate" and p.config["model"] == "student"][-1]
     for name, tensor in net.state_dict().items():
-        np.testing.assert_allclose(tensor.numpy().reshape(-1), last_eval.weights["net"][name].reshape(-1), rtol=1e-6, err_msg=name)
+        np.testing.assert_allclose(
+            tensor.numpy().reshape(-1), last_eval.weights["net"][name].reshape(-1), rtol=1e-6, err_msg=name
+        )
 
 
 SELECTED_ONE_ROUND = [("teacher", 1, "val"), ("teacher", 1, "test"), ("student", 1, "val"), ("student", 1, "test")]
@@ -219,8 +223,14 @@ def test_one_faulty_wli_site_is_dropped_and_the_run_completes(fault, tmp_path, c
     assert not [r for r in caplog.records if "dropped site 'wli-1'" in r.getMessage()]
 
 
-@pytest.mark.parametrize("fault", [pytest.param("error-payload"), pytest.param("nan-weights", marks=pytest.mark.slow),
-                                   pytest.param("no-reply", marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "fault",
+    [
+        pytest.param("error-payload"),
+        pytest.param("nan-weights", marks=pytest.mark.slow),
+        pytest.param("no-reply", marks=pytest.mark.slow),
+    ],
+)
 def test_the_same_fault_on_every_wli_site_stops_the_run_naming_sites_and_reasons(fault, tmp_path):
     cfg = tiny_config(**FAULT_CFG)
     grid = make_grid(cfg)
@@ -305,7 +315,6 @@ def test_dropping_an_outlier_below_the_minimum_of_sites_stops_the_run(tmp_path):
         run_federation(grid, cfg, tmp_path / "run")
 
 
-
 class LateGrid(InProcessGrid):
     """A late reply as Flower's grids meet it: pushing stamps every request with a message id (as
     InMemoryGrid and HttpGrid do), and a reply a fault hook holds back (``self.late``) misses its own
@@ -327,7 +336,10 @@ class LateGrid(InProcessGrid):
 def late_in_student_round(grid: LateGrid, round_: int):
     def fault(node_id: int, message: Message) -> Message | None:
         reply = grid.deliver(node_id, message)
-        if message.metadata.message_type == MESSAGE_TYPE["student.train"] and from_recorddict(message.content).config["round"] == round_:
+        if (
+            message.metadata.message_type == MESSAGE_TYPE["student.train"]
+            and from_recorddict(message.content).config["round"] == round_
+        ):
             grid.late.append(reply)
             return None
         return reply
@@ -354,6 +366,7 @@ def test_a_late_reply_is_dropped_from_its_round_and_ignored_when_it_arrives(tmp_
     egress = json.loads((tmp_path / "run" / "egress.json").read_text())
     assert Counter(e["site"] for e in egress if e["kind"] == "student.update") == {"wli-0": 1, "wli-1": 2}
     assert summary["bytes"]["student"]["messages"] == 2 * 2 + 3
+
 
 # ------------------------------------------------------------------------------------ resume
 
@@ -392,7 +405,14 @@ def resumed(single_thread, tmp_path_factory):
     state_after_crash = json.loads((run_dir / META).read_text())
     second = make_grid(cfg)
     summary = run_federation(second, cfg, run_dir)
-    return {"cfg": cfg, "run_dir": run_dir, "first": first, "second": second, "summary": summary, "crash_state": state_after_crash}
+    return {
+        "cfg": cfg,
+        "run_dir": run_dir,
+        "first": first,
+        "second": second,
+        "summary": summary,
+        "crash_state": state_after_crash,
+    }
 
 
 def test_a_crashed_run_resumes_at_the_last_finished_round(resumed):
@@ -407,8 +427,13 @@ def test_a_crashed_run_resumes_at_the_last_finished_round(resumed):
     assert sent[MESSAGE_TYPE["student.train"]] == 2 * 2  # rounds 2 and 3, two WLI sites
     assert [e["round"] for e in summary["student"]] == [1, 2, 3]
     assert [(e["model"], e["round"], e["split"]) for e in summary["evaluation"]] == [
-        ("teacher", 1, "val"), ("teacher", 1, "test"), ("student", 1, "val"), ("student", 2, "val"), ("student", 3, "val"),
-        ("student", 3, "test")]
+        ("teacher", 1, "val"),
+        ("teacher", 1, "test"),
+        ("student", 1, "val"),
+        ("student", 2, "val"),
+        ("student", 3, "val"),
+        ("student", 3, "test"),
+    ]
     assert len(summary["teacher"]) == 1 and len(summary["knowledge"]) == 1
     assert json.loads((run_dir / META).read_text())["progress"] == {"teacher_rounds": 1, "refreshes": 1, "student_rounds": 3}
     metrics = json.loads((run_dir / "metrics.json").read_text())
@@ -505,8 +530,17 @@ def test_more_rounds_is_not_a_config_change(early_state):
 
 # ------------------------------------------------------------------------------------ privacy audit
 
-STATISTICS_KINDS = {"discover", "metadata", "knowledge.seed", "knowledge.seeds", "knowledge.stats", "knowledge.sums",
-                    "evaluate", "evaluation", "student.train"}
+STATISTICS_KINDS = {
+    "discover",
+    "metadata",
+    "knowledge.seed",
+    "knowledge.seeds",
+    "knowledge.stats",
+    "knowledge.sums",
+    "evaluate",
+    "evaluation",
+    "student.train",
+}
 
 
 def _reference_weights(cfg) -> dict[str, dict]:
@@ -514,8 +548,11 @@ def _reference_weights(cfg) -> dict[str, dict]:
     teacher, student, head = build_teacher(cfg.model, c), build_student(cfg.model, c), build_query_head(cfg.model, c)
     from client.wire import state_to_numpy
 
-    return {"teacher": weight_shapes(state_to_numpy(teacher)), "student": weight_shapes(state_to_numpy(student)),
-            "head": weight_shapes(state_to_numpy(head))}
+    return {
+        "teacher": weight_shapes(state_to_numpy(teacher)),
+        "student": weight_shapes(state_to_numpy(student)),
+        "head": weight_shapes(state_to_numpy(head)),
+    }
 
 
 def _image_counts(cfg, partitions: int) -> set[int]:
@@ -523,7 +560,9 @@ def _image_counts(cfg, partitions: int) -> set[int]:
     for p in range(partitions):
         site = resolve_site({"partition-id": p, "num-partitions": partitions}, cfg)
         counts |= {len(site.train), len(site.test)}
-        counts |= set(np.bincount(np.asarray(site.train.labels)).tolist()) | set(np.bincount(np.asarray(site.test.labels)).tolist())
+        counts |= set(np.bincount(np.asarray(site.train.labels)).tolist()) | set(
+            np.bincount(np.asarray(site.test.labels)).tolist()
+        )
     return counts - {0}
 
 
@@ -646,8 +685,12 @@ def test_the_student_of_the_best_val_round_is_selected_and_only_it_is_tested(sin
     assert summary["selection"]["student"]["round"] == best == summary["final"]["selected_round"]
     # The global student of round r is what round r + 1's request carried (round 3's: the val evaluate).
     sent = parsed(grid.sent)
-    globals_of = {p.config["round"] - 1: p.weights["student"] for p in sent if p.kind == "student.train" and p.config["round"] > 1}
-    globals_of[3] = next(p.weights["net"] for p in sent if p.kind == "evaluate" and p.config["split"] == "val" and p.config["model"] == "student")
+    globals_of = {
+        p.config["round"] - 1: p.weights["student"] for p in sent if p.kind == "student.train" and p.config["round"] > 1
+    }
+    globals_of[3] = next(
+        p.weights["net"] for p in sent if p.kind == "evaluate" and p.config["split"] == "val" and p.config["model"] == "student"
+    )
     tested = [p for p in sent if p.kind == "evaluate" and p.config["split"] == "test" and p.config["model"] == "student"]
     assert len(tested) == cfg.data.wli_sites  # one test evaluation, each WLI site asked once
     for name, array in globals_of[best].items():

@@ -93,8 +93,11 @@ class BatchAugment(torch.nn.Module):
         pixels = images * std + mean  # [0, 1]: black fill and jitter act on real intensities
         if self.mode == "dihedral":
             turns = torch.randint(0, 4, (batch,), generator=generator).to(images.device)
-            flip = (torch.rand(batch, generator=generator) < 0.5).to(images.device) if self.flips else torch.zeros(
-                batch, dtype=torch.bool, device=images.device)
+            flip = (
+                (torch.rand(batch, generator=generator) < 0.5).to(images.device)
+                if self.flips
+                else torch.zeros(batch, dtype=torch.bool, device=images.device)
+            )
             pixels = self.dihedral(pixels, turns, flip)
         else:
             angle = uniform(-1.0, 1.0) * torch.pi * self.rotation_deg / 180.0
@@ -170,8 +173,8 @@ class ClassBalancedBatchSampler(torch.utils.data.Sampler[list[int]]):
             for i in range(k):
                 need = int(per_class[i])
                 while queues[i].size - cursors[i] < need:  # refill with a fresh permutation
-                    queues[i] = np.concatenate([queues[i][cursors[i]:], rng.permutation(self._members[i])])
+                    queues[i] = np.concatenate([queues[i][cursors[i] :], rng.permutation(self._members[i])])
                     cursors[i] = 0
-                batch.append(queues[i][cursors[i]:cursors[i] + need])
+                batch.append(queues[i][cursors[i] : cursors[i] + need])
                 cursors[i] += need
             yield [int(j) for j in rng.permutation(np.concatenate(batch))]

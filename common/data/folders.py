@@ -26,7 +26,16 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from common.data.base import IMAGE_SUFFIXES, MANIFEST_COLUMNS, MANIFEST_FILE, SITE_FILE, SPLITS, DataError, check_modality, check_split
+from common.data.base import (
+    IMAGE_SUFFIXES,
+    MANIFEST_COLUMNS,
+    MANIFEST_FILE,
+    SITE_FILE,
+    SPLITS,
+    DataError,
+    check_modality,
+    check_split,
+)
 
 log = logging.getLogger("common.data")
 
@@ -211,7 +220,9 @@ class FolderSiteDataset(torch.utils.data.Dataset):
         # Order may differ (discovered names are sorted, a writer may list them in label order);
         # other names mean the declaration is stale.
         if declared is not None and sorted(map(str, declared)) != sorted(self.class_names):
-            log.warning("%s declares class_names %s; using %s from %s", site_file, declared, list(self.class_names), self.names_source)
+            log.warning(
+                "%s declares class_names %s; using %s from %s", site_file, declared, list(self.class_names), self.names_source
+            )
         if expected is not None and modality != expected:
             raise DataError(
                 f"{site_file} declares modality {modality!r} but this site is configured as {expected!r}; "
@@ -251,8 +262,7 @@ class FolderSiteDataset(torch.utils.data.Dataset):
             labels.extend([index[entry.name]] * len(files))
         if not paths:
             raise DataError(
-                f"no images in {split_dir}: expected {split_dir}/<class>/*.png|jpg "
-                f"with classes {list(self.class_names)}"
+                f"no images in {split_dir}: expected {split_dir}/<class>/*.png|jpg with classes {list(self.class_names)}"
             )
         if self.split == "train":
             for name in self.class_names:
@@ -318,8 +328,10 @@ class FolderSiteDataset(torch.utils.data.Dataset):
             if key in seen:
                 other_line, other_split = seen[key]
                 what = f"in both '{other_split}' and '{split}'" if other_split != split else f"twice in '{split}'"
-                raise DataError(f"{where}: image {path} is listed {what} (line {other_line} too); list each image once"
-                                + (": a training image must never be evaluated" if other_split != split else ""))
+                raise DataError(
+                    f"{where}: image {path} is listed {what} (line {other_line} too); list each image once"
+                    + (": a training image must never be evaluated" if other_split != split else "")
+                )
             seen[key] = (line_no, split)
             if split != self.split:
                 continue

@@ -83,9 +83,7 @@ class SyntheticSiteSpec:
                     f"{self.num_classes}; give one weight per class (or None for balanced)"
                 )
             if any(not math.isfinite(w) or w < 0 for w in weights) or sum(weights) <= 0:
-                raise DataError(
-                    f"SyntheticSiteSpec.class_weights={weights}: weights must be finite, >= 0 and not all 0"
-                )
+                raise DataError(f"SyntheticSiteSpec.class_weights={weights}: weights must be finite, >= 0 and not all 0")
             object.__setattr__(self, "class_weights", weights)
         if not 0.0 <= float(self.render_shift) <= 1.0:
             raise DataError(f"SyntheticSiteSpec.render_shift={self.render_shift!r}: must lie in [0, 1]")
@@ -581,7 +579,10 @@ def synthetic_site_specs(cfg: Config) -> list[tuple[str, SyntheticSiteSpec]]:
         weights = tuple(rng.dirichlet([d.class_alpha] * d.num_classes)) if d.class_alpha > 0 else None
         spec = SyntheticSiteSpec(
             modality=modality,
-            num_train=max(d.num_classes * 2, int(round(d.train_per_site * min(scale, 20.0) * (d.nbi_train_scale if modality == "nbi" else 1.0)))),
+            num_train=max(
+                d.num_classes * 2,
+                int(round(d.train_per_site * min(scale, 20.0) * (d.nbi_train_scale if modality == "nbi" else 1.0))),
+            ),
             num_val=d.val_per_site,
             num_test=d.test_per_site,
             num_classes=d.num_classes,

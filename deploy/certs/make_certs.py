@@ -100,8 +100,7 @@ def parse_sans(sans: Iterable[str]) -> list[x509.GeneralName]:
             name = entry.rstrip(".").lower()
             labels = name.split(".")
             ok = len(name) <= 253 and all(
-                DNS_LABEL_RE.match(label) or (i == 0 and label == "*")
-                for i, label in enumerate(labels)
+                DNS_LABEL_RE.match(label) or (i == 0 and label == "*") for i, label in enumerate(labels)
             )
             if not ok:
                 raise CertError(f"not an IP address nor a valid DNS name: {entry!r}")
@@ -208,13 +207,9 @@ def make_server_cert(
             ),
             critical=True,
         )
-        .add_extension(
-            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False
-        )
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
         .add_extension(x509.SubjectAlternativeName(general_names), critical=False)
-        .add_extension(
-            x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False
-        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .add_extension(
             x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski),
             critical=False,
@@ -232,9 +227,7 @@ def make_site_keypair(comment: str = "") -> SiteKeyPair:
         serialization.PrivateFormat.OpenSSH,
         serialization.NoEncryption(),
     )
-    public = key.public_key().public_bytes(
-        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
-    )
+    public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
     if comment:
         public += b" " + comment.encode("ascii")
     return SiteKeyPair(private_openssh=private, public_openssh=public + b"\n")
@@ -285,8 +278,7 @@ def parse_sites(value: str) -> list[str]:
     for site in sites:
         if not SITE_NAME_RE.match(site):
             raise CertError(
-                f"invalid site name {site!r}: use letters, digits, '.', '_' or '-' "
-                "(max 63 characters, no leading punctuation)"
+                f"invalid site name {site!r}: use letters, digits, '.', '_' or '-' (max 63 characters, no leading punctuation)"
             )
         if site in {Path(CA_CERT).stem, Path(SERVER_CERT).stem}:
             raise CertError(f"site name {site!r} clashes with an output file name")
@@ -376,9 +368,7 @@ def generate(
 def register_commands(out: Path, sites: Sequence[str], connection: str) -> list[str]:
     """The ``flwr supernode register`` lines the coordinator operator runs."""
     return [
-        "flwr supernode register "
-        f"{shlex.quote(str(out / (site + '.pub')))} {shlex.quote(connection)} "
-        f"--name {shlex.quote(site)}"
+        f"flwr supernode register {shlex.quote(str(out / (site + '.pub')))} {shlex.quote(connection)} --name {shlex.quote(site)}"
         for site in sites
     ]
 
@@ -452,8 +442,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                 file=sys.stderr,
             )
         written = generate(
-            args.out, sites, sans, days=args.days, ca_days=args.ca_days,
-            force=args.force, tls=tls, reuse_ca=args.reuse_ca, hours=args.hours,
+            args.out,
+            sites,
+            sans,
+            days=args.days,
+            ca_days=args.ca_days,
+            force=args.force,
+            tls=tls,
+            reuse_ca=args.reuse_ca,
+            hours=args.hours,
         )
     except CertError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -37,7 +37,9 @@ def check_health_server(address: str) -> str | None:
         with grpc.insecure_channel(address) as channel:
             reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
     except grpc.RpcError as err:
-        return f"health server {address}: {err.code().name} (is the Flower process running with --health-server-address {address}?)"
+        return (
+            f"health server {address}: {err.code().name} (is the Flower process running with --health-server-address {address}?)"
+        )
     if reply.status != health_pb2.HealthCheckResponse.SERVING:
         return f"health server {address}: status {reply.status}"
     return None
@@ -73,7 +75,9 @@ def check_superexec(service_pid: int | None = None) -> str | None:
         if _alive(parent) and (service_pid is None or parent == str(service_pid)):
             return None
     of = f" of process {service_pid}" if service_pid is not None else ""
-    return f"no flower-superexec child{of} is running: runs cannot start (restart the service; see its log for why the child died)"
+    return (
+        f"no flower-superexec child{of} is running: runs cannot start (restart the service; see its log for why the child died)"
+    )
 
 
 def check_certificate(path: Path, min_days: float) -> str | None:
@@ -115,8 +119,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--superexec", action="store_true", help="require a living flower-superexec child")
     parser.add_argument("--service-pid", type=int, help="with --superexec: the SuperLink/SuperNode process it must belong to")
     parser.add_argument("--cert", type=Path, action="append", default=[], help="PEM certificate that must be valid (repeatable)")
-    parser.add_argument("--min-days", type=float, default=float(os.environ.get("FEDPAGKD_CERT_MIN_DAYS", "14")),
-                        help="fail this many days before a --cert expires (default $FEDPAGKD_CERT_MIN_DAYS or 14)")
+    parser.add_argument(
+        "--min-days",
+        type=float,
+        default=float(os.environ.get("FEDPAGKD_CERT_MIN_DAYS", "14")),
+        help="fail this many days before a --cert expires (default $FEDPAGKD_CERT_MIN_DAYS or 14)",
+    )
     parser.add_argument("--reach", help="coordinator HOST:PORT a site must reach over TLS")
     parser.add_argument("--ca", type=Path, help="CA certificate for --reach")
     args = parser.parse_args(argv)
@@ -131,8 +139,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"unhealthy: {problem}", file=sys.stderr)
     if problems:
         return 1
-    print(f"healthy: {args.address}" + (" + superexec" if args.superexec else "") + "".join(f" + {c}" for c in args.cert)
-          + (f" + reaches {args.reach}" if args.reach else ""))
+    print(
+        f"healthy: {args.address}"
+        + (" + superexec" if args.superexec else "")
+        + "".join(f" + {c}" for c in args.cert)
+        + (f" + reaches {args.reach}" if args.reach else "")
+    )
     return 0
 
 

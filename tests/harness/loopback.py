@@ -217,7 +217,6 @@ class Loopback:
             pids.update(_descendants(proc.pid))
         return pids
 
-
     # ------------------------------------------------------------------ preparation
 
     def _say(self, text: str) -> None:
@@ -243,7 +242,9 @@ class Loopback:
         specs = self.site_specs()
         classes = {spec.num_classes for _, spec in specs}
         if classes != {int(self.config["data.num_classes"])}:
-            raise LoopbackError(f"the sites have {sorted(classes)} classes but data.num_classes = {self.config['data.num_classes']}")
+            raise LoopbackError(
+                f"the sites have {sorted(classes)} classes but data.num_classes = {self.config['data.num_classes']}"
+            )
         for name, spec in specs:
             path = self.data / name
             if not (path / "site.json").is_file():
@@ -296,16 +297,24 @@ class Loopback:
         self.port, self.control_port, self.health_port = free_port(), free_port(), free_port()
         cmd = [
             # flower-superlink with the Control API on its own listener (deploy/superlink.py)
-            sys.executable, str(REPO / "deploy" / "superlink.py"),
-            "--fleet-api-address", self.address,
-            "--control-api-address", self.control_address,
-            "--ssl-ca-certfile", str(self.ca_cert),
-            "--ssl-certfile", str(self.certs / "server.pem"),
-            "--ssl-keyfile", str(self.certs / "server.key"),
+            sys.executable,
+            str(REPO / "deploy" / "superlink.py"),
+            "--fleet-api-address",
+            self.address,
+            "--control-api-address",
+            self.control_address,
+            "--ssl-ca-certfile",
+            str(self.ca_cert),
+            "--ssl-certfile",
+            str(self.certs / "server.pem"),
+            "--ssl-keyfile",
+            str(self.certs / "server.key"),
             "--enable-supernode-auth",
             "--disable-runtime-dependency-installation",
-            "--database", str(self.work / "superlink-state.db"),
-            "--health-server-address", f"127.0.0.1:{self.health_port}",
+            "--database",
+            str(self.work / "superlink-state.db"),
+            "--health-server-address",
+            f"127.0.0.1:{self.health_port}",
         ]
         # cwd = the ServerApp's cwd: the work folder (fed.run_dir is absolute anyway).
         self.superlink = self.spawn("superlink", cmd, "superlink", cwd=self.work)
@@ -339,8 +348,14 @@ class Loopback:
     def cli(self, home: str = "cli") -> FlowerCLI:
         """The ``flwr`` CLI with FLWR_HOME ``homes/<home>`` (connection ``loopback``), every call
         logged to ``logs/flwr-cli.log``; failures raise :class:`LoopbackError`."""
-        return FlowerCLI(self.env(home), self.work, CONNECTION, error=LoopbackError,
-                         transcript=self.logs / "flwr-cli.log", executable=str(BIN / "flwr"))
+        return FlowerCLI(
+            self.env(home),
+            self.work,
+            CONNECTION,
+            error=LoopbackError,
+            transcript=self.logs / "flwr-cli.log",
+            executable=str(BIN / "flwr"),
+        )
 
     def flwr(self, *args: str, timeout: float = 120.0, check: bool = True, home: str = "cli") -> subprocess.CompletedProcess:
         """Run the ``flwr`` CLI against this SuperLink (FLWR_HOME ``homes/<home>``); stdout captured."""
@@ -378,8 +393,14 @@ class Loopback:
     # ------------------------------------------------------------------ SuperNodes
 
     def supernode_cmd(
-        self, site: Site, *, root_certificates: Path | None = None, key: Path | None = None, port: int | None = None,
-        max_retries: int | None = None, max_wait_time: float | None = None,
+        self,
+        site: Site,
+        *,
+        root_certificates: Path | None = None,
+        key: Path | None = None,
+        port: int | None = None,
+        max_retries: int | None = None,
+        max_wait_time: float | None = None,
     ) -> list[str]:
         """``root_certificates=""`` leaves ``--root-certificates`` out (TLS against the system CAs)."""
         extra = {"state-dir": str(self.site_state(site.name)), **self.node_config, **self.site_node_config.get(site.name, {})}
@@ -387,17 +408,28 @@ class Loopback:
         node_config += "".join(f" {key}='{value}'" for key, value in extra.items())
         ca = self.ca_cert if root_certificates is None else root_certificates
         return [
-            sys.executable, str(REPO / "deploy" / "supernode.py"), "--app-digest", self.app_digest,
-            "--superlink", self.address,
+            sys.executable,
+            str(REPO / "deploy" / "supernode.py"),
+            "--app-digest",
+            self.app_digest,
+            "--superlink",
+            self.address,
             *(["--root-certificates", str(ca)] if str(ca) else []),
-            "--auth-supernode-private-key", str(key or site.key),
-            "--port", str(port or free_port()),
-            "--node-config", node_config,
-            "--max-retries", str(self.max_retries if max_retries is None else max_retries),
-            "--max-wait-time", str(self.max_wait_time if max_wait_time is None else max_wait_time),
+            "--auth-supernode-private-key",
+            str(key or site.key),
+            "--port",
+            str(port or free_port()),
+            "--node-config",
+            node_config,
+            "--max-retries",
+            str(self.max_retries if max_retries is None else max_retries),
+            "--max-wait-time",
+            str(self.max_wait_time if max_wait_time is None else max_wait_time),
         ]
 
-    def start_supernode(self, name: str, *, log_name: str | None = None, env: Mapping[str, str] | None = None, **kwargs: Any) -> Proc:
+    def start_supernode(
+        self, name: str, *, log_name: str | None = None, env: Mapping[str, str] | None = None, **kwargs: Any
+    ) -> Proc:
         """Start the SuperNode of site ``name`` (kwargs: see :meth:`supernode_cmd`) in its own session.
 
         With ``log_name`` it is an extra SuperNode (own log and FLWR_HOME), not the site's own.
@@ -474,7 +506,12 @@ class Loopback:
         return proc.kill()
 
     def restart_supernode(
-        self, name: str, timeout: float = 180.0, pause_s: float = 3.0, not_before_s: float = 0.0, **kwargs: Any,
+        self,
+        name: str,
+        timeout: float = 180.0,
+        pause_s: float = 3.0,
+        not_before_s: float = 0.0,
+        **kwargs: Any,
     ) -> Proc:
         """Start the site again with the same key until the SuperLink accepts it.
 
@@ -524,7 +561,10 @@ class Loopback:
         return self.cli().status(run_id)
 
     def wait(
-        self, run_id: str, timeout: float = 900.0, poll_s: float = 3.0,
+        self,
+        run_id: str,
+        timeout: float = 900.0,
+        poll_s: float = 3.0,
         on_poll: Callable[[dict[str, Any]], None] | None = None,
     ) -> dict[str, Any]:
         """Poll ``flwr list`` until the run is ``finished:*`` (or ``timeout``); returns the last row."""
@@ -555,9 +595,12 @@ class Loopback:
         return pids
 
     def run(
-        self, run_config: Mapping[str, Any] | None = None, timeout: float = 900.0,
+        self,
+        run_config: Mapping[str, Any] | None = None,
+        timeout: float = 900.0,
         on_poll: Callable[[dict[str, Any] | None, "Loopback", Path], None] | None = None,
-        status_every_s: float = 20.0, app_dir: Path = REPO,
+        status_every_s: float = 20.0,
+        app_dir: Path = REPO,
     ) -> RunResult:
         """Submit, follow and wait for one run.
 
@@ -600,8 +643,13 @@ class Loopback:
             follower.stop(grace_s=2.0)
         elapsed = row.get("elapsed")
         result = RunResult(
-            run_id=run_id, status=str(row["status"]), details=str(row.get("status-details", "")), wall_s=wall,
-            elapsed_s=_seconds(elapsed), run_dir=Path(config["fed.run_dir"]) / str(config["fed.run_name"]), log=follower.log,
+            run_id=run_id,
+            status=str(row["status"]),
+            details=str(row.get("status-details", "")),
+            wall_s=wall,
+            elapsed_s=_seconds(elapsed),
+            run_dir=Path(config["fed.run_dir"]) / str(config["fed.run_name"]),
+            log=follower.log,
         )
         self._say(f"run {run_id}: {result.status} in {result.wall_s:.0f} s ({result.details})")
         return result
@@ -623,7 +671,9 @@ def _seconds(value: Any) -> float | None:
     return total
 
 
-def run_loopback(work: Path, run_config: Mapping[str, Any] | None = None, timeout: float = 900.0, verbose: bool = True) -> RunResult:
+def run_loopback(
+    work: Path, run_config: Mapping[str, Any] | None = None, timeout: float = 900.0, verbose: bool = True
+) -> RunResult:
     """Start the federation in ``work``, run once, stop everything; returns the run's result."""
     with Loopback(Path(work), run_config=dict(run_config or {}), verbose=verbose) as fed:
         return fed.run(timeout=timeout)
@@ -658,13 +708,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     except LoopbackError as err:
         print(f"FAILED: {err}", file=sys.stderr)
         return 1
-    print(json.dumps({
-        "run-id": result.run_id, "status": result.status, "details": result.details, "wall-s": round(result.wall_s, 1),
-        "elapsed-s": result.elapsed_s, "metrics": str(result.metrics_path), "logs": str(work / "logs"),
-    }, indent=2))
+    print(
+        json.dumps(
+            {
+                "run-id": result.run_id,
+                "status": result.status,
+                "details": result.details,
+                "wall-s": round(result.wall_s, 1),
+                "elapsed-s": result.elapsed_s,
+                "metrics": str(result.metrics_path),
+                "logs": str(work / "logs"),
+            },
+            indent=2,
+        )
+    )
     if result.status == "finished:completed" and result.metrics_path.is_file():
         final = result.metrics().get("final") or {}
-        print(f"final pooled WLI student: AUC {final.get('auc', float('nan')):.4f}  ACC {final.get('accuracy', float('nan')):.4f}")
+        print(
+            f"final pooled WLI student: AUC {final.get('auc', float('nan')):.4f}  ACC {final.get('accuracy', float('nan')):.4f}"
+        )
         return 0
     return 1
 
