@@ -191,16 +191,24 @@ def report(out: Path) -> dict:
                 f"{[round(r, 3) for r in result['c']['min_class_recall']]}",
                 f"    confusion matrix (rows: true class) of seed {teacher_seeds[0]}: {teacher_runs[0][0]['confusion']}",
             ]
-    for arm in ("fedpagkd", "fedavg_teacher_init"):
-        if federated.get(arm) and federated.get("fedavg_wli_only"):
-            both = sorted(set(federated[arm]) & set(federated["fedavg_wli_only"]), key=int)
+    # Arm against arm, paired by seed: the methods against WLI-only FedAvg, and whether the group
+    # terms add anything on top of the default run's teacher start.
+    comparisons = [
+        ("fedpagkd", "fedavg_wli_only"),
+        ("fedavg_teacher_init", "fedavg_wli_only"),
+        ("fedpagkd_teacher_init", "fedavg_teacher_init"),
+        ("fedpagkd_teacher_init", "fedavg_wli_only"),
+    ]
+    for arm, other in comparisons:
+        if federated.get(arm) and federated.get(other):
+            both = sorted(set(federated[arm]) & set(federated[other]), key=int)
             values = [federated[arm][s]["final"]["auc"] for s in both]
-            fedavg = [federated["fedavg_wli_only"][s]["final"]["auc"] for s in both]
-            diff = paired_difference(values, fedavg)
-            result[f"{arm}_vs_fedavg_wli_only"] = {arm: values, "fedavg_wli_only": fedavg, "paired": diff, "seeds": both}
+            others = [federated[other][s]["final"]["auc"] for s in both]
+            diff = paired_difference(values, others)
+            result[f"{arm}_vs_{other}"] = {arm: values, other: others, "paired": diff, "seeds": both}
             lines += [
-                f"{arm} vs FedAvg WLI-only, federated, same seeds and data",
-                f"    {arm} {_stat(values)}   FedAvg {_stat(fedavg)}   difference {_ci(diff)}",
+                f"{arm} vs {other}, federated, same seeds and data",
+                f"    {arm} {_stat(values)}   {other} {_stat(others)}   difference {_ci(diff)}",
             ]
     for name, (method, overrides, runs) in variant_runs().items():
         recipe_runs = federated.get(method, {})
