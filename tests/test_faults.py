@@ -32,7 +32,7 @@ from client.wire import MESSAGE_TYPE, from_recorddict, to_recorddict
 from common.config import ConfigError, config_from_flat, config_to_flat
 from common.data import DataError, FolderSiteDataset, load_image
 from common.records import CLASS_PROTOTYPES, Payload, empty_statistics, make, weight_shapes
-from server import launch, trust
+from server import launch, processes, trust
 from server.app import run_folder
 from server.state import META, RunLock, StateError
 from server.workflow import LEDGER, FederationError, Protocol, run_federation
@@ -454,13 +454,6 @@ def _marked(marker: str) -> list[int]:
     return pids
 
 
-def _cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")[:200]
-    except OSError:
-        return "(gone)"
-
-
 def test_stop_launch_ends_every_process_of_the_launch_and_nothing_else():
     launch_id, marker = uuid.uuid4().hex, uuid.uuid4().hex
     env = {**os.environ, launch.LAUNCH_ID_ENV: launch_id, "FEDPAGKD_TEST_MARK": marker}
@@ -533,7 +526,7 @@ def test_sigterm_to_server_launch_stops_the_run_and_every_process_it_started(tmp
         deadline = time.time() + 20
         while _marked(marker) and time.time() < deadline:
             time.sleep(0.5)
-        left = {pid: _cmdline(pid) for pid in _marked(marker)}
+        left = {pid: processes.cmdline(pid) for pid in _marked(marker)}
         assert not left, f"left running: {left}"
     finally:
         if proc.poll() is None:
