@@ -200,10 +200,8 @@ def _statistics(
         if dp:
             # A group's contribution: each statistic's points in their slots, all of it scaled
             # to L2 <= clip.
-            parts = []
-            for stat, b, (_, a) in zip(KNOWLEDGE_STATISTICS, blocks, assigned):
-                parts.append((b.x, b.groups, a, b.k))
-            factors = clip_factors(group_sq_norms(num_groups, [part for part in parts if part[2] is not None]), privacy.clip)
+            parts = [(b.x, b.groups, a, b.k) for b, (_, a) in zip(blocks, assigned) if a is not None]
+            factors = clip_factors(group_sq_norms(num_groups, parts), privacy.clip)
             weights = [factors[b.groups] for b in blocks]
         for stat, block, (given, _), w in zip(KNOWLEDGE_STATISTICS, blocks, assigned, weights):
             # Prototype sets are one point per group (already >= K_min images); token clusters
