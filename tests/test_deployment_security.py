@@ -183,42 +183,19 @@ def test_registry_status_names_the_sites(federation, trusted_run):
         assert row["fingerprint"].startswith("SHA256:")
 
 
+def _health(fed, service_pid: int, *extra: str) -> subprocess.CompletedProcess:
+    """The image's health probe (deploy/docker/healthcheck.py) for the service ``service_pid``,
+    with its SuperExec child checked and ``extra`` arguments."""
+    command = [sys.executable, str(HEALTHCHECK), f"127.0.0.1:{fed.health_port}", "--superexec", "--service-pid", str(service_pid)]
+    return subprocess.run([*command, *extra], capture_output=True, text=True)
+
+
 def test_health_checks(federation):
     fed = federation
-    ok = subprocess.run(
-        [
-            sys.executable,
-            str(HEALTHCHECK),
-            f"127.0.0.1:{fed.health_port}",
-            "--superexec",
-            "--service-pid",
-            str(fed.superlink.pid),
-            "--cert",
-            str(fed.certs / "server.pem"),
-            "--min-days",
-            "30",
-        ],
-        capture_output=True,
-        text=True,
-    )
+    ok = _health(fed, fed.superlink.pid, "--cert", str(fed.certs / "server.pem"), "--min-days", "30")
     assert ok.returncode == 0, ok.stdout + ok.stderr
     # A site: its SuperNode's checking SuperExec child (deploy/supernode.py) is alive, the coordinator reachable.
-    site = subprocess.run(
-        [
-            sys.executable,
-            str(HEALTHCHECK),
-            f"127.0.0.1:{fed.health_port}",
-            "--superexec",
-            "--service-pid",
-            str(fed.supernodes["wli-0"].pid),
-            "--reach",
-            fed.address,
-            "--ca",
-            str(fed.ca_cert),
-        ],
-        capture_output=True,
-        text=True,
-    )
+    site = _health(fed, fed.supernodes["wli-0"].pid, "--reach", fed.address, "--ca", str(fed.ca_cert))
     assert site.returncode == 0, site.stdout + site.stderr
 
 
@@ -267,16 +244,5 @@ def test_no_app_process_outlives_its_service(federation, trusted_run):
     left = _wait_gone(serverapps + helpers, 30.0)
     print(f"SuperLink killed: ServerApp(s) {serverapps} and helpers {helpers}; left after {time.time() - started:.0f} s: {left}")
     assert not left, {p: loopback._cmdline(p) for p in left}
-    health = subprocess.run(
-        [
-            sys.executable,
-            str(HEALTHCHECK),
-            f"127.0.0.1:{fed.health_port}",
-            "--superexec",
-            "--service-pid",
-            str(fed.superlink.pid),
-        ],
-        capture_output=True,
-        text=True,
-    )
+    health = _health(fed, fed.superlink.pid)
     assert health.returncode == 1 and "unhealthy" in health.stderr
