@@ -46,12 +46,66 @@ METHODS = {
     "fedpagkd_teacher_init": {**_PAGKD, "fed.student_init": "teacher"},
 }
 REPORTED = ("auc", "accuracy", "sensitivity", "specificity")
+# Keys the teacher rounds never read: runs that differ only in these share one teacher phase
+# (teacher_snapshot). Everything else (data, model, lr, schedule, keep_optimizer_state, the
+# teacher's group CE's pagkd.group_size / min_group_size, ...) is read by the teacher rounds.
+STUDENT_PHASE_KEYS = (
+    "pagkd.",
+    "fed.student_init",
+    "fed.student_sites",
+    "fed.fedproto_weight",
+    "fed.student_rounds",
+    "fed.bank_refresh_every",
+)
+TEACHER_READS = ("pagkd.group_size", "pagkd.min_group_size")
 
 
-def run_once(overrides: dict[str, Any], runtime: str, run_dir: Path, name: str, faults=None) -> dict[str, Any]:
-    """One run. ``faults(grid)`` -> {node id: fault hook} (server.inprocess), in-process runtime only."""
-    if faults and runtime != "inprocess":
-        raise ValueError("fault hooks need --runtime inprocess")
+def teacher_key(overrides: dict[str, Any]) -> str:
+    """What the teacher phase of a run with these overrides reads: its full flat config less the
+    student-phase keys and the run's folder (two spellings of one config give one key)."""
+    flat = config_to_flat(config_from_flat(overrides))
+    return json.dumps(
+        {
+            k: v
+            for k, v in sorted(flat.items())
+            if (k in TEACHER_READS or not k.startswith(STUDENT_PHASE_KEYS)) and k not in ("fed.run_dir", "fed.run_name")
+        }
+    )
+
+
+def teacher_snapshot(overrides: dict[str, Any], run_dir: Path, name: str):
+    """The server's state after the teacher rounds and the teacher's selection, before anything
+    of the student phase (the teacher's test figure and the first bank come with the run that
+    starts from it): ``run_once(..., start=snapshot)`` of any run with the same
+    :func:`teacher_key` then does exactly what its own teacher rounds would have done (same
+    seeds, same sites, same selected teacher) and skips them. In-process runtime."""
+    from server.inprocess import InProcessGrid, synthetic_node_configs
+    from server.state import RunLock
+    from server.workflow import Protocol
+
+    # A distilling configuration: its teacher phase stops before the teacher's test evaluation.
+    overrides = {
+        **overrides,
+        "pagkd.use_pro": True,
+        "fed.student_init": "teacher",
+        "fed.run_dir": str(run_dir),
+        "fed.run_name": name,
+    }
+    cfg = config_from_flat(overrides)
+    grid = InProcessGrid(synthetic_node_configs(cfg.data.nbi_sites + cfg.data.wli_sites), config_to_flat(cfg))
+    (run_dir / name).mkdir(parents=True, exist_ok=True)
+    protocol = Protocol(grid, cfg, run_dir / name)
+    with RunLock(protocol.run_dir):
+        protocol.start()
+        protocol.teacher_phase()
+    return protocol.run_state
+
+
+def run_once(overrides: dict[str, Any], runtime: str, run_dir: Path, name: str, faults=None, start=None) -> dict[str, Any]:
+    """One run. ``faults(grid)`` -> {node id: fault hook} (server.inprocess); ``start``: a
+    :func:`teacher_snapshot` to start from; both in-process runtime only."""
+    if (faults or start is not None) and runtime != "inprocess":
+        raise ValueError("fault hooks and a teacher snapshot need --runtime inprocess")
     overrides = {**overrides, "fed.run_dir": str(run_dir), "fed.run_name": name}
     cfg = config_from_flat(overrides)
     started = time.time()
@@ -65,7 +119,7 @@ def run_once(overrides: dict[str, Any], runtime: str, run_dir: Path, name: str, 
 
         grid = InProcessGrid(synthetic_node_configs(cfg.data.nbi_sites + cfg.data.wli_sites), config_to_flat(cfg))
         grid.faults = faults(grid) if faults else {}
-        run_federation(grid, cfg, run_dir / name)
+        run_federation(grid, cfg, run_dir / name, start)
     metrics = json.loads((run_dir / name / "metrics.json").read_text())
     return {
         "final": {k: metrics["final"][k] for k in REPORTED},

@@ -21,6 +21,7 @@ with every arm against FedAvg WLI-only, and the default arm against every other 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -28,15 +29,21 @@ from typing import Any
 
 import common  # noqa: F401
 from benchmarks.centralised import environment, run_seed
-from benchmarks.federated import METHODS, run_once
+from benchmarks.federated import METHODS, run_once, teacher_key, teacher_snapshot
 from common.config import config_from_flat
 from common.files import atomic_write_json
 from common.metrics import paired_difference
 
 DEFAULT_ARM = "fedavg_teacher_init"  # the Flower run config's default (pyproject.toml): FedAvg from the NBI teacher
 BASELINE_ARM = "fedavg_wli_only"
-CENTRALISED = {"central_wli_only": "wli_only", "central_pagkd": "pagkd"}
+# Centralised counterparts (benchmarks.centralised variants), pooled images of the same sites:
+# WLI-only, the default's (a student started from the NBI teacher) and PaGKD's.
+CENTRALISED = {"central_wli_only": "wli_only", "central_teacher_init": "wli_only_teacher_init", "central_pagkd": "pagkd"}
 ARMS = [*METHODS, *CENTRALISED]
+# Split sizes of every study and tuning run: synthetic val and test images are free, and model
+# selection on 64 pooled val images (the Config default 32 per site) is noisier than the arms'
+# differences. 2 WLI sites: 500 pooled val and 2,000 pooled test images.
+STUDY_SPLITS = {"data.val_per_site": 250, "data.test_per_site": 1000}
 # Data regimes: overrides on top of the default federation (WLI training size, NBI:WLI ratio).
 REGIMES: dict[str, dict[str, Any]] = {
     "default": {},
@@ -46,8 +53,19 @@ REGIMES: dict[str, dict[str, Any]] = {
 }
 
 
-def run_arm(arm: str, overrides: dict[str, Any], seed: int, run_dir: Path) -> dict[str, Any]:
-    """One run of one arm -> {"auc": ..., "wall_s": ..., "final": {...}}."""
+def run_arm(
+    arm: str,
+    overrides: dict[str, Any],
+    seed: int,
+    run_dir: Path,
+    teachers: dict[str, Any],
+    variant: dict[str, Any] | None = None,
+    name: str = "",
+) -> dict[str, Any]:
+    """One run of one arm -> {"auc": ..., "wall_s": ..., "final": {...}}. ``variant``: overrides
+    on top of the arm's own (benchmarks.tune), ``name``: its run folder (default ``<arm>-seed<s>``).
+    Federated arms with teacher rounds start from the seed's shared teacher phase (``teachers``:
+    teacher_key -> (snapshot, wall s), filled on first use): the teacher rounds each would run."""
     started = time.time()
     if arm in CENTRALISED:
         cfg = config_from_flat({**overrides, "train.seed": seed})
@@ -66,11 +84,21 @@ def run_arm(arm: str, overrides: dict[str, Any], seed: int, run_dir: Path) -> di
             "final": {k: final[k] for k in ("auc", "accuracy", "sensitivity", "specificity")},
             "wall_s": time.time() - started,
         }
-    result = run_once({**overrides, **METHODS[arm], "train.seed": seed}, "inprocess", run_dir, f"{arm}-seed{seed}")
+    arm_overrides = {**overrides, **METHODS[arm], **(variant or {}), "train.seed": seed}
+    start, teacher_s = None, 0.0
+    if config_from_flat(arm_overrides).needs_nbi_sites:
+        key = teacher_key(arm_overrides)
+        if key not in teachers:
+            began = time.time()
+            name = f"teacher-seed{seed}-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
+            teachers[key] = (teacher_snapshot(arm_overrides, run_dir, name), time.time() - began)
+        start, teacher_s = teachers[key]
+    result = run_once(arm_overrides, "inprocess", run_dir, name or f"{arm}-seed{seed}", start=start)
     return {
         "auc": result["final"]["auc"],
         "final": result["final"],
-        "wall_s": result["wall_s"],
+        # The arm's own rounds + its share of the teacher phase it started from (the whole of it).
+        "wall_s": result["wall_s"] + teacher_s,
         "final_teacher": result.get("final_teacher"),
         "selection": result.get("selection"),
     }
@@ -104,46 +132,67 @@ def summarise(per_seed: dict[str, dict[str, dict]], arms: list[str]) -> tuple[di
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("overrides", nargs="*", help="config overrides key=value on top of the regime")
-    parser.add_argument("--seeds", type=int, nargs="+", default=list(range(10)))
+    parser.add_argument("--seeds", type=int, nargs="*", default=list(range(10)))
     parser.add_argument("--arms", nargs="+", default=ARMS, choices=ARMS)
     parser.add_argument("--regime", default="default", choices=sorted(REGIMES))
-    parser.add_argument("--test-per-site", type=int, default=1000, help="WLI test images per site (2 WLI sites: 2,000 pooled)")
+    parser.add_argument("--test-per-site", type=int, default=STUDY_SPLITS["data.test_per_site"], help="WLI test images per site")
+    parser.add_argument("--val-per-site", type=int, default=STUDY_SPLITS["data.val_per_site"], help="val images per site")
     parser.add_argument("--run-dir", type=Path, default=Path("runs/study").resolve())
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument(
+        "--merge",
+        type=Path,
+        nargs="+",
+        default=[],
+        help="study JSON files of other processes (same regime and overrides) to take runs from",
+    )
     args = parser.parse_args(argv)
     out = args.out or Path(f"benchmarks/results/study{'' if args.regime == 'default' else '_' + args.regime}.json")
     overrides = {
         **REGIMES[args.regime],
+        "data.val_per_site": args.val_per_site,
         "data.test_per_site": args.test_per_site,
         **dict(item.split("=", 1) for item in args.overrides),
     }
     previous = json.loads(out.read_text()) if out.exists() else {}
     per_seed: dict[str, dict[str, dict]] = previous.get("per_seed", {}) if previous.get("overrides") == overrides else {}
+    for other in args.merge:  # e.g. two processes that ran different arms or seeds side by side
+        theirs = json.loads(other.read_text())
+        if theirs.get("overrides") != overrides:
+            raise SystemExit(f"{other} was run with overrides {theirs.get('overrides')}, not {overrides}: not merged")
+        for seed, runs in theirs["per_seed"].items():
+            per_seed.setdefault(seed, {}).update(runs)
     cfg = config_from_flat(overrides)
+
+    def write() -> None:
+        table, paired = summarise(per_seed, ARMS)
+        atomic_write_json(
+            out,
+            {
+                "arms": table,
+                "paired": paired,
+                "default_arm": DEFAULT_ARM,
+                "baseline_arm": BASELINE_ARM,
+                "test_images": cfg.data.wli_sites * cfg.data.test_per_site,
+                "regime": args.regime,
+                "overrides": overrides,
+                "per_seed": per_seed,
+                "environment": environment(),
+            },
+        )
+
     for seed in args.seeds:
+        teachers: dict[str, Any] = {}  # this seed's shared teacher phases
         for arm in args.arms:
             if arm in per_seed.get(str(seed), {}):
                 continue
-            per_seed.setdefault(str(seed), {})[arm] = run_arm(arm, overrides, seed, args.run_dir / args.regime)
+            per_seed.setdefault(str(seed), {})[arm] = run_arm(arm, overrides, seed, args.run_dir / args.regime, teachers)
             print(
                 f"seed {seed} {arm}: AUC {per_seed[str(seed)][arm]['auc']:.4f} ({per_seed[str(seed)][arm]['wall_s']:.0f} s)",
                 flush=True,
             )
-            table, paired = summarise(per_seed, ARMS)
-            atomic_write_json(
-                out,
-                {
-                    "arms": table,
-                    "paired": paired,
-                    "default_arm": DEFAULT_ARM,
-                    "baseline_arm": BASELINE_ARM,
-                    "test_images": cfg.data.wli_sites * cfg.data.test_per_site,
-                    "regime": args.regime,
-                    "overrides": overrides,
-                    "per_seed": per_seed,
-                    "environment": environment(),
-                },
-            )
+            write()
+    write()
     table, paired = summarise(per_seed, ARMS)
     print(f"{'arm':<24}{'n':>3}{'AUC mean':>10}{'std':>8}   paired vs {BASELINE_ARM}: mean [95 % CI] p")
     for arm, row in table.items():

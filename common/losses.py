@@ -213,18 +213,18 @@ def gkd_pro_contrastive(
 # --------------------------------------------------------------------------- GKD-Den
 
 
-def gkd_den_loss(
+def den_attention(
     tokens: torch.Tensor, token_labels: torch.Tensor, classes: torch.Tensor, bank: KnowledgeBank, temperature: float
-) -> torch.Tensor:
-    """Relation-guided cross attention to same-class NBI keys, then 1 - cosine.
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """GKD-Den's relation-guided cross attention of student tokens to same-class NBI keys.
 
     tokens [B, N, D] (student), token_labels [B, N], classes [B]. Each token attends to the
     keys of its image's class with logits cos(t, k) / temperature scaled by the relation
     weight R (1 same label, 0.5 uncertain); keys with R = 0 (foreground vs background) or
-    invalid keys are masked out. The reconstruction A @ keys is compared with the token by
-    1 - cosine. Tokens with no admissible key are skipped. Cosine logits (rather than the
-    paper's raw dot products) keep the attention temperature independent of feature scale.
-    R multiplies the logits, which an additive mask cannot express, hence no SDPA here.
+    invalid keys are masked out. Cosine logits (rather than the paper's raw dot products) keep
+    the attention temperature independent of feature scale. R multiplies the logits, which an
+    additive mask cannot express, hence no SDPA here. Returns (attention [T, K], keys [T, K, D],
+    admissible [B, N]) over the T tokens with an admissible key, or None when none has one.
     """
     keys = bank.keys[classes].to(tokens.dtype)  # [B, K, D]
     relation = relation_weights(token_labels, bank.key_labels[classes])  # [B, N, K]
@@ -233,11 +233,50 @@ def gkd_den_loss(
     logits = (logits * relation).masked_fill(relation == 0, float("-inf"))
     admissible = relation.gt(0).any(dim=-1)  # [B, N]
     if not admissible.any():
-        return tokens.sum() * 0.0
+        return None
     attention = torch.softmax(logits[admissible], dim=-1)  # [T, K]
-    batch_index = admissible.nonzero()[:, 0]
-    reconstruction = torch.einsum("tk,tkd->td", attention, keys[batch_index])
+    return attention, keys[admissible.nonzero()[:, 0]], admissible
+
+
+def gkd_den_loss(
+    tokens: torch.Tensor, token_labels: torch.Tensor, classes: torch.Tensor, bank: KnowledgeBank, temperature: float
+) -> torch.Tensor:
+    """1 - cosine between each token [B, N, D] and its reconstruction from the NBI keys it
+    attends to (:func:`den_attention`); tokens with no admissible key are skipped."""
+    attended = den_attention(tokens, token_labels, classes, bank, temperature)
+    if attended is None:
+        return tokens.sum() * 0.0
+    attention, keys, admissible = attended
+    reconstruction = torch.einsum("tk,tkd->td", attention, keys)
     return (1.0 - F.cosine_similarity(tokens[admissible], reconstruction, dim=-1)).mean()
+
+
+def den_target_spread(
+    tokens: torch.Tensor, token_labels: torch.Tensor, classes: torch.Tensor, bank: KnowledgeBank, temperature: float
+) -> dict[str, float]:
+    """Is GKD-Den more than a centre loss? Over the admissible tokens of [B, N, D]:
+
+    * ``effective_keys``: exp(entropy) of each token's attention, mean (1 = one key; the
+      number of admissible keys = uniform attention);
+    * ``admissible_keys``: keys a token may attend to, mean;
+    * ``centre_cosine``: cosine between a token's reconstruction and the plain mean of its
+      admissible keys, mean. Near 1, every token of a class and label gets the same target:
+      GKD-Den has reduced to a centre loss. Lower: tokens get targets of their own.
+    """
+    attended = den_attention(tokens, token_labels, classes, bank, temperature)
+    if attended is None:
+        return {"effective_keys": 0.0, "admissible_keys": 0.0, "centre_cosine": float("nan"), "tokens": 0}
+    attention, keys, _ = attended
+    allowed = attention.gt(0)
+    entropy = -(attention.clamp_min(1e-12).log() * attention).sum(dim=-1)
+    centre = (keys * allowed[..., None]).sum(dim=1) / allowed.sum(dim=1, keepdim=True)
+    reconstruction = torch.einsum("tk,tkd->td", attention, keys)
+    return {
+        "effective_keys": float(entropy.exp().mean()),
+        "admissible_keys": float(allowed.sum(dim=1).float().mean()),
+        "centre_cosine": float(F.cosine_similarity(reconstruction, centre, dim=-1).mean()),
+        "tokens": int(len(attention)),
+    }
 
 
 # --------------------------------------------------------------------------- the total

@@ -24,6 +24,7 @@ ServerApp with the same ``fed.run_name`` resumes at the last finished round.
 
 from __future__ import annotations
 
+import copy
 import functools
 import json
 import logging
@@ -69,7 +70,9 @@ class Protocol:
     bank, class_prototypes, centroids = _run_field("bank"), _run_field("class_prototypes"), _run_field("centroids")
     best, progress, metrics = _run_field("best"), _run_field("progress"), _run_field("metrics")
 
-    def __init__(self, grid: Grid, cfg: Config, run_dir: Path):
+    def __init__(self, grid: Grid, cfg: Config, run_dir: Path, start: RunState | None = None):
+        """``start``: the state a run starts from when its folder holds none (default: fresh
+        models) -- e.g. a study's shared teacher phase (benchmarks.federated.teacher_snapshot)."""
         self.cfg, self.run_dir, self.grid = cfg, run_dir, grid
         self.dims = dims_of(cfg)
         self.ledger = Ledger(path=run_dir / LEDGER)
@@ -86,6 +89,8 @@ class Protocol:
             # site_status: {site: {phase: "took part" | "dropped in <step>: <reason>"}}, every discovered site.
             metrics={"teacher": [], "knowledge": [], "student": [], "evaluation": [], "selection": {}, "site_status": {}},
         )
+        if start is not None:
+            self.run_state = copy.deepcopy(start)
         self.sites: dict[int, SiteInfo] = {}
         self.class_names = run_class_names(cfg)  # replaced by the sites' agreed names at discovery
         self.board = MetricsBoard(None)  # a real one once run() starts (TensorBoard, where installed)
@@ -620,6 +625,6 @@ class Protocol:
         return self.best[model]
 
 
-def run_federation(grid: Grid, cfg: Config, run_dir: Path) -> dict[str, Any]:
+def run_federation(grid: Grid, cfg: Config, run_dir: Path, start: RunState | None = None) -> dict[str, Any]:
     run_dir.mkdir(parents=True, exist_ok=True)
-    return Protocol(grid, cfg, run_dir).run()
+    return Protocol(grid, cfg, run_dir, start).run()

@@ -1,0 +1,54 @@
+"""The study's shared teacher phase and the tuning table: a run started from a teacher snapshot
+is the run its own teacher rounds would have given; candidates are chosen on val only."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from benchmarks.federated import METHODS, run_once, teacher_key, teacher_snapshot
+from benchmarks.tune import summarise
+from common.presets import TINY
+
+BASE = {**TINY, "fed.teacher_rounds": 2, "fed.student_rounds": 2, "train.seed": 3}
+
+
+@pytest.mark.parametrize("method", ["fedavg_teacher_init", "fedpagkd_teacher_init", "fedpagkd"])
+def test_a_run_from_the_teacher_snapshot_is_the_run_with_its_own_teacher_rounds(tmp_path, method):
+    overrides = {**BASE, **METHODS[method]}
+    full = run_once(overrides, "inprocess", tmp_path, "full")
+    snapshot = teacher_snapshot(overrides, tmp_path, "teacher")
+    assert snapshot.progress.teacher_rounds == 2 and snapshot.progress.student_rounds == 0
+    shared = run_once(overrides, "inprocess", tmp_path, "shared", start=snapshot)
+    assert shared["final"] == full["final"] and shared["final_teacher"] == full["final_teacher"]
+    assert shared["selection"] == full["selection"] and shared["auc_per_round"] == full["auc_per_round"]
+    a, b = load_file(tmp_path / "full" / "student.safetensors"), load_file(tmp_path / "shared" / "student.safetensors")
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    # The student phase's messages are the same; the teacher rounds' bytes belong to the snapshot's run.
+    assert shared["bytes"]["student"] == full["bytes"]["student"]
+    assert "teacher" in full["bytes"] and shared["bytes"].get("teacher", {}).get("messages", 0) == 0
+
+
+def test_the_teacher_key_ignores_student_phase_keys_only():
+    plain, pagkd = {**BASE, **METHODS["fedavg_teacher_init"]}, {**BASE, **METHODS["fedpagkd_teacher_init"]}
+    assert teacher_key(plain) == teacher_key(pagkd) == teacher_key({**pagkd, "pagkd.den_weight": 3.0})
+    assert teacher_key(pagkd) != teacher_key({**pagkd, "train.lr": 1e-3})
+    # The teacher's own group CE reads the group size: another size is another teacher.
+    assert teacher_key(pagkd) != teacher_key({**pagkd, "pagkd.group_size": 6})
+    json.loads(teacher_key(plain))
+
+
+def test_tuning_chooses_on_val_and_never_on_test():
+    runs = {
+        "arm": {
+            "a": {"0": {"val_auc": 0.80, "auc": 0.99}, "1": {"val_auc": 0.82, "auc": 0.99}},
+            "b": {"0": {"val_auc": 0.85, "auc": 0.50}, "1": {"val_auc": 0.83, "auc": 0.50}},
+            "c": {"0": {"val_auc": 0.99, "auc": 0.99}},  # not yet run on every seed: not chosen
+        }
+    }
+    table = summarise(runs)["arm"]
+    assert table["chosen"] == "b"
+    assert table["candidates"]["b"]["val_auc_mean"] == pytest.approx(0.84)
