@@ -28,7 +28,7 @@ import common  # noqa: F401
 from client.site import federation_sites
 from client.train import eval_loader
 from client.wire import load_numpy_state
-from common.config import config_from_flat
+from common.config import config_from_mapping
 from common.files import atomic_write_json
 from common.losses import KnowledgeBank, den_target_spread
 from common.models import build_student, labelled_forward
@@ -38,7 +38,7 @@ from server.state import unflatten_blocks
 @torch.no_grad()
 def check_run(run: Path, max_images: int = 512) -> dict[str, Any]:
     """The spread of GKD-Den's targets for the selected student of one finished run folder."""
-    cfg = config_from_flat(json.loads((run / "config.json").read_text()))
+    cfg = config_from_mapping(json.loads((run / "config.json").read_text()))
     if not cfg.pagkd.use_den:
         raise SystemExit(f"{run}: pagkd.use_den is off in its config.json; GKD-Den was not trained there")
     blocks = unflatten_blocks(load_file(run / "state.safetensors"))
@@ -63,7 +63,7 @@ def check_run(run: Path, max_images: int = 512) -> dict[str, Any]:
         "den_weight": cfg.pagkd.den_weight,
         **{
             k: float(np.average([p[k] for p in parts], weights=weights))
-            for k in ("effective_keys", "admissible_keys", "centre_cosine")
+            for k in ("effective_keys", "admissible_keys", "centre_cosine", "target_agreement", "token_agreement")
         },
         "tokens": int(weights.sum()),
         "val_auc": metrics["selection"]["student"]["val_auc"],
@@ -77,11 +77,13 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/den_check.json"))
     args = parser.parse_args(argv)
     rows = [check_run(run) for run in args.runs if (run / "metrics.json").exists()]
-    print(f"{'run':<52}{'K':>4}{'eff. keys':>10}{'of':>6}{'cos(target, centre)':>21}{'val AUC':>9}{'test AUC':>9}")
+    print(
+        f"{'run':<46}{'K':>4}{'eff. keys':>10}{'of':>6}{'cos(t, centre)':>15}{'agree':>7}{'tokens':>7}{'val AUC':>9}{'test AUC':>9}"
+    )
     for r in rows:
         print(
-            f"{Path(r['run']).name:<52}{r['codebook_size']:>4}{r['effective_keys']:>10.2f}{r['admissible_keys']:>6.1f}"
-            f"{r['centre_cosine']:>21.4f}{r['val_auc']:>9.4f}{r['test_auc']:>9.4f}"
+            f"{Path(r['run']).name:<46}{r['codebook_size']:>4}{r['effective_keys']:>10.2f}{r['admissible_keys']:>6.1f}"
+            f"{r['centre_cosine']:>15.4f}{r['target_agreement']:>7.3f}{r['token_agreement']:>7.3f}{r['val_auc']:>9.4f}{r['test_auc']:>9.4f}"
         )
     atomic_write_json(args.out, {"runs": rows})
     print(f"wrote {args.out}")

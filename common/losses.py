@@ -259,22 +259,36 @@ def den_target_spread(
     * ``effective_keys``: exp(entropy) of each token's attention, mean (1 = one key; the
       number of admissible keys = uniform attention);
     * ``admissible_keys``: keys a token may attend to, mean;
-    * ``centre_cosine``: cosine between a token's reconstruction and the plain mean of its
-      admissible keys, mean. Near 1, every token of a class and label gets the same target:
-      GKD-Den has reduced to a centre loss. Lower: tokens get targets of their own.
+    * ``centre_cosine``: cosine between a token's target (its reconstruction) and the plain
+      mean of its admissible keys, mean: 1 when attention is uniform;
+    * ``target_agreement``: cosine between a token's target and the mean target direction of
+      the tokens of its (class, token label), mean. Near 1, every token of a class and label
+      is pulled to one point: GKD-Den has reduced to a centre loss. Lower: targets of their own;
+    * ``token_agreement``: the same for the student tokens themselves (the spread the targets
+      are compared with: targets that agree far more than the tokens pull them together).
     """
     attended = den_attention(tokens, token_labels, classes, bank, temperature)
     if attended is None:
-        return {"effective_keys": 0.0, "admissible_keys": 0.0, "centre_cosine": float("nan"), "tokens": 0}
-    attention, keys, _ = attended
+        return {k: 0.0 for k in ("effective_keys", "admissible_keys", "centre_cosine", "target_agreement", "token_agreement")} | {
+            "tokens": 0
+        }
+    attention, keys, admissible = attended
     allowed = attention.gt(0)
     entropy = -(attention.clamp_min(1e-12).log() * attention).sum(dim=-1)
     centre = (keys * allowed[..., None]).sum(dim=1) / allowed.sum(dim=1, keepdim=True)
-    reconstruction = torch.einsum("tk,tkd->td", attention, keys)
+    target = F.normalize(torch.einsum("tk,tkd->td", attention, keys), dim=-1)  # [T, D]
+    group = classes[:, None].expand_as(token_labels)[admissible] * 3 + token_labels[admissible]  # [T]: (class, label)
+
+    def agreement(directions: torch.Tensor) -> float:  # [T, D] unit rows
+        mean = torch.zeros(int(group.max()) + 1, directions.shape[1], dtype=directions.dtype).index_add_(0, group, directions)
+        return float(F.cosine_similarity(directions, mean[group], dim=-1).mean())
+
     return {
         "effective_keys": float(entropy.exp().mean()),
         "admissible_keys": float(allowed.sum(dim=1).float().mean()),
-        "centre_cosine": float(F.cosine_similarity(reconstruction, centre, dim=-1).mean()),
+        "centre_cosine": float(F.cosine_similarity(target, centre, dim=-1).mean()),
+        "target_agreement": agreement(target),
+        "token_agreement": agreement(F.normalize(tokens[admissible], dim=-1)),
         "tokens": int(len(attention)),
     }
 

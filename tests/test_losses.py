@@ -19,6 +19,7 @@ from common.losses import (
     PaGKDTerms,
     bank_from_teacher_batch,
     class_activation_maps,
+    den_target_spread,
     gkd_den_loss,
     gkd_pro_contrastive,
     group_classification_loss,
@@ -532,3 +533,34 @@ def test_bank_to_device_keeps_everything():
     moved = bank.to("cpu")
     for name in ("prototypes", "prototype_valid", "keys", "key_labels", "key_valid"):
         assert torch.equal(getattr(moved, name), getattr(bank, name))
+
+
+def _one_class_bank(keys: torch.Tensor) -> KnowledgeBank:
+    """One class, foreground keys [K, D] only (every token below is foreground)."""
+    k, d = keys.shape
+    return KnowledgeBank(
+        torch.zeros(1, 1, 1, d),
+        torch.zeros(1, 1, dtype=torch.bool),
+        keys[None],
+        torch.full((1, k), FOREGROUND),
+        torch.ones(1, k, dtype=torch.bool),
+    )
+
+
+def test_den_target_spread_tells_a_centre_loss_from_targets_of_their_own():
+    gen = _gen(0)
+    tokens = torch.randn(2, 6, 8, generator=gen)
+    labels = torch.full((2, 6), FOREGROUND)
+    classes = torch.zeros(2, dtype=torch.long)
+    # Four copies of one key: every token gets the same target, uniform attention.
+    centre = den_target_spread(tokens, labels, classes, _one_class_bank(torch.ones(4, 8)), temperature=0.1)
+    assert centre["effective_keys"] == pytest.approx(4.0) and centre["admissible_keys"] == 4.0
+    assert centre["target_agreement"] == pytest.approx(1.0) and centre["centre_cosine"] == pytest.approx(1.0)
+    assert centre["token_agreement"] < 0.9 and centre["tokens"] == 12
+    # The keys are the tokens themselves, attended sharply: each token's target is (nearly) its own.
+    own = den_target_spread(tokens, labels, classes, _one_class_bank(tokens.reshape(12, 8)), temperature=0.01)
+    assert own["effective_keys"] < 1.5
+    assert own["target_agreement"] == pytest.approx(own["token_agreement"], abs=0.05) and own["target_agreement"] < 0.9
+    # No admissible key (background tokens, foreground keys only): nothing measured.
+    none = den_target_spread(tokens, torch.full((2, 6), BACKGROUND), classes, _one_class_bank(torch.ones(4, 8)), 0.1)
+    assert none["tokens"] == 0
