@@ -22,7 +22,7 @@ import numpy as np
 
 import common  # noqa: F401
 from benchmarks.centralised import environment
-from common.config import config_from_flat, config_to_flat
+from common.config import Config, config_from_flat, config_to_flat
 from common.presets import FAST
 
 # Every method spelled out in full: none depends on the shipped default run.
@@ -60,16 +60,16 @@ STUDENT_PHASE_KEYS = (
 TEACHER_READS = ("pagkd.group_size", "pagkd.min_group_size")
 
 
+def _student_phase(key: str) -> bool:
+    return key.startswith(STUDENT_PHASE_KEYS) and key not in TEACHER_READS
+
+
 def teacher_key(overrides: dict[str, Any]) -> str:
     """What the teacher phase of a run with these overrides reads: its full flat config less the
     student-phase keys and the run's folder (two spellings of one config give one key)."""
     flat = config_to_flat(config_from_flat(overrides))
     return json.dumps(
-        {
-            k: v
-            for k, v in sorted(flat.items())
-            if (k in TEACHER_READS or not k.startswith(STUDENT_PHASE_KEYS)) and k not in ("fed.run_dir", "fed.run_name")
-        }
+        {k: v for k, v in sorted(flat.items()) if not _student_phase(k) and k not in ("fed.run_dir", "fed.run_name")}
     )
 
 
@@ -83,9 +83,13 @@ def teacher_snapshot(overrides: dict[str, Any], run_dir: Path, name: str):
     from server.state import RunLock
     from server.workflow import Protocol
 
-    # A distilling configuration: its teacher phase stops before the teacher's test evaluation.
+    # One config per teacher_key (so any run of that key resumes the same folder): the student-
+    # phase keys at their defaults, and distilling: its teacher phase stops before the teacher's
+    # test evaluation, which the run started from the snapshot then does as its own would.
+    flat, default = config_to_flat(config_from_flat(overrides)), config_to_flat(Config())
+    canonical = {k: default[k] if _student_phase(k) else v for k, v in flat.items()}
     overrides = {
-        **overrides,
+        **canonical,
         "pagkd.use_pro": True,
         "fed.student_init": "teacher",
         "fed.run_dir": str(run_dir),

@@ -27,6 +27,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 import common  # noqa: F401
 from benchmarks.centralised import environment, run_seed
 from benchmarks.federated import METHODS, run_once, teacher_key, teacher_snapshot
@@ -40,6 +42,9 @@ BASELINE_ARM = "fedavg_wli_only"
 # WLI-only, the default's (a student started from the NBI teacher) and PaGKD's.
 CENTRALISED = {"central_wli_only": "wli_only", "central_teacher_init": "wli_only_teacher_init", "central_pagkd": "pagkd"}
 ARMS = [*METHODS, *CENTRALISED]
+# A federated method and its centralised counterpart: the share of the centralised gain over
+# WLI-only that federation keeps (issue 12, item 5), over the seeds both pairs have.
+COUNTERPARTS = {"fedavg_teacher_init": "central_teacher_init", "fedpagkd": "central_pagkd"}
 # Split sizes of every study and tuning run: synthetic val and test images are free, and model
 # selection on 64 pooled val images (the Config default 32 per site) is noisier than the arms'
 # differences. 2 WLI sites: 500 pooled val and 2,000 pooled test images.
@@ -90,8 +95,8 @@ def run_arm(
         key = teacher_key(arm_overrides)
         if key not in teachers:
             began = time.time()
-            name = f"teacher-seed{seed}-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
-            teachers[key] = (teacher_snapshot(arm_overrides, run_dir, name), time.time() - began)
+            folder = f"teacher-seed{seed}-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
+            teachers[key] = (teacher_snapshot(arm_overrides, run_dir, folder), time.time() - began)
         start, teacher_s = teachers[key]
     result = run_once(arm_overrides, "inprocess", run_dir, name or f"{arm}-seed{seed}", start=start)
     return {
@@ -105,8 +110,6 @@ def run_arm(
 
 
 def summarise(per_seed: dict[str, dict[str, dict]], arms: list[str]) -> tuple[dict, dict]:
-    import numpy as np
-
     table, paired = {}, {}
     for arm in arms:
         seeds = sorted((s for s, runs in per_seed.items() if arm in runs), key=int)
@@ -129,11 +132,30 @@ def summarise(per_seed: dict[str, dict[str, dict]], arms: list[str]) -> tuple[di
     return table, paired
 
 
+def gain_kept(per_seed: dict[str, dict[str, dict]]) -> dict[str, dict[str, float]]:
+    """Per federated method with a centralised counterpart: its gain over FedAvg WLI-only, the
+    counterpart's over centralised WLI-only (mean over the seeds with all four), and the ratio."""
+    kept = {}
+    for fed, central in COUNTERPARTS.items():
+        arms = (fed, BASELINE_ARM, central, "central_wli_only")
+        seeds = [s for s, runs in per_seed.items() if all(a in runs for a in arms)]
+        if seeds:
+            fed_gain = float(np.mean([per_seed[s][fed]["auc"] - per_seed[s][BASELINE_ARM]["auc"] for s in seeds]))
+            central_gain = float(np.mean([per_seed[s][central]["auc"] - per_seed[s]["central_wli_only"]["auc"] for s in seeds]))
+            kept[fed] = {
+                "federated_gain": fed_gain,
+                "centralised_gain": central_gain,
+                "kept": fed_gain / central_gain,
+                "seeds": len(seeds),
+            }
+    return kept
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("overrides", nargs="*", help="config overrides key=value on top of the regime")
     parser.add_argument("--seeds", type=int, nargs="*", default=list(range(10)))
-    parser.add_argument("--arms", nargs="+", default=ARMS, choices=ARMS)
+    parser.add_argument("--arms", nargs="*", default=ARMS, choices=ARMS)
     parser.add_argument("--regime", default="default", choices=sorted(REGIMES))
     parser.add_argument("--test-per-site", type=int, default=STUDY_SPLITS["data.test_per_site"], help="WLI test images per site")
     parser.add_argument("--val-per-site", type=int, default=STUDY_SPLITS["data.val_per_site"], help="val images per site")
@@ -176,6 +198,7 @@ def main(argv: list[str] | None = None) -> dict:
                 "test_images": cfg.data.wli_sites * cfg.data.test_per_site,
                 "regime": args.regime,
                 "overrides": overrides,
+                "gain_kept": gain_kept(per_seed),
                 "per_seed": per_seed,
                 "environment": environment(),
             },
@@ -194,11 +217,20 @@ def main(argv: list[str] | None = None) -> dict:
             write()
     write()
     table, paired = summarise(per_seed, ARMS)
-    print(f"{'arm':<24}{'n':>3}{'AUC mean':>10}{'std':>8}   paired vs {BASELINE_ARM}: mean [95 % CI] p")
+    print(f"{'arm':<24}{'n':>3}{'AUC mean':>10}{'std':>8}   paired vs {BASELINE_ARM}: mean [95 % CI] p   {DEFAULT_ARM} vs arm")
     for arm, row in table.items():
-        d = paired.get(f"{arm}_vs_{BASELINE_ARM}")
-        ci = f"{d['mean']:+.4f} [{d['ci95'][0]:+.4f}, {d['ci95'][1]:+.4f}] p={d['p']:.3f}" if d else ""
-        print(f"{arm:<24}{len(row['auc']):>3}{row['mean']:>10.4f}{row['std']:>8.4f}   {ci}")
+        cells = []
+        for key in (f"{arm}_vs_{BASELINE_ARM}", f"{DEFAULT_ARM}_vs_{arm}"):
+            d = paired.get(key)
+            cells.append(
+                f"{d['mean']:+.4f} [{d['ci95'][0]:+.4f}, {d['ci95'][1]:+.4f}] p={d['p']:.3f} n={d['seeds']}" if d else ""
+            )
+        print(f"{arm:<24}{len(row['auc']):>3}{row['mean']:>10.4f}{row['std']:>8.4f}   {cells[0]:<44}{cells[1]}")
+    for fed, row in gain_kept(per_seed).items():
+        print(
+            f"{fed}: federated gain over {BASELINE_ARM} {row['federated_gain']:+.4f}, centralised counterpart's "
+            f"{row['centralised_gain']:+.4f}: {100 * row['kept']:.0f} % kept ({row['seeds']} seeds)"
+        )
     print(f"wrote {out}")
     return {"arms": table, "paired": paired}
 

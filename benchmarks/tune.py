@@ -46,6 +46,17 @@ CANDIDATES: dict[str, dict[str, dict[str, Any]]] = {
 }
 
 
+# Design checks of issue 12, each on top of the arm's chosen candidate, same seeds (--design):
+# a bank refreshed once mid-run against the fixed one, and the GKD-Den codebook size.
+DESIGN: dict[str, dict[str, dict[str, Any]]] = {
+    "fedpagkd_teacher_init": {
+        "refresh_every5": {"fed.bank_refresh_every": 5},
+        "codebook2": {"pagkd.codebook_size": 2},
+        "codebook32": {"pagkd.codebook_size": 32},
+    }
+}
+
+
 def summarise(runs: dict[str, dict[str, dict[str, dict]]]) -> dict[str, Any]:
     """runs[arm][candidate][seed] -> per arm: each candidate's mean val / test AUC and the choice."""
     table: dict[str, Any] = {}
@@ -70,14 +81,25 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--arms", nargs="+", default=list(CANDIDATES), choices=list(CANDIDATES))
     parser.add_argument("--run-dir", type=Path, default=Path("runs/tune").resolve())
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/tune.json"))
+    parser.add_argument("--out", type=Path, default=None, help="default benchmarks/results/tune[_design].json")
+    parser.add_argument("--design", action="store_true", help="the DESIGN checks on top of tune.json's chosen candidates")
     args = parser.parse_args(argv)
+    candidates = CANDIDATES
+    if args.design:
+        tuned = json.loads(Path("benchmarks/results/tune.json").read_text())
+        candidates = {}
+        for arm, checks in DESIGN.items():
+            chosen = tuned["arms"][arm]["chosen"]
+            base = CANDIDATES[arm][chosen]
+            candidates[arm] = {chosen: base, **{f"{chosen}.{name}": {**base, **v} for name, v in checks.items()}}
+        args.arms = [a for a in args.arms if a in candidates]
+    args.out = args.out or Path(f"benchmarks/results/tune{'_design' if args.design else ''}.json")
     previous = json.loads(args.out.read_text()) if args.out.exists() else {}
     runs: dict[str, dict[str, dict[str, dict]]] = previous.get("runs", {}) if previous.get("overrides") == STUDY_SPLITS else {}
     for seed in args.seeds:
         teachers: dict[str, Any] = {}  # this seed's shared teacher phases (benchmarks.study.run_arm)
         for arm in args.arms:
-            for name, variant in CANDIDATES[arm].items():
+            for name, variant in candidates[arm].items():
                 if str(seed) in runs.get(arm, {}).get(name, {}):
                     continue
                 result = run_arm(arm, STUDY_SPLITS, seed, args.run_dir, teachers, variant, f"{arm}-{name}-seed{seed}")

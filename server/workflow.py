@@ -71,8 +71,10 @@ class Protocol:
     best, progress, metrics = _run_field("best"), _run_field("progress"), _run_field("metrics")
 
     def __init__(self, grid: Grid, cfg: Config, run_dir: Path, start: RunState | None = None):
-        """``start``: the state a run starts from when its folder holds none (default: fresh
-        models) -- e.g. a study's shared teacher phase (benchmarks.federated.teacher_snapshot)."""
+        """``start``: a finished teacher phase the run starts from when its folder holds none (its
+        teacher, student, query head, selections, progress, metrics; the bank, class prototypes
+        and centroids start empty, shaped for this run): a study's shared teacher phase
+        (benchmarks.federated.teacher_snapshot). Default: fresh models."""
         self.cfg, self.run_dir, self.grid = cfg, run_dir, grid
         self.dims = dims_of(cfg)
         self.ledger = Ledger(path=run_dir / LEDGER)
@@ -89,8 +91,14 @@ class Protocol:
             # site_status: {site: {phase: "took part" | "dropped in <step>: <reason>"}}, every discovered site.
             metrics={"teacher": [], "knowledge": [], "student": [], "evaluation": [], "selection": {}, "site_status": {}},
         )
-        if start is not None:
+        if start is not None:  # the teacher phase; the student phase's state stays this run's own (its dims)
+            empty = self.run_state
             self.run_state = copy.deepcopy(start)
+            self.run_state.bank, self.run_state.class_prototypes, self.run_state.centroids = (
+                empty.bank,
+                empty.class_prototypes,
+                {},
+            )
         self.sites: dict[int, SiteInfo] = {}
         self.class_names = run_class_names(cfg)  # replaced by the sites' agreed names at discovery
         self.board = MetricsBoard(None)  # a real one once run() starts (TensorBoard, where installed)

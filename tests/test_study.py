@@ -52,3 +52,38 @@ def test_tuning_chooses_on_val_and_never_on_test():
     table = summarise(runs)["arm"]
     assert table["chosen"] == "b"
     assert table["candidates"]["b"]["val_auc_mean"] == pytest.approx(0.84)
+
+
+def _tiny_study(tmp_path, out, arms, seeds, extra=()):
+    from benchmarks.study import main
+
+    overrides = [f"{k}={v}" for k, v in BASE.items() if k != "train.seed"]
+    return main(
+        [*overrides, "--arms", *arms, "--seeds", *map(str, seeds), "--val-per-site", "6", "--test-per-site", "15"]
+        + ["--run-dir", str(tmp_path / "runs"), "--out", str(out), *extra]
+    )
+
+
+def test_the_study_writes_the_issue_layout_resumes_and_merges(tmp_path):
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    _tiny_study(tmp_path, a, ["fedavg_wli_only", "fedavg_teacher_init"], [0, 1])
+    study = json.loads(a.read_text())
+    assert set(study["arms"]) == {"fedavg_wli_only", "fedavg_teacher_init"} and study["default_arm"] == "fedavg_teacher_init"
+    assert study["test_images"] == 2 * 15 and len(study["arms"]["fedavg_wli_only"]["auc"]) == 2
+    pair = study["paired"]["fedavg_teacher_init_vs_fedavg_wli_only"]
+    assert pair["seeds"] == 2 and pair["ci95"][0] <= pair["mean"] <= pair["ci95"][1]
+    # Resumed: nothing runs again (the runs recorded stay as they were).
+    _tiny_study(tmp_path, a, ["fedavg_wli_only", "fedavg_teacher_init"], [0, 1])
+    assert json.loads(a.read_text())["per_seed"] == study["per_seed"]
+    # Another process's arms merge in; a file of other overrides is refused.
+    _tiny_study(tmp_path, b, ["fedpagkd_teacher_init"], [0, 1])
+    _tiny_study(tmp_path, a, [], [], ["--merge", str(b)])
+    merged = json.loads(a.read_text())
+    assert (
+        "fedpagkd_teacher_init_vs_fedavg_wli_only" in merged["paired"]
+        and "fedavg_teacher_init_vs_fedpagkd_teacher_init" in merged["paired"]
+    )
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({**json.loads(b.read_text()), "overrides": {"data.test_per_site": 1}}))
+    with pytest.raises(SystemExit, match="not merged"):
+        _tiny_study(tmp_path, a, [], [], ["--merge", str(other)])
