@@ -91,14 +91,16 @@ def run_arm(
         }
     arm_overrides = {**overrides, **METHODS[arm], **(variant or {}), "train.seed": seed}
     start, teacher_s = None, 0.0
-    if config_from_flat(arm_overrides).needs_nbi_sites:
+    folder = name or f"{arm}-seed{seed}"
+    finished = (run_dir / folder / "metrics.json").exists()  # read back as it is: no teacher phase needed
+    if config_from_flat(arm_overrides).needs_nbi_sites and not finished:
         key = teacher_key(arm_overrides)
         if key not in teachers:
             began = time.time()
-            folder = f"teacher-seed{seed}-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
-            teachers[key] = (teacher_snapshot(arm_overrides, run_dir, folder), time.time() - began)
+            snapshot = f"teacher-seed{seed}-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
+            teachers[key] = (teacher_snapshot(arm_overrides, run_dir, snapshot), time.time() - began)
         start, teacher_s = teachers[key]
-    result = run_once(arm_overrides, "inprocess", run_dir, name or f"{arm}-seed{seed}", start=start)
+    result = run_once(arm_overrides, "inprocess", run_dir, folder, start=start)
     return {
         "auc": result["final"]["auc"],
         "final": result["final"],
@@ -151,6 +153,42 @@ def gain_kept(per_seed: dict[str, dict[str, dict]]) -> dict[str, dict[str, float
     return kept
 
 
+def study_file(regime: str) -> Path:
+    return Path(f"benchmarks/results/study{'' if regime == 'default' else '_' + regime}.json")
+
+
+def plot_regimes(out: Path, arms: tuple[str, ...] = (DEFAULT_ARM, "fedpagkd_teacher_init")) -> list[str]:
+    """Each arm's paired AUC difference to FedAvg WLI-only (mean, 95 % CI) per data regime, from
+    the regimes' study files that exist -> the regimes plotted."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    found = {r: json.loads(study_file(r).read_text())["paired"] for r in REGIMES if study_file(r).exists()}
+    fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(found), 3.2))
+    for offset, arm in zip((-0.08, 0.08), arms):
+        points = [
+            (i, paired[f"{arm}_vs_{BASELINE_ARM}"])
+            for i, paired in enumerate(found.values())
+            if f"{arm}_vs_{BASELINE_ARM}" in paired
+        ]
+        if points:
+            xs = [i + offset for i, _ in points]
+            means = [d["mean"] for _, d in points]
+            errors = [[d["mean"] - d["ci95"][0] for _, d in points], [d["ci95"][1] - d["mean"] for _, d in points]]
+            ax.errorbar(xs, means, errors, marker="o", capsize=3, ls="none", label=arm)
+    ax.axhline(0, c="grey", lw=0.8)
+    labels = [f"{r}\n({next(iter(p.values()))['seeds']} seeds)" if p else r for r, p in found.items()]
+    ax.set_xticks(range(len(found)), labels, fontsize=8)
+    ax.set_ylabel(f"AUC - {BASELINE_ARM} (95 % CI)", fontsize=8)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return list(found)
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("overrides", nargs="*", help="config overrides key=value on top of the regime")
@@ -168,8 +206,12 @@ def main(argv: list[str] | None = None) -> dict:
         default=[],
         help="study JSON files of other processes (same regime and overrides) to take runs from",
     )
+    parser.add_argument("--plot", type=Path, default=None, help="only plot the regimes' study files to this PNG")
     args = parser.parse_args(argv)
-    out = args.out or Path(f"benchmarks/results/study{'' if args.regime == 'default' else '_' + args.regime}.json")
+    if args.plot:
+        print(f"plotted regimes {plot_regimes(args.plot)} to {args.plot}")
+        return {}
+    out = args.out or study_file(args.regime)
     overrides = {
         **REGIMES[args.regime],
         "data.val_per_site": args.val_per_site,

@@ -87,3 +87,17 @@ def test_the_study_writes_the_issue_layout_resumes_and_merges(tmp_path):
     other.write_text(json.dumps({**json.loads(b.read_text()), "overrides": {"data.test_per_site": 1}}))
     with pytest.raises(SystemExit, match="not merged"):
         _tiny_study(tmp_path, a, [], [], ["--merge", str(other)])
+
+
+def test_the_regime_plot_reads_the_study_files_that_exist(tmp_path, monkeypatch):
+    from benchmarks.study import plot_regimes
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "benchmarks/results").mkdir(parents=True)
+    pair = {"mean": 0.01, "ci95": [0.0, 0.02], "p": 0.1, "seeds": 3}
+    for name in ("study.json", "study_scarce.json"):
+        (tmp_path / "benchmarks/results" / name).write_text(
+            json.dumps({"paired": {"fedavg_teacher_init_vs_fedavg_wli_only": pair}})
+        )
+    assert plot_regimes(tmp_path / "regimes.png") == ["default", "scarce"]
+    assert (tmp_path / "regimes.png").stat().st_size > 1000
