@@ -32,7 +32,7 @@ import numpy as np
 import common  # noqa: F401
 from benchmarks.centralised import environment, run_seed
 from benchmarks.federated import METHODS, run_once, teacher_key, teacher_snapshot
-from common.config import config_from_flat
+from common.config import config_from_flat, config_from_mapping, config_to_flat
 from common.files import atomic_write_json
 from common.metrics import paired_difference
 
@@ -109,6 +109,45 @@ def run_arm(
         "final_teacher": result.get("final_teacher"),
         "selection": result.get("selection"),
     }
+
+
+def finished_record(run: Path) -> dict[str, Any]:
+    """A finished federated run folder's study record (as :func:`run_arm` returns it)."""
+    metrics = json.loads((run / "metrics.json").read_text())
+    final = {k: metrics["final"][k] for k in ("auc", "accuracy", "sensitivity", "specificity")}
+    return {
+        "auc": final["auc"],
+        "final": final,
+        "wall_s": metrics.get("wall_time_s"),
+        "final_teacher": metrics.get("final_teacher"),
+        "selection": metrics.get("selection"),
+        "from": str(run),
+    }
+
+
+def reusable_runs(
+    folders: list[Path], arms: list[str], overrides: dict[str, Any], seeds: list[int]
+) -> dict[str, dict[str, dict]]:
+    """Finished run folders (e.g. benchmarks.tune's) whose config is exactly an arm's config for a
+    seed of this study -> {seed: {arm: record}}: the same run, read instead of run again."""
+
+    def flat(cfg) -> dict[str, Any]:
+        return {k: v for k, v in config_to_flat(cfg).items() if k not in ("fed.run_dir", "fed.run_name")}
+
+    wanted = {
+        json.dumps(flat(config_from_flat({**overrides, **METHODS[arm], "train.seed": seed})), sort_keys=True): (str(seed), arm)
+        for seed in seeds
+        for arm in arms
+        if arm in METHODS
+    }
+    found: dict[str, dict[str, dict]] = {}
+    for run in folders:
+        if (run / "metrics.json").exists() and (run / "config.json").exists():
+            key = json.dumps(flat(config_from_mapping(json.loads((run / "config.json").read_text()))), sort_keys=True)
+            if key in wanted:
+                seed, arm = wanted[key]
+                found.setdefault(seed, {})[arm] = finished_record(run)
+    return found
 
 
 def summarise(per_seed: dict[str, dict[str, dict]], arms: list[str]) -> tuple[dict, dict]:
@@ -207,6 +246,13 @@ def main(argv: list[str] | None = None) -> dict:
         help="study JSON files of other processes (same regime and overrides) to take runs from",
     )
     parser.add_argument("--plot", type=Path, default=None, help="only plot the regimes' study files to this PNG")
+    parser.add_argument(
+        "--reuse",
+        type=Path,
+        nargs="+",
+        default=[],
+        help="finished run folders to read where one is exactly an arm's run (e.g. runs/tune/*)",
+    )
     args = parser.parse_args(argv)
     if args.plot:
         print(f"plotted regimes {plot_regimes(args.plot)} to {args.plot}")
@@ -226,6 +272,11 @@ def main(argv: list[str] | None = None) -> dict:
             raise SystemExit(f"{other} was run with overrides {theirs.get('overrides')}, not {overrides}: not merged")
         for seed, runs in theirs["per_seed"].items():
             per_seed.setdefault(seed, {}).update(runs)
+    for seed, runs in reusable_runs(args.reuse, args.arms, overrides, args.seeds).items():
+        for arm, record in runs.items():
+            if arm not in per_seed.get(seed, {}):
+                per_seed.setdefault(seed, {})[arm] = record
+                print(f"seed {seed} {arm}: AUC {record['auc']:.4f}, read from {record['from']} (the same config)")
     cfg = config_from_flat(overrides)
 
     def write() -> None:

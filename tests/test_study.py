@@ -72,6 +72,15 @@ def test_the_study_writes_the_issue_layout_resumes_and_merges(tmp_path):
     assert study["test_images"] == 2 * 15 and len(study["arms"]["fedavg_wli_only"]["auc"]) == 2
     pair = study["paired"]["fedavg_teacher_init_vs_fedavg_wli_only"]
     assert pair["seeds"] == 2 and pair["ci95"][0] <= pair["mean"] <= pair["ci95"][1]
+    # Finished folders of exactly an arm's config are found again (benchmarks.tune's runs, --reuse).
+    from benchmarks.study import reusable_runs
+
+    folders = sorted((tmp_path / "runs" / "default").glob("*"))
+    found = reusable_runs(folders, ["fedavg_wli_only", "fedavg_teacher_init"], study["overrides"], [0, 1])
+    assert {s: {a: r["auc"] for a, r in runs.items()} for s, runs in found.items()} == {
+        s: {a: r["auc"] for a, r in runs.items()} for s, runs in study["per_seed"].items()
+    }
+    assert reusable_runs(folders, ["fedavg_wli_only"], {**study["overrides"], "train.lr": 0.1}, [0, 1]) == {}
     # Resumed: nothing runs again (the runs recorded stay as they were).
     _tiny_study(tmp_path, a, ["fedavg_wli_only", "fedavg_teacher_init"], [0, 1])
     assert json.loads(a.read_text())["per_seed"] == study["per_seed"]
