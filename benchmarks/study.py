@@ -108,7 +108,17 @@ def run_arm(
         "wall_s": result["wall_s"] + teacher_s,
         "final_teacher": result.get("final_teacher"),
         "selection": result.get("selection"),
+        "method": METHODS[arm],  # what the arm was when it ran (a retuned arm runs again: current())
     }
+
+
+def current(arm: str, record: dict[str, Any] | None) -> bool:
+    """A recorded run still stands for the arm: the arm's settings have not changed since."""
+    if record is None:
+        return False
+    return arm in CENTRALISED or json.loads(json.dumps(record.get("method"), default=str)) == json.loads(
+        json.dumps(METHODS[arm], default=str)
+    )
 
 
 def finished_record(run: Path) -> dict[str, Any]:
@@ -146,7 +156,7 @@ def reusable_runs(
             key = json.dumps(flat(config_from_mapping(json.loads((run / "config.json").read_text()))), sort_keys=True)
             if key in wanted:
                 seed, arm = wanted[key]
-                found.setdefault(seed, {})[arm] = finished_record(run)
+                found.setdefault(seed, {})[arm] = {**finished_record(run), "method": METHODS[arm]}
     return found
 
 
@@ -274,7 +284,7 @@ def main(argv: list[str] | None = None) -> dict:
             per_seed.setdefault(seed, {}).update(runs)
     for seed, runs in reusable_runs(args.reuse, args.arms, overrides, args.seeds).items():
         for arm, record in runs.items():
-            if arm not in per_seed.get(seed, {}):
+            if not current(arm, per_seed.get(seed, {}).get(arm)):
                 per_seed.setdefault(seed, {})[arm] = record
                 print(f"seed {seed} {arm}: AUC {record['auc']:.4f}, read from {record['from']} (the same config)")
     cfg = config_from_flat(overrides)
@@ -300,7 +310,7 @@ def main(argv: list[str] | None = None) -> dict:
     for seed in args.seeds:
         teachers: dict[str, Any] = {}  # this seed's shared teacher phases
         for arm in args.arms:
-            if arm in per_seed.get(str(seed), {}):
+            if current(arm, per_seed.get(str(seed), {}).get(arm)):
                 continue
             per_seed.setdefault(str(seed), {})[arm] = run_arm(arm, overrides, seed, args.run_dir / args.regime, teachers)
             print(

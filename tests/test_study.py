@@ -110,3 +110,12 @@ def test_the_regime_plot_reads_the_study_files_that_exist(tmp_path, monkeypatch)
         )
     assert plot_regimes(tmp_path / "regimes.png") == ["default", "scarce"]
     assert (tmp_path / "regimes.png").stat().st_size > 1000
+
+
+def test_a_recorded_run_stands_only_while_its_arm_is_unchanged():
+    from benchmarks.study import current
+
+    assert current("fedavg_wli_only", {"auc": 0.8, "method": dict(METHODS["fedavg_wli_only"])})
+    assert not current("fedavg_wli_only", {"auc": 0.8, "method": {**METHODS["fedavg_wli_only"], "train.lr": 1.0}})
+    assert not current("fedavg_wli_only", {"auc": 0.8}) and not current("fedavg_wli_only", None)
+    assert current("central_wli_only", {"auc": 0.8})
