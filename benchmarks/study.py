@@ -161,6 +161,9 @@ def reusable_runs(
 
 
 def summarise(per_seed: dict[str, dict[str, dict]], arms: list[str]) -> tuple[dict, dict]:
+    """Per arm its AUCs over seeds; the paired differences. Runs of an arm's earlier settings
+    (not :func:`current`) are kept in the file, not counted."""
+    per_seed = {s: {a: r for a, r in runs.items() if current(a, r)} for s, runs in per_seed.items()}
     table, paired = {}, {}
     for arm in arms:
         seeds = sorted((s for s, runs in per_seed.items() if arm in runs), key=int)
@@ -255,6 +258,7 @@ def main(argv: list[str] | None = None) -> dict:
         default=[],
         help="study JSON files of other processes (same regime and overrides) to take runs from",
     )
+    parser.add_argument("--markdown", action="store_true", help="also print the table as the README's markdown")
     parser.add_argument("--plot", type=Path, default=None, help="only plot the regimes' study files to this PNG")
     parser.add_argument(
         "--reuse",
@@ -329,6 +333,19 @@ def main(argv: list[str] | None = None) -> dict:
                 f"{d['mean']:+.4f} [{d['ci95'][0]:+.4f}, {d['ci95'][1]:+.4f}] p={d['p']:.3f} n={d['seeds']}" if d else ""
             )
         print(f"{arm:<24}{len(row['auc']):>3}{row['mean']:>10.4f}{row['std']:>8.4f}   {cells[0]:<44}{cells[1]}")
+    if args.markdown:  # the README's table
+        print(f"\n| arm | seeds | AUC mean +/- std | vs {BASELINE_ARM}: mean [95 % CI], Wilcoxon p | {DEFAULT_ARM} vs arm |")
+        print("|---|---|---|---|---|")
+        for arm, row in table.items():
+            cells = []
+            for key in (f"{arm}_vs_{BASELINE_ARM}", f"{DEFAULT_ARM}_vs_{arm}"):
+                d = paired.get(key)
+                cells.append(
+                    f"{d['mean']:+.4f} [{d['ci95'][0]:+.4f}, {d['ci95'][1]:+.4f}], p = {d['p']:.3f} (n = {d['seeds']})"
+                    if d
+                    else ""
+                )
+            print(f"| {arm} | {len(row['auc'])} | {row['mean']:.4f} +/- {row['std']:.4f} | {cells[0]} | {cells[1]} |")
     for fed, row in gain_kept(per_seed).items():
         print(
             f"{fed}: federated gain over {BASELINE_ARM} {row['federated_gain']:+.4f}, centralised counterpart's "
