@@ -192,7 +192,7 @@ def gain_kept(per_seed: dict[str, dict[str, dict]]) -> dict[str, dict[str, float
     kept = {}
     for fed, central in COUNTERPARTS.items():
         arms = (fed, BASELINE_ARM, central, "central_wli_only")
-        seeds = [s for s, runs in per_seed.items() if all(a in runs for a in arms)]
+        seeds = [s for s, runs in per_seed.items() if all(current(a, runs.get(a)) for a in arms)]
         if seeds:
             fed_gain = float(np.mean([per_seed[s][fed]["auc"] - per_seed[s][BASELINE_ARM]["auc"] for s in seeds]))
             central_gain = float(np.mean([per_seed[s][central]["auc"] - per_seed[s]["central_wli_only"]["auc"] for s in seeds]))
