@@ -27,29 +27,31 @@ from benchmarks.study import STUDY_SPLITS, run_arm
 from common.files import atomic_write_json
 
 # arm -> {candidate: overrides on top of the arm}; the first is the arm as it stood before tuning.
+# Each candidate spells every key its arm tunes, so it means the same after METHODS takes the
+# chosen one (benchmarks.federated.METHODS spells the chosen values).
 # Four each. PaGKD from the teacher: the group terms' weights and CE-only warm-up (the paper:
 # L_Den at 1, 0.001 on GKD-Pro, after a CE-only start). Its baseline, FedAvg from the teacher,
 # has no group terms: its four are the learning rate and the optimiser state across rounds.
 CANDIDATES: dict[str, dict[str, dict[str, Any]]] = {
     "fedpagkd_teacher_init": {
-        "preset": {},
-        "paper": {"pagkd.pro_weight": 0.001, "pagkd.warmup_epochs": 8},
+        "preset": {"pagkd.den_weight": 1.0, "pagkd.pro_weight": 0.1, "pagkd.warmup_epochs": 0},
+        "paper": {"pagkd.den_weight": 1.0, "pagkd.pro_weight": 0.001, "pagkd.warmup_epochs": 8},
         "light": {"pagkd.den_weight": 0.3, "pagkd.pro_weight": 0.01, "pagkd.warmup_epochs": 8},
         "den_heavy": {"pagkd.den_weight": 3.0, "pagkd.pro_weight": 0.01, "pagkd.warmup_epochs": 8},
     },
     # FedProto-style: the regulariser's weight (1.0 collapsed it: 0.598 AUC on seed 0), with the
     # AdamW state kept across rounds, FedAvg WLI-only's best setting that it builds on.
     "fedproto_wli": {
-        "preset": {},
+        "preset": {"fed.fedproto_weight": 1.0, "train.keep_optimizer_state": False},
         "w0.1": {"fed.fedproto_weight": 0.1, "train.keep_optimizer_state": True},
         "w0.01": {"fed.fedproto_weight": 0.01, "train.keep_optimizer_state": True},
         "w0.001": {"fed.fedproto_weight": 0.001, "train.keep_optimizer_state": True},
     },
     "fedavg_teacher_init": {
-        "preset": {},
-        "lr1.5e-3": {"train.lr": 1.5e-3},
-        "lr6e-3": {"train.lr": 6e-3},
-        "kept_optimizer": {"train.keep_optimizer_state": True},
+        "preset": {"train.lr": 3e-3, "train.keep_optimizer_state": False},
+        "lr1.5e-3": {"train.lr": 1.5e-3, "train.keep_optimizer_state": False},
+        "lr6e-3": {"train.lr": 6e-3, "train.keep_optimizer_state": False},
+        "kept_optimizer": {"train.lr": 3e-3, "train.keep_optimizer_state": True},
     },
 }
 
