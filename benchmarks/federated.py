@@ -46,7 +46,8 @@ METHODS = {
     # 0.1 with kept AdamW, val AUC 0.877 on seeds 0-1; the old 1.0 collapsed to 0.558).
     "fedproto_wli": {**_PLAIN, "fed.fedproto_weight": 0.1, "train.keep_optimizer_state": True},
     # (c) the naive cross-modal baseline: one model FedAvg'ed over WLI and NBI sites (CE).
-    "fedavg_joint": {**_PLAIN, "fed.student_sites": "all"},
+    # Untuned; run with a fresh AdamW per round (the Config default of the time), spelled so.
+    "fedavg_joint": {**_PLAIN, "fed.student_sites": "all", "train.keep_optimizer_state": False},
     # (d) federated PaGKD and its ablations.
     "fedpagkd": dict(_PAGKD),
     "fedpagkd_pro_only": {**_PAGKD, "pagkd.use_den": False},

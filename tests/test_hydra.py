@@ -36,7 +36,7 @@ def test_presets_and_experiments_compose_to_valid_configs():
     adaptive, _ = _compose("federated", ["experiment=adaptive", "model.output_stride=16"])
     assert adaptive.pagkd.grouping == "adaptive" and adaptive.model.output_stride == 16
     fedproto, _ = _compose("federated", ["experiment=fedproto"])
-    assert fedproto.fed.fedproto_weight == 1.0 and not fedproto.pagkd.use_pro and not fedproto.pagkd.use_den
+    assert fedproto.fed.fedproto_weight == 0.1 and not fedproto.pagkd.use_pro and not fedproto.pagkd.use_den
     joint, _ = _compose("federated", ["experiment=joint"])
     assert joint.fed.student_sites == "all" and not joint.pagkd.use_den
     assert _compose("federated", ["experiment=teacher_init"])[0].fed.student_init == "teacher"
