@@ -79,13 +79,16 @@ def _student_phase(key: str) -> bool:
     return key.startswith(STUDENT_PHASE_KEYS) and key not in TEACHER_READS
 
 
+def run_config(cfg: Config) -> dict[str, Any]:
+    """A run's flat config less where its folder is: what makes two runs the same run."""
+    return {k: v for k, v in config_to_flat(cfg).items() if k not in ("fed.run_dir", "fed.run_name")}
+
+
 def teacher_key(overrides: dict[str, Any]) -> str:
-    """What the teacher phase of a run with these overrides reads: its full flat config less the
-    student-phase keys and the run's folder (two spellings of one config give one key)."""
-    flat = config_to_flat(config_from_flat(overrides))
-    return json.dumps(
-        {k: v for k, v in sorted(flat.items()) if not _student_phase(k) and k not in ("fed.run_dir", "fed.run_name")}
-    )
+    """What the teacher phase of a run with these overrides reads: its :func:`run_config` less the
+    student-phase keys (two spellings of one config give one key)."""
+    flat = run_config(config_from_flat(overrides))
+    return json.dumps({k: v for k, v in sorted(flat.items()) if not _student_phase(k)})
 
 
 def teacher_snapshot(overrides: dict[str, Any], run_dir: Path, name: str):

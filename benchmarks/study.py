@@ -31,8 +31,8 @@ import numpy as np
 
 import common  # noqa: F401
 from benchmarks.centralised import environment, run_seed
-from benchmarks.federated import METHODS, run_once, teacher_key, teacher_snapshot
-from common.config import config_from_flat, config_from_mapping, config_to_flat
+from benchmarks.federated import METHODS, REPORTED, run_config, run_once, teacher_key, teacher_snapshot
+from common.config import config_from_flat, config_from_mapping
 from common.files import atomic_write_json
 from common.metrics import paired_difference
 
@@ -86,7 +86,7 @@ def run_arm(
         final = found[CENTRALISED[arm]]
         return {
             "auc": final["auc"],
-            "final": {k: final[k] for k in ("auc", "accuracy", "sensitivity", "specificity")},
+            "final": {k: final[k] for k in REPORTED},
             "wall_s": time.time() - started,
         }
     arm_overrides = {**overrides, **METHODS[arm], **(variant or {}), "train.seed": seed}
@@ -116,15 +116,13 @@ def current(arm: str, record: dict[str, Any] | None) -> bool:
     """A recorded run still stands for the arm: the arm's settings have not changed since."""
     if record is None:
         return False
-    return arm in CENTRALISED or json.loads(json.dumps(record.get("method"), default=str)) == json.loads(
-        json.dumps(METHODS[arm], default=str)
-    )
+    return arm in CENTRALISED or record.get("method") == METHODS[arm]
 
 
 def finished_record(run: Path) -> dict[str, Any]:
     """A finished federated run folder's study record (as :func:`run_arm` returns it)."""
     metrics = json.loads((run / "metrics.json").read_text())
-    final = {k: metrics["final"][k] for k in ("auc", "accuracy", "sensitivity", "specificity")}
+    final = {k: metrics["final"][k] for k in REPORTED}
     return {
         "auc": final["auc"],
         "final": final,
@@ -141,11 +139,11 @@ def reusable_runs(
     """Finished run folders (e.g. benchmarks.tune's) whose config is exactly an arm's config for a
     seed of this study -> {seed: {arm: record}}: the same run, read instead of run again."""
 
-    def flat(cfg) -> dict[str, Any]:
-        return {k: v for k, v in config_to_flat(cfg).items() if k not in ("fed.run_dir", "fed.run_name")}
-
     wanted = {
-        json.dumps(flat(config_from_flat({**overrides, **METHODS[arm], "train.seed": seed})), sort_keys=True): (str(seed), arm)
+        json.dumps(run_config(config_from_flat({**overrides, **METHODS[arm], "train.seed": seed})), sort_keys=True): (
+            str(seed),
+            arm,
+        )
         for seed in seeds
         for arm in arms
         if arm in METHODS
@@ -153,7 +151,7 @@ def reusable_runs(
     found: dict[str, dict[str, dict]] = {}
     for run in folders:
         if (run / "metrics.json").exists() and (run / "config.json").exists():
-            key = json.dumps(flat(config_from_mapping(json.loads((run / "config.json").read_text()))), sort_keys=True)
+            key = json.dumps(run_config(config_from_mapping(json.loads((run / "config.json").read_text()))), sort_keys=True)
             if key in wanted:
                 seed, arm = wanted[key]
                 found.setdefault(seed, {})[arm] = {**finished_record(run), "method": METHODS[arm]}
