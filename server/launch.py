@@ -112,11 +112,12 @@ def launch_processes(launch_id: str) -> list[int]:
     return processes_with_env(f"{LAUNCH_ID_ENV}={launch_id}")
 
 
-def stop_launch(launch_id: str, grace_s: float = 10.0) -> list[int]:
-    """End every process of a launch: SIGTERM, then SIGKILL what is left after ``grace_s``.
-    Returns the PIDs it signalled."""
-    signalled = set()
-    for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
+def stop_launch(launch_id: str, grace_s: float = 10.0, kill_s: float = 10.0) -> list[int]:
+    """End every process of a launch: SIGTERM, then after ``grace_s`` SIGKILL what is left, again
+    until none is (for at most ``kill_s``). Returns the PIDs it signalled."""
+    signalled: set[int] = set()
+
+    def signal_all(sig: signal.Signals) -> list[int]:
         pids = launch_processes(launch_id)
         for pid in pids:
             try:
@@ -124,11 +125,17 @@ def stop_launch(launch_id: str, grace_s: float = 10.0) -> list[int]:
                 signalled.add(pid)
             except ProcessLookupError:
                 pass
-        deadline = time.time() + wait
-        while pids and time.time() < deadline and launch_processes(launch_id):
-            time.sleep(0.2)
-        if not launch_processes(launch_id):
-            break
+        return pids
+
+    signal_all(signal.SIGTERM)
+    deadline = time.time() + grace_s
+    while time.time() < deadline and launch_processes(launch_id):
+        time.sleep(0.2)
+    # Repeated, not once: a process forked after the listing it missed (Ray's raylet starts its
+    # dashboard agent while shutting down) is only caught by the next one.
+    deadline = time.time() + kill_s
+    while signal_all(signal.SIGKILL) and time.time() < deadline:
+        time.sleep(0.2)
     return sorted(signalled)
 
 

@@ -477,6 +477,29 @@ def test_stop_launch_ends_every_process_of_the_launch_and_nothing_else():
             os.kill(pid, signal.SIGKILL)
 
 
+def test_stop_launch_also_ends_processes_forked_while_it_stops():
+    """A launch process that keeps forking (as Ray's raylet starts its dashboard agent while it
+    shuts down) leaves children the listing before each kill missed; none survives the stop."""
+    launch_id, marker = uuid.uuid4().hex, uuid.uuid4().hex
+    env = {**os.environ, launch.LAUNCH_ID_ENV: launch_id, "FEDPAGKD_TEST_MARK": marker}
+    forker = subprocess.Popen(
+        ["bash", "-c", "trap '' TERM; while :; do sleep 120 & sleep 0.005; done"], env=env, start_new_session=True
+    )
+    try:
+        deadline = time.time() + 10
+        while len(_marked(marker)) < 20 and time.time() < deadline:
+            time.sleep(0.1)
+        launch.stop_launch(launch_id, grace_s=0.5)
+        forker.wait(timeout=10)
+        left = {pid: processes.cmdline(pid) for pid in _marked(marker)}
+        assert not left, f"left running: {left}"
+    finally:
+        if forker.poll() is None:
+            forker.kill()
+        for pid in _marked(marker):
+            os.kill(pid, signal.SIGKILL)
+
+
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_a_signal_to_the_launcher_becomes_a_stop(signum):
     with pytest.raises(launch.Stopped) as info:
