@@ -184,22 +184,30 @@ def summarise(per_seed: dict[str, dict[str, dict]], arms: list[str]) -> tuple[di
     return table, paired
 
 
-def gain_kept(per_seed: dict[str, dict[str, dict]]) -> dict[str, dict[str, float]]:
-    """Per federated method with a centralised counterpart: its gain over FedAvg WLI-only, the
-    counterpart's over centralised WLI-only (mean over the seeds with all four), and the ratio."""
-    kept = {}
+def gain_kept(per_seed: dict[str, dict[str, dict]]) -> dict[str, dict[str, Any]]:
+    """Per federated method with a centralised counterpart, over the seeds with all four runs: its
+    paired gain over FedAvg WLI-only and the counterpart's over centralised WLI-only (each
+    :func:`common.metrics.paired_difference`), and the share of the centralised gain federation
+    keeps (mean over mean). The share is only defined (else None, with the reason) when the
+    centralised gain's 95 % CI is above zero: a ratio to a gain that may be nothing says nothing."""
+    kept: dict[str, dict[str, Any]] = {}
     for fed, central in COUNTERPARTS.items():
         arms = (fed, BASELINE_ARM, central, "central_wli_only")
-        seeds = [s for s, runs in per_seed.items() if all(current(a, runs.get(a)) for a in arms)]
-        if seeds:
-            fed_gain = float(np.mean([per_seed[s][fed]["auc"] - per_seed[s][BASELINE_ARM]["auc"] for s in seeds]))
-            central_gain = float(np.mean([per_seed[s][central]["auc"] - per_seed[s]["central_wli_only"]["auc"] for s in seeds]))
-            kept[fed] = {
-                "federated_gain": fed_gain,
-                "centralised_gain": central_gain,
-                "kept": fed_gain / central_gain,
-                "seeds": len(seeds),
-            }
+        seeds = sorted((s for s, runs in per_seed.items() if all(current(a, runs.get(a)) for a in arms)), key=int)
+        if len(seeds) < 2:
+            continue
+        fed_gain = paired_difference([per_seed[s][fed]["auc"] for s in seeds], [per_seed[s][BASELINE_ARM]["auc"] for s in seeds])
+        central_gain = paired_difference(
+            [per_seed[s][central]["auc"] for s in seeds], [per_seed[s]["central_wli_only"]["auc"] for s in seeds]
+        )
+        defined = central_gain["ci95"][0] > 0
+        kept[fed] = {
+            "federated_gain": fed_gain,
+            "centralised_gain": central_gain,
+            "kept": fed_gain["mean"] / central_gain["mean"] if defined else None,
+            "why_undefined": None if defined else "the centralised gain's 95 % CI does not exclude zero",
+            "seeds": len(seeds),
+        }
     return kept
 
 
@@ -345,9 +353,13 @@ def main(argv: list[str] | None = None) -> dict:
                 )
             print(f"| {arm} | {len(row['auc'])} | {row['mean']:.4f} +/- {row['std']:.4f} | {cells[0]} | {cells[1]} |")
     for fed, row in gain_kept(per_seed).items():
+        gains = [
+            f"{g['mean']:+.4f} [{g['ci95'][0]:+.4f}, {g['ci95'][1]:+.4f}]" for g in (row["federated_gain"], row["centralised_gain"])
+        ]
+        share = f"{100 * row['kept']:.0f} % kept" if row["kept"] is not None else f"no share: {row['why_undefined']}"
         print(
-            f"{fed}: federated gain over {BASELINE_ARM} {row['federated_gain']:+.4f}, centralised counterpart's "
-            f"{row['centralised_gain']:+.4f}: {100 * row['kept']:.0f} % kept ({row['seeds']} seeds)"
+            f"{fed}: federated gain over {BASELINE_ARM} {gains[0]}, centralised counterpart's {gains[1]}: "
+            f"{share} ({row['seeds']} seeds)"
         )
     print(f"wrote {out}")
     return {"arms": table, "paired": paired}

@@ -119,3 +119,35 @@ def test_a_recorded_run_stands_only_while_its_arm_is_unchanged():
     assert not current("fedavg_wli_only", {"auc": 0.8, "method": {**METHODS["fedavg_wli_only"], "train.lr": 1.0}})
     assert not current("fedavg_wli_only", {"auc": 0.8}) and not current("fedavg_wli_only", None)
     assert current("central_wli_only", {"auc": 0.8})
+
+
+def test_the_share_of_the_centralised_gain_is_a_ratio_only_to_a_gain_that_is_there():
+    from benchmarks.study import gain_kept
+
+    def seeds(central_gains):
+        per_seed = {}
+        for seed, central_gain in enumerate(central_gains):
+            runs = {
+                "fedavg_wli_only": 0.80 + 0.01 * seed,
+                "fedavg_teacher_init": 0.82 + 0.01 * seed + 0.001 * (seed % 2),
+                "central_wli_only": 0.85 + 0.01 * seed,
+                "central_teacher_init": 0.85 + 0.01 * seed + central_gain,
+            }
+            per_seed[str(seed)] = {
+                arm: {"auc": auc, **({"method": dict(METHODS[arm])} if arm in METHODS else {})} for arm, auc in runs.items()
+            }
+        return per_seed
+
+    there = gain_kept(seeds([0.040, 0.041, 0.039, 0.040]))["fedavg_teacher_init"]
+    assert there["seeds"] == 4 and there["why_undefined"] is None
+    assert there["federated_gain"]["mean"] == pytest.approx(0.0205)
+    assert there["centralised_gain"]["ci95"][0] > 0
+    assert there["kept"] == pytest.approx(0.0205 / 0.040)
+    # A centralised "gain" whose CI straddles zero: no share of it can be kept or lost.
+    nothing = gain_kept(seeds([0.002, -0.003, 0.001, -0.001]))["fedavg_teacher_init"]
+    assert nothing["kept"] is None and "does not exclude zero" in nothing["why_undefined"]
+    assert nothing["federated_gain"]["mean"] == pytest.approx(0.0205)
+    # The federated arm's run of earlier settings does not count: one seed left is no comparison.
+    stale = seeds([0.040, 0.041])
+    stale["1"]["fedavg_teacher_init"]["method"] = {"train.lr": 1.0}
+    assert gain_kept(stale) == {}
