@@ -354,7 +354,8 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"| {arm} | {len(row['auc'])} | {row['mean']:.4f} +/- {row['std']:.4f} | {cells[0]} | {cells[1]} |")
     for fed, row in gain_kept(per_seed).items():
         gains = [
-            f"{g['mean']:+.4f} [{g['ci95'][0]:+.4f}, {g['ci95'][1]:+.4f}]" for g in (row["federated_gain"], row["centralised_gain"])
+            f"{g['mean']:+.4f} [{g['ci95'][0]:+.4f}, {g['ci95'][1]:+.4f}]"
+            for g in (row["federated_gain"], row["centralised_gain"])
         ]
         share = f"{100 * row['kept']:.0f} % kept" if row["kept"] is not None else f"no share: {row['why_undefined']}"
         print(
