@@ -50,9 +50,10 @@ COUNTERPARTS = {"fedavg_teacher_init": "central_teacher_init", "fedpagkd": "cent
 # differences. 2 WLI sites: 500 pooled val and 2,000 pooled test images.
 STUDY_SPLITS = {"data.val_per_site": 250, "data.test_per_site": 1000}
 # Data regimes: overrides on top of the default federation (WLI training size, NBI:WLI ratio).
+# In the plot's order: WLI training size ascending (48 / 96 / 384 per site), then NBI:WLI 4:1.
 REGIMES: dict[str, dict[str, Any]] = {
-    "default": {},
     "scarce": {"data.train_per_site": 48},
+    "default": {},
     "plentiful": {"data.train_per_site": 384, "fed.student_rounds": 5, "fed.teacher_rounds": 5},
     "nbi_x4": {"data.nbi_train_scale": 4.0},
 }
@@ -237,7 +238,8 @@ def plot_regimes(out: Path, arms: tuple[str, ...] = (DEFAULT_ARM, "fedpagkd_teac
             errors = [[d["mean"] - d["ci95"][0] for _, d in points], [d["ci95"][1] - d["mean"] for _, d in points]]
             ax.errorbar(xs, means, errors, marker="o", capsize=3, ls="none", label=arm)
     ax.axhline(0, c="grey", lw=0.8)
-    labels = [f"{r}\n({next(iter(p.values()))['seeds']} seeds)" if p else r for r, p in found.items()]
+    key = f"{arms[0]}_vs_{BASELINE_ARM}"
+    labels = [f"{r}\n({p[key]['seeds']} seeds)" if key in p else r for r, p in found.items()]
     ax.set_xticks(range(len(found)), labels, fontsize=8)
     ax.set_ylabel(f"AUC - {BASELINE_ARM} (95 % CI)", fontsize=8)
     ax.legend(fontsize=7)

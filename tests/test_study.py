@@ -108,7 +108,7 @@ def test_the_regime_plot_reads_the_study_files_that_exist(tmp_path, monkeypatch)
         (tmp_path / "benchmarks/results" / name).write_text(
             json.dumps({"paired": {"fedavg_teacher_init_vs_fedavg_wli_only": pair}})
         )
-    assert plot_regimes(tmp_path / "regimes.png") == ["default", "scarce"]
+    assert plot_regimes(tmp_path / "regimes.png") == ["scarce", "default"]  # WLI training size ascending
     assert (tmp_path / "regimes.png").stat().st_size > 1000
 
 
