@@ -216,6 +216,30 @@ def study_file(regime: str) -> Path:
     return Path(f"benchmarks/results/study{'' if regime == 'default' else '_' + regime}.json")
 
 
+def regime_table(arms: tuple[str, ...] = (DEFAULT_ARM, "fedpagkd_teacher_init")) -> str:
+    """The regimes' study files that exist as one markdown table: per regime its overrides, the
+    baseline's AUC, and each arm's paired difference to it; then the default against the
+    other arm (GKD terms on top of the same start)."""
+    pairs = [f"{arm}_vs_{BASELINE_ARM}" for arm in arms] + [f"{arms[0]}_vs_{arm}" for arm in arms[1:]]
+    lines = [
+        f"| regime | overrides | {BASELINE_ARM} AUC | " + " | ".join(k.replace("_vs_", " - ") for k in pairs) + " |",
+        "|---|---|---|" + "---|" * len(pairs),
+    ]
+    for regime in REGIMES:
+        if not study_file(regime).exists():
+            continue
+        study = json.loads(study_file(regime).read_text())
+        base = study["arms"].get(BASELINE_ARM)
+        cells = [
+            f"{d['mean']:+.4f} [{d['ci95'][0]:+.4f}, {d['ci95'][1]:+.4f}], p = {d['p']:.3f} (n = {d['seeds']})" if d else ""
+            for d in (study["paired"].get(k) for k in pairs)
+        ]
+        spelled = ", ".join(f"{k}={v}" for k, v in REGIMES[regime].items()) or "(none)"
+        auc = f"{base['mean']:.4f} +/- {base['std']:.4f} (n = {len(base['auc'])})" if base else ""
+        lines.append(f"| {regime} | {spelled} | {auc} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def plot_regimes(out: Path, arms: tuple[str, ...] = (DEFAULT_ARM, "fedpagkd_teacher_init")) -> list[str]:
     """Each arm's paired AUC difference to FedAvg WLI-only (mean, 95 % CI) per data regime, from
     the regimes' study files that exist -> the regimes plotted."""
@@ -278,6 +302,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     if args.plot:
         print(f"plotted regimes {plot_regimes(args.plot)} to {args.plot}")
+        print(regime_table())
         return {}
     out = args.out or study_file(args.regime)
     overrides = {

@@ -99,17 +99,21 @@ def test_the_study_writes_the_issue_layout_resumes_and_merges(tmp_path):
 
 
 def test_the_regime_plot_reads_the_study_files_that_exist(tmp_path, monkeypatch):
-    from benchmarks.study import plot_regimes
+    from benchmarks.study import plot_regimes, regime_table
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "benchmarks/results").mkdir(parents=True)
     pair = {"mean": 0.01, "ci95": [0.0, 0.02], "p": 0.1, "seeds": 3}
+    baseline = {"auc": [0.80, 0.82, 0.84], "mean": 0.82, "std": 0.02}
     for name in ("study.json", "study_scarce.json"):
         (tmp_path / "benchmarks/results" / name).write_text(
-            json.dumps({"paired": {"fedavg_teacher_init_vs_fedavg_wli_only": pair}})
+            json.dumps({"arms": {"fedavg_wli_only": baseline}, "paired": {"fedavg_teacher_init_vs_fedavg_wli_only": pair}})
         )
     assert plot_regimes(tmp_path / "regimes.png") == ["scarce", "default"]  # WLI training size ascending
     assert (tmp_path / "regimes.png").stat().st_size > 1000
+    rows = regime_table().splitlines()
+    assert len(rows) == 4 and rows[2].startswith("| scarce | data.train_per_site=48 | 0.8200 +/- 0.0200 (n = 3) |")
+    assert "| +0.0100 [+0.0000, +0.0200], p = 0.100 (n = 3) |  |  |" in rows[3]  # the arms not run: empty cells
 
 
 def test_a_recorded_run_stands_only_while_its_arm_is_unchanged():
