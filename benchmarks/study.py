@@ -57,6 +57,8 @@ REGIMES: dict[str, dict[str, Any]] = {
     "plentiful": {"data.train_per_site": 384, "fed.student_rounds": 5, "fed.teacher_rounds": 5},
     "nbi_x4": {"data.nbi_train_scale": 4.0},
 }
+# The arms the regimes compare (plot and table): the default and the group terms on top of its start.
+REGIME_ARMS = (DEFAULT_ARM, "fedpagkd_teacher_init")
 
 
 def run_arm(
@@ -216,7 +218,12 @@ def study_file(regime: str) -> Path:
     return Path(f"benchmarks/results/study{'' if regime == 'default' else '_' + regime}.json")
 
 
-def regime_table(arms: tuple[str, ...] = (DEFAULT_ARM, "fedpagkd_teacher_init")) -> str:
+def markdown_pair(d: dict[str, Any] | None) -> str:
+    """A paired difference (:func:`common.metrics.paired_difference`) as a README table cell; "" for none."""
+    return f"{d['mean']:+.4f} [{d['ci95'][0]:+.4f}, {d['ci95'][1]:+.4f}], p = {d['p']:.3f} (n = {d['seeds']})" if d else ""
+
+
+def regime_table(arms: tuple[str, ...] = REGIME_ARMS) -> str:
     """The regimes' study files that exist as one markdown table: per regime its overrides, the
     baseline's AUC, and each arm's paired difference to it; then the default against the
     other arm (GKD terms on top of the same start)."""
@@ -230,17 +237,14 @@ def regime_table(arms: tuple[str, ...] = (DEFAULT_ARM, "fedpagkd_teacher_init"))
             continue
         study = json.loads(study_file(regime).read_text())
         base = study["arms"].get(BASELINE_ARM)
-        cells = [
-            f"{d['mean']:+.4f} [{d['ci95'][0]:+.4f}, {d['ci95'][1]:+.4f}], p = {d['p']:.3f} (n = {d['seeds']})" if d else ""
-            for d in (study["paired"].get(k) for k in pairs)
-        ]
+        cells = [markdown_pair(study["paired"].get(k)) for k in pairs]
         spelled = ", ".join(f"{k}={v}" for k, v in REGIMES[regime].items()) or "(none)"
         auc = f"{base['mean']:.4f} +/- {base['std']:.4f} (n = {len(base['auc'])})" if base else ""
         lines.append(f"| {regime} | {spelled} | {auc} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def plot_regimes(out: Path, arms: tuple[str, ...] = (DEFAULT_ARM, "fedpagkd_teacher_init")) -> list[str]:
+def plot_regimes(out: Path, arms: tuple[str, ...] = REGIME_ARMS) -> list[str]:
     """Each arm's paired AUC difference to FedAvg WLI-only (mean, 95 % CI) per data regime, from
     the regimes' study files that exist -> the regimes plotted."""
     import matplotlib
@@ -370,14 +374,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"\n| arm | seeds | AUC mean +/- std | vs {BASELINE_ARM}: mean [95 % CI], Wilcoxon p | {DEFAULT_ARM} vs arm |")
         print("|---|---|---|---|---|")
         for arm, row in table.items():
-            cells = []
-            for key in (f"{arm}_vs_{BASELINE_ARM}", f"{DEFAULT_ARM}_vs_{arm}"):
-                d = paired.get(key)
-                cells.append(
-                    f"{d['mean']:+.4f} [{d['ci95'][0]:+.4f}, {d['ci95'][1]:+.4f}], p = {d['p']:.3f} (n = {d['seeds']})"
-                    if d
-                    else ""
-                )
+            cells = [markdown_pair(paired.get(k)) for k in (f"{arm}_vs_{BASELINE_ARM}", f"{DEFAULT_ARM}_vs_{arm}")]
             print(f"| {arm} | {len(row['auc'])} | {row['mean']:.4f} +/- {row['std']:.4f} | {cells[0]} | {cells[1]} |")
     for fed, row in gain_kept(per_seed).items():
         gains = [
