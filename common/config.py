@@ -147,6 +147,10 @@ class FederationConfig:
     min_wli_sites: int = 1
     fraction_train: float = 1.0  # fraction of a modality's sites sampled per round
     round_timeout: float = 600.0  # seconds to wait for replies
+    # Times a request is sent again to a site whose ClientApp stopped responding (Flower's
+    # CLIENT_APP_CRASHED: its process died or missed its heartbeats), each with a fresh
+    # round_timeout; 0 = drop that site at once. Any other error is final.
+    resend_crashed: int = 1
     num_bins: int = 200  # score-histogram bins for federated evaluation
     max_norm_ratio: float = 100.0  # a reply's update norm above this x the median is dropped
     # scratch | teacher: start the WLI student from the federated NBI teacher (same backbone;
@@ -286,6 +290,7 @@ class Config:
             ("fed.min_wli_sites", self.fed.min_wli_sites >= 1, ">= 1"),
             ("fed.fraction_train", 0 < self.fed.fraction_train <= 1, "in (0, 1]"),
             ("fed.round_timeout", self.fed.round_timeout > 0, "> 0"),
+            ("fed.resend_crashed", self.fed.resend_crashed >= 0, ">= 0"),
             (
                 "fed.min_site_share",
                 0 <= self.fed.min_site_share <= 1,
@@ -388,6 +393,7 @@ LIMITS: dict[str, tuple[float, str]] = {
     "fed.min_nbi_sites": (10_000, "sites"),
     "fed.min_wli_sites": (10_000, "sites"),
     "fed.round_timeout": (7 * 86_400, "seconds: one week"),
+    "fed.resend_crashed": (100, "resends"),
     "fed.num_bins": (100_000, "histogram bins"),
     "fed.max_norm_ratio": (1e12, "multiple of the median norm"),
     "fed.fedproto_weight": (1e6, "loss weight"),

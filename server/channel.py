@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from flwr.app import Message
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 
 from client.wire import MESSAGE_TYPE, compute_seconds, from_recorddict, to_recorddict
@@ -110,17 +111,51 @@ class Ledger:
 class Channel:
     """Sends validated payloads to sites and returns the valid replies, dropping the rest."""
 
-    def __init__(self, grid: Grid, dims: Dims, timeout: float, ledger: Ledger):
-        self.grid, self.dims, self.timeout, self.ledger = grid, dims, timeout, ledger
+    def __init__(self, grid: Grid, dims: Dims, timeout: float, ledger: Ledger, resends: int = 0):
+        self.grid, self.dims, self.timeout, self.ledger, self.resends = grid, dims, timeout, ledger, resends
         self.names: dict[int, str] = {}
 
     def name(self, node_id: int) -> str:
         return self.names.get(node_id, f"node {node_id}")
 
     def exchange(
-        self, phase: str, requests: dict[int, Payload], reference: dict[str, dict] | None = None
+        self, phase: str, requests: dict[int, Payload], reference: dict[str, dict] | None = None, releases: bool = False
     ) -> tuple[dict[int, Payload], dict[int, str]]:
-        """-> (valid replies by node, reason by node for each dropped site)."""
+        """-> (valid replies by node, reason by node for each dropped site).
+
+        A site whose ClientApp stopped responding (Flower's ``CLIENT_APP_CRASHED``: the process
+        died, or missed its heartbeats on a loaded machine) is asked the same request again, up
+        to ``resends`` times, each with a fresh ``timeout``: nothing of it reached the server, and
+        the same request gives the same reply. Any other error is the site's answer and final.
+        ``releases``: each request asks an NBI site for statistics; every send, a resend too,
+        counts one release of that site (:meth:`Ledger.count_releases`)."""
+        ok, dropped, crashed = self._send(phase, requests, reference, releases)
+        for resend in range(1, self.resends + 1):
+            if not crashed:
+                break
+            for node_id in sorted(crashed):
+                log.warning(
+                    "[%s] site '%s': %s; asking again (%d/%d, fed.resend_crashed)",
+                    phase,
+                    self.name(node_id),
+                    dropped.pop(node_id),
+                    resend,
+                    self.resends,
+                )
+            more_ok, more_dropped, crashed = self._send(phase, {n: requests[n] for n in crashed}, reference, releases)
+            ok.update(more_ok)
+            dropped.update(more_dropped)
+        for node_id, reason in dropped.items():
+            log.warning("[%s] dropped site '%s': %s", phase, self.name(node_id), reason)
+        return ok, dropped
+
+    def _send(
+        self, phase: str, requests: dict[int, Payload], reference: dict[str, dict] | None, releases: bool
+    ) -> tuple[dict[int, Payload], dict[int, str], set[int]]:
+        """One send of ``requests`` -> (valid replies, reasons of the dropped, the dropped
+        whose ClientApp crashed)."""
+        if releases:
+            self.ledger.count_releases(self.name(n) for n in requests)
         messages = []
         for node_id, payload in requests.items():
             self.ledger.add(phase, "to_site", self.name(node_id), payload)
@@ -147,6 +182,7 @@ class Channel:
         by_message_id = {m.metadata.message_id: m.metadata.dst_node_id for m in messages if m.metadata.message_id}
         ok: dict[int, Payload] = {}
         dropped: dict[int, str] = {}
+        crashed: set[int] = set()
         for reply in replies:
             sender = reply.metadata.src_node_id
             node_id = by_message_id.get(reply.metadata.reply_to_message_id) if by_message_id else sender
@@ -156,6 +192,7 @@ class Channel:
             site = self.name(node_id)
             if node_id in ok or node_id in dropped:  # one request, one answer: a second one is not this site's word
                 ok.pop(node_id, None)
+                crashed.discard(node_id)
                 dropped[node_id] = "sent more than one reply to one request"
                 continue
             if not reply.has_error() and (seconds := compute_seconds(reply.content)) is not None:
@@ -163,6 +200,8 @@ class Channel:
             if reply.has_error():
                 if named := SITE_REFUSAL_RE.search(reply.error.reason):
                     self.names.setdefault(node_id, named.group(1))  # a refusal before discovery
+                if reply.error.code == ErrorCode.CLIENT_APP_CRASHED:
+                    crashed.add(node_id)
                 dropped[node_id] = f"ClientApp error: {reply.error.reason}"
                 continue
             try:
@@ -184,7 +223,5 @@ class Channel:
         for node_id in requests:
             if node_id not in ok and node_id not in dropped:
                 dropped[node_id] = f"no reply within {self.timeout:.0f} s (fed.round_timeout)"
-        for node_id, reason in dropped.items():
-            log.warning("[%s] dropped site '%s': %s", phase, self.name(node_id), reason)
         self.ledger.write()
-        return ok, dropped
+        return ok, dropped, crashed

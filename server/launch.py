@@ -112,9 +112,9 @@ def launch_processes(launch_id: str) -> list[int]:
     return processes_with_env(f"{LAUNCH_ID_ENV}={launch_id}")
 
 
-def stop_launch(launch_id: str, grace_s: float = 10.0, kill_s: float = 10.0) -> list[int]:
+def stop_launch(launch_id: str, grace_s: float = 10.0, kill_s: float = 10.0, settle_s: float = 2.0) -> list[int]:
     """End every process of a launch: SIGTERM, then after ``grace_s`` SIGKILL what is left, again
-    until none is (for at most ``kill_s``). Returns the PIDs it signalled."""
+    until none has been seen for ``settle_s`` (for at most ``kill_s``). Returns the PIDs it signalled."""
     signalled: set[int] = set()
 
     def signal_all(sig: signal.Signals) -> list[int]:
@@ -132,9 +132,16 @@ def stop_launch(launch_id: str, grace_s: float = 10.0, kill_s: float = 10.0) -> 
     while time.time() < deadline and launch_processes(launch_id):
         time.sleep(0.2)
     # Repeated, not once: a process forked after the listing it missed (Ray's raylet starts its
-    # dashboard agent while shutting down) is only caught by the next one.
+    # dashboard agent while shutting down) is only caught by the next one; and one empty listing
+    # is not the end (CI left a dashboard agent after one): a process being started can be
+    # missed by a listing, so the launch is gone only once none was seen for settle_s.
     deadline = time.time() + kill_s
-    while signal_all(signal.SIGKILL) and time.time() < deadline:
+    quiet_since = time.time()
+    while time.time() < deadline:
+        if signal_all(signal.SIGKILL):
+            quiet_since = time.time()
+        elif time.time() - quiet_since >= settle_s:
+            break
         time.sleep(0.2)
     return sorted(signalled)
 

@@ -59,10 +59,18 @@ class StateError(RuntimeError):
 
 State = dict[str, np.ndarray]
 
-# Config keys a resumed run may change: more rounds, another timeout or run folder, another
+# Config keys a resumed run may change: more rounds, another timeout, resend count or run folder, another
 # acceptance share. Any other difference refuses the resume.
 RESUME_IGNORES = frozenset(
-    {"fed.teacher_rounds", "fed.student_rounds", "fed.round_timeout", "fed.run_dir", "fed.run_name", "fed.min_site_share"}
+    {
+        "fed.teacher_rounds",
+        "fed.student_rounds",
+        "fed.round_timeout",
+        "fed.resend_crashed",
+        "fed.run_dir",
+        "fed.run_name",
+        "fed.min_site_share",
+    }
 )
 
 

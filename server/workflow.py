@@ -78,7 +78,7 @@ class Protocol:
         self.cfg, self.run_dir, self.grid = cfg, run_dir, grid
         self.dims = dims_of(cfg)
         self.ledger = Ledger(path=run_dir / LEDGER)
-        self.channel = Channel(grid, self.dims, cfg.fed.round_timeout, self.ledger)
+        self.channel = Channel(grid, self.dims, cfg.fed.round_timeout, self.ledger, cfg.fed.resend_crashed)
         self.distil, self.needs_teacher = cfg.distils, cfg.needs_nbi_sites
         torch.manual_seed(cfg.train.seed)
         c = cfg.data.num_classes
@@ -396,8 +396,9 @@ class Protocol:
         nodes = sorted(self._sites_of("nbi"))
         config = {"round": refresh, "seed": seed, "evaluate": "test" if evaluate_teacher else ""}
         request = make("knowledge.seed", self.dims, config=config, weights={"teacher": self.teacher, "head": self.head})
-        self.ledger.count_releases(self.channel.name(n) for n in nodes)
-        replies, dropped = self._exchange("knowledge", f"knowledge refresh {refresh} (seeds)", {n: request for n in nodes})
+        replies, dropped = self._exchange(
+            "knowledge", f"knowledge refresh {refresh} (seeds)", {n: request for n in nodes}, releases=True
+        )
         self._require(f"knowledge refresh {refresh} (seeds)", "nbi", len(replies), dropped)
         if evaluate_teacher:
             self._record_evaluation("teacher", self.cfg.fed.teacher_rounds, replies, "eval-examples", "test")
@@ -419,8 +420,7 @@ class Protocol:
             peers = json.dumps({self.channel.name(n): keys[n] for n in nodes}) if keys else ""
             config = {"round": refresh, "seed": seed, "iteration": iteration, "peers": peers, "attempt": attempt}
             request = make("knowledge.stats", self.dims, arrays=self.centroids, config=config)
-            self.ledger.count_releases(self.channel.name(n) for n in nodes)
-            replies, dropped = self._exchange("knowledge", step, {n: request for n in nodes})
+            replies, dropped = self._exchange("knowledge", step, {n: request for n in nodes}, releases=True)
             self._require(step, "nbi", len(replies), dropped)
             in_order = [replies[n].arrays for n in sorted(replies, key=self.channel.name)]
             if not keys:
@@ -470,12 +470,17 @@ class Protocol:
     # ------------------------------------------------------------------ exchanges and aggregation
 
     def _exchange(
-        self, phase: str, step: str, requests: dict[int, Payload], reference: dict[str, dict] | None = None
+        self,
+        phase: str,
+        step: str,
+        requests: dict[int, Payload],
+        reference: dict[str, dict] | None = None,
+        releases: bool = False,
     ) -> tuple[dict[int, Payload], dict[int, str]]:
         """:meth:`Channel.exchange`, then the :mod:`server.trust` screens: a reply whose numbers
         contradict its site's discovery metadata is dropped with the reason. Each site's part
         in ``phase`` is recorded (``step`` names the round in a drop's reason)."""
-        replies, dropped = self.channel.exchange(phase, requests, reference)
+        replies, dropped = self.channel.exchange(phase, requests, reference, releases)
         for node_id in sorted(replies):
             try:
                 trust.screen_reply(

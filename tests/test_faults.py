@@ -22,7 +22,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from flwr.app import Message
+from flwr.app import Error, Message
+from flwr.common.constant import ErrorCode
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -441,6 +442,18 @@ def test_a_run_folder_locked_by_another_process_is_refused_until_it_ends(tmp_pat
 # ----------------------------------------------------------------------------- signals
 
 
+def _described(pid: int) -> str:
+    """A leftover process: its command, state, parent and whether it carries a launch id (what
+    :func:`server.launch.stop_launch` finds it by)."""
+    try:
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return "(gone)"
+    launch_ids = [e.decode(errors="replace") for e in environ if e.startswith(launch.LAUNCH_ID_ENV.encode())]
+    return f"{processes.cmdline(pid).strip()[:60]} state {stat[0]} ppid {stat[1]} sid {stat[4]} {launch_ids}"
+
+
 def _marked(marker: str) -> list[int]:
     needle = f"FEDPAGKD_TEST_MARK={marker}".encode()
     pids = []
@@ -491,7 +504,7 @@ def test_stop_launch_also_ends_processes_forked_while_it_stops():
             time.sleep(0.1)
         launch.stop_launch(launch_id, grace_s=0.5)
         forker.wait(timeout=10)
-        left = {pid: processes.cmdline(pid) for pid in _marked(marker)}
+        left = {pid: _described(pid) for pid in _marked(marker)}
         assert not left, f"left running: {left}"
     finally:
         if forker.poll() is None:
@@ -549,7 +562,7 @@ def test_sigterm_to_server_launch_stops_the_run_and_every_process_it_started(tmp
         deadline = time.time() + 20
         while _marked(marker) and time.time() < deadline:
             time.sleep(0.5)
-        left = {pid: processes.cmdline(pid) for pid in _marked(marker)}
+        left = {pid: _described(pid) for pid in _marked(marker)}
         assert not left, f"left running: {left}"
     finally:
         if proc.poll() is None:
@@ -592,6 +605,61 @@ def _failing(grid: InProcessGrid, kind: str):
         return grid.deliver(node_id, message)
 
     return fault
+
+
+def _crashing(grid: InProcessGrid, kind: str, times: int, code: int = ErrorCode.CLIENT_APP_CRASHED):
+    """The first ``times`` ``kind`` requests get the error reply a SuperNode stores for a
+    ClientApp that stopped responding (or another Flower error ``code``); the rest pass."""
+    crashes = []
+
+    def fault(node_id: int, message: Message) -> Message | None:
+        if message.metadata.message_type == MESSAGE_TYPE[kind] and len(crashes) < times:
+            crashes.append(message.metadata.message_id)
+            return Message(Error(code, "ClientApp stopped responding."), reply_to=message)
+        return grid.deliver(node_id, message)
+
+    return fault
+
+
+@pytest.mark.parametrize("resends, crashes, kept", [(1, 1, True), (2, 2, True), (1, 2, False), (0, 1, False)])
+def test_a_site_whose_clientapp_crashed_is_asked_again(tmp_path, caplog, resends, crashes, kept):
+    cfg = tiny_config(**{"fed.resend_crashed": resends})
+    grid = make_grid(cfg)
+    grid.faults[WLI0] = _crashing(grid, "student.train", crashes)
+    with caplog.at_level("WARNING", logger="fedpagkd.server"):
+        summary = run_federation(grid, cfg, tmp_path / "run")
+    asked = [m for m in grid.sent if m.metadata.dst_node_id == WLI0 and m.metadata.message_type == MESSAGE_TYPE["student.train"]]
+    assert len(asked) == 1 + min(crashes, resends)
+    assert len({m.metadata.message_id for m in asked}) == len(asked)  # a new message each time
+    assert caplog.text.count("asking again") == min(crashes, resends)
+    status = summary["site_status"]["wli-0"]["student"]
+    if kept:
+        assert status == "took part" and summary["student"][0]["sites"] == ["wli-0", "wli-1"]
+        assert "dropped site 'wli-0'" not in caplog.text
+    else:
+        assert status == "dropped in student round 1: ClientApp error: ClientApp stopped responding."
+    student = json.loads((tmp_path / "run" / "ledger.json").read_text())["bytes"]["student"]
+    assert student["messages"] == (2 + min(crashes, resends)) + (2 if kept else 1)  # every request, the payloads back
+
+
+def test_a_clientapp_exception_is_not_asked_again(tmp_path):
+    cfg = tiny_config()
+    grid = make_grid(cfg)
+    grid.faults[WLI0] = _crashing(grid, "student.train", 1, code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION)
+    summary = run_federation(grid, cfg, tmp_path / "run")
+    asked = [m for m in grid.sent if m.metadata.dst_node_id == WLI0 and m.metadata.message_type == MESSAGE_TYPE["student.train"]]
+    assert len(asked) == 1 and summary["site_status"]["wli-0"]["student"].startswith("dropped in student round 1")
+
+
+def test_a_statistics_request_asked_again_counts_as_another_release(tmp_path):
+    cfg = tiny_config()
+    plain = run_federation(make_grid(cfg), cfg, tmp_path / "plain")
+    grid = make_grid(cfg)
+    grid.faults[NBI0] = _crashing(grid, "knowledge.stats", 1)
+    crashed = run_federation(grid, cfg, tmp_path / "crashed")
+    releases = {name: json.loads((tmp_path / name / "ledger.json").read_text())["releases"] for name in ("plain", "crashed")}
+    assert releases["crashed"] == {**releases["plain"], "nbi-0": releases["plain"]["nbi-0"] + 1}
+    assert crashed["final"] == plain["final"]  # the same request, the same reply: the same run
 
 
 @pytest.mark.parametrize("share, accepted", [(1.0, False), (0.5, True)])
