@@ -70,6 +70,16 @@ FIX = (
 )
 
 
+# Flower 1.41's ClientApp process gives its exit handlers (the push of its final status and context,
+# which carries the site's optimizer state, to the SuperNode) FORCE_EXIT_TIMEOUT_SECONDS = 5 s before
+# os._exit. On a loaded host that push is cut off (the SuperNode logs ``[/v1/runtime/push-task-output]
+# [UnexpectedError:ClientDisconnect]``), the task never finishes, and when its token expires (60 s)
+# the SuperNode answers the message then in progress, another ClientApp's, with "ClientApp stopped
+# responding" besides that ClientApp's real reply. CI lost a site to it twice. The push itself is
+# bounded by its HTTP timeout (30 s, one try at exit), so this grace never hangs a process.
+CLIENTAPP_EXIT_GRACE_S = 45.0
+
+
 class UntrustedBundle(PermissionError):
     """The bundle a ClientApp was asked to run is not one the site pinned."""
 
@@ -128,6 +138,12 @@ def check_fab(fab: bytes, pins: frozenset[str] | None, site: str, claimed_hash: 
 # --------------------------------------------------------------------------- the ClientApp process
 
 
+def give_exit_handlers_time(seconds: float = CLIENTAPP_EXIT_GRACE_S) -> None:
+    """Flower's ``flwr_exit`` in this process waits ``seconds`` (not 5) for its exit handlers
+    before it forces the exit (see :data:`CLIENTAPP_EXIT_GRACE_S`)."""
+    importlib.import_module("flwr.supercore.exit.exit").FORCE_EXIT_TIMEOUT_SECONDS = seconds
+
+
 def run_clientapp(argv: Sequence[str]) -> None:
     """Flower's ``flwr-clientapp`` with the bundle checked before it is installed."""
     parser = argparse.ArgumentParser(prog=f"{PROG} {CLIENTAPP}", add_help=False)
@@ -168,6 +184,7 @@ def run_clientapp(argv: Sequence[str]) -> None:
         log(level, msg, *args, **kwargs)
 
     flower.pull_task_input, flower.install_from_fab, flower.log = pull, install, quiet_log
+    give_exit_handlers_time()
     sys.argv = [CLIENTAPP, *rest]
     flwr_clientapp()
 
@@ -228,6 +245,39 @@ def run_superexec(argv: Sequence[str]) -> None:
 
 
 # --------------------------------------------------------------------------- the SuperNode process
+
+
+def one_reply_per_message(state_class: Any) -> None:
+    """Make ``state_class`` (Flower's ``InMemoryNodeState``) store at most one reply per message.
+
+    When Flower has answered a message with an error of its own (a ClientApp task's token expired,
+    see :data:`CLIENTAPP_EXIT_GRACE_S`) and the ClientApp's real reply comes after it, Flower 1.41
+    stores and sends both; its SuperNode loop sends what replies it holds each time it receives a
+    message, so from then on every reply leaves one message late and the coordinator drops the
+    site for the rest of the run. The later reply is refused here (the coordinator already holds
+    an answer; ``fed.resend_crashed`` asks again). The replied message ids are kept, not looked up
+    in the store: Flower deletes a reply and its message once it is sent."""
+    from logging import WARNING
+
+    from flwr.supercore import log
+
+    store_message = state_class.store_message
+
+    def store_once(self: Any, message: Any) -> str | None:
+        reply_to = message.metadata.reply_to_message_id
+        if not reply_to:
+            return store_message(self, message)
+        with self.lock_msg_store:
+            replied = self.__dict__.setdefault("_replied_message_ids", set())
+            if reply_to in replied:
+                log(WARNING, "%s: a second reply to message %s is dropped: it was answered already", PROG, reply_to[:16])
+                return None
+            stored = store_message(self, message)
+            if stored is not None:
+                replied.add(reply_to)
+            return stored
+
+    state_class.store_message = store_once
 
 
 def _runtime_address(host: str, port: int) -> str:
@@ -321,6 +371,9 @@ def run_supernode(argv: Sequence[str]) -> None:
 
     atexit.register(cleanup)
     from flwr.supernode.cli import flower_supernode
+    from flwr.supernode.nodestate.in_memory_nodestate import InMemoryNodeState
+
+    one_reply_per_message(InMemoryNodeState)
 
     sys.argv = ["flower-supernode", *rest, "--isolation", "process", "--superexec-auth-secret-file", str(secret)]
     flower_supernode()

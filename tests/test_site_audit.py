@@ -177,6 +177,8 @@ def test_site_clientapp_checks_the_bundle_before_flower_installs_it(fab: bytes, 
     monkeypatch.setattr(flower, "pull_task_input", lambda client: ("message", context, "run", pulled))
     monkeypatch.setattr(flower, "install_from_fab", lambda content, **kwargs: installed.append(content))
     monkeypatch.setattr(flower, "log", flower.log)  # restored after the test (the hook quietens it)
+    flower_exit = importlib.import_module("flwr.supercore.exit.exit")
+    monkeypatch.setattr(flower_exit, "FORCE_EXIT_TIMEOUT_SECONDS", flower_exit.FORCE_EXIT_TIMEOUT_SECONDS)  # restored
 
     def flwr_clientapp() -> None:  # Flower's order: pull the task, install its FAB
         _, _, _, task_fab = flower.pull_task_input(None)
@@ -192,6 +194,70 @@ def test_site_clientapp_checks_the_bundle_before_flower_installs_it(fab: bytes, 
         supernode.main([supernode.CLIENTAPP, "--app-digest", "sha256:" + "1" * 64])
     assert installed == [fab], "an untrusted bundle reached install_from_fab"
     assert len(logged) == 1 and logged[0].startswith(f"site 'wli-a' REFUSES app bundle {fab_digest(fab)}: "), logged
+    assert flower_exit.FORCE_EXIT_TIMEOUT_SECONDS == supernode.CLIENTAPP_EXIT_GRACE_S
+
+
+REPO = Path(__file__).resolve().parent.parent
+SLOW_EXIT_PUSH = """
+import sys, time
+from pathlib import Path
+from flwr.supercore.exit import add_exit_handler, flwr_exit
+if sys.argv[1] == "given-time":
+    from deploy import supernode
+    supernode.give_exit_handlers_time()
+def push_task_output():  # what the ClientApp's exit handler does: a push the loaded host makes slow
+    time.sleep(7)
+    Path(sys.argv[2]).write_text("pushed")
+add_exit_handler(push_task_output)
+flwr_exit(0)
+"""
+
+
+@pytest.mark.parametrize("mode, pushed", [("flower-default", False), ("given-time", True)])
+def test_the_site_clientapp_finishes_its_exit_push(tmp_path: Path, mode: str, pushed: bool) -> None:
+    """Flower forces a ClientApp's exit 5 s after it starts its exit handlers: a slower push of the
+    task's output is cut off (the task never finishes; see supernode.CLIENTAPP_EXIT_GRACE_S). The
+    site's ClientApp gives them the time."""
+    out = tmp_path / "pushed"
+    done = subprocess.run([sys.executable, "-c", SLOW_EXIT_PUSH, mode, str(out)], cwd=REPO, capture_output=True, timeout=60)
+    assert out.is_file() == pushed, done.stderr.decode()[-2000:]
+
+
+def test_the_site_supernode_stores_one_reply_per_message(monkeypatch) -> None:
+    """Flower answered a message with its own error (an expired task); the ClientApp's real reply
+    that comes after it is not stored as a second reply (Flower's own state stores both)."""
+    from flwr.app import Error, Message, RecordDict
+    from flwr.common.constant import ErrorCode
+    from flwr.supercore.object_store import ObjectStoreFactory
+    from flwr.supercore.task_identity import TaskIdentity
+    from flwr.supernode.nodestate.in_memory_nodestate import InMemoryNodeState
+
+    for name in ("run_id", "task_id", "node_id"):  # a message is made inside a task (as in server.inprocess)
+        monkeypatch.setattr(TaskIdentity, f"_{name}", 1)
+
+    class GuardedState(InMemoryNodeState):
+        pass
+
+    supernode.one_reply_per_message(GuardedState)
+
+    def replies(state_class: type) -> list[Message]:
+        state = state_class(ObjectStoreFactory().store())
+        request = Message(RecordDict(), dst_node_id=1, message_type="query.x")
+        request.metadata.__dict__["_message_id"] = "request-1"
+        state.store_message(request)
+        for reply in (
+            Message(Error(ErrorCode.CLIENT_APP_CRASHED, "stopped responding"), reply_to=request),
+            Message(RecordDict(), reply_to=request),
+        ):
+            reply.metadata.__dict__["_message_id"] = reply.object_id
+            state.store_message(reply)
+            if reply.has_error():  # Flower sends the error, then deletes it and its message
+                sent = state.get_messages_legacy(is_reply=True)
+                state.delete_messages(message_ids=[m.metadata.message_id for m in sent] + ["request-1"])
+        return list(state.get_messages_legacy(is_reply=True))
+
+    assert len(replies(InMemoryNodeState)) == 1  # Flower's: the late real reply is stored and sent
+    assert replies(GuardedState) == []
 
 
 def test_site_superexec_launches_only_guarded_clientapps(monkeypatch) -> None:
