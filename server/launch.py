@@ -45,6 +45,7 @@ from server.processes import (  # stdlib only; FLOWER_ENV, free_port and toml_va
     free_port,
     living_processes,
     process_env,
+    processes_holding,
     processes_with_env,
     signal_group,
     stop_group,
@@ -107,18 +108,27 @@ def _superlink_pids(port: int) -> list[int]:
     return [pid for pid, _, _ in living_processes() if serving.search(cmdline(pid))]
 
 
-def launch_processes(launch_id: str) -> list[int]:
-    """PIDs of this user's processes whose environment carries ``launch_id`` (not this one)."""
-    return processes_with_env(f"{LAUNCH_ID_ENV}={launch_id}")
+def launch_processes(launch_id: str, folder: Path | None = None) -> list[int]:
+    """PIDs of this user's processes (not this one) whose environment carries ``launch_id``, or
+    that hold a file open under the launch's own ``folder`` (its Ray temp folder): Ray's agents
+    retitle themselves (``ray::DashboardAgent``) over their environment, so CI found two without
+    the launch id, but they keep their logs in the session folder open."""
+    pids = set(processes_with_env(f"{LAUNCH_ID_ENV}={launch_id}"))
+    if folder is not None:
+        pids.update(processes_holding(folder))
+    return sorted(pids)
 
 
-def stop_launch(launch_id: str, grace_s: float = 10.0, kill_s: float = 10.0, settle_s: float = 2.0) -> list[int]:
-    """End every process of a launch: SIGTERM, then after ``grace_s`` SIGKILL what is left, again
-    until none has been seen for ``settle_s`` (for at most ``kill_s``). Returns the PIDs it signalled."""
+def stop_launch(
+    launch_id: str, grace_s: float = 10.0, kill_s: float = 10.0, settle_s: float = 2.0, folder: Path | None = None
+) -> list[int]:
+    """End every process of a launch (:func:`launch_processes`): SIGTERM, then after ``grace_s``
+    SIGKILL what is left, again until none has been seen for ``settle_s`` (for at most ``kill_s``).
+    Returns the PIDs it signalled."""
     signalled: set[int] = set()
 
     def signal_all(sig: signal.Signals) -> list[int]:
-        pids = launch_processes(launch_id)
+        pids = launch_processes(launch_id, folder)
         for pid in pids:
             try:
                 os.kill(pid, sig)
@@ -129,7 +139,7 @@ def stop_launch(launch_id: str, grace_s: float = 10.0, kill_s: float = 10.0, set
 
     signal_all(signal.SIGTERM)
     deadline = time.time() + grace_s
-    while time.time() < deadline and launch_processes(launch_id):
+    while time.time() < deadline and launch_processes(launch_id, folder):
         time.sleep(0.2)
     # Repeated, not once: a process forked after the listing it missed (Ray's raylet starts its
     # dashboard agent while shutting down) is only caught by the next one; and one empty listing
@@ -318,7 +328,7 @@ def simulate(
     finally:
         with _StopOnSignal():  # a second signal must not interrupt the clean-up
             stop_superlink(port)
-            left = stop_launch(launch_id)
+            left = stop_launch(launch_id, folder=ray_tmp)
             if left:
                 print(f"stopped {len(left)} process(es) the run left behind: PIDs {left}", file=sys.stderr)
             shutil.rmtree(ray_tmp, ignore_errors=True)

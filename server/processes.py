@@ -362,6 +362,21 @@ def processes_with_env(entry: str) -> list[int]:
     return pids
 
 
+def processes_holding(folder: Path) -> list[int]:
+    """PIDs of this user's processes (not this one) with a file open under ``folder``."""
+    prefix = str(folder.resolve()) + os.sep
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            if any(os.readlink(fd).startswith(prefix) for fd in (proc / "fd").iterdir()):
+                pids.append(int(proc.name))
+        except OSError:  # another user's process, or one that just ended (or closed that fd)
+            continue
+    return pids
+
+
 def still_running(pids: set[int], grace_s: float = 15.0) -> dict[int, str]:
     """The processes of ``pids`` still alive after ``grace_s`` (flower-superexec notices that
     its parent is gone within a few seconds), with their command lines."""

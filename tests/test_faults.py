@@ -513,6 +513,34 @@ def test_stop_launch_also_ends_processes_forked_while_it_stops():
             os.kill(pid, signal.SIGKILL)
 
 
+def test_stop_launch_ends_a_process_that_holds_a_file_in_the_launch_folder(tmp_path):
+    """A process whose environment lost the launch id (Ray's agents retitle themselves over it)
+    but that keeps a file open in the launch's Ray folder is the launch's; one holding a file
+    elsewhere is not."""
+    launch_id = uuid.uuid4().hex
+    (tmp_path / "ray" / "session").mkdir(parents=True)
+    (tmp_path / "elsewhere").mkdir()
+    holding = "import sys, time; log = open(sys.argv[1], 'w'); time.sleep(120)"
+    agent, bystander = (
+        subprocess.Popen([sys.executable, "-c", holding, str(tmp_path / folder / "agent.log")], start_new_session=True)
+        for folder in ("ray/session", "elsewhere")
+    )
+    try:
+        deadline = time.time() + 20
+        while not (tmp_path / "elsewhere" / "agent.log").exists() or not (tmp_path / "ray/session/agent.log").exists():
+            assert time.time() < deadline
+            time.sleep(0.1)
+        time.sleep(0.5)
+        assert launch.launch_processes(launch_id) == [] and launch.launch_processes(launch_id, tmp_path / "ray") == [agent.pid]
+        assert launch.stop_launch(launch_id, grace_s=1.0, folder=tmp_path / "ray") == [agent.pid]
+        assert agent.wait(timeout=10) == -signal.SIGTERM
+        assert bystander.poll() is None, "a process holding files elsewhere must be left alone"
+    finally:
+        for proc in (agent, bystander):
+            proc.kill()
+            proc.wait()
+
+
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_a_signal_to_the_launcher_becomes_a_stop(signum):
     with pytest.raises(launch.Stopped) as info:
