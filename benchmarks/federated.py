@@ -73,6 +73,10 @@ STUDENT_PHASE_KEYS = (
     "fed.bank_refresh_every",
 )
 TEACHER_READS = ("pagkd.group_size", "pagkd.min_group_size")
+# Keys that never change what a run computes, only how a deployment recovers (an in-process run
+# never sees a crashed ClientApp): left out of teacher_key, so the runs from before such a key
+# existed and those after it share one teacher phase.
+RECOVERY_KEYS = ("fed.resend_crashed",)
 
 
 def _student_phase(key: str) -> bool:
@@ -88,7 +92,7 @@ def teacher_key(overrides: dict[str, Any]) -> str:
     """What the teacher phase of a run with these overrides reads: its :func:`run_config` less the
     student-phase keys (two spellings of one config give one key)."""
     flat = run_config(config_from_flat(overrides))
-    return json.dumps({k: v for k, v in sorted(flat.items()) if not _student_phase(k)})
+    return json.dumps({k: v for k, v in sorted(flat.items()) if not _student_phase(k) and k not in RECOVERY_KEYS})
 
 
 def teacher_snapshot(overrides: dict[str, Any], run_dir: Path, name: str):

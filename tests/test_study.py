@@ -35,6 +35,7 @@ def test_a_run_from_the_teacher_snapshot_is_the_run_with_its_own_teacher_rounds(
 def test_the_teacher_key_ignores_student_phase_keys_only():
     plain, pagkd = {**BASE, **METHODS["fedavg_teacher_init"]}, {**BASE, **METHODS["fedpagkd_teacher_init"]}
     assert teacher_key(plain) == teacher_key(pagkd) == teacher_key({**pagkd, "pagkd.den_weight": 3.0})
+    assert teacher_key(plain) == teacher_key({**plain, "fed.resend_crashed": 3})  # recovery only: same numbers
     assert teacher_key(pagkd) != teacher_key({**pagkd, "train.lr": 1e-3})
     # The teacher's own group CE reads the group size: another size is another teacher.
     assert teacher_key(pagkd) != teacher_key({**pagkd, "pagkd.group_size": 6})
