@@ -347,13 +347,18 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
+def _other_processes() -> Iterator[Path]:
+    """``/proc/<pid>`` of every process but this one."""
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit() and int(proc.name) != os.getpid():
+            yield proc
+
+
 def processes_with_env(entry: str) -> list[int]:
     """PIDs of this user's processes whose environment holds ``entry`` (``NAME=value``), not this one."""
     marker = entry.encode()
     pids = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit() or int(proc.name) == os.getpid():
-            continue
+    for proc in _other_processes():
         try:
             if marker in (proc / "environ").read_bytes().split(b"\0"):
                 pids.append(int(proc.name))
@@ -366,9 +371,7 @@ def processes_holding(folder: Path) -> list[int]:
     """PIDs of this user's processes (not this one) with a file open under ``folder``."""
     prefix = str(folder.resolve()) + os.sep
     pids = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit() or int(proc.name) == os.getpid():
-            continue
+    for proc in _other_processes():
         try:
             if any(os.readlink(fd).startswith(prefix) for fd in (proc / "fd").iterdir()):
                 pids.append(int(proc.name))
