@@ -63,6 +63,7 @@ MANIFEST = ".info/CONTENT"  # Flower's own list of the bundle's files and their 
 DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
 SCRIPT = str(Path(__file__).resolve())
 SUPEREXEC, CLIENTAPP = "flower-superexec", "flwr-clientapp"  # the internal modes, named as Flower's processes
+CHECK_ENV = "check-env"
 PROG = "fedpagkd-supernode"
 FIX = (
     "Fix: the coordinator submits the release this site reviewed (`python -m deploy.bundle` on it prints "
@@ -244,6 +245,218 @@ def run_superexec(argv: Sequence[str]) -> None:
     flower_superexec()
 
 
+# --------------------------------------------------------------------------- start checks
+
+# sysexits.h codes, so that systemd can tell them apart (deploy/systemd/fedpagkd-site.service): a
+# configuration error is not retried (RestartPreventExitStatus=78: the unit shows failed with the
+# line that says what to fix), a data folder not there yet (a share mounted late) is retried.
+EX_CONFIG, EX_UNAVAILABLE = 78, 69
+EXAMPLE_ENV = "deploy/sites/example-site.env"
+
+# The settings of a site env file (deploy/sites/example-site.env, read by systemd's EnvironmentFile=
+# and by `docker compose --env-file`): name -> what to put there when it is required (None: optional).
+SITE_SETTINGS: dict[str, str | None] = {
+    "FEDPAGKD_SITE_NAME": "the site name the coordinator gave you, e.g. hospital-a-nbi",
+    "FEDPAGKD_MODALITY": "wli (white light) or nbi (narrow band)",
+    "FEDPAGKD_SUPERLINK": "the coordinator's host:port, e.g. coordinator.example.org:8000",
+    "FEDPAGKD_DATA_DIR": "the site's image folder, e.g. /srv/fedpagkd/data",
+    "FEDPAGKD_CA_CERT_FILE": "the path of ca.crt from the coordinator, e.g. /etc/fedpagkd/ca.crt",
+    "FEDPAGKD_AUTH_KEY_FILE": "the path of this site's private key, e.g. /etc/fedpagkd/hospital-a-nbi",
+    "FEDPAGKD_APP_DIGEST": "the reviewed bundle's digest (python -m deploy.bundle --digest), or 'any' for rehearsals",
+    "FEDPAGKD_SITE_IMAGE": None,
+    "FEDPAGKD_TORCH_INDEX_URL": None,
+    "FEDPAGKD_MAX_RETRIES": None,
+    "FEDPAGKD_MAX_WAIT_TIME": None,
+    "FEDPAGKD_DEVICE": None,
+    "FEDPAGKD_EXTRA_NODE_CONFIG": None,
+    "FEDPAGKD_DRILL_DELAY_S": None,
+}
+# Where each checked SuperNode argument comes from in the site env file, for the error lines.
+FLAG_SETTING = {
+    "--superlink": "FEDPAGKD_SUPERLINK",
+    "--root-certificates": "FEDPAGKD_CA_CERT_FILE",
+    "--auth-supernode-private-key": "FEDPAGKD_AUTH_KEY_FILE",
+    "site-name": "FEDPAGKD_SITE_NAME",
+    "modality": "FEDPAGKD_MODALITY",
+    "data-path": "FEDPAGKD_DATA_DIR",
+}
+SITE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+ENV_LINE_RE = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)=(.*)$")
+NODE_PAIR_RE = re.compile(r"([A-Za-z0-9_.-]+)\s*=\s*(?:'([^']*)'|\"([^\"]*)\"|(\S*))")
+
+
+class StartRefused(SystemExit):
+    """A start refused before anything runs; ``str()`` names the setting or path and the fix."""
+
+    def __init__(self, message: str, code: int = EX_CONFIG):
+        super().__init__(code)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def _user() -> str:
+    try:
+        import pwd
+
+        return f"user {pwd.getpwuid(os.getuid()).pw_name} (uid {os.getuid()})"
+    except (ImportError, KeyError):
+        return f"uid {os.getuid()}"
+
+
+def read_site_env(path: Path) -> dict[str, str]:
+    """The settings of a site env file, checked: every name known (a misspelled one is named with
+    the closest known one), every required one set. Quotes around a value are removed, as systemd
+    and compose do."""
+    import difflib
+
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError as err:
+        raise StartRefused(f"site env file {path} cannot be read ({err.strerror}): copy {EXAMPLE_ENV} there and edit it")
+    values: dict[str, str] = {}
+    for number, raw in enumerate(lines, 1):
+        line = raw.strip()
+        if not line or line.startswith(("#", ";")):
+            continue
+        match = ENV_LINE_RE.match(line)
+        if not match:
+            raise StartRefused(f"{path}:{number}: {line!r} is not KEY=value (no spaces around '=')")
+        key, value = match.group(1), match.group(2).strip()
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            value = value[1:-1]
+        if key not in SITE_SETTINGS:
+            close = difflib.get_close_matches(key, SITE_SETTINGS, n=1, cutoff=0.6)
+            hint = f"did you mean {close[0]}? " if close else ""
+            raise StartRefused(f"{path}:{number}: {key} is not a site setting; {hint}the settings are those of {EXAMPLE_ENV}")
+        values[key] = value
+    missing = [key for key, what in SITE_SETTINGS.items() if what is not None and not values.get(key)]
+    if missing:
+        raise StartRefused(
+            f"{path}: " + "; ".join(f"{key} is not set ({SITE_SETTINGS[key]})" for key in missing) + f" (see {EXAMPLE_ENV})"
+        )
+    return values
+
+
+def _named(flag: str) -> str:
+    setting = FLAG_SETTING.get(flag)
+    return f"{flag} ({setting} in the site env file)" if setting else flag
+
+
+def _check_file(path: str, flag: str, marker: bytes, what: str) -> None:
+    if not path:
+        raise StartRefused(f"{_named(flag)} is empty: set it to {what}")
+    try:
+        head = Path(path).read_bytes()[:4096]
+    except FileNotFoundError:
+        raise StartRefused(f"{path} does not exist ({_named(flag)}): put {what} there, or fix the path") from None
+    except PermissionError:
+        raise StartRefused(
+            f"{path} ({_named(flag)}) is not readable by {_user()}, the SuperNode's user: "
+            f"sudo chown {os.getuid()} {path} && sudo chmod 0400 {path}"
+        ) from None
+    except OSError as err:
+        raise StartRefused(f"{path} ({_named(flag)}) cannot be read: {err.strerror}") from None
+    if marker not in head:
+        raise StartRefused(f"{path} ({_named(flag)}) is not {what}")
+
+
+def _check_data(path: str, modality: str) -> None:
+    flag = "data-path"
+    if not path:
+        raise StartRefused(f"node config {_named(flag)} is empty: set it to the site's image folder")
+    folder = Path(path)
+    if not folder.is_dir():
+        raise StartRefused(
+            f"data folder {path} ({_named(flag)}) does not exist: mount the site's images there "
+            "(a network share not mounted yet?) or fix the path",
+            EX_UNAVAILABLE,
+        )
+    try:
+        entries = {entry.name for entry in folder.iterdir()}
+    except PermissionError:
+        raise StartRefused(
+            f"data folder {path} ({_named(flag)}) is not readable by {_user()}, the SuperNode's user: "
+            f"give that user read access (e.g. sudo chgrp -R <its group> {path} && sudo chmod -R g+rX {path})"
+        ) from None
+    if not entries:
+        raise StartRefused(
+            f"data folder {path} ({_named(flag)}) is empty: is the share mounted (mount | grep {path}), is the path right?",
+            EX_UNAVAILABLE,
+        )
+    if "manifest.csv" not in entries and "train" not in entries:
+        raise StartRefused(
+            f"data folder {path} ({_named(flag)}) has no train/ folder and no manifest.csv: "
+            f"expected {path}/{{train,val,test}}/<class>/*.png (fedpagkd check-site {path} says more)"
+        )
+    declared = ""
+    if "site.json" in entries:
+        try:
+            import json
+
+            declared = str(json.loads((folder / "site.json").read_text()).get("modality", "")).lower()
+        except (OSError, ValueError, AttributeError):
+            declared = ""
+    if declared and modality and declared != modality.lower():
+        raise StartRefused(
+            f"{path}/site.json declares modality '{declared}' but the node config says modality='{modality}' "
+            f"({FLAG_SETTING['modality']}): fix the setting or mount the right folder"
+        )
+    if os.access(path, os.W_OK):
+        print(f"{PROG}: WARNING: data folder {path} is writable by {_user()}: mount it read-only", file=sys.stderr)
+
+
+def preflight(argv: Sequence[str]) -> list[str]:
+    """Check the SuperNode arguments a site gives before anything starts; returns them with the
+    options an unset optional setting left empty (``--max-retries ''``, ``--max-wait-time ''``:
+    never give up) removed. A refusal names the argument, its site env setting and the fix."""
+    peek = argparse.ArgumentParser(add_help=False)
+    for flag in ("--superlink", "--root-certificates", "--auth-supernode-private-key", "--node-config"):
+        peek.add_argument(flag)
+    peek.add_argument("--max-retries")
+    peek.add_argument("--max-wait-time")
+    given, _ = peek.parse_known_args(argv)
+    if given.superlink is not None and not re.fullmatch(r".+:\d+", given.superlink):
+        raise StartRefused(
+            f"{_named('--superlink')} is {given.superlink!r}: expected host:port, e.g. coordinator.example.org:8000"
+        )
+    if given.root_certificates is not None:
+        _check_file(
+            given.root_certificates,
+            "--root-certificates",
+            b"BEGIN CERTIFICATE",
+            "a PEM certificate (ca.crt from the coordinator)",
+        )
+    if given.auth_supernode_private_key is not None:
+        _check_file(
+            given.auth_supernode_private_key,
+            "--auth-supernode-private-key",
+            b"BEGIN OPENSSH PRIVATE KEY",
+            "an OpenSSH private key (the file named after the site, not <site>.pub)",
+        )
+    if given.node_config is not None:
+        pairs = {m.group(1): next(g for g in m.groups()[1:] if g is not None) for m in NODE_PAIR_RE.finditer(given.node_config)}
+        for key in ("site-name", "modality"):
+            if key in pairs and not pairs[key].strip():
+                raise StartRefused(f"node config {_named(key)} is empty: set it to {SITE_SETTINGS[FLAG_SETTING[key]]}")
+        if "site-name" in pairs and not SITE_NAME_RE.match(pairs["site-name"]):
+            raise StartRefused(f"node config {_named('site-name')}={pairs['site-name']!r}: letters, digits, '.', '_' or '-' only")
+        if "modality" in pairs and pairs["modality"].lower() not in ("wli", "nbi"):
+            raise StartRefused(f"node config {_named('modality')}={pairs['modality']!r}: use 'wli' or 'nbi'")
+        if "data-path" in pairs:
+            _check_data(pairs["data-path"], pairs.get("modality", ""))
+    kept, skip = [], False
+    for i, arg in enumerate(argv):
+        if skip:
+            skip = False
+        elif arg in ("--max-retries", "--max-wait-time") and i + 1 < len(argv) and argv[i + 1] == "":
+            skip = True
+        else:
+            kept.append(arg)
+    return kept
+
+
 # --------------------------------------------------------------------------- the SuperNode process
 
 
@@ -313,21 +526,25 @@ def run_supernode(argv: Sequence[str]) -> None:
         return
     parser = argparse.ArgumentParser(prog=PROG, add_help=False)
     parser.add_argument("--app-digest")
+    parser.add_argument("--site-env", type=Path, help="the site env file the arguments came from: checked first")
     ours, rest = parser.parse_known_args(argv)
-    if ours.app_digest is None:
-        raise SystemExit(
-            f"{PROG}: ERROR: --app-digest is required: the digest of the app bundle this site reviewed "
-            f"(`python -m deploy.bundle` on that release prints it), or '{ANY}' to run any bundle"
+    if ours.site_env is not None:
+        read_site_env(ours.site_env)
+    if not ours.app_digest:
+        raise StartRefused(
+            "--app-digest is required (FEDPAGKD_APP_DIGEST in the site env file): the digest of the app bundle this "
+            f"site reviewed (`python -m deploy.bundle` on that release prints it), or '{ANY}' to run any bundle"
         )
     try:
         parse_pins(ours.app_digest)
     except ValueError as err:
-        raise SystemExit(f"{PROG}: ERROR: {err}") from None
+        raise StartRefused(str(err)) from None
     for flag in ("--isolation", "--superexec-auth-secret-file"):
         if any(a == flag or a.startswith(flag + "=") for a in rest):
-            raise SystemExit(f"{PROG}: ERROR: {flag} is set by {PROG} itself (process isolation, its own SuperExec)")
+            raise StartRefused(f"{flag} is set by {PROG} itself (process isolation, its own SuperExec)")
     if any(re.search(r"(^|\s)app-digest\s*=", a) for a in rest):
-        raise SystemExit(f"{PROG}: ERROR: the node config key app-digest is not read any more: pin the bundle with --app-digest")
+        raise StartRefused("the node config key app-digest is not read any more: pin the bundle with --app-digest")
+    rest = preflight(rest)
 
     peek = argparse.ArgumentParser(add_help=False)
     peek.add_argument("--host", default="127.0.0.1")
@@ -379,15 +596,30 @@ def run_supernode(argv: Sequence[str]) -> None:
     flower_supernode()
 
 
+def check_env(argv: Sequence[str]) -> None:
+    """``fedpagkd-supernode check-env FILE``: the site env file's settings, before ``docker compose up``
+    (compose itself ignores a misspelled optional setting)."""
+    parser = argparse.ArgumentParser(prog=f"{PROG} {CHECK_ENV}", description=check_env.__doc__)
+    parser.add_argument("env_file", type=Path)
+    values = read_site_env(parser.parse_args(argv).env_file)
+    print(f"{PROG}: {len(values)} settings, every name known, the required ones set")
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     mode = args[0] if args else ""
-    if mode == CLIENTAPP:
-        run_clientapp(args[1:])
-    elif mode == SUPEREXEC:
-        run_superexec(args[1:])
-    else:
-        run_supernode(args)
+    try:
+        if mode == CLIENTAPP:
+            run_clientapp(args[1:])
+        elif mode == SUPEREXEC:
+            run_superexec(args[1:])
+        elif mode == CHECK_ENV:
+            check_env(args[1:])
+        else:
+            run_supernode(args)
+    except StartRefused as err:
+        print(f"{PROG}: ERROR: {err}", file=sys.stderr)
+        raise
 
 
 if __name__ == "__main__":

@@ -176,8 +176,8 @@ def test_compose_services_use_tls(path: Path) -> None:
         elif "fedpagkd-site" in entry:
             # flower-supernode with --root-certificates and --auth-supernode-private-key
             assert "supernode_auth_key" in secret_targets
-            assert env["FEDPAGKD_CA_CERT"] == "/run/secrets/ca.crt"
-            assert env["FEDPAGKD_AUTH_KEY"] == "/run/secrets/supernode_auth_key"
+            assert env["FEDPAGKD_CA_CERT_FILE"] == "/run/secrets/ca.crt"
+            assert env["FEDPAGKD_AUTH_KEY_FILE"] == "/run/secrets/supernode_auth_key"
             assert "FEDPAGKD_APP_DIGEST" in env, f"{path.name}:{name} pins no app bundle"  # fedpagkd-supernode --app-digest
             assert str(env["FEDPAGKD_MODALITY"]).startswith(("nbi", "wli", "${FEDPAGKD_MODALITY"))
             mounts = [m for m in svc["volumes"] if isinstance(m, dict) and m["target"] == "/data"]

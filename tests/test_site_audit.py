@@ -442,7 +442,7 @@ def test_systemd_units(unit: str) -> None:
     for line in (
         "Restart=on-failure",
         "KillMode=control-group",
-        "RestartMaxDelaySec=",
+        "RestartSec=",
         "StateDirectory=",
         "WorkingDirectory=",
         "Environment=FLWR_HOME=",
@@ -452,7 +452,8 @@ def test_systemd_units(unit: str) -> None:
     assert "--insecure" not in text
     if unit == "fedpagkd-site.service":
         assert "state-dir=" in text and "device=" in text
-        assert "/opt/fedpagkd/deploy/supernode.py --app-digest ${FEDPAGKD_APP_DIGEST}" in text and "app-digest=" not in text
+        assert "--app-digest ${FEDPAGKD_APP_DIGEST}" in text and "app-digest=" not in text
+        assert "/opt/fedpagkd/deploy/supernode.py --site-env /etc/fedpagkd/site.env" in text
 
 
 def test_split_superlink_refuses_control_paths_on_the_fleet_port() -> None:

@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
-# FedPaGKD site entrypoint: check the configuration, then exec fedpagkd-supernode (Flower's SuperNode
-# that runs only the app bundle pinned by FEDPAGKD_APP_DIGEST: deploy/supernode.py).
+# FedPaGKD site entrypoint: check the settings, then exec fedpagkd-supernode (Flower's SuperNode
+# that runs only the app bundle pinned by FEDPAGKD_APP_DIGEST: deploy/supernode.py). The key files
+# and the data folder are checked by fedpagkd-supernode itself before it starts anything (the same
+# checks on bare metal): present, readable by this user, the right kind, the data mounted.
 #
-# Environment (see deploy/sites/example-site.env):
+# Environment (the names of deploy/sites/example-site.env; the paths as this container sees them):
 #   FEDPAGKD_SITE_NAME      required, e.g. hospital-a-nbi
 #   FEDPAGKD_MODALITY       required, wli | nbi
 #   FEDPAGKD_SUPERLINK      required, coordinator host:port (must match a SAN of server.pem)
-#   FEDPAGKD_DATA_PATH      default /data (ImageFolder tree: train/ val/ test/ <class>/*.png,
+#   FEDPAGKD_DATA_DIR       default /data (ImageFolder tree: train/ val/ test/ <class>/*.png,
 #                           or a manifest.csv; an optional site.json declares the modality)
-#   FEDPAGKD_CA_CERT        default /run/secrets/ca.crt
-#   FEDPAGKD_AUTH_KEY       default /run/secrets/supernode_auth_key (OpenSSH EC P-384)
+#   FEDPAGKD_CA_CERT_FILE   default /run/secrets/ca.crt
+#   FEDPAGKD_AUTH_KEY_FILE  default /run/secrets/supernode_auth_key (OpenSSH EC P-384)
 #   FEDPAGKD_MAX_RETRIES    optional, give up connecting after N tries (default: never)
 #   FEDPAGKD_MAX_WAIT_TIME  optional, give up connecting after N seconds (default: never)
 #   FEDPAGKD_STATE_DIR      default /var/lib/fedpagkd-site (writable volume: egress.jsonl, what
@@ -32,9 +34,9 @@ SITE_NAME="${FEDPAGKD_SITE_NAME:-}"
 MODALITY="${FEDPAGKD_MODALITY:-}"
 MODALITY="${MODALITY,,}"  # 'NBI' and 'nbi' are the same (the ClientApp accepts both too)
 SUPERLINK="${FEDPAGKD_SUPERLINK:-}"
-DATA_PATH="${FEDPAGKD_DATA_PATH:-/data}"
-CA_CERT="${FEDPAGKD_CA_CERT:-/run/secrets/ca.crt}"
-AUTH_KEY="${FEDPAGKD_AUTH_KEY:-/run/secrets/supernode_auth_key}"
+DATA_PATH="${FEDPAGKD_DATA_DIR:-/data}"
+CA_CERT="${FEDPAGKD_CA_CERT_FILE:-/run/secrets/ca.crt}"
+AUTH_KEY="${FEDPAGKD_AUTH_KEY_FILE:-/run/secrets/supernode_auth_key}"
 HEALTH="${FLWR_HEALTH_ADDRESS:-127.0.0.1:9098}"
 
 [[ -n "$SITE_NAME" ]] || die "FEDPAGKD_SITE_NAME is not set (the site's name, e.g. hospital-a-nbi)"
@@ -47,43 +49,7 @@ case "$MODALITY" in
 esac
 [[ -n "$SUPERLINK" ]] || die "FEDPAGKD_SUPERLINK is not set (coordinator address host:port, e.g. coordinator.example.org:8000)"
 [[ "$SUPERLINK" == *:* ]] || die "FEDPAGKD_SUPERLINK='$SUPERLINK' has no port (expected host:port)"
-[[ "$DATA_PATH" != *[\'\"]* ]] || die "FEDPAGKD_DATA_PATH must not contain quotes"
-
-# Secrets: present and readable by this (non-root) user.
-for f in "$CA_CERT" "$AUTH_KEY"; do
-  [[ -e "$f" ]] || die "$f is missing: mount it as a secret (see deploy/compose/site.yaml)"
-  [[ -r "$f" ]] || die "$f is not readable by uid $(id -u): on the host run 'sudo chown $(id -u) <file>; chmod 0400 <file>'"
-done
-grep -q "BEGIN CERTIFICATE" "$CA_CERT" || die "$CA_CERT is not a PEM certificate (expected ca.crt from make_certs.py)"
-grep -q "BEGIN OPENSSH PRIVATE KEY" "$AUTH_KEY" \
-  || die "$AUTH_KEY is not an OpenSSH private key (expected the file named after the site, not <site>.pub)"
-
-# Data: an ImageFolder tree mounted read-only.
-[[ -d "$DATA_PATH" ]] || die "data folder $DATA_PATH does not exist: mount the site's data read-only, e.g. -v /srv/endoscopy:$DATA_PATH:ro"
-[[ -r "$DATA_PATH" && -x "$DATA_PATH" ]] || die "data folder $DATA_PATH is not readable by uid $(id -u)"
-if [[ -z "$(ls -A "$DATA_PATH" 2>/dev/null)" ]]; then
-  die "data folder $DATA_PATH is empty: is the host path in the volume mount correct?"
-fi
-if [[ -f "$DATA_PATH/manifest.csv" ]]; then
-  :  # CSV manifest (path,label,split): the ClientApp validates it row by row
-elif [[ -d "$DATA_PATH/train" ]]; then
-  for split in val test; do
-    [[ -d "$DATA_PATH/$split" ]] || warn "no $DATA_PATH/$split/ folder"
-  done
-else
-  die "no $DATA_PATH/train/ folder (and no manifest.csv): expected $DATA_PATH/{train,val,test}/<class>/*.png"
-fi
-# A site.json in the data folder declares the data's modality: it must match.
-if [[ -f "$DATA_PATH/site.json" ]]; then
-  declared="$(python -c 'import json,sys; print(str(json.load(open(sys.argv[1])).get("modality","")).lower())' \
-              "$DATA_PATH/site.json" 2>/dev/null || true)"
-  if [[ -n "$declared" && "$declared" != "$MODALITY" ]]; then
-    die "$DATA_PATH/site.json declares modality '$declared' but FEDPAGKD_MODALITY='$MODALITY': fix the site config or the data mount"
-  fi
-fi
-if [[ -w "$DATA_PATH" ]]; then
-  warn "$DATA_PATH is writable: mount it read-only (':ro')"
-fi
+[[ "$DATA_PATH" != *[\'\"]* ]] || die "FEDPAGKD_DATA_DIR must not contain quotes"
 
 mkdir -p "${FLWR_HOME:-$HOME/.flwr}"
 STATE_DIR="${FEDPAGKD_STATE_DIR:-/var/lib/fedpagkd-site}"

@@ -77,9 +77,9 @@ ENV PATH=/opt/venv/bin:${PATH} \
     FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1 \
     FLWR_TELEMETRY_ENABLED=0 \
     FLWR_DISABLE_UPDATE_CHECK=1 \
-    FEDPAGKD_DATA_PATH=/data \
-    FEDPAGKD_CA_CERT=/run/secrets/ca.crt \
-    FEDPAGKD_AUTH_KEY=/run/secrets/supernode_auth_key \
+    FEDPAGKD_DATA_DIR=/data \
+    FEDPAGKD_CA_CERT_FILE=/run/secrets/ca.crt \
+    FEDPAGKD_AUTH_KEY_FILE=/run/secrets/supernode_auth_key \
     FLWR_HEALTH_ADDRESS=127.0.0.1:9098
 
 # Numeric, so that runtimes enforcing runAsNonRoot can check it.

@@ -1,0 +1,291 @@
+"""Bare-metal units (deploy/systemd/) as systemd 252 (Debian 12) reads them, and the site's start
+checks (deploy/supernode.py): fast, no systemd running.
+
+Each unit's ExecStart is built from the example env files the way systemd does it (EnvironmentFile=
+parsing, ``${VAR}`` one argument, ``$VAR`` split at whitespace, ``%i``), independently of the
+project's own env-file reader, and the resulting command is checked; ``systemd-analyze verify``
+runs on every unit when the binary is there."""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SYSTEMD = ROOT / "deploy" / "systemd"
+SITE_ENV = ROOT / "deploy" / "sites" / "example-site.env"
+COORDINATOR_ENV = SYSTEMD / "example-coordinator.env"
+UNITS = sorted(p.name for p in SYSTEMD.iterdir() if p.suffix in (".service", ".timer"))
+# Instances the units are documented with: template name -> instance name.
+INSTANCES = {"fedpagkd-health@.service": "fedpagkd-site", "fedpagkd-health@.timer": "fedpagkd-site"}
+# Settings of the site env file that the site unit does not pass: they build the Docker image, or
+# the ClientApp reads them from the environment the unit gives it.
+SITE_ENV_NOT_IN_UNIT = {"FEDPAGKD_SITE_IMAGE", "FEDPAGKD_TORCH_INDEX_URL", "FEDPAGKD_DRILL_DELAY_S"}
+NAME = r"[A-Za-z_][A-Za-z0-9_]*"
+
+
+# ------------------------------------------------------------- systemd, as far as these units need it
+
+
+def systemd_env_file(path: Path) -> dict[str, str]:
+    """EnvironmentFile=: ``KEY=value`` lines, ``#``/``;`` comments, one pair of quotes removed."""
+    env = {}
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if not line or line[0] in "#;":
+            continue
+        key, sep, value = line.partition("=")
+        assert sep and re.fullmatch(NAME, key.strip()), f"{path.name}: {line!r} is not KEY=value"
+        value = value.strip()
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            value = value[1:-1]
+        env[key.strip()] = value
+    return env
+
+
+def unit_settings(path: Path, instance: str = "") -> dict[str, list[str]]:
+    """``Key -> [values]`` of a unit file: continuation lines joined, comments dropped, ``%i`` set."""
+    text = re.sub(r"\\\n", " ", path.read_text())
+    settings: dict[str, list[str]] = {}
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line[0] in "#;" or line.startswith("["):
+            continue
+        key, _, value = line.partition("=")
+        value = value.replace("%i", instance).replace("%%", "%")
+        settings.setdefault(key.strip(), []).append(value.strip())
+    return settings
+
+
+def exec_argv(command: str, env: dict[str, str]) -> tuple[list[str], set[str], set[str]]:
+    """ExecStart= -> (argv, variables referenced, referenced but not defined). Words are split first;
+    then a word that is exactly ``$VAR`` becomes the value split at whitespace (zero or more
+    arguments), ``${VAR}`` anywhere in a word becomes the value (one argument), ``$$`` is ``$``."""
+    argv, used = [], set()
+    for word in shlex.split(command):
+        whole = re.fullmatch(r"\$(" + NAME + ")", word)
+        if whole:
+            used.add(whole.group(1))
+            argv += env.get(whole.group(1), "").split()
+            continue
+
+        def value(match: re.Match) -> str:
+            if match.group(0) == "$$":
+                return "$"
+            used.add(match.group(1))
+            return env.get(match.group(1), "")
+
+        argv.append(re.sub(r"\$\{(" + NAME + r")\}|\$\$", value, word))
+    return argv, used, used - set(env)
+
+
+def unit_env(settings: dict[str, list[str]], files: dict[str, Path]) -> dict[str, str]:
+    """Environment= pairs, then each EnvironmentFile= (mapped to the example it is a copy of)."""
+    env: dict[str, str] = {}
+    for line in settings.get("Environment", []):
+        env.update(pair.split("=", 1) for pair in shlex.split(line))
+    for target in settings.get("EnvironmentFile", []):
+        assert target in files, f"no example env file for {target}"
+        env.update(systemd_env_file(files[target]))
+    return env
+
+
+def flag(argv: list[str], name: str) -> str:
+    assert name in argv, f"{name} missing from {argv}"
+    return argv[argv.index(name) + 1]
+
+
+def node_config(argv: list[str]) -> dict[str, str]:
+    return dict(re.findall(r"([\w.-]+)='([^']*)'", flag(argv, "--node-config")))
+
+
+# ------------------------------------------------------------------------------ ExecStart
+
+
+def site_command() -> tuple[list[str], set[str], set[str], dict[str, str]]:
+    settings = unit_settings(SYSTEMD / "fedpagkd-site.service")
+    env = unit_env(settings, {"/etc/fedpagkd/site.env": SITE_ENV})
+    (command,) = settings["ExecStart"]
+    return (*exec_argv(command, env), systemd_env_file(SITE_ENV))
+
+
+def test_site_unit_reads_exactly_the_settings_of_the_example_env_file() -> None:
+    _, used, undefined, example = site_command()
+    assert undefined == set(), f"the site unit reads {sorted(undefined)}, which the example env file does not define"
+    unused = set(example) - used
+    assert unused == SITE_ENV_NOT_IN_UNIT, f"settings of the example env file the site unit ignores: {sorted(unused)}"
+
+
+def test_site_unit_command_from_the_example_env_file() -> None:
+    argv, _, _, example = site_command()
+    assert argv[:2] == ["/opt/fedpagkd/.venv/bin/python", "/opt/fedpagkd/deploy/supernode.py"]
+    assert flag(argv, "--site-env") == "/etc/fedpagkd/site.env"
+    assert flag(argv, "--app-digest") == example["FEDPAGKD_APP_DIGEST"]
+    assert flag(argv, "--superlink") == example["FEDPAGKD_SUPERLINK"]
+    assert flag(argv, "--root-certificates") == example["FEDPAGKD_CA_CERT_FILE"] == "/etc/fedpagkd/ca.crt"
+    assert flag(argv, "--auth-supernode-private-key") == example["FEDPAGKD_AUTH_KEY_FILE"]
+    assert node_config(argv) == {
+        "site-name": example["FEDPAGKD_SITE_NAME"],
+        "modality": example["FEDPAGKD_MODALITY"],
+        "data-path": example["FEDPAGKD_DATA_DIR"],
+        "state-dir": "/var/lib/fedpagkd-site",
+        "device": example["FEDPAGKD_DEVICE"],
+    }
+    assert flag(argv, "--health-server-address") == "127.0.0.1:9098"
+    assert "--insecure" not in argv
+
+
+def test_empty_optional_settings_leave_no_empty_option() -> None:
+    """``--max-retries ${FEDPAGKD_MAX_RETRIES}`` with the setting empty is one empty argument, which
+    flower-supernode would refuse; the site's start checks drop such a pair (empty: never give up)."""
+    from deploy import supernode
+
+    argv, _, _, example = site_command()
+    assert example["FEDPAGKD_MAX_RETRIES"] == "" and flag(argv, "--max-retries") == ""
+    rest = supernode.preflight(["--max-retries", "", "--max-wait-time", "", "--port", "9"])
+    assert rest == ["--port", "9"]
+    assert supernode.preflight(["--max-retries", "3", "--max-wait-time", ""]) == ["--max-retries", "3"]
+
+
+def test_coordinator_unit_command_from_the_example_env_file() -> None:
+    from deploy import superlink
+
+    settings = unit_settings(SYSTEMD / "fedpagkd-coordinator.service")
+    files = {"/etc/fedpagkd/coordinator.env": COORDINATOR_ENV}
+    env = unit_env(settings, files)
+    (command,) = settings["ExecStart"]
+    argv, used, undefined = exec_argv(command, env)
+    example = systemd_env_file(COORDINATOR_ENV)
+    assert undefined == set() and set(example) <= used
+    assert flag(argv, "--fleet-api-address") == example["FEDPAGKD_FLEET_ADDRESS"]
+    assert flag(argv, "--control-api-address") == example["FEDPAGKD_CONTROL_ADDRESS"]
+    certs = example["FEDPAGKD_CERTS_DIR"]
+    assert [flag(argv, f) for f in ("--ssl-ca-certfile", "--ssl-certfile", "--ssl-keyfile")] == [
+        f"{certs}/ca.crt",
+        f"{certs}/server.pem",
+        f"{certs}/server.key",
+    ]
+    assert "--enable-supernode-auth" in argv and "--insecure" not in argv
+    # Every address is required: deploy/superlink.py refuses an empty one (no default applies, since
+    # ${VAR} of an unset variable is one empty argument), and the unit's comment says so.
+    for key, option in (("FEDPAGKD_FLEET_ADDRESS", "--fleet-api-address"), ("FEDPAGKD_CONTROL_ADDRESS", "--control-api-address")):
+        without, _, _ = exec_argv(command, {k: v for k, v in env.items() if k != key})
+        with pytest.raises(SystemExit, match=option):
+            superlink.main(without[2:])
+    comment = (SYSTEMD / "fedpagkd-coordinator.service").read_text()
+    assert "all three required" in comment and not re.search(r"CONTROL_ADDRESS[^\n]*\n?[^\n]*default", comment)
+
+
+@pytest.mark.parametrize("instance", ["fedpagkd-site", "fedpagkd-coordinator"])
+def test_health_unit_command_from_the_example_env_file(instance: str, tmp_path: Path) -> None:
+    """The probe's ExecStart is a ``/bin/sh -c`` line: run it with a real shell, a stand-in
+    ``systemctl`` and a stand-in python that prints its arguments."""
+    settings = unit_settings(SYSTEMD / "fedpagkd-health@.service", instance)
+    example = SYSTEMD / f"example-health-{instance}.env"
+    env = unit_env(settings, {f"/etc/fedpagkd/health-{instance}.env": example})
+    (command,) = settings["ExecStart"]
+    argv, _, undefined = exec_argv(command, env)
+    assert undefined == set() and argv[:2] == ["/bin/sh", "-c"]
+    python, systemctl = tmp_path / "python", tmp_path / "systemctl"
+    python.write_text('#!/bin/sh\nprintf "%s\\n" "$@"\n')
+    systemctl.write_text('#!/bin/sh\n[ "$*" = "show -p MainPID --value ' + instance + '" ] && echo 4242\n')
+    for script in (python, systemctl):
+        script.chmod(0o755)
+    shell = argv[2].replace("/opt/fedpagkd/.venv/bin/python", str(python))
+    out = subprocess.run(
+        ["/bin/sh", "-c", shell], env={**env, "PATH": f"{tmp_path}:/usr/bin:/bin"}, capture_output=True, text=True, check=True
+    )
+    args = out.stdout.splitlines()
+    assert args[0] == "/opt/fedpagkd/deploy/docker/healthcheck.py"
+    port = "9098" if instance == "fedpagkd-site" else "9099"
+    assert args[1] == f"127.0.0.1:{port}"
+    # --service-pid is read only with --superexec: without it the probe would not see a dead SuperExec.
+    assert "--superexec" in args and flag(args, "--service-pid") == "4242"
+    if instance == "fedpagkd-site":
+        assert flag(args, "--reach").endswith(":9092") and flag(args, "--ca") == "/etc/fedpagkd/ca.crt"
+
+
+# ------------------------------------------------------------------------ restart, logs, verify
+
+
+@pytest.mark.parametrize("unit", ["fedpagkd-coordinator.service", "fedpagkd-site.service"])
+def test_crash_loop_backoff_works_on_systemd_252(unit: str) -> None:
+    """systemd 252 has no RestartSteps=/RestartMaxDelaySec= (254). With a fixed RestartSec, a crash
+    loop must not reach StartLimitBurst within StartLimitIntervalSec, or the unit stays failed."""
+    settings = unit_settings(SYSTEMD / unit)
+    for key in ("RestartSteps", "RestartMaxDelaySec"):
+        assert key not in settings, f"{unit}: {key} needs systemd >= 254"
+    seconds = {"s": 1, "min": 60}
+
+    def duration(key: str) -> float:
+        number, suffix = re.fullmatch(r"(\d+)(s|min)?", settings[key][-1]).groups()
+        return int(number) * seconds[suffix or "s"]
+
+    burst, interval, delay = int(settings["StartLimitBurst"][-1]), duration("StartLimitIntervalSec"), duration("RestartSec")
+    assert settings["Restart"] == ["on-failure"]
+    assert (burst - 1) * delay > interval, (
+        f"{unit}: {burst} starts {delay:g} s apart fit in {interval:g} s: a crash loop trips it"
+    )
+
+
+@pytest.mark.parametrize("unit", UNITS)
+def test_units_log_to_the_journal(unit: str) -> None:
+    settings = unit_settings(SYSTEMD / unit)
+    for key in ("StandardOutput", "StandardError"):
+        assert not any(v.startswith(("file:", "append:", "truncate:")) for v in settings.get(key, [])), (unit, key)
+
+
+def test_site_unit_does_not_retry_a_configuration_error() -> None:
+    from deploy import supernode
+
+    settings = unit_settings(SYSTEMD / "fedpagkd-site.service")
+    assert settings["RestartPreventExitStatus"] == [str(supernode.EX_CONFIG)]
+    assert supernode.EX_UNAVAILABLE != supernode.EX_CONFIG  # a data folder not mounted yet is retried
+
+
+def _systemd_units_dir() -> Path | None:
+    for folder in (Path("/usr/lib/systemd/system"), Path("/lib/systemd/system")):
+        if (folder / "sysinit.target").is_file():
+            return folder
+    return None
+
+
+def test_units_pass_systemd_analyze_verify(tmp_path: Path) -> None:
+    """On a root folder holding the distribution's units, ours, and a stand-in for every command
+    they run (so that 'is not executable' is checked on the paths the units name)."""
+    analyze, system = shutil.which("systemd-analyze"), _systemd_units_dir()
+    if analyze is None or system is None:
+        pytest.skip("systemd-analyze or the distribution's units are not installed")
+    root = tmp_path / "root"
+    shutil.copytree(system, root / "usr/lib/systemd/system", symlinks=True)
+    ours = root / "etc/systemd/system"
+    shutil.copytree(SYSTEMD, ours, ignore=shutil.ignore_patterns("*.env"))
+    names = []
+    for unit in UNITS:
+        instance = INSTANCES.get(unit, "")
+        name = unit.replace("@.", f"@{instance}.") if instance else unit
+        names.append(name)
+        for command in unit_settings(SYSTEMD / unit, instance).get("ExecStart", []):
+            binary = root / shlex.split(command)[0].lstrip("/")
+            binary.parent.mkdir(parents=True, exist_ok=True)
+            binary.write_text("#!/bin/sh\n")
+            binary.chmod(0o755)
+    out = subprocess.run(
+        [analyze, "verify", "--man=no", f"--root={root}", *names],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "SYSTEMD_LOG_COLOR": "0"},
+    )
+    report = (out.stdout + out.stderr).strip()
+    assert out.returncode == 0 and report == "", f"systemd-analyze verify {' '.join(names)}:\n{report}"
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-q"]))
