@@ -10,8 +10,8 @@ The process lifecycle itself (environment, ports, the ``flwr`` CLI, process grou
 
 Clean stop: every process of a run (the SuperLink ``flwr run`` starts detached, its
 SuperExec, ``flwr-simulation``, Ray's daemons and actors) inherits a launch id in its
-environment (:data:`LAUNCH_ID_ENV`). SIGINT or SIGTERM to the launcher asks Flower to stop
-the run (``flwr stop``), then ends every process carrying the id, by PID (TERM, then KILL
+environment (:data:`LAUNCH_ID_ENV`). SIGINT, SIGTERM or SIGHUP (a closed terminal or SSH
+session) to the launcher asks Flower to stop the run (``flwr stop``), then ends every process carrying the id, by PID (TERM, then KILL
 after a grace period); the same sweep runs after every run, so nothing of it keeps training.
 
 Degraded is not success: the launcher exits 0 only when the run completed with every
@@ -66,6 +66,10 @@ class Stopped(SimulationError):
         super().__init__(message)
         self.signum = signum
 
+
+# The signals that stop a launch: SIGHUP too, as a closed terminal or SSH session sends it and
+# its default (exit 129 at once) would leave the SuperLink, SuperExec and Ray finishing the run.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 # Marks every process of one launch (inherited through the environment), so a stop can end
 # exactly those, by PID, however Flower and Ray detach them.
@@ -157,13 +161,13 @@ def stop_launch(
 
 
 class _StopOnSignal:
-    """While active, SIGINT and SIGTERM raise :class:`Stopped` in the main thread (so the
-    ``finally`` of :func:`simulate` stops the run and its processes)."""
+    """While active, each of :data:`STOP_SIGNALS` raises :class:`Stopped` in the main thread (so
+    the ``finally`` of :func:`simulate` stops the run and its processes)."""
 
     def __enter__(self) -> "_StopOnSignal":
         self.previous = {}
         if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
+            for sig in STOP_SIGNALS:
                 self.previous[sig] = signal.signal(sig, self._raise)
         return self
 
@@ -174,6 +178,15 @@ class _StopOnSignal:
     def __exit__(self, *exc: Any) -> None:
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
+
+
+def _say(message: str) -> None:
+    """``message`` on stderr, if there still is one: after SIGHUP the terminal may be gone, and
+    the write's OSError must not cut the clean-up short or replace the exit code."""
+    try:
+        print(message, file=sys.stderr, flush=True)
+    except OSError:
+        pass
 
 
 def stop_superlink(port: int, grace_s: float = 10.0) -> None:
@@ -329,9 +342,9 @@ def simulate(
         with _StopOnSignal():  # a second signal must not interrupt the clean-up
             stop_superlink(port)
             left = stop_launch(launch_id, folder=ray_tmp)
-            if left:
-                print(f"stopped {len(left)} process(es) the run left behind: PIDs {left}", file=sys.stderr)
             shutil.rmtree(ray_tmp, ignore_errors=True)
+            if left:
+                _say(f"stopped {len(left)} process(es) the run left behind: PIDs {left}")
     if result.status != "finished:completed":
         raise SimulationError(f"run {result.run_id} ended '{result.status}': {result.details}")
     return result
@@ -422,7 +435,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = simulate(overrides, supernodes, args.cpus_per_client, args.gpus_per_client, stream=not args.quiet)
     except Stopped as err:
-        print(f"STOPPED: {err}", file=sys.stderr)
+        _say(f"STOPPED: {err}")
         return 128 + err.signum
     except SimulationError as err:
         print(f"FAILED: {err}", file=sys.stderr)

@@ -541,7 +541,7 @@ def test_stop_launch_ends_a_process_that_holds_a_file_in_the_launch_folder(tmp_p
             proc.wait()
 
 
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP], ids=lambda s: s.name)
 def test_a_signal_to_the_launcher_becomes_a_stop(signum):
     with pytest.raises(launch.Stopped) as info:
         with launch._StopOnSignal():
@@ -551,10 +551,12 @@ def test_a_signal_to_the_launcher_becomes_a_stop(signum):
 
 
 @pytest.mark.slow
-def test_sigterm_to_server_launch_stops_the_run_and_every_process_it_started(tmp_path):
-    """The real launcher on Ray: SIGTERM once the run is training; every process carrying the
-    test's mark (the launcher's environment, inherited by flwr, the SuperLink, SuperExec,
-    flwr-simulation and Ray) is gone afterwards, and the exit code says it was stopped."""
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=lambda s: s.name)
+def test_a_stop_signal_to_server_launch_stops_the_run_and_every_process_it_started(tmp_path, signum):
+    """The real launcher on Ray: SIGTERM, or SIGHUP (a closed terminal or SSH session), once the
+    run is training; every process carrying the test's mark (the launcher's environment,
+    inherited by flwr, the SuperLink, SuperExec, flwr-simulation and Ray) is gone afterwards, no
+    metrics.json calls the run completed, and the exit code says it was stopped."""
     marker = uuid.uuid4().hex
     env = {**os.environ, "FEDPAGKD_TEST_MARK": marker, "OMP_NUM_THREADS": "1"}
     overrides = [
@@ -583,15 +585,18 @@ def test_sigterm_to_server_launch_stops_the_run_and_every_process_it_started(tmp
             if "[student 1/" in line or time.time() > deadline:
                 break
         assert any("[student 1/" in line for line in seen), "".join(seen[-30:])
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(signum)
         rest, _ = proc.communicate(timeout=120)
-        assert proc.returncode == 128 + signal.SIGTERM, rest[-3000:]
+        assert proc.returncode == 128 + signum, rest[-3000:]
         assert "STOPPED" in rest
         deadline = time.time() + 20
         while _marked(marker) and time.time() < deadline:
             time.sleep(0.5)
         left = {pid: _described(pid) for pid in _marked(marker)}
         assert not left, f"left running: {left}"
+        time.sleep(5)  # a run left finishing in the background would write its metrics by now
+        metrics = tmp_path / "runs" / "stopped" / "metrics.json"
+        assert not metrics.exists() or json.loads(metrics.read_text()).get("status") != "completed"
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)

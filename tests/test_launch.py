@@ -120,3 +120,19 @@ def test_a_reply_declares_its_compute_time_or_nothing(value, expected):
     if value is not None:
         content["timing"] = MetricRecord({"compute-s": value})
     assert compute_seconds(content) == expected
+
+
+def test_the_app_bundle_holds_every_module_of_the_app():
+    """What ``flwr run`` ships (Flower's own build: ``.gitignore`` plus ``fab-include``) carries
+    every tracked module of common/, client/ and server/: a ``data/`` ignore rule once dropped
+    the common/data package, and every site failed at import."""
+    import subprocess
+
+    from deploy.bundle import REPO, build, summary
+
+    tracked = subprocess.run(
+        ["git", "ls-files", "common", "client", "server"], cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout.split()
+    shipped = set(summary(build(REPO))["list"])
+    missing = sorted(path for path in tracked if path.endswith(".py") and path not in shipped)
+    assert not missing, f"not in the bundle: {missing} (check .gitignore and fab-include in pyproject.toml)"
