@@ -32,6 +32,14 @@ Usage (every other argument goes to ``flower-supernode`` unchanged)::
 ``--app-digest`` is required: ``sha256:<64 hex>`` (several, comma-separated, e.g. the old and the
 new release during an upgrade), or ``any`` (no check, for a rehearsal on synthetic data).
 
+Before anything starts it checks what a site gives it (:func:`preflight`): ``--root-certificates``
+and ``--auth-supernode-private-key`` present, readable by this user and of the right kind, the
+node config's ``data-path`` mounted and not empty, ``site-name`` and ``modality`` set; with
+``--site-env FILE`` (the systemd unit) first that file: no unknown (misspelled) setting, every
+required one set. A refusal is one line naming the setting of the site env file and the fix, exit
+status 78 (a setting to fix) or 69 (a data folder not there yet). ``fedpagkd-supernode check-env
+FILE`` checks an env file alone (before ``docker compose --env-file FILE up``).
+
 The digest is SHA-256 over the sorted ``<path> <sha256 of the file>`` lines of every file of the
 bundle except Flower's generated manifest ``.info/CONTENT`` (derived from the others, and checked
 against them by Flower when it installs): one number for one set of files, whatever zlib the
@@ -300,9 +308,9 @@ def _user() -> str:
     try:
         import pwd
 
-        return f"user {pwd.getpwuid(os.getuid()).pw_name} (uid {os.getuid()})"
+        return f"user {pwd.getpwuid(os.geteuid()).pw_name} (uid {os.geteuid()})"
     except (ImportError, KeyError):
-        return f"uid {os.getuid()}"
+        return f"uid {os.geteuid()}"
 
 
 def read_site_env(path: Path) -> dict[str, str]:
@@ -354,7 +362,7 @@ def _check_file(path: str, flag: str, marker: bytes, what: str) -> None:
     except PermissionError:
         raise StartRefused(
             f"{path} ({_named(flag)}) is not readable by {_user()}, the SuperNode's user: "
-            f"sudo chown {os.getuid()} {path} && sudo chmod 0400 {path}"
+            f"sudo chown {os.geteuid()} {path} && sudo chmod 0400 {path}"
         ) from None
     except OSError as err:
         raise StartRefused(f"{path} ({_named(flag)}) cannot be read: {err.strerror}") from None

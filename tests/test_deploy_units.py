@@ -287,5 +287,253 @@ def test_units_pass_systemd_analyze_verify(tmp_path: Path) -> None:
     assert out.returncode == 0 and report == "", f"systemd-analyze verify {' '.join(names)}:\n{report}"
 
 
+# ---------------------------------------------------------------- bad input refused at start
+
+
+@pytest.fixture
+def site_files(tmp_path: Path) -> dict[str, Path]:
+    """A site's files as the guide places them: ca.crt, the key, an ImageFolder tree, the env file."""
+    from deploy.certs import make_certs
+
+    certs = tmp_path / "etc"
+    make_certs.generate(certs, ["nbi-a"], ["localhost"], force=True)
+    data = tmp_path / "data"
+    (data / "train" / "adenoma").mkdir(parents=True)
+    (data / "site.json").write_text('{"modality": "nbi"}')
+    env = tmp_path / "site.env"
+    text = SITE_ENV.read_text()
+    for key, value in {
+        "FEDPAGKD_DATA_DIR": data,
+        "FEDPAGKD_CA_CERT_FILE": certs / "ca.crt",
+        "FEDPAGKD_AUTH_KEY_FILE": certs / "nbi-a",
+        "FEDPAGKD_APP_DIGEST": "any",
+    }.items():
+        text = re.sub(rf"^{key}=.*$", f"{key}={value}", text, flags=re.M)
+    env.write_text(text)
+    return {"ca": certs / "ca.crt", "key": certs / "nbi-a", "data": data, "env": env}
+
+
+def site_args(files: dict[str, Path], **node: str) -> list[str]:
+    pairs = {"site-name": "nbi-a", "modality": "nbi", "data-path": str(files["data"]), **node}
+    return [
+        "--superlink",
+        "127.0.0.1:9",
+        "--root-certificates",
+        str(files["ca"]),
+        "--auth-supernode-private-key",
+        str(files["key"]),
+        "--node-config",
+        " ".join(f"{k}='{v}'" for k, v in pairs.items()),
+    ]
+
+
+def test_the_example_env_file_passes_once_the_digest_is_set(site_files: dict[str, Path]) -> None:
+    from deploy import supernode
+
+    with pytest.raises(supernode.StartRefused, match=r"FEDPAGKD_APP_DIGEST is not set \(the reviewed bundle's digest"):
+        supernode.read_site_env(SITE_ENV)  # shipped empty on purpose: each site sets its own pin
+    values = supernode.read_site_env(site_files["env"])
+    assert set(values) == set(systemd_env_file(SITE_ENV)) and values["FEDPAGKD_APP_DIGEST"] == "any"
+    assert set(supernode.SITE_SETTINGS) == set(systemd_env_file(SITE_ENV)), "SITE_SETTINGS and example-site.env disagree"
+    assert supernode.preflight(site_args(site_files)) == site_args(site_files)
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        # misspelled: named, with the setting it was probably meant to be
+        (
+            ("FEDPAGKD_SITE_NAME=", "FEDPAGKD_SITE_NAM="),
+            r"site.env:\d+: FEDPAGKD_SITE_NAM is not a site setting; did you mean FEDPAGKD_SITE_NAME\?",
+        ),
+        (
+            ("FEDPAGKD_DATA_DIR=", "FEDPAGKD_HOST_DATA_DIR="),
+            r"FEDPAGKD_HOST_DATA_DIR is not a site setting; did you mean FEDPAGKD_DATA_DIR\?",
+        ),
+        (("FEDPAGKD_DEVICE=", "FEDPAGKD_DEVISE="), r"did you mean FEDPAGKD_DEVICE\?"),
+        # missing (the line gone) or empty: named, with what to put there
+        (("FEDPAGKD_MODALITY=nbi\n", ""), r"FEDPAGKD_MODALITY is not set \(wli \(white light\) or nbi"),
+        (("FEDPAGKD_SUPERLINK=coordinator.example.org:8000", "FEDPAGKD_SUPERLINK="), r"FEDPAGKD_SUPERLINK is not set"),
+        (("FEDPAGKD_MODALITY=nbi", "FEDPAGKD_MODALITY = nbi"), r"is not KEY=value \(no spaces around '='\)"),
+    ],
+)
+def test_a_bad_env_file_is_refused_with_the_setting_named(site_files: dict[str, Path], edit, message: str) -> None:
+    from deploy import supernode
+
+    old, new = edit
+    env = site_files["env"]
+    assert old in env.read_text()
+    env.write_text(env.read_text().replace(old, new, 1))
+    with pytest.raises(supernode.StartRefused, match=message) as refused:
+        supernode.read_site_env(env)
+    assert refused.value.code == supernode.EX_CONFIG
+
+
+def test_a_bad_env_file_stops_the_unit_command_with_exit_78(site_files: dict[str, Path]) -> None:
+    """What systemd runs: the site unit's command, the env file checked before anything starts."""
+    env = site_files["env"]
+    env.write_text(env.read_text().replace("FEDPAGKD_SITE_NAME=", "FEDPAGKD_SITENAME="))
+    script = ROOT / "deploy" / "supernode.py"
+    out = subprocess.run(
+        [sys.executable, str(script), "--site-env", str(env), "--app-digest", "any", *site_args(site_files)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 78, out.stderr
+    assert (
+        out.stderr.strip().splitlines()[-1].startswith(f"fedpagkd-supernode: ERROR: {env}:")
+        and "FEDPAGKD_SITENAME is not a site setting; did you mean FEDPAGKD_SITE_NAME?" in out.stderr
+    )
+    assert "Traceback" not in out.stderr
+    checked = subprocess.run([sys.executable, str(script), "check-env", str(env)], capture_output=True, text=True, timeout=60)
+    assert checked.returncode == 78 and "did you mean FEDPAGKD_SITE_NAME?" in checked.stderr
+
+
+class _As:
+    """Run a block as another user: root (the test machine) takes the service user's uid, anyone
+    else loses read access to ``path``; either way the block reads ``path`` as a stranger would."""
+
+    def __init__(self, path: Path):
+        self.path, self.mode = path, path.stat().st_mode
+
+    def __enter__(self) -> None:
+        if os.geteuid() == 0:
+            os.setegid(65534)
+            os.seteuid(65534)
+        else:
+            self.path.chmod(0)
+
+    def __exit__(self, *exc) -> None:
+        if os.geteuid() != 0 and os.getuid() == 0:
+            os.seteuid(0)
+            os.setegid(0)
+        self.path.chmod(self.mode)
+
+
+def test_a_key_file_the_service_user_cannot_read_is_refused(site_files: dict[str, Path]) -> None:
+    import tempfile
+
+    from deploy import supernode
+
+    # A folder every user may enter (pytest's own are root's only), as /etc/fedpagkd is.
+    shared = Path(tempfile.mkdtemp(prefix="fedpagkd-etc-"))
+    try:
+        shared.chmod(0o755)
+        files = dict(site_files)
+        for name in ("ca", "key", "data"):
+            files[name] = shared / site_files[name].name
+            (shutil.copytree if name == "data" else shutil.copy2)(site_files[name], files[name])
+        for path in [files["ca"], *files["data"].rglob("*"), files["data"]]:
+            path.chmod(0o755 if path.is_dir() else 0o644)
+        key = files["key"]
+        key.chmod(0o600)  # owner root, as copied by hand without the chown step
+        with _As(key), pytest.raises(supernode.StartRefused) as refused:
+            supernode.preflight(site_args(files))
+    finally:
+        shutil.rmtree(shared)
+    message = str(refused.value)
+    assert message.startswith(
+        f"{key} (--auth-supernode-private-key (FEDPAGKD_AUTH_KEY_FILE in the site env file)) is not readable"
+    )
+    assert "the SuperNode's user" in message and "sudo chown" in message and "chmod 0400" in message
+    assert refused.value.code == supernode.EX_CONFIG
+
+
+@pytest.mark.parametrize(
+    ("case", "message", "code"),
+    [
+        ("missing", r"data folder \S+ \(data-path \(FEDPAGKD_DATA_DIR in the site env file\)\) does not exist: mount", 69),
+        ("empty", r"data folder \S+ \(data-path \(FEDPAGKD_DATA_DIR .*\)\) is empty: is the share mounted", 69),
+        ("no-train", r"has no train/ folder and no manifest.csv: expected \S+/\{train,val,test\}", 78),
+        (
+            "wrong-modality",
+            r"site.json declares modality 'wli' but the node config says modality='nbi' \(FEDPAGKD_MODALITY\)",
+            78,
+        ),
+        ("unset", r"node config data-path \(FEDPAGKD_DATA_DIR in the site env file\) is empty", 78),
+    ],
+)
+def test_a_data_folder_not_mounted_is_refused(
+    site_files: dict[str, Path], tmp_path: Path, case: str, message: str, code: int
+) -> None:
+    from deploy import supernode
+
+    data = site_files["data"]
+    node = {}
+    if case == "missing":
+        node["data-path"] = str(tmp_path / "mnt" / "endoscopy")
+    elif case == "empty":
+        (tmp_path / "mnt").mkdir()
+        node["data-path"] = str(tmp_path / "mnt")
+    elif case == "no-train":
+        shutil.rmtree(data / "train")
+    elif case == "wrong-modality":
+        (data / "site.json").write_text('{"modality": "WLI"}')
+    else:
+        node["data-path"] = ""  # data-path='${FEDPAGKD_DATA_DIR}' with the setting unset
+    with pytest.raises(supernode.StartRefused, match=message) as refused:
+        supernode.preflight(site_args(site_files, **node))
+    assert refused.value.code == code
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "message"),
+    [
+        ("--root-certificates", "", r"--root-certificates \(FEDPAGKD_CA_CERT_FILE in the site env file\) is empty"),
+        (
+            "--root-certificates",
+            "/nonexistent/ca.crt",
+            r"/nonexistent/ca.crt does not exist \(--root-certificates \(FEDPAGKD_CA_CERT_FILE",
+        ),
+        (
+            "--auth-supernode-private-key",
+            "PUB",
+            r"is not an OpenSSH private key \(the file named after the site, not <site>.pub\)",
+        ),
+        ("--root-certificates", "KEY", r"is not a PEM certificate \(ca.crt from the coordinator\)"),
+        ("--superlink", "", r"--superlink \(FEDPAGKD_SUPERLINK in the site env file\) is '': expected host:port"),
+    ],
+)
+def test_a_wrong_file_or_address_is_refused(site_files: dict[str, Path], flag: str, value: str, message: str) -> None:
+    from deploy import supernode
+
+    value = {"PUB": str(site_files["key"]) + ".pub", "KEY": str(site_files["key"])}.get(value, value)
+    args = site_args(site_files)
+    args[args.index(flag) + 1] = value
+    with pytest.raises(supernode.StartRefused, match=message):
+        supernode.preflight(args)
+
+
+def test_the_container_entrypoint_refuses_an_empty_data_mount(site_files: dict[str, Path], tmp_path: Path) -> None:
+    """The image's entrypoint hands the files to fedpagkd-supernode, whose start checks name them."""
+    bin_dir, empty = tmp_path / "bin", tmp_path / "empty"
+    bin_dir.mkdir()
+    empty.mkdir()
+    shim = bin_dir / "fedpagkd-supernode"
+    shim.write_text(f'#!/bin/sh\nexec {sys.executable} {ROOT / "deploy" / "supernode.py"} "$@"\n')
+    shim.chmod(0o755)
+    env = {
+        "PATH": f"{bin_dir}:/usr/bin:/bin",
+        "HOME": str(tmp_path),
+        "FEDPAGKD_SITE_NAME": "nbi-a",
+        "FEDPAGKD_MODALITY": "nbi",
+        "FEDPAGKD_SUPERLINK": "127.0.0.1:9",
+        "FEDPAGKD_DATA_DIR": str(empty),
+        "FEDPAGKD_CA_CERT_FILE": str(site_files["ca"]),
+        "FEDPAGKD_AUTH_KEY_FILE": str(site_files["key"]),
+        "FEDPAGKD_STATE_DIR": str(tmp_path / "state"),
+        "FEDPAGKD_APP_DIGEST": "any",
+    }
+    out = subprocess.run(
+        ["bash", str(ROOT / "deploy" / "docker" / "site-entrypoint.sh")], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 69, out.stderr
+    assert (
+        f"fedpagkd-supernode: ERROR: data folder {empty} (data-path (FEDPAGKD_DATA_DIR in the site env file)) is empty"
+        in out.stderr
+    )
+
+
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))
