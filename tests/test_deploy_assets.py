@@ -209,6 +209,123 @@ def test_entrypoints_pass_tls_flags() -> None:
     assert "--insecure" not in coord + site
 
 
+# Compose interpolation (the Compose specification): ``$$`` is a literal ``$``; ``${VAR}`` / ``$VAR``
+# and ``${VAR:?message}`` / ``${VAR?message}`` are required; ``${VAR:-default}`` / ``${VAR-default}``
+# are not. Only YAML values are interpolated, so the parsed document is walked, not the text.
+INTERPOLATION = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?])((?:[^{}]|\{[^{}]*\})*))?\}|\$([A-Za-z_][A-Za-z0-9_]*)")
+
+
+class Unset(KeyError):
+    """A required variable compose would refuse: its name and the file's own message."""
+
+
+def interpolate(value, env: dict[str, str]):
+    """``value`` (a parsed compose document or part of it) with every variable resolved as
+    ``docker compose --env-file`` does; :class:`Unset` for a required one that is missing."""
+    if isinstance(value, dict):
+        return {interpolate(k, env): interpolate(v, env) for k, v in value.items()}
+    if isinstance(value, list):
+        return [interpolate(v, env) for v in value]
+    if not isinstance(value, str):
+        return value
+
+    def one(match: re.Match) -> str:
+        if match.group(0) == "$$":
+            return "$"
+        name = match.group(1) or match.group(4)
+        op, arg = match.group(2), match.group(3) or ""
+        present = name in env and (env[name] != "" or op in ("-", "?"))
+        if op in (":-", "-"):
+            return env[name] if present else interpolate(arg, env)
+        if op in (":?", "?") and not present:
+            raise Unset(f"{name}: {arg}")
+        if op is None and name not in env:
+            raise Unset(name)
+        return env.get(name, "")
+
+    return INTERPOLATION.sub(one, value)
+
+
+def variables(value) -> dict[str, str | None]:
+    """Every variable a compose document reads -> its operator (None: bare, required)."""
+    found: dict[str, str | None] = {}
+    if isinstance(value, dict):
+        for k, v in value.items():
+            found.update(variables(k) | variables(v))
+    elif isinstance(value, list):
+        for v in value:
+            found.update(variables(v))
+    elif isinstance(value, str):
+        for match in INTERPOLATION.finditer(value):
+            if match.group(0) != "$$":
+                found[match.group(1) or match.group(4)] = match.group(2)
+                found.update(variables(match.group(3) or ""))
+    return found
+
+
+def required(value) -> set[str]:
+    return {name for name, op in variables(value).items() if op in (None, ":?", "?")}
+
+
+def _example_site_env(**changes: str) -> dict[str, str]:
+    from tests.test_deploy_units import systemd_env_file  # compose reads these KEY=value files alike
+
+    env = systemd_env_file(DEPLOY / "sites" / "example-site.env")
+    env["FEDPAGKD_APP_DIGEST"] = "sha256:" + "a" * 64  # shipped empty: every site sets its own pin
+    env.update(changes)
+    return env
+
+
+def test_site_compose_reads_only_settings_of_the_example_env_file() -> None:
+    doc = _compose(DEPLOY / "compose" / "site.yaml")
+    example = _example_site_env()
+    assert required(doc) <= set(example), f"site.yaml requires {sorted(required(doc) - set(example))}, not in example-site.env"
+    unknown = set(variables(doc)) - set(example)
+    assert not unknown, f"site.yaml reads {sorted(unknown)}, which example-site.env does not document"
+
+
+def test_site_compose_resolved_with_the_example_env_file() -> None:
+    example = _example_site_env()
+    doc = interpolate(_compose(DEPLOY / "compose" / "site.yaml"), example)
+    svc = doc["services"]["supernode"]
+    (data,) = [m for m in svc["volumes"] if isinstance(m, dict) and m["target"] == "/data"]
+    assert data["source"] == example["FEDPAGKD_DATA_DIR"] and data["read_only"] and not data["bind"]["create_host_path"]
+    assert doc["secrets"]["ca_crt"]["file"] == example["FEDPAGKD_CA_CERT_FILE"]
+    assert doc["secrets"]["supernode_auth_key"]["file"] == example["FEDPAGKD_AUTH_KEY_FILE"]
+    env = svc["environment"]
+    for key in ("FEDPAGKD_SITE_NAME", "FEDPAGKD_MODALITY", "FEDPAGKD_SUPERLINK", "FEDPAGKD_APP_DIGEST", "FEDPAGKD_DEVICE"):
+        assert env[key] == example[key], key
+    # the same names inside the container, with the paths the container sees
+    assert (env["FEDPAGKD_DATA_DIR"], env["FEDPAGKD_CA_CERT_FILE"], env["FEDPAGKD_AUTH_KEY_FILE"]) == (
+        "/data",
+        "/run/secrets/ca.crt",
+        "/run/secrets/supernode_auth_key",
+    )
+    assert svc["image"] == example["FEDPAGKD_SITE_IMAGE"]
+    assert svc["build"]["args"]["TORCH_INDEX_URL"] == example["FEDPAGKD_TORCH_INDEX_URL"]
+
+
+@pytest.mark.parametrize(
+    "missing", ["FEDPAGKD_DATA_DIR", "FEDPAGKD_CA_CERT_FILE", "FEDPAGKD_AUTH_KEY_FILE", "FEDPAGKD_APP_DIGEST"]
+)
+def test_site_compose_refuses_an_env_file_without_a_required_setting(missing: str) -> None:
+    env = {k: v for k, v in _example_site_env().items() if k != missing}
+    with pytest.raises(Unset, match=rf"{missing}: set {missing}\b"):
+        interpolate(_compose(DEPLOY / "compose" / "site.yaml"), env)
+
+
+@pytest.mark.parametrize("name", ["coordinator.yaml", "all-in-one.yaml"])
+def test_coordinator_compose_files_need_no_env_file(name: str) -> None:
+    """Every variable has a default there, and each is documented in the file's own header."""
+    path = DEPLOY / "compose" / name
+    doc = _compose(path)
+    assert required(doc) == set(), f"{name} requires {sorted(required(doc))}"
+    header = path.read_text().split("\nname:", 1)[0]
+    undocumented = [v for v in variables(doc) if v not in header]
+    assert not undocumented, f"{name}: {undocumented} not described in the header comment"
+    interpolate(doc, {})  # resolves with nothing set
+
+
 # ------------------------------------------------------------ secrets, images
 
 
