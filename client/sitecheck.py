@@ -335,7 +335,9 @@ def write_synthetic_main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="exit 0 without writing when OUT already holds a sites.toml (a one-shot container that may run again)",
     )
-    args = parser.parse_args(argv)
+    # Intermixed: options may come between the overrides (`OUT --site-names a,b data.nbi_sites=1`);
+    # plain parse_args stops taking overrides at the first option and refuses the ones after it.
+    args = parser.parse_intermixed_args(argv)
     if args.if_missing and (args.out / SITES_FILE).is_file():
         print(f"{args.out / SITES_FILE} exists: kept as it is")
         return 0

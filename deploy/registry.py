@@ -10,8 +10,11 @@ which hospital a node id is::
     python deploy/registry.py status --connection fedpagkd [--format json]
     python deploy/registry.py unregister hospital-a-nbi --connection fedpagkd
 
-``status`` lists every site by name with its node id, status and last contact, plus any node the
-SuperLink knows that the registry does not (it must not exist: find out who registered it).
+``register`` is idempotent: a key the SuperLink already holds (e.g. after the plain
+``flwr supernode register`` command, or a second run of this script) is looked up by its key and
+recorded, not refused. ``status`` lists every site by name with its node id, status and last
+contact, plus any node the SuperLink knows that the registry does not (it must not exist: find out
+who registered it).
 The registry is written atomically; the fingerprint is OpenSSH's (``ssh-keygen -lf KEY.pub``).
 """
 
@@ -31,6 +34,8 @@ from typing import Any, Callable, Sequence
 
 DEFAULT_REGISTRY = Path(__file__).resolve().parent / "certs" / "out" / "registry.json"
 FlwrJson = Callable[..., dict]
+FlwrNodes = Callable[[str], list]  # connection -> the SuperLink's nodes, each with its public key
+ALREADY_IN_USE = "already in use"  # Flower's refusal of a key it holds ("Public key already in use")
 
 
 class RegistryError(RuntimeError):
@@ -83,14 +88,57 @@ def cli_runner(connection_home: str | None = None) -> FlwrJson:
     return run
 
 
-def register(flwr_json: FlwrJson, registry: Path, public_key: Path, name: str, connection: str) -> dict[str, Any]:
-    """Register ``public_key`` for site ``name`` and record it; returns the registry entry."""
+def control_nodes(connection: str) -> list:
+    """The SuperLink's nodes with their public keys (Flower's ``NodeInfo``: ``flwr supernode list``
+    leaves the key out), through Flower's own Control API client and the operator's connection."""
+    from flwr.cli.flower_config import read_superlink_connection
+    from flwr.cli.utils import init_http_client_from_connection
+    from flwr.proto.control_pb2 import ListNodesRequest  # pylint: disable=no-name-in-module
+
+    client = init_http_client_from_connection(read_superlink_connection(connection))
+    try:
+        return list(client.ListNodes(ListNodesRequest()).nodes_info)
+    finally:
+        client.close()
+
+
+def node_of_key(nodes: list, public_key: Path) -> Any | None:
+    """The node (of ``nodes``, Flower ``NodeInfo``s) registered with ``public_key``, if any."""
+    from cryptography.hazmat.primitives import serialization
+
+    wanted = serialization.load_ssh_public_key(Path(public_key).read_bytes()).public_numbers()
+    for node in nodes:
+        if node.status != "unregistered" and serialization.load_pem_public_key(node.public_key).public_numbers() == wanted:
+            return node
+    return None
+
+
+def register(
+    flwr_json: FlwrJson,
+    registry: Path,
+    public_key: Path,
+    name: str,
+    connection: str,
+    flwr_nodes: FlwrNodes = control_nodes,
+) -> dict[str, Any]:
+    """Register ``public_key`` for site ``name`` and record it; returns the registry entry. A key the
+    SuperLink already holds for this site (same key; no other name) is recorded as it is."""
     sites = load(registry)
     print_ = fingerprint(public_key)
     for other, entry in sites.items():
         if entry["fingerprint"] == print_ and other != name:
             raise RegistryError(f"{public_key} is already registered as site '{other}' in {registry}")
     out = flwr_json("supernode", "register", str(public_key), connection, "--name", name)
+    if not out.get("success") and ALREADY_IN_USE in str(out.get("error-message", "")).lower():
+        node = node_of_key(flwr_nodes(connection), public_key)
+        held = getattr(node, "name", "") if node is not None else ""
+        if node is None or (held and held != name):
+            owner = f"site '{held}' (node {node.node_id})" if node is not None else "a node this connection cannot list"
+            raise RegistryError(
+                f"key {print_} ({public_key}) is registered at the SuperLink for {owner}, not for '{name}': "
+                f"check which site holds it; `python deploy/registry.py unregister` the wrong one, then register again"
+            )
+        out = {"success": True, "node-id": node.node_id, "already": True}
     if not out.get("success"):
         raise RegistryError(f"flwr supernode register {public_key} {connection} failed: {out.get('error-message', out)}")
     entry = {
@@ -99,6 +147,8 @@ def register(flwr_json: FlwrJson, registry: Path, public_key: Path, name: str, c
         "public-key": str(Path(public_key).resolve()),
         "registered-at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+    if out.get("already"):
+        entry["already-registered"] = True
     sites[name] = entry
     save(registry, sites)
     return entry
@@ -177,6 +227,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "register":
             entry = register(run, args.registry, args.public_key, args.name, args.connection)
             print(f"registered site '{args.name}': node {entry['node-id']}, key {entry['fingerprint']} ({args.registry})")
+            if entry.get("already-registered"):
+                print("(the SuperLink held this key already, e.g. from `flwr supernode register`: recorded, nothing changed)")
         elif args.command == "unregister":
             unregister(run, args.registry, args.name, args.connection)
             print(f"unregistered site '{args.name}'")

@@ -33,6 +33,8 @@ certificate's SANs must name the address used (``127.0.0.1`` is always in them).
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import socket
 import sys
@@ -73,6 +75,66 @@ class ApiSplit:
                 await send({"type": "http.response.body", "body": body})
                 return
         await self.app(scope, receive, send)
+
+
+def key_fingerprint(pem: bytes) -> str:
+    """``SHA256:<base64>`` of a public key Flower holds as PEM: what ``ssh-keygen -lf <site>.pub`` and
+    ``deploy/registry.py`` print for the same key (this file runs alone in the image: no import)."""
+    from cryptography.hazmat.primitives import serialization
+
+    try:
+        key = serialization.load_pem_public_key(pem)
+        blob = base64.b64decode(key.public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH).split()[1])
+    except (ValueError, TypeError, IndexError):
+        return f"(not a public key: {len(pem)} bytes)"
+    return "SHA256:" + base64.b64encode(hashlib.sha256(blob).digest()).decode().rstrip("=")
+
+
+def describe_refusal(public_key: bytes, state: Any, reason: str) -> str:
+    """One line for a refused SuperNode activation: the key's fingerprint, the site name Flower
+    holds for it when there is one (``flwr supernode register --name``), and the fix."""
+    fingerprint = key_fingerprint(public_key)
+    try:
+        nodes = [n for n in state.get_node_info() if bytes(n.public_key) == bytes(public_key)]
+    except Exception:  # noqa: BLE001  the line must come out even if the state cannot be read
+        nodes = []
+    current = [n for n in nodes if n.status != "unregistered"]
+    if current:
+        node = current[0]
+        site = f"site '{node.name}'" if node.HasField("name") and node.name else "a site registered without a name"
+        return (
+            f"refused SuperNode key {fingerprint} of {site} (node {node.node_id}, {node.status}): {reason}; a site that "
+            "crashed is let in again once its heartbeat deadline passes (up to 60 s after the crash)"
+        )
+    if nodes:
+        node = nodes[-1]
+        site = f"site '{node.name}'" if node.HasField("name") and node.name else f"node {node.node_id}"
+        return (
+            f"refused SuperNode key {fingerprint}: it was {site}'s, unregistered at {node.unregistered_at}; "
+            "register it again only if that site is trusted again (python deploy/registry.py register <site>.pub --name <site>)"
+        )
+    return (
+        f"refused SuperNode key {fingerprint}: no site is registered with it. If a site should be: confirm the "
+        "fingerprint with it (ssh-keygen -lf <site>.pub), then python deploy/registry.py register <site>.pub --name <site>"
+    )
+
+
+def name_refused_keys(handlers: Any) -> None:
+    """Flower 1.41 logs a refused activation with the whole PEM key and no name; ``handlers`` (Flower's
+    ``fleet_handlers`` module, whose function the Fleet router calls by name) logs it with the key's
+    fingerprint and site name instead (:func:`describe_refusal`). The SuperNode's answer is unchanged."""
+    from flwr.supercore.error import FlowerError
+
+    activate = handlers.activate_node
+
+    def activate_named(request: Any, state: Any) -> Any:
+        try:
+            return activate(request=request, state=state)
+        except FlowerError as err:
+            reason = str(err.message).rsplit("exception: ", 1)[-1].rstrip(".")
+            raise FlowerError(err.code, describe_refusal(request.public_key, state, reason), err.public_details) from None
+
+    handlers.activate_node = activate_named
 
 
 def split_address(text: str, flag: str) -> tuple[str, int]:
@@ -144,6 +206,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from flwr.supercore.http_logging import get_uvicorn_log_config
     from flwr.supercore.logger import console_handler
 
+    name_refused_keys(importlib.import_module("flwr.superlink.servicer.fleet.fleet_handlers"))
     sys.argv = ["flower-superlink", *args, "--host", control_host, "--port", str(control_port)]
     config = fs._parse_superlink_lifespan_config()  # Flower's own parsing and checks (TLS, auth, ...)
     sockets = [bind(control_host, control_port, "--control-api-address"), bind(fleet_host, fleet_port, "--fleet-api-address")]

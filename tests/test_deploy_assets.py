@@ -117,7 +117,7 @@ def test_force_overwrites_and_reuse_ca_renews(tmp_path: Path) -> None:
 def test_register_commands_printed(tmp_path: Path, capsys) -> None:
     assert mc.main(["--out", str(tmp_path), "--sites", "nbi-a", "--connection", "prod"]) == 0
     out = capsys.readouterr().out
-    assert f"flwr supernode register {tmp_path / 'nbi-a.pub'} prod --name nbi-a" in out
+    assert f"register {tmp_path / 'nbi-a.pub'} --name nbi-a" in out and "--connection prod" in out
 
 
 @pytest.mark.parametrize(
@@ -324,6 +324,24 @@ def test_coordinator_compose_files_need_no_env_file(name: str) -> None:
     undocumented = [v for v in variables(doc) if v not in header]
     assert not undocumented, f"{name}: {undocumented} not described in the header comment"
     interpolate(doc, {})  # resolves with nothing set
+
+
+@pytest.mark.parametrize("where", ["first", "between", "last"])
+def test_write_synthetic_takes_site_names_in_any_position(tmp_path: Path, where: str) -> None:
+    """``fedpagkd write-synthetic`` (the all-in-one synthetic-data service, the rehearsal in the guide)."""
+    from client.sitecheck import read_sites_file, write_synthetic_main
+
+    small = ["data.nbi_sites=1", "data.wli_sites=1", "data.train_per_site=3", "data.val_per_site=0", "data.test_per_site=3"]
+    names = ["--site-names", "n-1,w-1"]
+    argv = {
+        "first": [*names, str(tmp_path), *small],
+        "between": [str(tmp_path), *small[:2], *names, *small[2:], "data.image_size=32"],
+        "last": [str(tmp_path), *small, "data.image_size=32", *names],
+    }[where]
+    if "data.image_size=32" not in argv:
+        argv.append("data.image_size=32")
+    assert write_synthetic_main(argv) == 0
+    assert [e["name"] for e in read_sites_file(tmp_path)] == ["n-1", "w-1"]
 
 
 # ------------------------------------------------------------ secrets, images

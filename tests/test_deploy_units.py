@@ -535,5 +535,130 @@ def test_the_container_entrypoint_refuses_an_empty_data_mount(site_files: dict[s
     )
 
 
+# ------------------------------------------------------------------------------ registration
+
+
+def _node(node_id: int, pub: Path | None, name: str = "", status: str = "registered"):
+    """A Flower ``NodeInfo`` as the SuperLink's Control API returns it (the key as PEM)."""
+    from cryptography.hazmat.primitives import serialization
+    from flwr.proto.node_pb2 import NodeInfo  # pylint: disable=no-name-in-module
+
+    pem = (
+        b""
+        if pub is None
+        else serialization.load_ssh_public_key(pub.read_bytes()).public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
+    node = NodeInfo(node_id=node_id, public_key=pem, status=status)
+    if name:
+        node.name = name
+    return node
+
+
+@pytest.fixture
+def site_keys(tmp_path: Path) -> Path:
+    from deploy.certs import make_certs
+
+    make_certs.generate(tmp_path, ["nbi-a", "wli-b"], [], force=True, tls=False)
+    return tmp_path
+
+
+def test_register_after_the_plain_flwr_command_records_the_key(site_keys: Path) -> None:
+    """Step 4 done twice (the printed ``flwr supernode register``, then the registry script): Flower
+    refuses the second registration; the script finds the node by its key and records it."""
+    from deploy import registry
+
+    already = {"success": False, "error-message": "Public key already in use."}
+    nodes = [_node(7, site_keys / "wli-b.pub", "wli-b"), _node(11, site_keys / "nbi-a.pub", "nbi-a")]
+    reg = site_keys / "registry.json"
+    entry = registry.register(lambda *a: already, reg, site_keys / "nbi-a.pub", "nbi-a", "c", lambda c: nodes)
+    assert entry["node-id"] == "11" and entry["already-registered"] is True
+    assert registry.load(reg)["nbi-a"]["fingerprint"] == registry.fingerprint(site_keys / "nbi-a.pub")
+    # and again: still one entry, same node
+    registry.register(lambda *a: already, reg, site_keys / "nbi-a.pub", "nbi-a", "c", lambda c: nodes)
+    assert list(registry.load(reg)) == ["nbi-a"]
+
+
+def test_register_refuses_a_key_the_superlink_holds_for_another_site(site_keys: Path) -> None:
+    from deploy import registry
+
+    already = {"success": False, "error-message": "Public key already in use."}
+    reg = site_keys / "registry.json"
+    nodes = [_node(11, site_keys / "nbi-a.pub", "hospital-x")]
+    with pytest.raises(
+        registry.RegistryError, match=r"registered at the SuperLink for site 'hospital-x' \(node 11\), not for 'nbi-a'"
+    ):
+        registry.register(lambda *a: already, reg, site_keys / "nbi-a.pub", "nbi-a", "c", lambda c: nodes)
+    with pytest.raises(registry.RegistryError, match="a node this connection cannot list"):
+        registry.register(lambda *a: already, reg, site_keys / "nbi-a.pub", "nbi-a", "c", lambda c: [])
+    other = {"success": False, "error-message": "Connection refused"}
+    with pytest.raises(registry.RegistryError, match="failed: Connection refused"):
+        registry.register(lambda *a: other, reg, site_keys / "nbi-a.pub", "nbi-a", "c", lambda c: nodes)
+    assert not reg.exists()
+
+
+class _State:
+    """The part of Flower's LinkState that activation reads."""
+
+    def __init__(self, nodes: list):
+        self.nodes = nodes
+
+    def get_node_id_by_public_key(self, public_key: bytes):
+        ids = [n.node_id for n in self.nodes if n.public_key == public_key and n.status != "unregistered"]
+        return ids[0] if ids else None
+
+    def activate_node(self, node_id: int, heartbeat_interval: float) -> bool:
+        return False  # still online: a crashed SuperNode before its heartbeat deadline
+
+    def get_node_info(self, **filters):
+        return self.nodes
+
+
+@pytest.mark.parametrize("case", ["unknown", "online", "unregistered"])
+def test_coordinator_names_the_key_it_refuses(site_keys: Path, case: str) -> None:
+    """Flower's own activation handler, wrapped as deploy/superlink.py wraps it: the log line has
+    the key's fingerprint (as ssh-keygen prints it) and the site name, never the PEM."""
+    import types
+
+    from flwr.proto.fleet_pb2 import ActivateNodeRequest  # pylint: disable=no-name-in-module
+    from flwr.superlink.servicer.fleet import fleet_handlers
+    from flwr.supercore.error import FlowerError
+
+    from deploy import registry, superlink
+
+    pub = site_keys / "nbi-a.pub"
+    node = _node(11, pub, "nbi-a", {"unknown": "registered", "online": "online", "unregistered": "unregistered"}[case])
+    nodes = [] if case == "unknown" else [node]
+    if case == "unregistered":
+        node.unregistered_at = "2026-12-01T10:00:00Z"
+    module = types.SimpleNamespace(activate_node=fleet_handlers.activate_node)
+    superlink.name_refused_keys(module)
+    request = ActivateNodeRequest(public_key=_node(0, pub).public_key, heartbeat_interval=30)
+    with pytest.raises(FlowerError) as refused:
+        module.activate_node(request=request, state=_State(nodes))
+    line = refused.value.message
+    assert registry.fingerprint(pub) in line and "BEGIN PUBLIC KEY" not in line
+    expected = {
+        "unknown": "no site is registered with it. If a site should be: confirm the fingerprint",
+        "online": "of site 'nbi-a' (node 11, online): SuperNode with node ID 11 could not be activated; a site that crashed",
+        "unregistered": "it was site 'nbi-a''s, unregistered at 2026-12-01T10:00:00Z",
+    }[case]
+    assert expected in line, line
+    assert refused.value.code == fleet_handlers.ApiErrorCode.FLEET_NODE_ACTIVATION_FAILED
+
+
+def test_certs_print_the_one_registration_path(tmp_path: Path, capsys) -> None:
+    from deploy.certs import make_certs
+
+    assert make_certs.main(["--out", str(tmp_path), "--sites", "nbi-a", "--connection", "prod"]) == 0
+    out = capsys.readouterr().out
+    assert (
+        f"python deploy/registry.py --connection prod --registry {tmp_path / 'registry.json'} register {tmp_path / 'nbi-a.pub'} --name nbi-a"
+        in out
+    )
+    assert "flwr supernode register" not in out
+
+
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))

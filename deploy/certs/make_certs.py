@@ -11,7 +11,7 @@ Outputs (into ``--out``, default ``deploy/certs/out/``):
   DNS entries). Both stay on the coordinator.
 * ``<site>`` / ``<site>.pub``      one OpenSSH-format EC P-384 key pair per site for
   SuperNode authentication. The private key goes to that site only; the public key is
-  registered with ``flwr supernode register``.
+  registered with ``deploy/registry.py register`` (which runs ``flwr supernode register``).
 
 Private keys are written atomically with mode 0600. Existing files are never
 overwritten unless ``--force`` is given.
@@ -366,9 +366,13 @@ def generate(
 
 
 def register_commands(out: Path, sites: Sequence[str], connection: str) -> list[str]:
-    """The ``flwr supernode register`` lines the coordinator operator runs."""
+    """The lines the coordinator operator runs to register the sites: ``deploy/registry.py``, which
+    calls ``flwr supernode register`` and records site name, node id and key fingerprint beside
+    the keys (the one registration path of deploy/README.md, step 4)."""
+    registry = shlex.quote(str(out / "registry.json"))
     return [
-        f"flwr supernode register {shlex.quote(str(out / (site + '.pub')))} {shlex.quote(connection)} --name {shlex.quote(site)}"
+        f"python deploy/registry.py --connection {shlex.quote(connection)} --registry {registry} "
+        f"register {shlex.quote(str(out / (site + '.pub')))} --name {shlex.quote(site)}"
         for site in sites
     ]
 
