@@ -147,7 +147,13 @@ def test_b_unregistered_supernode_is_refused(federation, refused):
     assert code != 0
     assert "Failed to activate SuperNode" in text and "2004" in text, text[-2000:]
     assert "SuperNode ID" not in text
-    assert "No SuperNode found with the given public key" in federation.superlink.text()
+    # deploy/superlink.py names the refused key by fingerprint (ssh-keygen -lf), not as Flower's PEM
+    from deploy.registry import fingerprint
+
+    log = federation.superlink.text()
+    intruder = fingerprint(federation.certs / "intruder.pub")
+    assert f"refused SuperNode key {intruder}: no site is registered with it" in log, log[-2000:]
+    assert "BEGIN PUBLIC KEY" not in log
     registered = {site.node_id for site in federation.sites.values()}
     assert set(after) == registered, f"a node appeared that was never registered: {after}"
     assert all(s == "online" for s in after.values()), after
