@@ -26,6 +26,7 @@ from common.data import (
     FolderSiteDataset,
     SiteData,
     build_transform,
+    check_site_name,
     class_names_source,
     default_class_names,
     discover_class_names,
@@ -88,7 +89,8 @@ def read_sites_file(root: str | Path) -> list[dict[str, str]]:
             raise DataError(f"{path}: [[site]] number {number} lacks {sorted(missing)}")
         # One name per site (metrics, egress and DP releases are kept per name) and one site
         # per folder (two entries for one folder would count the same images twice).
-        name, folder = str(entry["name"]), (Path(root) / str(entry["path"])).resolve()
+        name = check_site_name(entry["name"], f"{path}: [[site]] number {number}")
+        folder = (Path(root) / str(entry["path"])).resolve()
         if name in names:
             raise DataError(
                 f"{path}: [[site]] number {number} reuses the name '{name}' of number {names[name]}; give each site a unique name"
@@ -112,10 +114,30 @@ def federation_sites(cfg: Config) -> list[SiteData]:
     return [synthetic_site(name, spec, cfg.data.image_size) for name, spec in synthetic_site_specs(cfg)]
 
 
+def partition_id(node_config: Mapping[str, Any], sites: int, where: str) -> int:
+    """The node config's ``partition-id`` as an index into the ``sites`` sites of ``where``.
+    Anything but an integer in 0..sites-1 is refused: -1 would silently be the last site
+    (Python indexing) and 'abc' a bare ValueError."""
+    raw = node_config["partition-id"]
+    text = str(raw).strip() if isinstance(raw, (int, str)) and not isinstance(raw, bool) else ""
+    if not text.isdigit() or not text.isascii():
+        raise DataError(
+            f"node config partition-id={raw!r} is not a partition number: give an integer in 0..{sites - 1}, one per site "
+            f"of {where} (e.g. --node-config 'partition-id=0')"
+        )
+    partition = int(text)
+    if partition >= sites:
+        raise DataError(
+            f"partition {partition} has no site: {where} has {sites}; run with num-supernodes={sites} "
+            f"(partition ids 0..{sites - 1})"
+        )
+    return partition
+
+
 def resolve_site(node_config: Mapping[str, Any], cfg: Config) -> SiteData:
     """Resolve this SuperNode's site (see the module docstring for the three ways)."""
     if "data-path" in node_config:
-        name = str(node_config.get("site-name", "site"))
+        name = check_site_name(str(node_config.get("site-name", "site")), "node config site-name")
         if "modality" not in node_config:
             raise DataError(f"site '{name}': node config lacks 'modality' (wli or nbi)")
         return folder_site(name, str(node_config["modality"]), str(node_config["data-path"]), cfg)
@@ -124,21 +146,10 @@ def resolve_site(node_config: Mapping[str, Any], cfg: Config) -> SiteData:
             "node config has neither 'data-path' (deployment) nor 'partition-id' (simulation); "
             "start the SuperNode with --node-config \"site-name='...' modality='nbi' data-path='/data'\""
         )
-    partition = int(node_config["partition-id"])
     if cfg.data.root:
         entries = read_sites_file(cfg.data.root)
-        if partition >= len(entries):
-            raise DataError(
-                f"partition {partition} has no site: {Path(cfg.data.root) / SITES_FILE} lists {len(entries)}; "
-                f"run with num-supernodes={len(entries)}"
-            )
-        entry = entries[partition]
+        entry = entries[partition_id(node_config, len(entries), str(Path(cfg.data.root) / SITES_FILE))]
         return folder_site(entry["name"], entry["modality"], Path(cfg.data.root) / entry["path"], cfg)
     specs = synthetic_site_specs(cfg)
-    if partition >= len(specs):
-        raise DataError(
-            f"partition {partition} has no site: the run config defines data.nbi_sites + data.wli_sites = {len(specs)} "
-            f"sites; set num-supernodes={len(specs)} or raise those counts"
-        )
-    name, spec = specs[partition]
+    name, spec = specs[partition_id(node_config, len(specs), "the run config's data.nbi_sites + data.wli_sites")]
     return synthetic_site(name, spec, cfg.data.image_size)

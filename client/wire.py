@@ -58,6 +58,14 @@ def from_recorddict(content: RecordDict, sender: str = "message") -> Payload:
     config_records = content.config_records
     if "config" not in config_records or "kind" not in config_records["config"]:
         raise PayloadError(f"{sender}: message has no 'config' record with a 'kind'")
+    # Every record is read or refused, as unexpected array records are: an extra ConfigRecord or
+    # MetricRecord was ignored silently, so a sender could carry anything beside its payload.
+    extra = sorted(set(config_records) - {"config"}) + sorted(set(content.metric_records) - {_TIMING})
+    if extra:
+        raise PayloadError(
+            f"{sender}: unexpected record(s) {extra}; a message carries 'config', 'arrays', 'weights.<block>' and "
+            f"'{_TIMING}' only (same FedPaGKD version on server and sites?)"
+        )
     config = dict(config_records["config"])
     kind = config.pop("kind")
     if not isinstance(kind, str):

@@ -18,6 +18,7 @@ benchmarks are in :mod:`common.presets`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import typing
 from dataclasses import dataclass, field
@@ -247,10 +248,15 @@ class Config:
                 "> 0 and divisible by model.num_heads",
             ),
             ("model.num_queries", self.model.num_queries >= 1, ">= 1"),
+            ("model.teacher", timm_model_known(self.model.teacher), KNOWN_MODEL),
+            ("model.student", timm_model_known(self.model.student), KNOWN_MODEL),
             ("model.output_stride", self.model.output_stride in (8, 16, 32), "8, 16 or 32"),
             ("pagkd.den_weight", self.pagkd.den_weight >= 0, ">= 0"),
             ("pagkd.pro_weight", self.pagkd.pro_weight >= 0, ">= 0"),
             ("pagkd.temperature", self.pagkd.temperature > 0, "> 0"),
+            ("pagkd.fg_threshold", 0 <= self.pagkd.fg_threshold <= 1, "in [0, 1]"),
+            ("pagkd.bg_threshold", 0 <= self.pagkd.bg_threshold <= 1, "in [0, 1]"),
+            ("pagkd.warmup_epochs", self.pagkd.warmup_epochs >= 0, ">= 0 (0 = the group terms from the first epoch)"),
             (
                 "pagkd.bg_threshold",
                 0 <= self.pagkd.bg_threshold <= self.pagkd.fg_threshold <= 1,
@@ -272,6 +278,8 @@ class Config:
                 "never form and the group losses would be off): lower it or raise train.batch_size",
             ),
             ("train.epochs", self.train.epochs >= 0, ">= 0"),
+            ("train.teacher_epochs", self.train.teacher_epochs >= 0, ">= 0"),
+            ("train.seed", self.train.seed >= 0, ">= 0"),
             ("train.local_epochs", self.train.local_epochs >= 1, ">= 1"),
             ("train.rotation_deg", 0 <= self.train.rotation_deg <= 180, "in [0, 180]"),
             _choice(self, "train.schedule"),
@@ -378,6 +386,7 @@ LIMITS: dict[str, tuple[float, str]] = {
     "pagkd.temperature": (1e6, "softmax temperature"),
     "pagkd.warmup_epochs": (100_000, "epochs"),
     "pagkd.group_size": (100_000, "images per group"),
+    "pagkd.min_group_size": (100_000, "images per group"),
     "pagkd.subtypes": (256, "prototype sets per class"),
     "pagkd.codebook_size": (4096, "centroids per class and label"),
     "pagkd.kmeans_iters": (100, "federated Lloyd steps per refresh, each a round trip"),
@@ -387,6 +396,7 @@ LIMITS: dict[str, tuple[float, str]] = {
     "train.epochs": (100_000, "epochs"),
     "train.teacher_epochs": (100_000, "epochs"),
     "train.local_epochs": (10_000, "epochs per round"),
+    "train.seed": (2**31 - 1, "a 31-bit seed, what every generator of a run takes"),
     "fed.teacher_rounds": (100_000, "rounds"),
     "fed.student_rounds": (100_000, "rounds"),
     "fed.bank_refresh_every": (100_000, "rounds"),
@@ -427,6 +437,28 @@ def _choice(cfg: "Config", key: str) -> tuple[str, bool, str]:
 def enumerated_keys() -> list[str]:
     """Every key whose values are a fixed set (a ``Literal`` field)."""
     return [key for key in config_keys() if choices(key)]
+
+
+KNOWN_MODEL = (
+    "a model name timm knows (timm.list_models(), e.g. 'resnet50' or 'resnet50.a1_in1k'), or this project's "
+    "'pagkd_cnn_s' / 'pagkd_cnn_m' (common/backbones.py); check the spelling"
+)
+
+
+@functools.lru_cache(maxsize=64)
+def timm_model_known(name: str) -> bool:
+    """Whether ``timm.create_model(name)`` can find ``name``: in timm's registry (a pretrained
+    tag such as ``.a1_in1k`` included, this project's backbones registered), or with a source
+    prefix (``hf-hub:``, ``local-dir:``) that only building the model can resolve. Without this
+    a misspelt name passed the config check and preflight and failed later without the key."""
+    import common.backbones  # noqa: F401  (the torchvision shim, then registers our backbones in timm)
+    from timm.models import is_model, parse_model_name
+
+    try:
+        source, _ = parse_model_name(name)
+    except ValueError:
+        return False
+    return source is not None or is_model(name)
 
 
 def run_name_ok(name: str) -> bool:

@@ -29,6 +29,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from common.config import LIMITS
+
 # 2: evaluations folded into knowledge.seeds and student.update; 3: secure aggregation, class prototypes;
 # 4: learning-rate schedule spans, validation split (model selection), evaluations in teacher.update
 PROTOCOL_VERSION = 5
@@ -36,6 +38,24 @@ PROTOCOL_VERSION = 5
 
 # Longest config string accepted (a peer roster of ~700 sites fits): a larger one is refused, not parsed.
 MAX_STRING_CHARS = 65536
+
+
+def _most(key: str) -> int:
+    """The largest value the run config allows for ``key`` (:data:`common.config.LIMITS`)."""
+    return int(LIMITS[key][0])
+
+
+# Inclusive bounds of every integer value of a request that a site acts on, with where the
+# server takes it from (the fix a refusal names): without them local epochs of 0 or 10^9 or a
+# negative round were taken as asked. A reply's counts are the server's to judge, against the
+# site's declaration (server/trust.py); "protocol" is compared with PROTOCOL_VERSION.
+INT_RANGES: dict[str, tuple[int, int, str]] = {
+    "round": (1, max(_most("fed.teacher_rounds"), _most("fed.student_rounds")), "rounds and refreshes count from 1"),
+    "seed": (0, 2**53, "train.seed x 100,000 + phase + round"),
+    "local-epochs": (1, _most("train.local_epochs"), "train.local_epochs"),
+    "iteration": (1, _most("pagkd.kmeans_iters"), "Lloyd steps count from 1 to pagkd.kmeans_iters"),
+    "attempt": (0, _most("data.nbi_sites"), "a restarted step counts attempts from 0, at most one per NBI site"),
+}
 
 
 class PayloadError(ValueError):
@@ -354,6 +374,12 @@ def _check_config(where: str, config: Mapping[str, Any], schema: Schema) -> None
             )
         if isinstance(value, int) and not isinstance(value, bool) and not -(2**63) <= value < 2**63:
             raise PayloadError(f"{where}: config '{key}' = {value} does not fit in int64 (what a record carries)")
+        if kind is int and key in INT_RANGES and not INT_RANGES[key][0] <= value <= INT_RANGES[key][1]:
+            low, high, source = INT_RANGES[key]
+            raise PayloadError(
+                f"{where}: config '{key}' = {value} is out of range: expected {low:,}..{high:,} ({source}); "
+                "not acted on: the sender's run config or version is wrong, fix it there"
+            )
         if kind is float:
             try:
                 finite = math.isfinite(float(value))

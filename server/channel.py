@@ -23,6 +23,7 @@ from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 
 from client.wire import MESSAGE_TYPE, compute_seconds, from_recorddict, to_recorddict
+from common.data import SITE_NAME_RE
 from common.egress import describe
 from common.files import atomic_write_json
 from common.records import Dims, Payload, PayloadError, reply_kind, validate
@@ -31,7 +32,7 @@ from server.state import StateError, read_json, seal, state_key, unseal
 log = logging.getLogger("fedpagkd.server")
 # A site's SuperNode refusing a bundle (deploy/supernode.py, before any app code runs) answers with a
 # Flower ClientApp error "<class '...UntrustedBundle'>:<'site 'NAME' REFUSES app bundle ...'>": its name.
-SITE_REFUSAL_RE = re.compile(r":<'site '([^']+)' REFUSES app bundle ")
+SITE_REFUSAL_RE = re.compile(r":<'site '([A-Za-z0-9._-]+)' REFUSES app bundle ")  # a safe name only (SITE_NAME_RE)
 LEDGER = "ledger.json"  # the run's traffic and releases, written after every exchange
 
 
@@ -209,7 +210,9 @@ class Channel:
                 self.ledger.add(phase, "from_site", site, payload)
                 if payload.kind == "error":
                     validate(payload, self.dims, sender=f"site '{site}'")
-                    self.names.setdefault(node_id, str(payload.config.get("site-name") or site))  # a refusal before discovery
+                    named = str(payload.config.get("site-name") or "")
+                    if SITE_NAME_RE.fullmatch(named):  # a refusal before discovery names the site (a safe name only)
+                        self.names.setdefault(node_id, named)
                     dropped[node_id] = payload.config["reason"]
                     continue
                 expected = reply_kind(requests[node_id])

@@ -2,7 +2,7 @@
 meet before anything else is asked of it.
 
 A ``metadata`` reply becomes a :class:`SiteInfo` (modality, class names, class counts per split,
-version) unless its protocol or modality is wrong (:func:`refusal`); sites sharing one name are
+version) unless its name, protocol or modality is wrong (:func:`refusal`); sites sharing one name are
 all dropped (:func:`duplicate_names`); the run needs enough sites per modality
 (:func:`missing_sites`) and one list of class names all sites share (:func:`agreed_class_names`).
 Every refusal says which sites and what to fix. Nothing here talks to the grid.
@@ -15,6 +15,8 @@ from dataclasses import dataclass, field, fields
 
 from client.site import run_class_names
 from common.config import Config, parse_class_names
+from common.data import SITE_NAME_RE
+from common.data.base import SITE_NAME_RULE
 from common.records import PROTOCOL_VERSION, Payload, metadata_class_names
 
 log = logging.getLogger("fedpagkd.server")
@@ -54,7 +56,10 @@ class SiteInfo:
 
 
 def refusal(reply: Payload, info: SiteInfo) -> str | None:
-    """Why a site's metadata is refused (another protocol version, an unknown modality), or None."""
+    """Why a site's metadata is refused (another protocol version, an unknown modality, a name
+    outside the safe set: it would be written into every log line and record about the site), or None."""
+    if not SITE_NAME_RE.fullmatch(info.name):
+        return f"site name {info.name!r} is not allowed: set a site-name of {SITE_NAME_RULE} in its node config or sites.toml"
     if reply.config["protocol"] != PROTOCOL_VERSION:
         return f"protocol {reply.config['protocol']}, server speaks {PROTOCOL_VERSION}; upgrade the site"
     if info.modality not in ("nbi", "wli"):

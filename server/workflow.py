@@ -181,7 +181,7 @@ class Protocol:
             info = SiteInfo.from_metadata(node_id, reply)
             if (reason := refusal(reply, info)) is not None:
                 dropped[node_id] = reason
-                log.warning("[discover] dropped site '%s': %s", info.name, reason)
+                log.warning("[discover] dropped site %r (node %d): %s", info.name, node_id, reason)  # %r: it may be unsafe
                 continue
             self.sites[node_id] = info
             self.channel.names[node_id] = info.name

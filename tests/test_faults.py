@@ -32,7 +32,7 @@ from client.site import read_sites_file
 from client.wire import MESSAGE_TYPE, from_recorddict, to_recorddict
 from common.config import ConfigError, config_from_flat, config_to_flat
 from common.data import DataError, FolderSiteDataset, load_image
-from common.records import CLASS_PROTOTYPES, Payload, empty_statistics, make, weight_shapes
+from common.records import CLASS_PROTOTYPES, Payload, PayloadError, empty_statistics, make, weight_shapes
 from server import launch, processes, trust
 from server.app import run_folder
 from server.state import META, RunLock, StateError
@@ -773,6 +773,123 @@ def test_the_run_folder_never_leaves_run_dir(tmp_path):
     for name in ("../x", "/abs", "a/../../b"):
         with pytest.raises(ValueError, match="outside fed.run_dir"):
             run_folder(str(tmp_path), name)
+
+
+# ----------------------------------------------------------------------------- values a site acts on, names
+
+
+def _site_reply(payload: Payload, node_config: dict, cfg=None) -> Payload:
+    """One request through the real ClientApp (as Flower calls it), the reply parsed back."""
+    from flwr.app import Context, RecordDict
+
+    from client.app import app as client_app
+
+    cfg = cfg or tiny_config()
+    context = Context(run_id=1, node_id=7, node_config=node_config, state=RecordDict(), run_config=config_to_flat(cfg))
+    message = Message(to_recorddict(payload), dst_node_id=7, message_type=MESSAGE_TYPE[payload.kind])
+    return from_recorddict(client_app(message, context).content, "site")
+
+
+SPAN = {"schedule-start": 0.0, "schedule-end": 1.0}
+
+
+@pytest.mark.parametrize(
+    "key, value",
+    [("local-epochs", 0), ("local-epochs", -1), ("local-epochs", 10**9), ("round", -1), ("round", 0), ("seed", -5)],
+)
+def test_a_request_value_outside_its_bounds_is_refused_by_the_site(key, value, task_identity):
+    """Local epochs of 0, -1 or 10^9 and a negative round were acted on as asked."""
+    config = {"round": 1, "seed": 1, "local-epochs": 1, **SPAN, "evaluate": "", key: value}
+    # Weights are checked after the config: none are needed to reach the refusal.
+    reply = _site_reply(Payload("teacher.train", config=config, weights={"teacher": {}, "head": {}}), {"partition-id": 0})
+    assert reply.kind == "error"
+    assert f"config '{key}' = {value} is out of range" in reply.config["reason"]
+
+
+@pytest.mark.parametrize("raw", [-1, "-1", "abc", "1.5", 4, True, ""])
+def test_a_partition_id_that_names_no_site_is_refused(raw, task_identity):
+    """-1 silently became the last site (Python indexing); 'abc' was a bare ValueError."""
+    reply = _site_reply(make("discover", _dims(), config={"protocol": 5}), {"partition-id": raw})
+    assert reply.kind == "error"
+    reason = reply.config["reason"]
+    assert "DataError" in reason and ("partition-id" in reason or "partition 4 has no site" in reason), reason
+    assert "0..3" in reason  # the fix: the partition ids there are
+
+
+def _numeric_keys() -> list[str]:
+    from common.config import Config, _field_types, config_keys
+
+    sections = _field_types(Config)
+    return [k for k in config_keys() if _field_types(sections[k.split(".")[0]])[k.split(".")[1]] in (int, float)]
+
+
+@pytest.mark.parametrize("key", _numeric_keys())
+def test_every_numeric_config_key_is_bounded_on_both_sides(key):
+    """``pagkd.warmup_epochs=-5`` (and train.seed, train.teacher_epochs) were accepted."""
+    for value in (-(10**13), 10**13):
+        with pytest.raises(ConfigError, match=rf"'{key}'"):
+            config_from_flat({key: value})
+
+
+def test_a_model_name_timm_does_not_know_is_refused_at_the_config_check():
+    for key in ("model.student", "model.teacher"):
+        with pytest.raises(ConfigError, match=rf"'{key}' = 'resnet5O'.*timm"):
+            config_from_flat({key: "resnet5O", "fed.student_init": "scratch"})
+    with pytest.raises(launch.SimulationError, match="model.student"):  # so the launcher's preflight refuses it too
+        launch.preflight({"model.student": "resnet5O", "fed.student_init": "scratch"}, 4)
+    for name in ("pagkd_cnn_s", "pagkd_cnn_m", "test_resnet", "resnet50.a1_in1k"):  # ours (common/backbones.py) and timm's
+        config_from_flat({"model.student": name, "model.teacher": name})
+
+
+FORGED = "wli-1\n2026-01-01 12:00:00 INFO fedpagkd.server: run completed"
+
+
+def test_a_site_name_with_a_newline_is_refused_in_sites_toml_and_node_config(tmp_path, task_identity):
+    body = f'[[site]]\nname = {json.dumps(FORGED)}\nmodality = "wli"\npath = "x"\n'
+    (tmp_path / "sites.toml").write_text(body)
+    with pytest.raises(DataError, match=r"\[\[site\]\] number 1: site name .* is not allowed; use 1-63 letters"):
+        read_sites_file(tmp_path)
+    with pytest.raises(launch.SimulationError, match="is not allowed"):  # preflight
+        launch.preflight({"data.root": str(tmp_path)}, 1)
+    reply = _site_reply(
+        make("discover", _dims(), config={"protocol": 5}), {"site-name": FORGED, "modality": "wli", "data-path": str(tmp_path)}
+    )
+    assert reply.kind == "error" and "node config site-name" in reply.config["reason"]
+
+
+def test_a_site_name_with_a_newline_is_dropped_at_discovery_and_forges_no_log_line(tmp_path, caplog):
+    cfg = tiny_config()
+    grid = make_grid(cfg)
+    grid.faults[WLI1] = tampering(grid, "discover", lambda p: p.config.update({"site-name": FORGED}))
+    with caplog.at_level("INFO", logger="fedpagkd.server"):
+        summary = run_federation(grid, cfg, tmp_path / "run")
+    assert not any("\nforged" in r.getMessage() or "\n2026-01-01" in r.getMessage() for r in caplog.records)
+    assert "site name 'wli-1\\n2026" in caplog.text  # named, escaped
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    names = set(metrics["site_status"]) | {s for r in metrics["student"] for s in r["sites"]}
+    assert not any("\n" in name for name in names) and summary["student"][-1]["sites"] == ["wli-0"]
+
+
+def test_an_unknown_record_in_a_reply_is_refused_like_an_unknown_array(tmp_path):
+    from flwr.app import ConfigRecord
+
+    cfg = tiny_config()
+    grid = make_grid(cfg)
+
+    def extra(node_id: int, message: Message) -> Message | None:
+        reply = grid.deliver(node_id, message)
+        if message.metadata.message_type == MESSAGE_TYPE["student.train"]:
+            reply.content["smuggled"] = ConfigRecord({"note": "anything"})
+        return reply
+
+    grid.faults[WLI0] = extra
+    summary = run_federation(grid, cfg, tmp_path / "run")
+    status = summary["site_status"]["wli-0"]["student"]
+    assert status.startswith("dropped") and "unexpected record(s) ['smuggled']" in status
+    content = to_recorddict(Payload("discover", config={"protocol": 5}))
+    content["smuggled"] = ConfigRecord({"note": "anything"})
+    with pytest.raises(PayloadError, match="unexpected record"):  # and a site refuses it in a request
+        from_recorddict(content, "server")
 
 
 # ----------------------------------------------------------------------------- image decoding

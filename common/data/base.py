@@ -5,6 +5,7 @@
   :data:`DEFAULT_CLASS_NAMES` (PICCOLO's three, :func:`default_class_names` for any C >= 2), the
   ImageNet normalisation (:data:`IMAGENET_MEAN`, :data:`IMAGENET_STD`, 3 floats each) and the
   files of a real site (``site.json``, ``manifest.csv`` with columns ``path,label,split``).
+* :func:`check_site_name`: a site name of a safe set of characters (:data:`SITE_NAME_RE`).
 * :class:`SiteData`: one site's splits (any ``torch.utils.data.Dataset`` whose item is
   ``(image [3, S, S] float, label int)``), its modality and class names; what
   :mod:`common.data.synthetic` and ``client.site`` build and the ClientApp trains on.
@@ -12,6 +13,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from torch.utils.data import Dataset
@@ -25,6 +27,11 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 SITE_FILE = "site.json"
 MANIFEST_FILE = "manifest.csv"
 MANIFEST_COLUMNS = ("path", "label", "split")
+# A site's name: it is a key of metrics.json, the ledger and the DP accounting, a word of every
+# server log line about the site and a certificate name (deploy/supernode.py and
+# deploy/certs/make_certs.py hold the same rule). A newline in it forged a server log line.
+SITE_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
+SITE_NAME_RULE = "1-63 letters, digits, '.', '_' or '-', starting with a letter or digit (e.g. 'hospital-a-nbi')"
 
 
 class DataError(ValueError):
@@ -48,6 +55,14 @@ def check_split(split: str) -> str:
     if split not in SPLITS:
         raise DataError(f"split={split!r} is not one of {list(SPLITS)}; pass one of those")
     return split
+
+
+def check_site_name(name: object, where: str) -> str:
+    """``name`` if it is a safe site name (:data:`SITE_NAME_RE`), else a DataError naming
+    ``where`` (the node config key or the sites.toml entry) and the rule."""
+    if not isinstance(name, str) or not SITE_NAME_RE.fullmatch(name):
+        raise DataError(f"{where}: site name {name!r} is not allowed; use {SITE_NAME_RULE}")
+    return name
 
 
 def check_modality(modality: str, where: str) -> str:
