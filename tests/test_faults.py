@@ -31,7 +31,7 @@ from PIL import Image
 from client.site import read_sites_file
 from client.wire import MESSAGE_TYPE, from_recorddict, to_recorddict
 from common.config import ConfigError, config_from_flat, config_to_flat
-from common.data import DataError, FolderSiteDataset, load_image
+from common.data import DataError, FolderSiteDataset, discover_class_names, has_split, load_image
 from common.records import CLASS_PROTOTYPES, Payload, PayloadError, empty_statistics, make, weight_shapes
 from server import launch, processes, trust
 from server.app import run_folder
@@ -975,15 +975,29 @@ CLASSES = ("x", "y")
         '"path","label","split"\n"a.png","x","train"\n"b.png","y","train"\n"c.png","x","test"\n',  # quoted cells
         "path,label,split,\na.png ,x , train,\nb.png,y,train,\nc.png,x,test,\n,,,\n\n",  # trailing blanks
         "Path\tLabel\tSplit\na.png\tx\tTrain\nb.png\ty\ttrain\nc.png\tx\ttest\n",  # tabs, capitals
+        "path, label, split\na.png, x, train\nb.png, y, Train\nc.png, x, test\n",  # spaces after commas
+        'path; label; split\na.png; "x"; train\nb.png; y; train\nc.png; x; test\n',  # semicolons, spaces, a quoted cell
     ],
 )
 def test_a_manifest_from_a_spreadsheet_tool_is_read_as_meant(tmp_path, text):
+    """By the loader and by discovery alike (one reader): spaces after commas or ';' made
+    discovery report that the sites disagree on the class names, though the loader read them."""
     root = _site(tmp_path)
     (root / "manifest.csv").write_bytes(text.encode())
     train = FolderSiteDataset(root, "train", CLASSES)
     test = FolderSiteDataset(root, "test", CLASSES)
     assert [p.name for p in train.paths] == ["a.png", "b.png"] and train.labels.tolist() == [0, 1]
     assert [p.name for p in test.paths] == ["c.png"] and test.labels.tolist() == [0]
+    assert discover_class_names(root) == CLASSES
+    assert has_split(root, "train") and has_split(root, "test") and not has_split(root, "val")
+
+
+def test_a_manifest_with_another_separator_is_refused_naming_the_file_and_the_fix(tmp_path):
+    root = _site(tmp_path)
+    (root / "manifest.csv").write_text("path|label|split\na.png|x|train\nb.png|y|train\nc.png|x|test\n")
+    with pytest.raises(DataError, match=r"manifest.csv line 1: missing column.*separated by ',' \(or ';' or a tab\)"):
+        FolderSiteDataset(root, "train", CLASSES)
+    assert discover_class_names(root) is None  # discovery names nothing; the loader's refusal above is the message
 
 
 @pytest.mark.parametrize(

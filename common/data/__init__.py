@@ -41,6 +41,7 @@ from common.data.folders import (
     discover_class_names,
     has_split,
     load_image,
+    read_manifest,
     to_rgb,
     write_site_json,
 )
@@ -83,6 +84,7 @@ __all__ = [
     "has_split",
     "load_image",
     "normalise_modality",
+    "read_manifest",
     "severity_posterior",
     "synthetic_site",
     "synthetic_site_specs",

@@ -9,6 +9,7 @@
 * :func:`load_image` / :func:`to_rgb`: any PIL mode a medical export produces -> 8-bit RGB.
 * :func:`discover_class_names`, :func:`class_names_source`, :func:`has_split`: what a site's
   folders say before a dataset is built; :func:`write_site_json` writes ``site.json``.
+* :func:`read_manifest`: the one reader of ``manifest.csv`` (discovery and the loader share it).
 
 Images are decoded with PIL: ``torchvision.io`` has no kernels on the CPU build used here.
 """
@@ -20,6 +21,7 @@ import json
 import logging
 import os
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -60,17 +62,67 @@ def discover_class_names(root: str | os.PathLike) -> tuple[str, ...] | None:
     manifest = root / MANIFEST_FILE
     if manifest.is_file():
         try:
-            with manifest.open(newline="") as fh:
-                rows = list(csv.DictReader(fh))
-        except (UnicodeDecodeError, csv.Error):
+            rows = read_manifest(manifest).rows
+        except DataError:
             return None  # FolderSiteDataset reports the unreadable manifest with its fix
-        labels = {(row.get("label") or "").strip() for row in rows}
+        labels = {row["label"] for _, row in rows}
         names = sorted(label for label in labels if label and not label.isdigit())
         return tuple(names) or None
     train = root / "train"
     if not train.is_dir():
         return None
     return tuple(sorted(p.name for p in train.iterdir() if p.is_dir() and not p.name.startswith(".")))
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """A site's ``manifest.csv`` as read by :func:`read_manifest`: its data rows as (line
+    number, {column: cell}) over :data:`MANIFEST_COLUMNS`, cells stripped, ``split`` lower-cased."""
+
+    path: Path
+    delimiter: str
+    rows: list[tuple[int, dict[str, str]]]
+
+
+_DELIMITERS = (",", ";", "\t")
+
+
+def read_manifest(manifest: Path) -> Manifest:
+    """The one reader of a manifest (discovery, :func:`has_split` and the loader all use it, so
+    they cannot read one file two ways), tolerant of how spreadsheet tools save it: a UTF-8 BOM,
+    CRLF line ends, ``,`` ``;`` or tab as the delimiter (the one the header line holds most
+    of), spaces around cells, quoted cells, blank cells and rows. Raises :class:`DataError`
+    naming the file, the line and the fix."""
+    try:
+        text = manifest.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise DataError(f"{manifest} is not a UTF-8 text CSV ({err}); re-save it as CSV (UTF-8)") from err
+    except OSError as err:
+        raise DataError(f"cannot read {manifest} ({err}); check that it exists and this user may read it") from err
+    first = next((line for line in text.splitlines() if line.strip()), "")
+    delimiter = max(_DELIMITERS, key=first.count)
+    try:
+        # skipinitialspace: a space after the delimiter ("a.png, x") must not hide a quote.
+        reader = csv.reader(text.splitlines(), delimiter=delimiter, skipinitialspace=True)
+        rows = [(n, [cell.strip() for cell in row]) for n, row in enumerate(reader, start=1)]
+    except csv.Error as err:
+        raise DataError(f"{manifest} is not a valid CSV ({err}); fix the file") from err
+    rows = [(n, row) for n, row in rows if any(row)]  # blank lines and rows of empty cells
+    if not rows:
+        raise DataError(f"{manifest} is empty; the first line must be the header {','.join(MANIFEST_COLUMNS)}")
+    header_line, header = rows[0]
+    header = [h.lower() for h in header]
+    missing = [c for c in MANIFEST_COLUMNS if c not in header]
+    if missing:
+        raise DataError(
+            f"{manifest} line {header_line}: missing column(s) {missing}; found {header} (read with delimiter "
+            f"{delimiter!r}). The header must be {','.join(MANIFEST_COLUMNS)}, its columns separated by ',' (or ';' or a tab)"
+        )
+    column = {name: header.index(name) for name in MANIFEST_COLUMNS}
+    cells = [(n, {name: row[i] if i < len(row) else "" for name, i in column.items()}) for n, row in rows[1:]]
+    for _, cell in cells:
+        cell["split"] = cell["split"].lower()
+    return Manifest(manifest, delimiter, cells)
 
 
 def write_site_json(folder: Path, modality: str, class_names: Sequence[str], extra: dict | None = None) -> None:
@@ -155,9 +207,8 @@ def has_split(root: str | os.PathLike, split: str) -> bool:
         folder = root / check_split(split)
         return folder.is_dir() and any(_is_image(p) for p in folder.rglob("*"))
     try:
-        with manifest.open(newline="") as fh:
-            return any((row.get("split") or "").strip() == split for row in csv.DictReader(fh))
-    except (UnicodeDecodeError, csv.Error):
+        return any(row["split"] == split for _, row in read_manifest(manifest).rows)
+    except DataError:
         return True  # let the loader report the broken manifest with its line
 
 
@@ -276,41 +327,17 @@ class FolderSiteDataset(torch.utils.data.Dataset):
         return paths, labels
 
     def _scan_manifest(self, manifest: Path) -> tuple[list[Path], list[int]]:
-        """Rows of this split from a manifest as spreadsheet tools save it: a UTF-8 BOM, CRLF
-        line ends, ``,`` ``;`` or tab as the delimiter, quoted cells, blank cells and rows
-        around the data are all read as meant. An image listed twice (in one split or in two:
-        a training image must never be evaluated) is refused with both lines."""
+        """Rows of this split from a manifest (:func:`read_manifest`, as discovery reads it). An
+        image listed twice (in one split or in two: a training image must never be evaluated)
+        is refused with both lines."""
         index = {name: i for i, name in enumerate(self.class_names)}
         paths: list[Path] = []
         labels: list[int] = []
         counts = [0] * len(self.class_names)
         seen: dict[Path, tuple[int, str]] = {}  # every row's image, any split: (line, split)
-        try:
-            text = manifest.read_text(encoding="utf-8-sig")
-            first = next((line for line in text.splitlines() if line.strip()), "")
-            delimiter = max((",", ";", "\t"), key=first.count)
-            reader = csv.reader(text.splitlines(), delimiter=delimiter)
-            rows = [(n, [cell.strip() for cell in row]) for n, row in enumerate(reader, start=1)]
-        except UnicodeDecodeError as err:
-            raise DataError(f"{manifest} is not a UTF-8 text CSV ({err}); re-save it as CSV (UTF-8)") from err
-        except csv.Error as err:
-            raise DataError(f"{manifest} is not a valid CSV ({err}); fix the file") from err
-        rows = [(n, row) for n, row in rows if any(row)]  # blank lines and rows of empty cells
-        if not rows:
-            raise DataError(f"{manifest} is empty; the first line must be the header {','.join(MANIFEST_COLUMNS)}")
-        header_line, header = rows[0]
-        header = [h.lower() for h in header]
-        missing = [c for c in MANIFEST_COLUMNS if c not in header]
-        if missing:
-            raise DataError(
-                f"{manifest} line {header_line}: missing column(s) {missing}; found {header} (delimiter {delimiter!r}). "
-                f"The header must be {','.join(MANIFEST_COLUMNS)}"
-            )
-        column = {name: header.index(name) for name in MANIFEST_COLUMNS}
-        for line_no, row in rows[1:]:
+        for line_no, cell in read_manifest(manifest).rows:
             where = f"{manifest} line {line_no}"
-            cell = {name: row[i] if i < len(row) else "" for name, i in column.items()}
-            split = cell["split"].lower()
+            split = cell["split"]
             if split not in SPLITS:
                 raise DataError(f"{where}: split {cell['split']!r} is not one of {list(SPLITS)}; fix the split column")
             label_text = cell["label"]
