@@ -58,6 +58,7 @@ class SiteReport:
     sizes: Counter = field(default_factory=Counter)  # (width, height) -> images
     modes: Counter = field(default_factory=Counter)  # PIL mode -> images
     decoded: int = 0
+    skipped: Counter = field(default_factory=Counter)  # files of the site's folders not read, by reason
     problems: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
 
@@ -110,6 +111,9 @@ def check_site(path: str | Path, modality: str | None, cfg: Config, name: str | 
                 report.problem(str(err))
             continue
         report.counts[split] = dataset.class_counts().tolist()
+        for reason, files in dataset.skipped.items():
+            report.skipped[reason] += len(files)
+            report.warnings.append(f"{len(files)} file(s) in {root / split} not read: {reason} (e.g. {files[0]})")
         if decode:
             _decode_all(dataset, report, cfg.data.image_size)
     for c, count in enumerate(report.counts.get("test", [])):
@@ -225,6 +229,9 @@ def format_reports(reports: list[SiteReport], problems: list[str] = ()) -> str:
             lines.append(
                 f"{r.name}: decoded {r.decoded} image(s); sizes {sizes}{' ...' if len(r.sizes) > 5 else ''}; modes {modes}"
             )
+        if r.skipped:
+            reasons = "; ".join(f"{reason}: {n}" for reason, n in r.skipped.most_common())
+            lines.append(f"{r.name}: {sum(r.skipped.values())} file(s) not read, by reason: {reasons}")
     all_problems = list(problems) + [f"[{r.name}] {p}" for r in reports for p in r.problems]
     warnings = [f"[{r.name}] {w}" for r in reports for w in r.warnings]
     if all_problems:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -890,6 +891,67 @@ def test_an_unknown_record_in_a_reply_is_refused_like_an_unknown_array(tmp_path)
     content["smuggled"] = ConfigRecord({"note": "anything"})
     with pytest.raises(PayloadError, match="unexpected record"):  # and a site refuses it in a request
         from_recorddict(content, "server")
+
+
+# ----------------------------------------------------------------------------- files that escape their site
+
+
+def _folder_site(root: Path) -> Path:
+    """An ImageFolder site: train/{x,y} with 2 images each, test/x with 1."""
+    for split, cls, count in (("train", "x", 2), ("train", "y", 2), ("test", "x", 1)):
+        (root / split / cls).mkdir(parents=True, exist_ok=True)
+        for i in range(count):
+            Image.fromarray(np.full((8, 8, 3), 50 * i, np.uint8)).save(root / split / cls / f"{cls}{i}.png")
+    return root
+
+
+@pytest.mark.parametrize("row", ["../other/o.png", "{other}/o.png", "sub/../../other/o.png"])
+def test_a_manifest_row_leaving_the_site_folder_is_refused_naming_the_row(tmp_path, row):
+    """Rows with an absolute path or '../' into another site's folder were read as this site's."""
+    other = tmp_path / "other"
+    other.mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(other / "o.png")
+    (tmp_path / "site").mkdir()
+    root = _site(tmp_path / "site")
+    row = row.format(other=other)
+    (root / "manifest.csv").write_text(f"path,label,split\na.png,x,train\n{row},y,train\nc.png,x,test\n")
+    with pytest.raises(
+        DataError, match=rf"manifest.csv line 3: image path '{re.escape(row)}' resolves to .*outside the site folder"
+    ):
+        FolderSiteDataset(root, "train", CLASSES)
+
+
+def test_a_link_out_of_the_site_folder_is_refused_naming_the_file(tmp_path):
+    """A link in one site's folder to another site's image trained that image at both."""
+    other = _folder_site(tmp_path / "other")
+    root = _folder_site(tmp_path / "site")
+    (root / "train" / "y" / "borrowed.png").symlink_to(other / "train" / "y" / "y0.png")
+    with pytest.raises(DataError, match=r"image .*train/y/borrowed.png resolves to .*other/train/y/y0.png, outside the site"):
+        FolderSiteDataset(root, "train", CLASSES)
+    (root / "train" / "y" / "borrowed.png").unlink()
+    (root / "manifest.csv").write_text("path,label,split\ntrain/x/x0.png,x,train\nlinked.png,y,train\ntest/x/x0.png,x,test\n")
+    (root / "linked.png").symlink_to(other / "train" / "y" / "y1.png")
+    with pytest.raises(DataError, match=r"line 3: image path 'linked.png' resolves to .*outside the site folder"):
+        FolderSiteDataset(root, "train", CLASSES)
+
+
+def test_files_that_are_not_read_are_counted_and_reported_by_reason(tmp_path, capsys):
+    """Dangling links and .tif files were skipped without a word, changing the class counts."""
+    from client.sitecheck import check_site, format_reports
+
+    root = _folder_site(tmp_path / "site")
+    (root / "train" / "x" / "gone.png").symlink_to(tmp_path / "nowhere.png")
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(root / "train" / "y" / "scan.tif")
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(root / "train" / "y" / "scan2.TIF")
+    train = FolderSiteDataset(root, "train", CLASSES)
+    assert train.class_counts().tolist() == [2, 2]
+    skipped = {reason: len(files) for reason, files in train.skipped.items()}
+    assert skipped == {"dangling link": 1, "unsupported extension .tif (read: .png, .jpg, .jpeg)": 2}
+    report = check_site(root, "nbi", tiny_config())
+    assert report.skipped == {"dangling link": 1, "unsupported extension .tif (read: .png, .jpg, .jpeg)": 2}
+    table = format_reports([report])
+    assert "3 file(s) not read, by reason: unsupported extension .tif" in table and "dangling link: 1" in table
+    assert any("1 file(s) in" in w and "gone.png" in w for w in report.warnings)
 
 
 # ----------------------------------------------------------------------------- image decoding

@@ -197,6 +197,22 @@ def _is_image(path: Path) -> bool:
     return path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".")
 
 
+def _not_read(path: Path) -> str | None:
+    """Why a file of a class folder is not read (the reason it is counted under), or None for an
+    image that is: the loader reads .png/.jpg/.jpeg files only."""
+    if path.name.startswith("."):
+        return "hidden file"
+    if path.is_symlink() and not path.exists():
+        return "dangling link"
+    if path.is_dir():
+        return "folder inside a class folder (not searched)"
+    if not path.is_file():
+        return "not a regular file"
+    if path.suffix.lower() not in IMAGE_SUFFIXES:
+        return f"unsupported extension {path.suffix.lower() or '(none)'} (read: {', '.join(IMAGE_SUFFIXES)})"
+    return None
+
+
 def has_split(root: str | os.PathLike, split: str) -> bool:
     """Whether a real site folder holds images of ``split`` (in its ImageFolder sub-folder, or
     manifest rows with that split); used for the optional val split. Structure errors are left
@@ -247,6 +263,11 @@ class FolderSiteDataset(torch.utils.data.Dataset):
                 f"folder holding {'/'.join(SPLITS)}/<class>/ images or {MANIFEST_FILE}"
             )
         self.modality = self._read_modality(expected_modality)
+        # Files of the split's folders that are not read, by reason ("dangling link",
+        # "unsupported extension .tif", ...): counted and reported, never dropped without a word
+        # (they change the class counts the site declares).
+        self.skipped: dict[str, list[Path]] = {}
+        self._real_root = self.root.resolve()
         manifest = self.root / MANIFEST_FILE
         if manifest.is_file():
             paths, labels = self._scan_manifest(manifest)
@@ -254,6 +275,20 @@ class FolderSiteDataset(torch.utils.data.Dataset):
             paths, labels = self._scan_folders()
         self.paths: list[Path] = paths
         self.labels = np.asarray(labels, dtype=np.int64)
+        for reason, files in self.skipped.items():
+            log.warning("%s/%s: %d file(s) not read: %s (e.g. %s)", self.root, self.split, len(files), reason, files[0])
+
+    def _inside(self, path: Path, what: str) -> Path:
+        """``path`` if it resolves (links followed) inside the site's folder, else a DataError
+        naming ``what`` (the manifest row or the file): a path or link out of the folder would
+        read another site's images, or anything this process may read, as this site's."""
+        target = path.resolve()
+        if not target.is_relative_to(self._real_root):
+            raise DataError(
+                f"{what} resolves to {target}, outside the site folder {self.root}: a site reads only its own "
+                "files; copy the image into the site folder (paths relative to it, no '..' out of it, no link out of it)"
+            )
+        return path
 
     # -- validation helpers --
     def _read_modality(self, expected: str | None) -> str | None:
@@ -303,11 +338,16 @@ class FolderSiteDataset(torch.utils.data.Dataset):
             if entry.name.startswith("."):
                 continue
             if not entry.is_dir():
-                log.warning("ignoring %s: images belong in %s/<class>/", entry, split_dir)
+                self.skipped.setdefault(f"not in a class folder (images belong in {split_dir}/<class>/)", []).append(entry)
                 continue
             if entry.name not in index:
                 raise self._class_error(entry.name, f"class folder {entry}")
-            files = sorted(p for p in entry.iterdir() if _is_image(p))
+            files = []
+            for path in sorted(entry.iterdir()):
+                if (reason := _not_read(path)) is not None:
+                    self.skipped.setdefault(reason, []).append(path)
+                else:
+                    files.append(self._inside(path, f"image {path}"))
             found[entry.name] = len(files)
             paths.extend(files)
             labels.extend([index[entry.name]] * len(files))
@@ -350,7 +390,7 @@ class FolderSiteDataset(torch.utils.data.Dataset):
             rel = cell["path"]
             if not rel:
                 raise DataError(f"{where}: empty path; give the image path relative to {self.root}")
-            path = self.root / rel
+            path = self._inside(self.root / rel, f"{where}: image path {rel!r}")
             key = path.resolve()
             if key in seen:
                 other_line, other_split = seen[key]
