@@ -33,6 +33,7 @@ from common.data import (
     SPLITS,
     DataError,
     FolderSiteDataset,
+    load_image,
     normalise_modality,
     synthetic_site_specs,
     write_image_folder,
@@ -133,7 +134,10 @@ def _decode_all(dataset: FolderSiteDataset, report: SiteReport, image_size: int)
         try:
             with Image.open(path) as image:
                 mode, size = image.mode, image.size
-                image.convert("RGB")  # forces the full decode: a truncated file fails here
+            load_image(path)  # the loader's own full decode: truncation, value ranges, sBIT refusals show here
+        except DataError as err:
+            report.problem(str(err))
+            continue
         except (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
             report.problem(f"cannot read image {path} ({err}): replace or delete this file")
             continue

@@ -1016,6 +1016,66 @@ def test_an_image_whose_value_range_is_unknown_is_refused_naming_the_file(tmp_pa
         load_image(tmp_path / name)
 
 
+@pytest.mark.parametrize("orientation, turn", [(1, 0), (3, 2), (6, -1), (8, 1)])
+def test_the_exif_orientation_is_applied(tmp_path, orientation, turn):
+    """An EXIF orientation tag was ignored: a frame stored sideways was trained sideways."""
+    stored = (np.arange(6, dtype=np.uint8).reshape(2, 3) * 40)[..., None].repeat(3, 2)  # [H=2, W=3, 3]
+    exif = Image.Exif()
+    exif[0x0112] = orientation  # Orientation: how to turn the stored pixels for display
+    for name in ("frame.png", "frame.jpg"):
+        Image.fromarray(stored).save(tmp_path / name, exif=exif, **({"quality": 100} if name.endswith("jpg") else {}))
+    expected = np.rot90(stored, turn)  # np.rot90 turns counter-clockwise; -1: the 90 degrees clockwise tag 6 asks
+    np.testing.assert_array_equal(np.asarray(load_image(tmp_path / "frame.png")), expected)
+    assert np.asarray(load_image(tmp_path / "frame.jpg")).shape == expected.shape
+
+
+def _png16(path: Path, values: np.ndarray, colour: bool, sbit: int | None) -> Path:
+    """A 16-bit PNG written chunk by chunk (PIL writes no 16-bit colour, nor ``sBIT`` as read):
+    ``values`` [H, W] (grayscale) or [H, W, 3] (RGB), an ``sBIT`` chunk of ``sbit`` bits per channel."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    height, width = values.shape[:2]
+    rows = b"".join(b"\0" + values[y].astype(">u2").tobytes() for y in range(height))
+    body = chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 16, 2 if colour else 0, 0, 0, 0))
+    if sbit is not None:
+        body += chunk(b"sBIT", bytes([sbit] * (3 if colour else 1)))
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + body + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+    return path
+
+
+@pytest.mark.parametrize(
+    "values, sbit",
+    [
+        (np.array([[0, 1365, 2730, 4095]]), 12),  # raw 12-bit values, as exports write them
+        (np.array([[0, 1365, 2730, 4095]]) << 4, 12),  # shifted to the full range, as PNG asks
+        (np.array([[0, 21845, 43690, 65535]]), 12),  # scaled (bit replication), as PNG asks
+        (np.array([[0, 21845, 43690, 65535]]), None),  # no sBIT: the full 16-bit range
+        (np.array([[0, 341, 682, 1023]]), 10),
+    ],
+)
+def test_a_16_bit_png_is_read_by_its_significant_bits(tmp_path, values, sbit):
+    """A 16-bit PNG whose sBIT said 12 bits decoded to a 16th of its range without a word."""
+    got = np.asarray(load_image(_png16(tmp_path / "gray16.png", values, colour=False, sbit=sbit)))
+    np.testing.assert_array_equal(got[0, :, 0], [0, 85, 170, 255])
+
+
+def test_a_16_bit_colour_png_with_raw_significant_bits_is_refused_with_the_fix(tmp_path):
+    raw = np.array([[[0, 1365, 4095], [4095, 0, 7]]])
+    with pytest.raises(DataError, match=r"rgb16.png: a 16-bit colour PNG whose sBIT says 12 .*v \* 65535 / 4095"):
+        load_image(_png16(tmp_path / "rgb16.png", raw, colour=True, sbit=12))
+    scaled = _png16(tmp_path / "rgb16_full.png", raw * 16, colour=True, sbit=12)  # the same image, shifted: read
+    np.testing.assert_array_equal(np.asarray(load_image(scaled))[0, 0], [0, 85, 255])
+    from client.sitecheck import check_site  # and check-site, which decodes as the loader does, says so
+
+    root = _folder_site(tmp_path / "site")
+    _png16(root / "train" / "x" / "rgb16.png", np.repeat(np.repeat(raw, 8, 0), 8, 1), colour=True, sbit=12)
+    assert any("sBIT says 12" in p for p in check_site(root, "nbi", tiny_config(), decode=True).problems)
+
+
 # ----------------------------------------------------------------------------- spreadsheet manifests
 
 

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from common.data.base import (
     IMAGE_SUFFIXES,
@@ -134,11 +134,16 @@ def write_site_json(folder: Path, modality: str, class_names: Sequence[str], ext
 
 
 def load_image(path: Path) -> Image.Image:
-    """Decode fully to 8-bit RGB (:func:`to_rgb`), or raise DataError naming the file."""
+    """Decode fully to 8-bit RGB (:func:`to_rgb`), upright, or raise DataError naming the file.
+
+    The EXIF orientation is applied (a camera stores a portrait frame sideways and says so in
+    the tag; read as stored, it was a different image from the one the clinician saw), and a
+    16-bit PNG's ``sBIT`` (significant bits) is passed on to :func:`to_rgb`."""
     try:
         with Image.open(path) as im:
             im.load()  # the full decode: truncation shows here
-            return to_rgb(im, path)
+            bits = _png_significant_bits(path) if im.format == "PNG" else None
+            return to_rgb(ImageOps.exif_transpose(im), path, bits)
     except (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
         if isinstance(err, DataError):
             raise
@@ -148,6 +153,33 @@ def load_image(path: Path) -> Image.Image:
         ) from err
 
 
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _png_significant_bits(path: Path) -> tuple[int, int] | None:
+    """(bit depth, fewest significant bits of its channels) of a PNG with an ``sBIT`` chunk
+    whose bits are fewer than its depth, else None. PIL does not read ``sBIT``: the chunks
+    before the image data are walked here (length, type, data, CRC each)."""
+    with open(path, "rb") as fh:
+        if fh.read(8) != _PNG_SIGNATURE:
+            return None
+        depth = None
+        while header := fh.read(8):
+            if len(header) < 8:
+                return None
+            length, kind = int.from_bytes(header[:4], "big"), header[4:]
+            if kind in (b"IDAT", b"IEND"):  # sBIT comes before the image data or not at all
+                return None
+            data = fh.read(length)
+            fh.seek(4, os.SEEK_CUR)  # CRC (PIL checked the file when it decoded it)
+            if kind == b"IHDR" and len(data) >= 9:
+                depth = data[8]
+            elif kind == b"sBIT" and data and depth is not None:
+                bits = min(data)
+                return (depth, bits) if 0 < bits < depth else None
+    return None
+
+
 # PIL modes PIL's own convert("RGB") maps right (8 bits per channel, no alpha, no palette transparency).
 _DIRECT_MODES = ("RGB", "L", "1", "CMYK", "YCbCr", "LAB", "HSV", "P", "RGBX")
 _ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
@@ -155,7 +187,7 @@ _ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 _WIDE_INT_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")
 
 
-def to_rgb(image: Image.Image, path: str | Path = "image") -> Image.Image:
+def to_rgb(image: Image.Image, path: str | Path = "image", png_bits: tuple[int, int] | None = None) -> Image.Image:
     """An image of any PIL mode a medical export produces, as 8-bit RGB with the right values.
 
     * 8-bit modes (RGB, L, 1, CMYK, YCbCr, P...): PIL's conversion (1 -> 0/255, CMYK -> RGB).
@@ -166,20 +198,35 @@ def to_rgb(image: Image.Image, path: str | Path = "image") -> Image.Image:
       16-bit range; ``convert`` clips everything above 255 to white). Values outside
       0..65535 are refused: their range is not known.
     * Float grayscale (F): values in [0, 1] -> round(255 v); any other range is refused.
+    * ``png_bits`` (bit depth, significant bits) of a 16-bit PNG whose ``sBIT`` says b < 16:
+      PNG asks for values scaled to the full range (then read as above), but exports write
+      the raw b-bit values, which read as a 16th of the range for b = 12. Grayscale values that
+      all fit in b bits, and are not all multiples of 2^(16-b) (shifted), are read as raw:
+      v -> round(v * 255 / (2^b - 1)). A colour one holding raw values is refused (PIL keeps
+      only the high byte of 16-bit colour: the values are lost).
     Anything else raises :class:`DataError` naming the file and the mode.
     """
     mode = image.mode
+    depth, bits = png_bits or (8, 8)
     if mode == "P" and "transparency" in image.info:
         mode, image = "RGBA", image.convert("RGBA")
     if mode in _ALPHA_MODES:
         rgba = image.convert("RGBA")
         return Image.alpha_composite(Image.new("RGBA", rgba.size, (0, 0, 0, 255)), rgba).convert("RGB")
     if mode in _DIRECT_MODES:
+        if depth == 16 and bits < 16 and mode == "RGB" and np.asarray(image).max() < 2 ** (bits - 8):
+            raise DataError(
+                f"image {path}: a 16-bit colour PNG whose sBIT says {bits} significant bits holds unscaled {bits}-bit "
+                f"values (all below {2**bits}), which cannot be read without losing them; re-export it scaled to the "
+                f"full 16-bit range as PNG asks (v * 65535 / {2**bits - 1}), or as an 8-bit PNG"
+            )
         return image.convert("RGB")
     if mode in _WIDE_INT_MODES or mode == "F":
         values = np.asarray(image, dtype=np.float64)
         if mode == "F":
             low, high, scale = 0.0, 1.0, 255.0
+        elif depth == 16 and bits < 16 and values.max(initial=0) < 2**bits and (values % 2 ** (16 - bits)).any():
+            low, high, scale = 0.0, 2.0**bits - 1, 255.0 / (2**bits - 1)  # raw b-bit values (see above)
         else:
             low, high, scale = 0.0, 65535.0, 255.0 / 65535.0
         if values.size and not (np.isfinite(values).all() and values.min() >= low and values.max() <= high):
