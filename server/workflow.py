@@ -102,6 +102,7 @@ class Protocol:
         self.sites: dict[int, SiteInfo] = {}
         self.class_names = run_class_names(cfg)  # replaced by the sites' agreed names at discovery
         self.board = MetricsBoard(None)  # a real one once run() starts (TensorBoard, where installed)
+        self._clocked: float | None = None  # when the wall time was last added to the state (run() starts the clock)
 
     # ------------------------------------------------------------------ the run
 
@@ -109,13 +110,13 @@ class Protocol:
         """The whole run, holding the run folder's lock (a second run with the same
         ``fed.run_name`` is refused while this one is alive)."""
         with RunLock(self.run_dir):
-            started = time.time()
+            self._clocked = time.time()
             self.board = MetricsBoard(self.run_dir)
             self.start()
             if self.needs_teacher:
                 self.teacher_phase()
             self.student_phase()
-            self.metrics["wall_time_s"] = self.metrics.get("wall_time_s", 0.0) + time.time() - started
+            self.save()  # the last of the wall time into the state, so a re-run adds to it
             return self.finish()
 
     def start(self) -> None:
@@ -367,6 +368,13 @@ class Protocol:
     # ------------------------------------------------------------------ persistence
 
     def save(self) -> None:
+        # The run's wall time accumulates in the state at every save: a resumed run adds to what
+        # the runs before it spent (an interrupted one's rounds included), a re-run of a finished
+        # run adds its few seconds instead of overwriting the total with them.
+        now = time.time()
+        if self._clocked is not None:
+            self.metrics["wall_time_s"] = self.metrics.get("wall_time_s", 0.0) + now - self._clocked
+        self._clocked = now
         self.ledger.write()  # the state records the ledger write it goes with
         save_run(
             self.run_dir,

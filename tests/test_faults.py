@@ -403,6 +403,47 @@ def test_a_ledger_replaced_by_an_older_copy_is_refused(tmp_path):
 # ----------------------------------------------------------------------------- concurrent runs
 
 
+def test_re_running_a_finished_run_adds_to_its_wall_time(finished_run):
+    """Re-running a finished run overwrote its wall time with the re-run's few seconds."""
+    cfg, run_dir = finished_run
+    first = json.loads((run_dir / "metrics.json").read_text())["wall_time_s"]
+    assert json.loads((run_dir / META).read_text())["metrics"]["wall_time_s"] == pytest.approx(first)
+    started = time.time()
+    run_federation(make_grid(cfg), cfg, run_dir)
+    again = json.loads((run_dir / "metrics.json").read_text())["wall_time_s"]
+    assert first < again <= first + time.time() - started + 0.01
+
+
+class _Interrupted(RuntimeError):
+    pass
+
+
+def test_the_wall_time_of_an_interrupted_run_is_kept_when_it_resumes(tmp_path):
+    """A resumed run reported only the time since its last start."""
+    cfg = tiny_config(**{"fed.student_rounds": 2})
+    grid, sent = make_grid(cfg), []
+
+    def slow_then_crash(node_id: int, message: Message) -> Message | None:
+        if message.metadata.message_type == MESSAGE_TYPE["student.train"]:
+            sent.append(node_id)
+            if len(sent) == 1:
+                time.sleep(3.0)  # round 1 takes >= 3 s, and is saved
+            if len(sent) == 3:
+                raise _Interrupted("the server stopped in student round 2")
+        return grid.deliver(node_id, message)
+
+    grid.faults[WLI0] = grid.faults[WLI1] = slow_then_crash
+    with pytest.raises(_Interrupted):
+        run_federation(grid, cfg, tmp_path / "run")
+    kept = json.loads((tmp_path / "run" / META).read_text())["metrics"]["wall_time_s"]
+    assert kept >= 3.0
+    started = time.time()
+    run_federation(make_grid(cfg), cfg, tmp_path / "run")
+    resumed_s = time.time() - started
+    total = json.loads((tmp_path / "run" / "metrics.json").read_text())["wall_time_s"]
+    assert kept < total <= kept + resumed_s + 0.01
+
+
 def test_a_second_run_on_a_locked_run_folder_is_refused(tmp_path):
     cfg = tiny_config()
     run_dir = tmp_path / "run"
