@@ -28,12 +28,22 @@ ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONDONTWRITEBYTECODE=1
 
-RUN python -m venv /opt/venv
+# Air-gapped build (deploy/README.md, "Air-gapped build"): every wheel in deploy/docker/wheelhouse/
+# and --build-arg WHEELHOUSE=/wheelhouse: pip then reads that folder only (--no-index), never an
+# index. Empty (the default): torch from TORCH_INDEX_URL, the rest from PyPI. The folder stays in
+# this build stage; the runtime image gets only the venv.
+ARG WHEELHOUSE=
+COPY deploy/docker/wheelhouse/ /wheelhouse/
+
+# python3, not python: a Debian base made with debootstrap (the air-gapped path) has no `python`.
+RUN python3 -m venv /opt/venv
 ENV PATH=/opt/venv/bin:${PATH}
 
 # 1) torch + torchvision first, from the chosen (CPU or CUDA) index ...
-RUN pip install --index-url "${TORCH_INDEX_URL}" \
-        "torch==${TORCH_VERSION}" "torchvision==${TORCHVISION_VERSION}" \
+# POSIX sh, not bash arrays: a builder that ignores SHELL (podman's default OCI format) runs /bin/sh.
+RUN if [ -n "${WHEELHOUSE}" ]; then set -- --no-index --find-links "${WHEELHOUSE}"; \
+    else set -- --index-url "${TORCH_INDEX_URL}"; fi \
+ && pip install "$@" "torch==${TORCH_VERSION}" "torchvision==${TORCHVISION_VERSION}" \
  && pip freeze | grep -E '^(torch|torchvision)==' > /opt/torch-pins.txt
 
 # 2) ... then the app and the rest of its deps, constrained to the torch just installed
@@ -44,7 +54,7 @@ COPY common ./common
 COPY client ./client
 COPY server ./server
 COPY benchmarks ./benchmarks
-RUN pip install -c /opt/torch-pins.txt . \
+RUN pip install ${WHEELHOUSE:+--no-index --find-links "${WHEELHOUSE}"} -c /opt/torch-pins.txt . \
  && pip check
 
 # ---------------------------------------------------------------- runtime stage
