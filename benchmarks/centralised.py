@@ -68,18 +68,30 @@ REPORTED = ("auc", "accuracy", "sensitivity", "specificity")
 PAPER_PICCOLO_AUC = {"pagkd": 0.901, "wli_only": 0.712, "pro_only": 0.850, "den_only": 0.835}
 
 
-def pooled_data(cfg: Config) -> dict[tuple[str, str], ConcatDataset]:
+def pooled_data(cfg: Config) -> dict[tuple[str, str], ConcatDataset | None]:
     """{(modality, split): every site's split of that modality pooled}, for the federation's
-    sites (embedded default or ``data.root``)."""
+    sites (embedded default or ``data.root``). A val split no site of a modality holds is None:
+    as in a federated run, nothing is then selected and the last epoch is kept."""
     sites = federation_sites(cfg)
 
-    def pool(modality: str, split: str) -> ConcatDataset:
-        parts = [s.split(split) for s in sites if s.modality == modality]
+    def pool(modality: str, split: str) -> ConcatDataset | None:
+        parts = [s.split(split) for s in sites if s.modality == modality and (split != "val" or s.val is not None)]
+        if not parts:
+            if split == "val":
+                log.warning("no %s site holds a val split: the last epoch is kept (no model selection)", modality.upper())
+                return None
+            raise ValueError(f"the federation has no {modality.upper()} site with a {split} split")
         data = ConcatDataset(parts)
         data.labels = np.concatenate([p.labels for p in parts])  # for the balanced sampler
         return data
 
     return {(m, split): pool(m, split) for m in ("nbi", "wli") for split in ("train", "val", "test")}
+
+
+def selector(net, val: ConcatDataset | None, cfg: Config, device) -> ValidationSelector:
+    """Model selection on a pooled val split; without one nothing is scored (the last epoch stays)."""
+    loader = eval_loader(val, cfg.train.batch_size, cfg.data.num_workers) if val is not None else []
+    return ValidationSelector(net, loader, device, cfg.train.amp)
 
 
 def with_variant(cfg: Config, variant: str) -> Config:
@@ -133,7 +145,7 @@ def run_seed(cfg: Config, seed: int, variants: list[str], done: dict[str, Any], 
         else:
             bank_source = lambda: None  # noqa: E731
         started = time.time()
-        selector = ValidationSelector(student, eval_loader(data["wli", "val"], bs, workers), device, cfg.train.amp)
+        chooser = selector(student, data["wli", "val"], cfg, device)
         result = train_student(
             student,
             head,
@@ -143,17 +155,17 @@ def run_seed(cfg: Config, seed: int, variants: list[str], done: dict[str, Any], 
             device,
             vcfg.train.epochs,
             seed,
-            on_epoch_end=selector,
+            on_epoch_end=chooser,
         )
-        selector.restore()
+        chooser.restore()
         probs, labels, _ = predict(student, eval_loader(data["wli", "test"], bs, workers), device, cfg.train.amp)
         record(
             variant,
             {
                 **classification_metrics(probs, labels),
                 "train_s": time.time() - started,
-                "best_epoch": selector.best_epoch,
-                "val_auc": selector.best_auc,
+                "best_epoch": chooser.best_epoch,
+                "val_auc": chooser.best_auc,
                 "train_losses": result.losses,
             },
         )
@@ -166,7 +178,7 @@ def _trained_teacher(cfg: Config, seed: int, data, done: dict[str, Any], record,
     teacher, teacher_head = build_teacher(cfg.model, c), build_query_head(cfg.model, c)
     started = time.time()
     # Model selection on the validation split (best epoch by pooled val AUC); test read once.
-    selector = ValidationSelector(teacher, eval_loader(data["nbi", "val"], bs, workers), device, cfg.train.amp)
+    chooser = selector(teacher, data["nbi", "val"], cfg, device)
     train_teacher(
         teacher,
         teacher_head,
@@ -175,9 +187,9 @@ def _trained_teacher(cfg: Config, seed: int, data, done: dict[str, Any], record,
         device,
         cfg.train.teacher_epochs,
         seed,
-        on_epoch_end=selector,
+        on_epoch_end=chooser,
     )
-    selector.restore()
+    chooser.restore()
     if "nbi_teacher" not in done:
         probs, labels, _ = predict(teacher, eval_loader(data["nbi", "test"], bs, workers), device, cfg.train.amp)
         record(
@@ -185,8 +197,8 @@ def _trained_teacher(cfg: Config, seed: int, data, done: dict[str, Any], record,
             {
                 **classification_metrics(probs, labels),
                 "train_s": time.time() - started,
-                "best_epoch": selector.best_epoch,
-                "val_auc": selector.best_auc,
+                "best_epoch": chooser.best_epoch,
+                "val_auc": chooser.best_auc,
                 "confusion": confusion_matrix(labels, probs.argmax(1), c).tolist(),
             },
         )

@@ -7,7 +7,8 @@ Three ways a SuperNode becomes a site, checked in this order:
    ``<data.root>/sites.toml`` (``name``, ``modality``, ``path`` relative to the root).
 3. Simulation on the embedded default: ``partition-id`` picks a built-in synthetic site;
    the first ``data.nbi_sites`` partitions are NBI, the next ``data.wli_sites`` are WLI
-   (:func:`common.data.synthetic_site_specs`).
+   (:func:`common.data.synthetic_site_specs`); a simulation with another SuperNode count splits
+   its SuperNodes half NBI, half WLI (:func:`embedded_federation`).
 
 Each way gives a :class:`common.data.SiteData` (name, modality, class names, train / val /
 test datasets). Also here: ``sites.toml`` (:func:`read_sites_file`) and a real site's class
@@ -16,6 +17,7 @@ names (:func:`site_class_names`).
 
 from __future__ import annotations
 
+import dataclasses
 import tomllib
 from pathlib import Path
 from typing import Any, Mapping
@@ -134,6 +136,23 @@ def partition_id(node_config: Mapping[str, Any], sites: int, where: str) -> int:
     return partition
 
 
+def embedded_federation(cfg: Config, num_partitions: Any) -> Config:
+    """The run config whose embedded federation has one site per SuperNode of the simulation.
+
+    ``data.nbi_sites`` + ``data.wli_sites`` as configured when Flower's ``num-partitions`` is that
+    count (what ``server.launch`` starts); otherwise the SuperNodes split half NBI (rounded down),
+    half WLI, so ``flwr run .`` runs with Flower's default local federation (2 SuperNodes: 1 + 1)
+    or any count of at least 2. Every site derives the same split from the same two numbers."""
+    try:
+        count = int(num_partitions)
+    except (TypeError, ValueError):
+        return cfg
+    if count < 2 or count == cfg.data.nbi_sites + cfg.data.wli_sites:
+        return cfg
+    nbi = count // 2
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, nbi_sites=nbi, wli_sites=count - nbi))
+
+
 def resolve_site(node_config: Mapping[str, Any], cfg: Config) -> SiteData:
     """Resolve this SuperNode's site (see the module docstring for the three ways)."""
     if "data-path" in node_config:
@@ -150,6 +169,6 @@ def resolve_site(node_config: Mapping[str, Any], cfg: Config) -> SiteData:
         entries = read_sites_file(cfg.data.root)
         entry = entries[partition_id(node_config, len(entries), str(Path(cfg.data.root) / SITES_FILE))]
         return folder_site(entry["name"], entry["modality"], Path(cfg.data.root) / entry["path"], cfg)
-    specs = synthetic_site_specs(cfg)
+    specs = synthetic_site_specs(embedded_federation(cfg, node_config.get("num-partitions")))
     name, spec = specs[partition_id(node_config, len(specs), "the run config's data.nbi_sites + data.wli_sites")]
     return synthetic_site(name, spec, cfg.data.image_size)

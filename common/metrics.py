@@ -32,6 +32,8 @@ __all__ = [
     "histogram_metrics",
     "histogram_roc",
     "learning_problems",
+    "not_learned_fixes",
+    "training_problems",
     "paired_difference",
     "selection_key",
     "score_histogram",
@@ -41,6 +43,10 @@ __all__ = [
 # single class for more than COLLAPSED_SHARE of the images has collapsed.
 CHANCE_AUC = 0.55
 COLLAPSED_SHARE = 0.9
+# A mean training CE above this share of ln C (the CE of a uniform guess) has not left chance:
+# the model learned nothing from its training images, whatever a val split says (and a site
+# set without val/ says nothing). Issue 21's family stayed at CE 0.68 for ln 2 = 0.693 (98 %).
+CHANCE_CE_SHARE = 0.9
 
 
 def _auc_from_counts(positives: np.ndarray, negatives: np.ndarray) -> float:
@@ -310,6 +316,26 @@ def learning_problems(evaluation: dict) -> list[str]:
         if never:
             problems.append(f"class(es) {never} present but never predicted right (recall 0)")
     return problems
+
+
+def training_problems(train_ce: float, num_classes: int, where: str = "at the end of training") -> list[str]:
+    """Why a mean training cross-entropy shows a model that did not learn: it stays above
+    :data:`CHANCE_CE_SHARE` x ln C (a uniform guess scores ln C). Empty when it learned."""
+    chance = math.log(num_classes)
+    if train_ce == train_ce and train_ce < CHANCE_CE_SHARE * chance:
+        return []
+    return [f"training CE {train_ce:.3f} {where} stays near ln {num_classes} = {chance:.3f} (chance)"]
+
+
+def not_learned_fixes(data_root: str = "") -> str:
+    """The likely fixes for a model that did not learn, one line (logs, metrics.json, launcher)."""
+    where = f" data.root={data_root}" if data_root else ""
+    return (
+        "likely fixes: check that the classes differ in the images the site holds (python -m benchmarks.reference"
+        f"{where} trains a plain CNN on them: if it learns, the recipe is at fault); keep train.color_jitter at 0 when "
+        "the class evidence is faint colour or contrast; try more rounds (fed.student_rounds) or a lower train.lr; "
+        "set data.image_size near the images' native size when the evidence is fine texture"
+    )
 
 
 def selection_key(evaluation: dict) -> tuple[bool, float]:

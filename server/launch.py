@@ -473,6 +473,8 @@ def outcome_lines(metrics: Mapping[str, Any]) -> list[str]:
         lines.append(f"knowledge bank = {100 * metrics['bank_share_of_student_upload']:.3f} % of one student upload")
     for model, problems in (metrics.get("not_learned") or {}).items():
         lines.append(f"WARNING: the {model} did not learn: {'; '.join(problems)}")
+    if metrics.get("not_learned"):
+        lines.append(metrics.get("not_learned_fixes") or "")
     status = metrics.get("status", "completed")
     if status == "degraded":
         verdict = "accepted" if metrics.get("accepted") else "NOT accepted"

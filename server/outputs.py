@@ -19,7 +19,7 @@ from common.checkpoint import STUDENT_CHECKPOINT, save_checkpoint
 from common.config import Config, config_to_dict
 from common.data import default_class_names
 from common.files import atomic_write_json
-from common.metrics import ScoreHistogram, histogram_roc
+from common.metrics import ScoreHistogram, histogram_roc, learning_problems, not_learned_fixes, training_problems
 
 
 def _test_figure(metrics: Mapping[str, Any], model: str) -> dict[str, Any] | None:
@@ -42,6 +42,30 @@ def final_figures(metrics: Mapping[str, Any], student_rounds: int) -> dict[str, 
         "student_rounds": student_rounds,
         "final_teacher": _test_figure(metrics, "teacher"),
     }
+
+
+def not_learned(metrics: Mapping[str, Any], num_classes: int) -> dict[str, list[str]]:
+    """{model: why it did not learn} for the teacher and the student, on every kind of data:
+
+    * the selected round's val evaluation at chance or collapsed (:func:`learning_problems`);
+    * without a val split anywhere (nothing was selected: the last round is kept), the same
+      checks on its test evaluation, the one figure there is;
+    * the student's mean training CE of its last round still near ln C (:func:`training_problems`):
+      what shows a student at chance even where no evaluation split could.
+    """
+    found: dict[str, list[str]] = {}
+    for model in ("teacher", "student"):
+        chosen = metrics["selection"].get(model)
+        problems = list(chosen["problems"]) if chosen else []
+        tests = [e for e in metrics["evaluation"] if e["model"] == model and e.get("split") == "test"]
+        if chosen is None and tests:
+            problems += [f"{p} on the test split (no site holds a val split)" for p in learning_problems(tests[-1])]
+        if model == "student" and metrics.get("student"):
+            last = metrics["student"][-1]
+            problems += training_problems(last["ce"], num_classes, f"in student round {last['round']}")
+        if problems:
+            found[model] = problems
+    return found
 
 
 def outcome(metrics: Mapping[str, Any], min_site_share: float) -> dict[str, Any]:
@@ -70,6 +94,7 @@ def run_summary(
     student_rounds: int,
     min_site_share: float,
     privacy: dict[str, Any],
+    data_root: str = "",
 ) -> dict[str, Any]:
     """``metrics.json`` of a finished run (``ledger``: :meth:`server.channel.Ledger.snapshot`)."""
     student_bytes = int(sum(a.nbytes for a in student.values()))
@@ -84,12 +109,16 @@ def run_summary(
         "sites": sites,
         "class_names": list(class_names),
         **final_figures(metrics, student_rounds),
-        # Models that did not learn (val AUC at chance or a collapsed confusion matrix of the
-        # selected round): a run says so rather than ending with a quiet number.
-        "not_learned": {model: chosen["problems"] for model, chosen in metrics["selection"].items() if chosen["problems"]},
+        # Models that did not learn: a run says so rather than ending with a quiet number.
+        **_not_learned_entries(metrics, len(class_names), data_root),
         **outcome(metrics, min_site_share),
         "privacy": privacy,
     }
+
+
+def _not_learned_entries(metrics: Mapping[str, Any], num_classes: int, data_root: str) -> dict[str, Any]:
+    found = not_learned(metrics, num_classes)
+    return {"not_learned": found, "not_learned_fixes": not_learned_fixes(data_root) if found else ""}
 
 
 def write_outputs(

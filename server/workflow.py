@@ -352,9 +352,12 @@ class Protocol:
             self.progress.student_rounds,
             self.cfg.fed.min_site_share,
             self.privacy_spent(),
+            self.cfg.data.root,
         )
         write_outputs(self.run_dir, summary, self.ledger.egress, self.cfg, self.student, self.class_names)
         self.board.close()
+        for model, problems in summary["not_learned"].items():
+            log.warning("the %s did not learn: %s; %s", model, "; ".join(problems), summary["not_learned_fixes"])
         if summary["status"] == "degraded":
             log.warning(
                 "run DEGRADED (%.0f %% of the sites took part throughout, fed.min_site_share = %.0f %%): lost %s",

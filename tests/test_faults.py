@@ -1198,7 +1198,7 @@ def test_a_student_that_did_not_learn_is_named_in_metrics_and_on_the_final_line(
     summary = run_federation(grid, cfg, tmp_path / "run")
     problems = summary["not_learned"]["student"]
     assert any("at chance" in p for p in problems) and any("collapsed" in p for p in problems), problems
-    assert summary["selection"]["student"]["problems"] == problems
+    assert set(summary["selection"]["student"]["problems"]) <= set(problems)  # and the training CE's, if any
     lines = "\n".join(launch.outcome_lines(summary))
     assert "WARNING: the student did not learn" in lines and "at chance" in lines
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["not_learned"]["student"] == problems

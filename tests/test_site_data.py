@@ -166,3 +166,18 @@ def test_write_synthetic_uses_the_configured_class_names(tmp_path):
     assert write_synthetic_main([str(out), *SMALL, "data.class_names=hyperplastic,adenoma"]) == 0
     assert sorted(p.name for p in (out / "nbi-0" / "train").iterdir()) == ["adenoma", "hyperplastic"]
     assert json.loads((out / "nbi-0" / "site.json").read_text())["class_names"] == ["hyperplastic", "adenoma"]
+
+
+@pytest.mark.parametrize(
+    "supernodes, expected", [(2, ["nbi", "wli"]), (4, ["nbi", "nbi", "wli", "wli"]), (5, ["nbi"] * 2 + ["wli"] * 3)]
+)
+def test_the_embedded_federation_follows_the_simulations_supernode_count(supernodes, expected):
+    """`flwr run .` uses Flower's default local federation (2 SuperNodes) while the run config
+    declares 2 NBI + 2 WLI sites: every SuperNode count of at least 2 still gets both modalities."""
+    from client.site import resolve_site
+    from common.config import config_from_flat
+
+    cfg = config_from_flat({"data.train_per_site": 6, "data.val_per_site": 3, "data.test_per_site": 3})
+    sites = [resolve_site({"partition-id": p, "num-partitions": supernodes}, cfg) for p in range(supernodes)]
+    assert [s.modality for s in sites] == expected
+    assert len({s.name for s in sites}) == supernodes
