@@ -48,15 +48,20 @@ from common.metrics import paired_difference
 
 RESULTS = Path("benchmarks/results/suite")
 EMBEDDED = "embedded"
+HELDOUT = "heldout"  # a family the project never sees (--heldout ROOT:C), judged after the defaults were chosen
 ARMS = ("reference", "central", "federated", "default")
 # (arm, arm it is compared with, the issue's target for the mean difference)
 TARGETS = (("central", "reference", -0.02), ("federated", "central", -0.03), ("default", "federated", -0.01))
 
 
-def family_overrides(family: str, families_dir: Path) -> dict[str, Any]:
-    """The data keys of a family: nothing for the embedded default, else its written root."""
+def family_overrides(family: str, families_dir: Path, heldout: str = "") -> dict[str, Any]:
+    """The data keys of a family: nothing for the embedded default, the held-out family's
+    ``ROOT:C`` (a federation written outside the project, C classes), else its written root."""
     if family == EMBEDDED:
         return {}
+    if family == HELDOUT:
+        root, classes = heldout.rsplit(":", 1)
+        return {"data.root": str(Path(root).resolve()), "data.num_classes": int(classes)}
     return {"data.root": str(family_root(family, families_dir).resolve()), "data.num_classes": FAMILIES[family].num_classes}
 
 
@@ -112,7 +117,9 @@ def run(args: argparse.Namespace, overrides: dict[str, Any]) -> None:
         if saved.get("overrides", overrides) != overrides:
             raise SystemExit(f"{out} was written with overrides {saved['overrides']}, not {overrides}: use another --tag")
         results: dict[str, dict[str, Any]] = saved.get("per_seed", {})
-        data = family_overrides(family, args.families_dir)
+        if family == HELDOUT and not args.heldout:
+            raise SystemExit("--families heldout needs --heldout ROOT:C (the held-out federation's folder and its class count)")
+        data = family_overrides(family, args.families_dir, args.heldout)
         for seed in args.seeds:
             for arm in args.arms:
                 if arm in results.get(str(seed), {}):
@@ -178,7 +185,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("command", choices=("run", "report"))
     parser.add_argument("overrides", nargs="*", help="key=value on the project's arms (the reference's recipe never changes)")
-    parser.add_argument("--families", nargs="+", default=[EMBEDDED, *FAMILIES], choices=[EMBEDDED, *FAMILIES])
+    parser.add_argument("--families", nargs="+", default=[EMBEDDED, *FAMILIES], choices=[EMBEDDED, *FAMILIES, HELDOUT])
+    parser.add_argument("--heldout", default="", help="ROOT:C of the held-out family (kept outside the repository)")
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--tag", default="default", help="results folder under benchmarks/results/suite/")

@@ -135,7 +135,10 @@ class TrainConfig:
     augment: Augment = "dihedral"  # dihedral (exact 90-degree turns + flips) | rotate (any angle, bilinear)
     rotation_deg: float = 180.0  # augment=rotate only (common.data.BatchAugment)
     flips: bool = True
-    color_jitter: float = 0.1
+    # Brightness / contrast / saturation jitter, off by default: faint WLI evidence can be no more
+    # than a few percent of contrast or a tint, and a +-10 % jitter erased it on another image
+    # family (issue 21: the student stayed at chance, AUC 0.47, where 0 gave 0.885; docs/families.md).
+    color_jitter: float = 0.0
     channels_last: bool = True  # on CUDA
 
 

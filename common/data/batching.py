@@ -63,7 +63,7 @@ class BatchAugment(torch.nn.Module):
 
     MODES = typing.get_args(Augment)  # ("dihedral", "rotate"): train.augment's choices
 
-    def __init__(self, rotation_deg: float = 180.0, flips: bool = True, color_jitter: float = 0.1, mode: str = "dihedral"):
+    def __init__(self, rotation_deg: float = 180.0, flips: bool = True, color_jitter: float = 0.0, mode: str = "dihedral"):
         super().__init__()
         if mode not in self.MODES:
             raise DataError(f"augmentation mode {mode!r} is not one of {list(self.MODES)}")
