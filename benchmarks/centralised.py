@@ -149,7 +149,7 @@ def run_seed(cfg: Config, seed: int, variants: list[str], done: dict[str, Any], 
         result = train_student(
             student,
             head,
-            balanced_loader(data["wli", "train"], bs, seed + 3, workers),
+            balanced_loader(data["wli", "train"], bs, seed + 3, workers, cfg.train.sampler == "balanced"),
             bank_source,
             vcfg,
             device,

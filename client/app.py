@@ -368,7 +368,7 @@ def student_round(request: Payload, site: SiteData, cfg: Config, dims: Dims, con
     # The received student is the previous round's global model: score it before training.
     scores, scored = _scores(student, site, cfg, dims, request.config["evaluate"])
     seed = site_seed(request.config["seed"], site.name)
-    loader = balanced_loader(site.train, cfg.train.batch_size, seed, cfg.data.num_workers)
+    loader = balanced_loader(site.train, cfg.train.batch_size, seed, cfg.data.num_workers, cfg.train.sampler == "balanced")
     device = pick_device(cfg.train.device)
     result = train_student(
         student,

@@ -40,9 +40,10 @@ log = logging.getLogger(__name__)
 BankSource = Callable[[], "KnowledgeBank | None"]
 
 
-def balanced_loader(dataset: Dataset, batch_size: int, seed: int, num_workers: int = 0) -> DataLoader:
-    """Class-balanced batches (the paper's batches; every class forms a group in every batch)."""
-    sampler = ClassBalancedBatchSampler(dataset.labels, batch_size, seed=seed)
+def balanced_loader(dataset: Dataset, batch_size: int, seed: int, num_workers: int = 0, balanced: bool = True) -> DataLoader:
+    """Class-balanced batches (the paper's batches; every class forms a group in every batch);
+    ``balanced=False``: shuffled batches at the split's own class balance (``train.sampler=shuffle``)."""
+    sampler = ClassBalancedBatchSampler(dataset.labels, batch_size, seed=seed, balanced=balanced)
     return DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, persistent_workers=num_workers > 0)
 
 

@@ -28,6 +28,7 @@ from typing import Any, Literal, Mapping
 Grouping = Literal["random", "adaptive"]
 Schedule = Literal["cosine", "constant"]
 Augment = Literal["dihedral", "rotate"]
+Sampler = Literal["balanced", "shuffle"]
 StudentInit = Literal["scratch", "teacher"]
 StudentSites = Literal["wli", "all"]
 Aggregation = Literal["mean", "median", "trimmed_mean"]
@@ -140,6 +141,10 @@ class TrainConfig:
     # family (issue 21: the student stayed at chance, AUC 0.47, where 0 gave 0.885; docs/families.md).
     color_jitter: float = 0.0
     channels_last: bool = True  # on CUDA
+    # The WLI student's training batches: balanced (~batch_size / C images of each class, the
+    # paper's class groups; GKD-Pro needs them) | shuffle (the site's own class balance, each
+    # image once per epoch; CE-only runs). The teacher's batches are always balanced.
+    sampler: Sampler = "balanced"
 
 
 @dataclass
@@ -288,6 +293,12 @@ class Config:
             _choice(self, "train.schedule"),
             ("train.warmup_fraction", 0 <= self.train.warmup_fraction < 1, "in [0, 1)"),
             _choice(self, "train.augment"),
+            _choice(self, "train.sampler"),
+            (
+                "train.sampler",
+                self.train.sampler == "balanced" or not self.pagkd.use_pro,
+                "'balanced' with pagkd.use_pro=true (GKD-Pro's groups are the classes of a batch)",
+            ),
             ("train.color_jitter", 0 <= self.train.color_jitter < 1, "in [0, 1)"),
             (
                 "train.device",
@@ -597,6 +608,7 @@ __all__ = [
     "Aggregation",
     "Augment",
     "Grouping",
+    "Sampler",
     "Schedule",
     "StudentInit",
     "StudentSites",

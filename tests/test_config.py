@@ -283,6 +283,7 @@ def test_every_enumerated_key_lists_its_choices_once_and_validation_reads_them()
         "pagkd.grouping",
         "train.schedule",
         "train.augment",
+        "train.sampler",
         "fed.student_init",
         "fed.student_sites",
         "fed.aggregation",

@@ -521,3 +521,20 @@ def test_sites_are_built_lazily_so_memory_stays_flat_in_the_number_of_sites():
     assert peak < eager / 100, f"building 64 sites took {peak / 2**20:.0f} MiB: something renders or caches images eagerly"
     image, label = sites[-1].train[1_999]
     assert image.shape == (3, 64, 64) and 0 <= int(label) < cfg.data.num_classes
+
+
+def test_the_shuffled_sampler_takes_every_image_once_per_epoch_at_the_sites_own_balance():
+    from common.data import ClassBalancedBatchSampler
+
+    labels = np.array([0] * 30 + [1] * 6)  # a rare class stays rare (the balanced sampler repeats it)
+    sampler = ClassBalancedBatchSampler(labels, 8, seed=3, balanced=False)
+    sampler.set_epoch(1)
+    batches = list(sampler)
+    assert len(batches) == len(sampler) == 5 and sorted(j for b in batches for j in b) == list(range(36))
+    again = ClassBalancedBatchSampler(labels, 8, seed=3, balanced=False)
+    again.set_epoch(1)
+    assert list(again) == batches
+    again.set_epoch(2)
+    assert list(again) != batches
+    balanced = [j for b in ClassBalancedBatchSampler(labels, 8, seed=3) for j in b]
+    assert sum(labels[balanced] == 1) > 6  # the balanced one draws the rare class more often

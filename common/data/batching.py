@@ -5,7 +5,8 @@
 * :class:`BatchAugment`: endoscopy augmentation of a normalised batch [B, 3, H, W] on its
   device (dihedral or rotation, then brightness / contrast / saturation jitter).
 * :class:`ClassBalancedBatchSampler`: batches of ~``batch_size / C`` images per present class
-  (PaGKD's class groups), reproducible from ``(seed, epoch)``.
+  (PaGKD's class groups), reproducible from ``(seed, epoch)``; with ``balanced=False`` plain
+  shuffled batches (every image once per epoch, the site's own class balance), same interface.
 """
 
 from __future__ import annotations
@@ -137,7 +138,9 @@ class ClassBalancedBatchSampler(torch.utils.data.Sampler[list[int]]):
         batch_size: int,
         seed: int = 0,
         num_batches: int | None = None,
+        balanced: bool = True,
     ) -> None:
+        self.balanced = balanced
         labels_np = np.asarray(labels.cpu() if isinstance(labels, torch.Tensor) else labels, dtype=np.int64).reshape(-1)
         if labels_np.size == 0:
             raise DataError("ClassBalancedBatchSampler: labels is empty; the split has no images")
@@ -161,6 +164,11 @@ class ClassBalancedBatchSampler(torch.utils.data.Sampler[list[int]]):
 
     def __iter__(self) -> Iterator[list[int]]:
         rng = np.random.default_rng(np.random.SeedSequence([self.seed, self.epoch]))
+        if not self.balanced:  # one permutation of the split, cut into batches
+            order = rng.permutation(self.labels.size)
+            for start in range(0, min(self.num_batches * self.batch_size, order.size), self.batch_size):
+                yield [int(j) for j in order[start : start + self.batch_size]]
+            return
         k = len(self.classes)
         base, extra = divmod(self.batch_size, k)
         queues = [np.empty(0, dtype=np.int64) for _ in range(k)]
