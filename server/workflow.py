@@ -584,7 +584,7 @@ class Protocol:
             for n, r in replies.items()
         }
         if not hists:
-            log.warning("[evaluate %s, round %d] no site scored a test image; nothing recorded", model, round_)
+            log.warning("[evaluate %s, round %d] no site scored a %s image; nothing recorded", model, round_, split)
             return {}
         pooled = functools.reduce(operator.add, hists.values())
         result = {
