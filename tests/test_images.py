@@ -10,6 +10,7 @@ are kept between runs (``localhost/fedpagkd-base:bookworm``, ``deploy/docker/whe
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import subprocess
@@ -74,6 +75,10 @@ def images(tmp_path_factory) -> dict[str, float]:
     missing = _missing()
     if missing:
         pytest.skip(f"{', '.join(missing)} not installed (apt-get install podman runc debootstrap)")
+    # Opt-in: a cold build (debootstrap base, wheelhouse, two images) takes ~20 min on a 2-core
+    # machine, more than CI's 30-minute budget leaves beside the rest of the suite (25 min).
+    if os.environ.get("FEDPAGKD_IMAGE_TESTS") != "1":
+        pytest.skip("set FEDPAGKD_IMAGE_TESTS=1 to build and run the images (~8 min cached, ~20 min cold)")
     _base_image(tmp_path_factory.mktemp("base"))
     _wheelhouse()
     seconds = {}
