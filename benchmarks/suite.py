@@ -73,7 +73,7 @@ def run_arm(arm: str, data: dict[str, Any], overrides: dict[str, Any], seed: int
         sites = federation_sites(cfg)
         result = reference.train_and_test(
             reference.pooled(sites, "wli", "train"), reference.pooled(sites, "wli", "test"), cfg.data.num_classes, seed,
-            epochs=40, batch_size=32, lr=3e-3, weight_decay=5e-4,
+            **reference.RECIPE,
         )  # fmt: skip
         return {
             "auc": result["auc"],
