@@ -30,10 +30,11 @@ from common.losses import (
     pagkd_loss,
     prototype_regulariser,
 )
-from common.metrics import classification_metrics, confusion_matrix, selection_key
+from common.metrics import classification_metrics, confusion_matrix
 from common.models import LesionQueryHead, PaGKDNet, group_prototypes, group_view
 from common.optim import ProgressSchedule, build_optimizer
 from common.progress import progress, site_log
+from common.selection import Choice, prefer
 
 log = logging.getLogger(__name__)
 
@@ -90,14 +91,14 @@ class Span:
 
 class ValidationSelector:
     """Model selection on the validation split: after every epoch, score the network on
-    ``loader`` (:func:`common.metrics.selection_key`: a model that learned first, then macro
-    one-vs-rest AUC) and keep a copy of the best weights; :meth:`restore`
-    loads them back (without val images nothing is selected: the last epoch's weights stay).
-    The test split is never read here."""
+    ``loader`` and keep a copy of the weights :mod:`common.selection` prefers (the rule federated
+    rounds follow too); :meth:`restore` loads them back (without val images nothing is
+    selected: the last epoch's weights stay). The test split is never read here."""
 
     def __init__(self, net: PaGKDNet, loader: DataLoader, device: torch.device, amp: bool):
         self.net, self.loader, self.device, self.amp = net, loader, device, amp
-        self.best_epoch, self.best_state, self.best_key = -1, None, None
+        self.chosen: Choice | None = None
+        self.best_state: dict[str, torch.Tensor] | None = None
         self.history: list[float] = []
 
     def __call__(self, epoch: int) -> None:
@@ -106,16 +107,21 @@ class ValidationSelector:
         if len(labels) == 0:
             return
         confusion = confusion_matrix(labels, probs.argmax(axis=1), probs.shape[1])
-        key = selection_key({"pooled": classification_metrics(probs, labels), "histogram": {"confusion": confusion}})
-        self.history.append(key[1])
-        if self.best_key is None or key >= self.best_key:  # ties go to the later (longer-trained) epoch
-            self.best_key, self.best_epoch = key, epoch
+        candidate = Choice.of(epoch, {"pooled": classification_metrics(probs, labels), "histogram": {"confusion": confusion}})
+        self.history.append(candidate.val_auc)
+        if prefer(candidate, self.chosen):
+            self.chosen = candidate
             self.best_state = {k: v.detach().clone() for k, v in self.net.state_dict().items()}
+
+    @property
+    def best_epoch(self) -> int:
+        """The selected epoch (-1 before any was scored)."""
+        return self.chosen.step if self.chosen is not None else -1
 
     @property
     def best_auc(self) -> float:
         """Val AUC of the selected epoch (-inf before any was scored)."""
-        return self.best_key[1] if self.best_key is not None else -math.inf
+        return self.chosen.val_auc if self.chosen is not None else -math.inf
 
     def restore(self) -> None:
         if self.best_state is not None:

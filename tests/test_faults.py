@@ -234,7 +234,7 @@ def scripted(single_thread, tmp_path_factory):
 
     grid = ScriptedGrid([WLI0, WLI1, 105])
     protocol = Protocol(grid, tiny_config(), tmp_path_factory.mktemp("prop") / "run")
-    protocol.student, protocol.head = {"w": np.zeros(4, np.float32)}, {"h": np.zeros(2, np.float32)}
+    protocol.run_state.student, protocol.run_state.head = {"w": np.zeros(4, np.float32)}, {"h": np.zeros(2, np.float32)}
     return grid, protocol, SiteInfo
 
 
@@ -276,7 +276,7 @@ def test_no_reply_moves_the_aggregate_further_than_an_honest_site_could(
     dims = protocol.dims
     nodes = [WLI0, WLI1, 105]
     # The evaluation riding on student.train scores the val split (model selection).
-    protocol.sites = {
+    protocol.rounds.sites = {
         n: SiteInfo(n, f"s{n}", "wli", [d, 0, 0], [5, 5, 5], "v", val_counts=test_counts) for n, d in zip(nodes, declared)
     }
     protocol.channel.names = {n: f"s{n}" for n in nodes}
@@ -284,8 +284,8 @@ def test_no_reply_moves_the_aggregate_further_than_an_honest_site_could(
     request = make(
         "student.train",
         dims,
-        arrays={**protocol.bank, **protocol.class_prototypes},
-        weights={"student": protocol.student, "head": protocol.head},
+        arrays={**protocol.run_state.bank, **protocol.run_state.class_prototypes},
+        weights={"student": protocol.run_state.student, "head": protocol.run_state.head},
         config={
             "round": 2,
             "seed": 1,
@@ -311,19 +311,19 @@ def test_no_reply_moves_the_aggregate_further_than_an_honest_site_could(
         return [Message(to_recorddict(_update(dims, honest[i], declared[i], honest_hist)), reply_to=message)]
 
     grid.script = script
-    replies, dropped = protocol._exchange(
+    replies, dropped = protocol.rounds.exchange(
         "student",
         "student round 2",
         {n: request for n in nodes},
-        {"student": weight_shapes(protocol.student), "head": weight_shapes(protocol.head)},
+        {"student": weight_shapes(protocol.run_state.student), "head": weight_shapes(protocol.run_state.head)},
     )
     accepted = 105 in replies
     assert accepted == (not replay and 0 < claimed <= declared[2] and (hist_scale == 1 or sum(test_counts) == 0))
-    protocol._record_evaluation("student", 1, replies, "eval-examples", "val")
+    protocol.selection.record("student", 1, replies, "eval-examples", "val")
     if protocol.metrics["evaluation"]:
         assert protocol.metrics["evaluation"][-1]["pooled"]["num_examples"] == sum(test_counts) * len(replies)
     blocks = {"student": {"w": np.zeros(4, np.float32)}, "head": {"h": np.zeros(2, np.float32)}}
-    _, blocks = protocol._fedavg("student", "wli", replies, blocks)
+    _, blocks = protocol.rounds.fedavg("student", "wli", replies, blocks)
     n_honest = declared[0] + declared[1]
     honest_mean = (declared[0] * np.asarray(honest[0]) + declared[1] * np.asarray(honest[1])) / n_honest
     moved = np.linalg.norm(blocks["student"]["w"].astype(np.float64) - honest_mean)
