@@ -32,6 +32,7 @@ from common.config import config_from_mapping
 from common.files import atomic_write_json
 from common.losses import KnowledgeBank, den_target_spread
 from common.models import build_student, labelled_forward
+from common.results import RunResult
 from server.state import unflatten_blocks
 
 
@@ -56,7 +57,7 @@ def check_run(run: Path, max_images: int = 512) -> dict[str, Any]:
             if seen >= max_images:
                 break
     weights = np.array([p["tokens"] for p in parts], dtype=float)
-    metrics = json.loads((run / "metrics.json").read_text())
+    result = RunResult.read(run)
     return {
         "run": str(run),
         "codebook_size": cfg.pagkd.codebook_size,
@@ -66,8 +67,8 @@ def check_run(run: Path, max_images: int = 512) -> dict[str, Any]:
             for k in ("effective_keys", "admissible_keys", "centre_cosine", "target_agreement", "token_agreement")
         },
         "tokens": int(weights.sum()),
-        "val_auc": metrics["selection"]["student"]["val_auc"],
-        "test_auc": metrics["final"]["auc"],
+        "val_auc": result.selection["student"].val_auc,
+        "test_auc": result.final.auc,
     }
 
 

@@ -24,6 +24,7 @@ import common  # noqa: F401
 from benchmarks.centralised import environment
 from common.config import Config, config_from_flat, config_to_flat
 from common.presets import FAST
+from common.results import RunResult
 
 # Every method spelled out in full: none depends on the shipped default run.
 _PLAIN = {"pagkd.use_pro": False, "pagkd.use_den": False, "fed.student_init": "scratch"}
@@ -146,21 +147,19 @@ def run_once(overrides: dict[str, Any], runtime: str, run_dir: Path, name: str, 
         grid = InProcessGrid(synthetic_node_configs(cfg.data.nbi_sites + cfg.data.wli_sites), config_to_flat(cfg))
         grid.faults = faults(grid) if faults else {}
         run_federation(grid, cfg, run_dir / name, start)
-    metrics = json.loads((run_dir / name / "metrics.json").read_text())
+    result = RunResult.read(run_dir / name)
     return {
-        "final": {k: metrics["final"][k] for k in REPORTED},
+        "final": result.final.subset(REPORTED),
         # The selected NBI teacher's test figures with its confusion matrix (None without teacher rounds).
-        "final_teacher": metrics.get("final_teacher"),
-        "selection": metrics.get("selection"),
-        "auc_per_round": [
-            e["pooled"]["auc"] for e in metrics["evaluation"] if e["model"] == "student" and e.get("split") == "val"
-        ],
+        "final_teacher": result.final_teacher.to_json() if result.final_teacher else None,
+        "selection": {model: choice.to_json() for model, choice in result.selection.items()},
+        "auc_per_round": result.val_aucs("student"),
         "wall_s": time.time() - started,
-        "bytes": metrics["bytes"],
-        "bank_bytes": metrics["bank_bytes"],
-        "student_weights_bytes": metrics["student_weights_bytes"],
-        "bank_share_of_student_upload": metrics["bank_share_of_student_upload"],
-        "privacy": metrics.get("privacy"),
+        "bytes": result.bytes,
+        "bank_bytes": result.bank_bytes,
+        "student_weights_bytes": result.student_weights_bytes,
+        "bank_share_of_student_upload": result.bank_share_of_student_upload,
+        "privacy": result.privacy,
     }
 
 

@@ -22,7 +22,6 @@ overhead target at 4 sites. Writes benchmarks/results/scale.json and scale.png; 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import tempfile
 import threading
@@ -35,6 +34,7 @@ import common  # noqa: F401
 from benchmarks.centralised import environment
 from common.files import atomic_write_json
 from common.presets import SCALE
+from common.results import RunResult
 from server.processes import processes_with_env
 
 # The tiny heterogeneous sites of every N: common.presets.SCALE.
@@ -86,10 +86,11 @@ def _pss_bytes(pid: int) -> int:
     return 0
 
 
-def round_overheads(metrics: dict[str, Any], slots: int) -> list[dict[str, Any]]:
-    """Per teacher/student round: wall, slowest and summed site compute, both overheads."""
+def round_overheads(timing: list[dict[str, Any]], slots: int) -> list[dict[str, Any]]:
+    """Per teacher/student round of a run's ``timing`` (:attr:`common.results.RunResult.timing`):
+    wall, slowest and summed site compute, both overheads."""
     rows = []
-    for entry in metrics["timing"]:
+    for entry in timing:
         if entry["phase"] not in ("teacher", "student") or not entry["compute_s"]:
             continue
         compute = list(entry["compute_s"].values())
@@ -124,11 +125,11 @@ def run_size(label: str, overrides: dict[str, Any], sites: int, work: Path, cpus
     flower_work = work / f"flower-{label}"
     with RunMemory(flower_work / "flwr-home") as memory:
         result = simulate(config, sites, cpus_per_client, work_dir=flower_work, stream=False)
-    metrics = json.loads((result.run_dir / "metrics.json").read_text())
+    outcome = RunResult.read(result.run_dir)
     slots = max(1, min(sites, (os.cpu_count() or 1) // cpus_per_client))
-    rounds = round_overheads(metrics, slots)
+    rounds = round_overheads(outcome.timing, slots)
     student = [r for r in rounds if r["phase"] == "student"]
-    student_bytes = metrics["bytes"]["student"]
+    student_bytes = outcome.bytes["student"]
     return {
         "label": label,
         "sites": sites,
@@ -140,7 +141,7 @@ def run_size(label: str, overrides: dict[str, Any], sites: int, work: Path, cpus
         "peak_memory_bytes": memory.peak_bytes,
         "peak_memory_by_process": memory.peak_processes,
         "bytes_per_student_round": (student_bytes["sent"] + student_bytes["received"]) / max(len(student), 1),
-        "final_auc": (metrics["final"] or {}).get("auc"),
+        "final_auc": outcome.final.auc if outcome.final else None,
     }
 
 

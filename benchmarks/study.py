@@ -35,6 +35,7 @@ from benchmarks.federated import METHODS, REPORTED, run_config, run_once, teache
 from common.config import config_from_flat, config_from_mapping
 from common.files import atomic_write_json
 from common.metrics import paired_difference
+from common.results import RunResult
 
 DEFAULT_ARM = "fedavg_teacher_init"  # the Flower run config's default (pyproject.toml): FedAvg from the NBI teacher
 BASELINE_ARM = "fedavg_wli_only"
@@ -124,14 +125,13 @@ def current(arm: str, record: dict[str, Any] | None) -> bool:
 
 def finished_record(run: Path) -> dict[str, Any]:
     """A finished federated run folder's study record (as :func:`run_arm` returns it)."""
-    metrics = json.loads((run / "metrics.json").read_text())
-    final = {k: metrics["final"][k] for k in REPORTED}
+    result = RunResult.read(run)
     return {
-        "auc": final["auc"],
-        "final": final,
-        "wall_s": metrics.get("wall_time_s"),
-        "final_teacher": metrics.get("final_teacher"),
-        "selection": metrics.get("selection"),
+        "auc": result.final.auc,
+        "final": result.final.subset(REPORTED),
+        "wall_s": result.wall_time_s,
+        "final_teacher": result.final_teacher.to_json() if result.final_teacher else None,
+        "selection": {model: choice.to_json() for model, choice in result.selection.items()},
         "from": str(run),
     }
 

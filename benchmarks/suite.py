@@ -45,6 +45,7 @@ from client.site import federation_sites
 from common.config import config_from_flat
 from common.files import atomic_write_json
 from common.metrics import paired_difference
+from common.results import RunResult
 
 RESULTS = Path("benchmarks/results/suite")
 EMBEDDED = "embedded"
@@ -93,15 +94,15 @@ def run_arm(arm: str, data: dict[str, Any], overrides: dict[str, Any], seed: int
     method = METHODS["fedavg_wli_only"] if arm == "federated" else {}
     with tempfile.TemporaryDirectory(dir=run_dir) as folder:
         result = run_once({**data, **overrides, **method, "train.seed": seed}, "inprocess", Path(folder), "run")
-        metrics = json.loads((Path(folder) / "run" / "metrics.json").read_text())
-    students = metrics.get("student") or [{}]
+        outcome = RunResult.read(Path(folder) / "run")
+    students = outcome.student or [{}]
     return {
         "auc": result["final"]["auc"],
         "accuracy": result["final"]["accuracy"],
         "train_ce": students[-1].get("ce"),
         "selected_round": (result["selection"] or {}).get("student", {}).get("round"),
         "teacher_auc": (result["final_teacher"] or {}).get("auc"),
-        "not_learned": metrics.get("not_learned"),
+        "not_learned": outcome.not_learned,
         "wall_s": time.time() - started,
     }
 

@@ -11,7 +11,6 @@ or a bad value stops here, before Ray starts. Each job's run folder is its Hydra
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import common  # noqa: F401
 from common.config import config_from_mapping, config_to_flat, register_hydra_schema
+from common.results import RunResult
 from server.launch import simulate
 
 log = logging.getLogger("fedpagkd.experiment")
@@ -55,9 +55,9 @@ def main(conf: DictConfig) -> float:
         extra_env=env,
         stream=False,
     )
-    final = json.loads((result.run_dir / "metrics.json").read_text())["final"]
-    log.info("run %s %s in %.0f s: pooled WLI AUC %.4f", result.run_id, result.status, result.wall_s, final["auc"])
-    return float(final["auc"])
+    final = RunResult.read(result.run_dir).final
+    log.info("run %s %s in %.0f s: pooled WLI AUC %.4f", result.run_id, result.status, result.wall_s, final.auc)
+    return float(final.auc)
 
 
 if __name__ == "__main__":

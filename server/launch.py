@@ -22,7 +22,6 @@ student's rounds, and a run without student rounds reports no student figure.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import shutil
@@ -35,12 +34,11 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 from server.processes import (  # stdlib only; FLOWER_ENV, free_port and toml_value are read from here too
     FLOWER_ENV,  # noqa: F401
     FlowerCLI,
-    FlowerProcessError,
     cmdline,
     free_port,
     living_processes,
@@ -52,11 +50,12 @@ from server.processes import (  # stdlib only; FLOWER_ENV, free_port and toml_va
     toml_value,  # noqa: F401
 )
 
+from server.preflight import SimulationError, preflight
+
+if TYPE_CHECKING:  # the launcher itself loads no torch or numpy: main() imports them when it reads a result
+    from common.results import RunResult
+
 REPO = Path(__file__).resolve().parent.parent
-
-
-class SimulationError(FlowerProcessError):
-    """The run failed or could not be submitted; the message carries Flower's reason."""
 
 
 class Stopped(SimulationError):
@@ -208,79 +207,6 @@ def stop_superlink(port: int, grace_s: float = 10.0) -> None:
                 deadline = time.time() + wait
                 while time.time() < deadline and pid in _superlink_pids(port):
                     time.sleep(0.2)
-
-
-def preflight(
-    run_config: Mapping[str, Any], num_supernodes: int, cpus_per_client: int = 1, gpus_per_client: float = 0.0, report=print
-) -> dict[str, Any]:
-    """Refuse, before Ray starts, a run that cannot work here; the message lists every problem
-    and its fix. Checks the run config, the sites (synthetic or ``sites.toml``) against the
-    SuperNodes asked for, and the CPUs/GPUs asked for against this machine's. With
-    ``data.root`` it also checks every site's folder (:func:`client.sitecheck.check_federation`:
-    splits, class names, counts, modality declarations; no decoding) and passes one summary
-    table to ``report``. Returns the run-config keys the sites settle: with ``data.class_names``
-    empty, the class names they agree on (so every site and the server use that one list)."""
-    import common  # noqa: F401  (torchvision shim)
-    import torch
-    from client.sitecheck import check_federation, format_reports
-    from common.config import config_from_flat
-
-    from common.config import ConfigError
-
-    try:
-        cfg = config_from_flat(run_config)  # names an unknown key or a bad value
-    except ConfigError as err:
-        raise SimulationError(f"the run cannot start: {err}") from err
-    problems: list[str] = []
-    settled: dict[str, Any] = {}
-    if cfg.data.root:
-        reports, problems = check_federation(cfg.data.root, cfg)
-        if not reports:  # no readable sites.toml: nothing else can be checked
-            raise SimulationError("the run cannot start:\n  - " + "\n  - ".join(problems))
-        report(format_reports(reports, problems))
-        problems += [f"site '{r.name}': {p}" for r in reports for p in r.problems]
-        names = {r.class_names for r in reports if r.class_names}
-        if not cfg.data.class_names and len(names) == 1:
-            agreed = next(iter(names))
-            settled = {"data.class_names": ",".join(agreed), "data.num_classes": len(agreed)}
-        modalities = [r.modality for r in reports]
-        where = f"{cfg.data.root}/sites.toml"
-    else:
-        modalities = ["nbi"] * cfg.data.nbi_sites + ["wli"] * cfg.data.wli_sites
-        where = "data.nbi_sites + data.wli_sites"
-    if num_supernodes != len(modalities):
-        problems.append(
-            f"{num_supernodes} SuperNode(s) asked for but {where} gives {len(modalities)} site(s): "
-            f"one SuperNode per site (--supernodes {len(modalities)})"
-        )
-    distil = cfg.needs_nbi_sites
-    for modality, minimum, needed in (("nbi", cfg.fed.min_nbi_sites, distil), ("wli", cfg.fed.min_wli_sites, True)):
-        have = modalities.count(modality)
-        if needed and have < max(1, minimum):
-            fix = (
-                "add NBI sites, or train a WLI-only student: fed.student_init=scratch pagkd.use_pro=false pagkd.use_den=false"
-                if modality == "nbi"
-                else "add WLI sites"
-            )
-            problems.append(f"{have} {modality.upper()} site(s) in {where}, the run needs at least {max(1, minimum)}: {fix}")
-    if cfg.privacy.secure_aggregation and distil and modalities.count("nbi") < 2:
-        problems.append(
-            f"privacy.secure_aggregation needs >= 2 NBI sites ({where} gives {modalities.count('nbi')}): "
-            "a lone site's masked sum would be its own statistics; add NBI sites or set it to false"
-        )
-    cores = os.cpu_count() or 1
-    if cpus_per_client < 1 or cpus_per_client > cores:
-        problems.append(f"client-resources-num-cpus = {cpus_per_client}, this machine has {cores} CPU core(s): use 1..{cores}")
-    gpus = torch.cuda.device_count()
-    if gpus_per_client > 0 and gpus == 0:
-        problems.append(f"client-resources-num-gpus = {gpus_per_client} but no CUDA GPU is visible: use 0 (train.device=cpu)")
-    elif gpus_per_client > max(gpus, 1):
-        problems.append(f"client-resources-num-gpus = {gpus_per_client} > the {gpus} GPU(s) here: use a fraction such as 0.25")
-    if cfg.train.device.startswith("cuda") and gpus == 0:
-        problems.append(f"train.device = '{cfg.train.device}' but no CUDA GPU is visible: use train.device=auto or cpu")
-    if problems:
-        raise SimulationError("the run cannot start:\n  - " + "\n  - ".join(problems))
-    return settled
 
 
 def simulate(
@@ -440,57 +366,58 @@ def main(argv: list[str] | None = None) -> int:
     except SimulationError as err:
         print(f"FAILED: {err}", file=sys.stderr)
         return 1
-    metrics = json.loads((result.run_dir / "metrics.json").read_text())
+    from common.results import RunResult
+
+    outcome = RunResult.read(result.run_dir)
     print(f"\nrun {result.run_id} {result.status} in {result.wall_s:.0f} s -> {result.run_dir}")
-    for line in outcome_lines(metrics):
+    for line in outcome_lines(outcome):
         print(line)
-    return outcome_code(metrics)
+    return outcome_code(outcome)
 
 
 DEGRADED_EXIT = 3  # the run ended, but lost more sites than fed.min_site_share allows
 
 
-def outcome_lines(metrics: Mapping[str, Any]) -> list[str]:
+def outcome_lines(result: RunResult) -> list[str]:
     """The final lines: the selected student's test figure with its rounds (never a teacher's
     figure under the student's name) next to the NBI teacher's of the same run, any model that
     did not learn, the run's status and every lost site with its reasons."""
     lines = []
-    final, teacher = metrics.get("final"), metrics.get("final_teacher")
+    final, teacher = result.final, result.final_teacher
     if final:
         lines.append(
-            f"final pooled WLI student after {metrics.get('student_rounds', '?')} student round(s), round "
-            f"{final['selected_round']} selected on val: AUC {final['auc']:.4f}  ACC {final['accuracy']:.4f}  "
-            f"SENS {final['sensitivity']:.4f}  SPEC {final['specificity']:.4f}  (test split)"
+            f"final pooled WLI student after {result.student_rounds} student round(s), round "
+            f"{final.selected_round} selected on val: AUC {final.auc:.4f}  ACC {final.accuracy:.4f}  "
+            f"SENS {final.sensitivity:.4f}  SPEC {final.specificity:.4f}  (test split)"
         )
     else:
-        lines.append(f"no WLI student figure: {metrics.get('student_rounds', 0)} student round(s) ran (fed.student_rounds)")
+        lines.append(f"no WLI student figure: {result.student_rounds} student round(s) ran (fed.student_rounds)")
     if teacher:
         lines.append(
-            f"NBI teacher of this run (on NBI sites, not the student), round {teacher['selected_round']} selected on val: "
-            f"AUC {teacher['auc']:.4f}  ACC {teacher['accuracy']:.4f}"
+            f"NBI teacher of this run (on NBI sites, not the student), round {teacher.selected_round} selected on val: "
+            f"AUC {teacher.auc:.4f}  ACC {teacher.accuracy:.4f}"
         )
-    if metrics.get("knowledge") and "bank_share_of_student_upload" in metrics:  # a run that built a bank
-        lines.append(f"knowledge bank = {100 * metrics['bank_share_of_student_upload']:.3f} % of one student upload")
-    for model, problems in (metrics.get("not_learned") or {}).items():
+    if result.knowledge and result.student_weights_bytes:  # a run that built a bank
+        lines.append(f"knowledge bank = {100 * result.bank_share_of_student_upload:.3f} % of one student upload")
+    for model, problems in result.not_learned.items():
         lines.append(f"WARNING: the {model} did not learn: {'; '.join(problems)}")
-    if metrics.get("not_learned"):
-        lines.append(metrics.get("not_learned_fixes") or "")
-    status = metrics.get("status", "completed")
-    if status == "degraded":
-        verdict = "accepted" if metrics.get("accepted") else "NOT accepted"
+    if result.not_learned:
+        lines.append(result.not_learned_fixes)
+    if result.status == "degraded":
+        verdict = "accepted" if result.accepted else "NOT accepted"
         lines.append(
-            f"DEGRADED ({verdict}): {100 * metrics['site_share']:.0f} % of the discovered sites took part throughout, "
-            f"fed.min_site_share = {100 * metrics['min_site_share']:.0f} %"
+            f"DEGRADED ({verdict}): {100 * result.site_share:.0f} % of the discovered sites took part throughout, "
+            f"fed.min_site_share = {100 * result.min_site_share:.0f} %"
         )
-        for site in metrics.get("sites_lost", []):
-            reasons = "; ".join(f"{phase}: {v}" for phase, v in metrics["site_status"][site].items() if v.startswith("dropped"))
+        for site in result.sites_lost:
+            reasons = "; ".join(f"{phase}: {v}" for phase, v in result.site_status[site].items() if v.startswith("dropped"))
             lines.append(f"  lost '{site}': {reasons}")
     return lines
 
 
-def outcome_code(metrics: Mapping[str, Any]) -> int:
+def outcome_code(result: RunResult) -> int:
     """0 for a completed run or an accepted degraded one, :data:`DEGRADED_EXIT` otherwise."""
-    return 0 if metrics.get("status", "completed") == "completed" or metrics.get("accepted") else DEGRADED_EXIT
+    return 0 if result.status == "completed" or result.accepted else DEGRADED_EXIT
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """What a finished run leaves in its folder, and the figures it reports.
 
-:func:`run_summary` builds ``metrics.json``: the run's metrics with the traffic and timings, the
-bank's size against one student upload, the selected models' test figures (:func:`final_figures`),
+:func:`run_summary` builds ``metrics.json`` (a :class:`common.results.RunResult`): the run's
+metrics with the traffic and timings, the bank's size against one student upload, the selected models' test figures (:func:`final_figures`),
 what did not learn, the run's status (:func:`outcome`) and its privacy report.
 :func:`write_outputs` writes ``metrics.json``, ``egress.json``, ``config.json``, the student
 checkpoint (:mod:`common.checkpoint`) and the plots (:func:`write_plots`: AUC per round, pooled
@@ -10,6 +10,7 @@ and per site, and the final student's ROC; matplotlib is imported only then).
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -20,15 +21,17 @@ from common.config import Config, config_to_dict
 from common.data import default_class_names
 from common.files import atomic_write_json
 from common.metrics import ScoreHistogram, histogram_roc, learning_problems, not_learned_fixes, training_problems
+from common.results import METRICS_FILE, Figure, RunResult
 
 
-def _test_figure(metrics: Mapping[str, Any], model: str) -> dict[str, Any] | None:
+def _test_figure(metrics: Mapping[str, Any], model: str) -> Figure | None:
+    """``model``'s last test evaluation (the selected model's: the test split is read once)."""
     tests = [e for e in metrics["evaluation"] if e["model"] == model and e.get("split") == "test"]
     if not tests:
         return None
-    figure = {**tests[-1]["pooled"], "round": tests[-1]["round"], "confusion": tests[-1]["histogram"]["confusion"]}
-    figure["selected_round"] = metrics["selection"].get(model, {}).get("round", tests[-1]["round"])
-    return figure
+    last = tests[-1]
+    selected = metrics["selection"].get(model, {}).get("round", last["round"])
+    return Figure(last["pooled"], last["round"], last["histogram"]["confusion"], selected)
 
 
 def final_figures(metrics: Mapping[str, Any], student_rounds: int) -> dict[str, Any]:
@@ -38,7 +41,7 @@ def final_figures(metrics: Mapping[str, Any], student_rounds: int) -> dict[str, 
     student = _test_figure(metrics, "student")
     return {
         "final": student,
-        "final_student_round": student["selected_round"] if student else 0,
+        "final_student_round": student.selected_round if student else 0,
         "student_rounds": student_rounds,
         "final_teacher": _test_figure(metrics, "teacher"),
     }
@@ -95,25 +98,26 @@ def run_summary(
     min_site_share: float,
     privacy: dict[str, Any],
     data_root: str = "",
-) -> dict[str, Any]:
-    """``metrics.json`` of a finished run (``ledger``: :meth:`server.channel.Ledger.snapshot`)."""
+) -> RunResult:
+    """``metrics.json`` of a finished run: the protocol's ``metrics`` (its per-round records) and
+    what this adds (``ledger``: :meth:`server.channel.Ledger.snapshot`)."""
     student_bytes = int(sum(a.nbytes for a in student.values()))
     bank_bytes = int(sum(a.nbytes for a in bank.values()))
-    return {
-        **metrics,
-        "bytes": ledger["bytes"],
-        "timing": ledger["timing"],
-        "student_weights_bytes": student_bytes,
-        "bank_bytes": bank_bytes,
-        "bank_share_of_student_upload": bank_bytes / student_bytes,
-        "sites": sites,
-        "class_names": list(class_names),
+    return dataclasses.replace(
+        RunResult.from_json(metrics),
+        bytes=ledger["bytes"],
+        timing=ledger["timing"],
+        student_weights_bytes=student_bytes,
+        bank_bytes=bank_bytes,
+        bank_share_of_student_upload=bank_bytes / student_bytes,
+        sites=sites,
+        class_names=list(class_names),
         **final_figures(metrics, student_rounds),
         # Models that did not learn: a run says so rather than ending with a quiet number.
         **_not_learned_entries(metrics, len(class_names), data_root),
         **outcome(metrics, min_site_share),
-        "privacy": privacy,
-    }
+        privacy=privacy,
+    )
 
 
 def _not_learned_entries(metrics: Mapping[str, Any], num_classes: int, data_root: str) -> dict[str, Any]:
@@ -123,28 +127,28 @@ def _not_learned_entries(metrics: Mapping[str, Any], num_classes: int, data_root
 
 def write_outputs(
     run_dir: Path,
-    summary: dict[str, Any],
+    result: RunResult,
     egress: list[dict[str, Any]],
     cfg: Config,
     student: Mapping[str, np.ndarray],
     class_names: tuple[str, ...],
 ) -> None:
     """metrics.json, egress.json, config.json, the student checkpoint and the plots."""
-    atomic_write_json(run_dir / "metrics.json", summary)
+    atomic_write_json(run_dir / METRICS_FILE, result.to_json())
     atomic_write_json(run_dir / "egress.json", egress)
     atomic_write_json(run_dir / "config.json", config_to_dict(cfg))
     save_checkpoint(run_dir / STUDENT_CHECKPOINT, student, cfg, class_names)
-    write_plots(run_dir, summary)
+    write_plots(run_dir, result)
 
 
-def write_plots(run_dir: Path, summary: dict[str, Any]) -> list[Path]:
+def write_plots(run_dir: Path, result: RunResult) -> list[Path]:
     """auc.png and roc.png in the run folder (nothing when no student was evaluated)."""
     import matplotlib
 
     matplotlib.use("Agg")  # headless: sites and CI have no display
     import matplotlib.pyplot as plt
 
-    evaluations = [e for e in summary["evaluation"] if e["model"] == "student"]
+    evaluations = [e for e in result.evaluation if e["model"] == "student"]
     if not evaluations:
         return []
     rounds = [e["round"] for e in evaluations]
@@ -162,7 +166,7 @@ def write_plots(run_dir: Path, summary: dict[str, Any]) -> list[Path]:
 
     last = evaluations[-1]["histogram"]
     hist = ScoreHistogram(np.array(last["positives"]), np.array(last["negatives"]), np.array(last["confusion"]))
-    names = summary.get("class_names") or default_class_names(hist.num_classes)
+    names = result.class_names or default_class_names(hist.num_classes)
     fig, ax = plt.subplots(figsize=(5, 5))
     for c in range(hist.num_classes):
         fpr, tpr = histogram_roc(hist, c)

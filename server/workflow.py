@@ -44,6 +44,7 @@ from common.config import Config, config_to_flat
 from common.modality import Modality, Model, Phase
 from common.models import build_query_head, build_student, build_teacher
 from common.progress import MetricsBoard
+from common.results import RunResult
 from common.records import CLASS_PROTOTYPES, PROTOCOL_VERSION, dims_of, empty_statistics, make, weight_shapes
 from server import aggregation
 from server.accounting import privacy_spent
@@ -114,7 +115,7 @@ class Protocol:
 
     # ------------------------------------------------------------------ the run
 
-    def run(self) -> dict[str, Any]:
+    def run(self) -> RunResult:
         """The whole run, holding the run folder's lock (a second run with the same
         ``fed.run_name`` is refused while this one is alive)."""
         with RunLock(self.run_dir):
@@ -306,11 +307,11 @@ class Protocol:
             len(used),
         )
 
-    def finish(self) -> dict[str, Any]:
+    def finish(self) -> RunResult:
         """Final outputs (:mod:`server.outputs`): metrics.json, egress.json, config.json, the
         student checkpoint, plots."""
         state = self.run_state
-        summary = run_summary(
+        result = run_summary(
             state.metrics,
             self.ledger.snapshot(),
             state.student,
@@ -322,19 +323,19 @@ class Protocol:
             self.privacy_spent(),
             self.cfg.data.root,
         )
-        write_outputs(self.run_dir, summary, self.ledger.egress, self.cfg, state.student, self.class_names)
+        write_outputs(self.run_dir, result, self.ledger.egress, self.cfg, state.student, self.class_names)
         self.rounds.board.close()
-        for model, problems in summary["not_learned"].items():
-            log.warning("the %s did not learn: %s; %s", model, "; ".join(problems), summary["not_learned_fixes"])
-        if summary["status"] == "degraded":
+        for model, problems in result.not_learned.items():
+            log.warning("the %s did not learn: %s; %s", model, "; ".join(problems), result.not_learned_fixes)
+        if result.status == "degraded":
             log.warning(
                 "run DEGRADED (%.0f %% of the sites took part throughout, fed.min_site_share = %.0f %%): lost %s",
-                100 * summary["site_share"],
-                100 * summary["min_site_share"],
-                ", ".join(summary["sites_lost"]),
+                100 * result.site_share,
+                100 * result.min_site_share,
+                ", ".join(result.sites_lost),
             )
         log.info("run finished: %s", self.run_dir)
-        return summary
+        return result
 
     # ------------------------------------------------------------------ persistence
 
@@ -368,6 +369,6 @@ class Protocol:
         return privacy_spent(self.cfg.privacy, self.ledger.releases)
 
 
-def run_federation(grid: Grid, cfg: Config, run_dir: Path, start: RunState | None = None) -> dict[str, Any]:
+def run_federation(grid: Grid, cfg: Config, run_dir: Path, start: RunState | None = None) -> RunResult:
     run_dir.mkdir(parents=True, exist_ok=True)
     return Protocol(grid, cfg, run_dir, start).run()

@@ -70,7 +70,7 @@ def test_fedproto_sends_the_summed_class_prototypes_of_the_previous_round(tmp_pa
         assert np.array_equal(request.arrays["class_prototype_count"], expected_count)
         np.testing.assert_allclose(request.arrays["class_prototype_sum"], expected_sum, rtol=1e-6)
     # Round 2 trained against them: the total loss carries the regulariser on top of CE.
-    round2 = summary["student"][1]
+    round2 = summary.student[1]
     assert round2["loss"] > round2["ce"]
 
 
@@ -86,10 +86,10 @@ def test_the_joint_baseline_trains_on_both_modalities_and_evaluates_on_wli(tmp_p
     names = {101: "nbi-0", 102: "nbi-1", 103: "wli-0", 104: "wli-1"}
     trained = sorted({names[n] for n, p in received if p.kind == "student.update"})
     assert trained == ["nbi-0", "nbi-1", "wli-0", "wli-1"]
-    assert all(sorted(r["sites"]) == trained for r in summary["student"])
+    assert all(sorted(r["sites"]) == trained for r in summary.student)
     # NBI sites are never asked to score the student, and every student evaluation is WLI's.
     assert all(not p.config["evaluate"] for n, p in sent if p.kind == "student.train" and names[n].startswith("nbi"))
-    student_evals = [e for e in summary["evaluation"] if e["model"] == "student"]
+    student_evals = [e for e in summary.evaluation if e["model"] == "student"]
     assert student_evals and all(sorted(e["sites"]) == ["wli-0", "wli-1"] for e in student_evals)
     assert not [p for _, p in sent if p.kind in ("teacher.train", "knowledge.seed")]  # no teacher, no bank
 

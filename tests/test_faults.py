@@ -34,6 +34,7 @@ from client.wire import MESSAGE_TYPE, from_recorddict, to_recorddict
 from common.config import ConfigError, config_from_flat, config_to_flat
 from common.data import DataError, FolderSiteDataset, discover_class_names, has_split, load_image
 from common.records import CLASS_PROTOTYPES, Payload, PayloadError, empty_statistics, make, weight_shapes
+from common.results import RunResult
 from server import launch, processes, trust
 from server.app import run_folder
 from server.state import META, RunLock, StateError
@@ -81,10 +82,10 @@ def test_a_claimed_example_count_outside_the_declared_one_is_dropped(claimed, tm
     grid = make_grid(cfg)
     grid.faults[WLI0] = tampering(grid, "student.train", lambda p: p.config.update({"num-examples": claimed}))
     summary = run_federation(grid, cfg, tmp_path / "run")  # no "weights sum to 0" crash
-    status = summary["site_status"]["wli-0"]["student"]
+    status = summary.site_status["wli-0"]["student"]
     assert status.startswith("dropped") and f"num-examples = {claimed}" in status and "declared 24" in status
-    assert summary["student"][-1]["sites"] == ["wli-1"]
-    assert summary["status"] == "degraded" and summary["sites_lost"] == ["wli-0"]
+    assert summary.student[-1]["sites"] == ["wli-1"]
+    assert summary.status == "degraded" and summary.sites_lost == ["wli-0"]
     # The global model is the honest site's, not the claimant's.
     hostile = student_weights_of(grid, WLI0)
     name = next(k for k, v in hostile.items() if v.dtype.kind == "f" and v.ndim >= 2)
@@ -104,9 +105,9 @@ def test_scaled_evaluation_histograms_are_dropped(tmp_path):
 
     grid.faults[WLI0] = tampering(grid, "evaluate", scale)
     summary = run_federation(grid, cfg, tmp_path / "run")
-    assert "evaluated the 'val' split" in summary["site_status"]["wli-0"]["evaluate"]
-    assert summary["final"]["num_examples"] == cfg.data.test_per_site  # the honest site's images only
-    assert list(summary["evaluation"][-1]["sites"]) == ["wli-1"]
+    assert "evaluated the 'val' split" in summary.site_status["wli-0"]["evaluate"]
+    assert summary.final.pooled["num_examples"] == cfg.data.test_per_site  # the honest site's images only
+    assert list(summary.evaluation[-1]["sites"]) == ["wli-1"]
 
 
 def test_a_histogram_with_the_right_total_but_the_wrong_class_counts_is_dropped():
@@ -151,8 +152,8 @@ def test_a_round_1_reply_replayed_in_round_2_is_ignored(tmp_path, caplog):
     with caplog.at_level("WARNING", logger="fedpagkd.server"):
         summary = run_federation(grid, cfg, tmp_path / "run")
     assert "answers no request of this round" in caplog.text
-    assert summary["site_status"]["wli-0"]["student"].startswith("dropped in student round 2: no reply")
-    assert summary["student"][1]["sites"] == ["wli-1"]
+    assert summary.site_status["wli-0"]["student"].startswith("dropped in student round 2: no reply")
+    assert summary.student[1]["sites"] == ["wli-1"]
 
 
 def test_two_replies_to_one_request_are_both_refused(tmp_path):
@@ -168,7 +169,7 @@ def test_two_replies_to_one_request_are_both_refused(tmp_path):
 
     grid = TwiceGrid(synthetic_node_configs(4), config_to_flat(cfg))
     summary = run_federation(grid, cfg, tmp_path / "run")
-    assert "more than one reply" in summary["site_status"]["wli-0"]["student"]
+    assert "more than one reply" in summary.site_status["wli-0"]["student"]
 
 
 def test_two_sites_with_one_name_are_both_dropped_at_discovery(tmp_path):
@@ -707,9 +708,9 @@ def test_a_site_whose_clientapp_crashed_is_asked_again(tmp_path, caplog, resends
     assert len(asked) == 1 + min(crashes, resends)
     assert len({m.metadata.message_id for m in asked}) == len(asked)  # a new message each time
     assert caplog.text.count("asking again") == min(crashes, resends)
-    status = summary["site_status"]["wli-0"]["student"]
+    status = summary.site_status["wli-0"]["student"]
     if kept:
-        assert status == "took part" and summary["student"][0]["sites"] == ["wli-0", "wli-1"]
+        assert status == "took part" and summary.student[0]["sites"] == ["wli-0", "wli-1"]
         assert "dropped site 'wli-0'" not in caplog.text
     else:
         assert status == "dropped in student round 1: ClientApp error: ClientApp stopped responding."
@@ -723,7 +724,7 @@ def test_a_clientapp_exception_is_not_asked_again(tmp_path):
     grid.faults[WLI0] = _crashing(grid, "student.train", 1, code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION)
     summary = run_federation(grid, cfg, tmp_path / "run")
     asked = [m for m in grid.sent if m.metadata.dst_node_id == WLI0 and m.metadata.message_type == MESSAGE_TYPE["student.train"]]
-    assert len(asked) == 1 and summary["site_status"]["wli-0"]["student"].startswith("dropped in student round 1")
+    assert len(asked) == 1 and summary.site_status["wli-0"]["student"].startswith("dropped in student round 1")
 
 
 def test_a_statistics_request_asked_again_counts_as_another_release(tmp_path):
@@ -734,7 +735,7 @@ def test_a_statistics_request_asked_again_counts_as_another_release(tmp_path):
     crashed = run_federation(grid, cfg, tmp_path / "crashed")
     releases = {name: json.loads((tmp_path / name / "ledger.json").read_text())["releases"] for name in ("plain", "crashed")}
     assert releases["crashed"] == {**releases["plain"], "nbi-0": releases["plain"]["nbi-0"] + 1}
-    assert crashed["final"] == plain["final"]  # the same request, the same reply: the same run
+    assert crashed.final == plain.final  # the same request, the same reply: the same run
 
 
 @pytest.mark.parametrize("share, accepted", [(1.0, False), (0.5, True)])
@@ -749,23 +750,25 @@ def test_a_lost_site_makes_the_run_degraded_and_the_launcher_says_so(tmp_path, s
     assert metrics["site_status"]["wli-0"]["student"] == "dropped in student round 1: cannot read /data/x.png"
     assert metrics["site_status"]["wli-1"] == {"discover": "took part", "student": "took part", "evaluate": "took part"}
     assert metrics["site_status"]["nbi-0"]["teacher"] == "took part"
-    assert launch.outcome_code(metrics) == (0 if accepted else launch.DEGRADED_EXIT)
-    lines = "\n".join(launch.outcome_lines(metrics))
+    assert launch.outcome_code(RunResult.from_json(metrics)) == (0 if accepted else launch.DEGRADED_EXIT)
+    lines = "\n".join(launch.outcome_lines(RunResult.from_json(metrics)))
     assert "DEGRADED" in lines and "lost 'wli-0'" in lines and "cannot read /data/x.png" in lines
-    assert summary["site_share"] == 0.75
+    assert summary.site_share == 0.75
 
 
 def test_a_complete_run_is_completed_and_exits_0(finished_run):
     metrics = json.loads((finished_run[1] / "metrics.json").read_text())
-    assert metrics["status"] == "completed" and metrics["sites_lost"] == [] and launch.outcome_code(metrics) == 0
+    result = RunResult.read(finished_run[1])
+    assert result.to_json() == metrics and list(result.to_json()) == list(metrics)  # metrics.json back, key order too
+    assert metrics["status"] == "completed" and metrics["sites_lost"] == [] and launch.outcome_code(result) == 0
     assert all(v == "took part" for phases in metrics["site_status"].values() for v in phases.values())
-    assert "after 1 student round(s)" in launch.outcome_lines(metrics)[0]
+    assert "after 1 student round(s)" in launch.outcome_lines(result)[0]
 
 
 def test_no_student_rounds_reports_no_student_figure(tmp_path):
     cfg = tiny_config(**{"fed.student_rounds": 0})
     summary = run_federation(make_grid(cfg), cfg, tmp_path / "run")
-    assert summary["final"] is None and summary["final_teacher"] is not None
+    assert summary.final is None and summary.final_teacher is not None
     lines = launch.outcome_lines(summary)
     assert lines[0].startswith("no WLI student figure: 0 student round(s)")
     assert not any("student after" in line for line in lines)
@@ -909,7 +912,7 @@ def test_a_site_name_with_a_newline_is_dropped_at_discovery_and_forges_no_log_li
     assert "site name 'wli-1\\n2026" in caplog.text  # named, escaped
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     names = set(metrics["site_status"]) | {s for r in metrics["student"] for s in r["sites"]}
-    assert not any("\n" in name for name in names) and summary["student"][-1]["sites"] == ["wli-0"]
+    assert not any("\n" in name for name in names) and summary.student[-1]["sites"] == ["wli-0"]
 
 
 def test_an_unknown_record_in_a_reply_is_refused_like_an_unknown_array(tmp_path):
@@ -926,7 +929,7 @@ def test_an_unknown_record_in_a_reply_is_refused_like_an_unknown_array(tmp_path)
 
     grid.faults[WLI0] = extra
     summary = run_federation(grid, cfg, tmp_path / "run")
-    status = summary["site_status"]["wli-0"]["student"]
+    status = summary.site_status["wli-0"]["student"]
     assert status.startswith("dropped") and "unexpected record(s) ['smuggled']" in status
     content = to_recorddict(Payload("discover", config={"protocol": 5}))
     content["smuggled"] = ConfigRecord({"note": "anything"})
@@ -1196,9 +1199,9 @@ def test_a_student_that_did_not_learn_is_named_in_metrics_and_on_the_final_line(
     for node_id in (WLI0, WLI0 + 1):
         grid.faults[node_id] = tampering(grid, "student.train", zero_classifier)
     summary = run_federation(grid, cfg, tmp_path / "run")
-    problems = summary["not_learned"]["student"]
+    problems = summary.not_learned["student"]
     assert any("at chance" in p for p in problems) and any("collapsed" in p for p in problems), problems
-    assert set(summary["selection"]["student"]["problems"]) <= set(problems)  # and the training CE's, if any
+    assert set(summary.selection["student"].problems) <= set(problems)  # and the training CE's, if any
     lines = "\n".join(launch.outcome_lines(summary))
     assert "WARNING: the student did not learn" in lines and "at chance" in lines
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["not_learned"]["student"] == problems

@@ -102,7 +102,7 @@ def test_round_overheads_of_the_scale_benchmark():
             {"phase": "teacher", "round": 1, "sites": 2, "wall_s": 5.0, "compute_s": {}},  # no declared compute: skipped
         ]
     }
-    (row,) = round_overheads(metrics, slots=2)
+    (row,) = round_overheads(metrics["timing"], slots=2)
     assert (row["phase"], row["round"], row["slowest_site_s"], row["sum_compute_s"]) == ("student", 1, 6.0, 16.0)
     assert row["overhead_vs_slowest"] == pytest.approx(0.4)  # (10 - 6) / 10
     assert row["overhead_vs_packed"] == pytest.approx(0.2)  # (10 - 16 / 2) / 10

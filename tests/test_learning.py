@@ -17,6 +17,7 @@ from benchmarks.families import FAMILIES, render, write_family
 from client.site import federation_sites
 from common.config import config_from_flat
 from common.metrics import CHANCE_CE_SHARE, training_problems
+from common.results import RunResult
 from server import launch
 from server.outputs import not_learned
 
@@ -55,7 +56,7 @@ def test_without_a_val_split_the_test_figure_and_the_training_ce_say_it_did_not_
 
 def test_the_launcher_prints_the_likely_fixes_of_a_run_that_did_not_learn():
     metrics = {"not_learned": {"student": ["training CE 0.68 ..."]}, "not_learned_fixes": "likely fixes: X"}
-    lines = launch.outcome_lines(metrics)
+    lines = launch.outcome_lines(RunResult.from_json(metrics))
     assert any(line.startswith("WARNING: the student did not learn") for line in lines)
     assert "likely fixes: X" in lines
 
@@ -128,8 +129,8 @@ def test_the_default_federated_run_learns_on_a_family_that_is_not_the_embedded_d
     )
     grid = InProcessGrid(synthetic_node_configs(4), config_to_flat(cfg))
     summary = run_federation(grid, cfg, tmp_path / "run")
-    ce, auc = summary["student"][-1]["ce"], summary["final"]["auc"]
-    print(f"seed {seed}: student CE {ce:.3f} (ln 2 = 0.693), test AUC {auc:.3f}, not learned: {summary['not_learned']}")
-    assert ce < 0.75 * math.log(2), summary["student"]
-    assert auc > 0.7, summary["final"]
-    assert "student" not in summary["not_learned"]
+    ce, auc = summary.student[-1]["ce"], summary.final.auc
+    print(f"seed {seed}: student CE {ce:.3f} (ln 2 = 0.693), test AUC {auc:.3f}, not learned: {summary.not_learned}")
+    assert ce < 0.75 * math.log(2), summary.student
+    assert auc > 0.7, summary.final
+    assert "student" not in summary.not_learned

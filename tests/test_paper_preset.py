@@ -67,9 +67,9 @@ def test_the_paper_preset_runs_every_federated_phase_at_its_shapes(tmp_path, sin
 
     grid = InProcessGrid(synthetic_node_configs(cfg.data.nbi_sites + cfg.data.wli_sites), config_to_flat(cfg))
     summary = run_federation(grid, cfg, tmp_path / "run")
-    assert summary["status"] == "completed" and summary["final"] is not None
-    assert [entry["round"] for entry in summary["teacher"]] == [1] and len(summary["student"]) == 1
-    assert summary["knowledge"], "no knowledge round ran"
-    last = summary["student"][-1]
+    assert summary.status == "completed" and summary.final is not None
+    assert [entry["round"] for entry in summary.teacher] == [1] and len(summary.student) == 1
+    assert summary.knowledge, "no knowledge round ran"
+    last = summary.student[-1]
     assert last["den"] > 0 and last["pro"] > 0, last  # both group terms computed at 448 px
     assert (tmp_path / "run" / "metrics.json").is_file()

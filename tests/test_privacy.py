@@ -216,7 +216,7 @@ def test_a_dp_run_reports_each_sites_releases_and_epsilon(tmp_path):
     cfg = tiny_config(privacy__noise_multiplier=1.0)
     grid = InProcessGrid(synthetic_node_configs(4), config_to_flat(cfg))
     summary = run_federation(grid, cfg, tmp_path / "dp")
-    privacy = summary["privacy"]
+    privacy = summary.privacy
     expected = 1 + cfg.pagkd.kmeans_iters  # seeds + one release per Lloyd step
     assert privacy["releases"] == {"nbi-0": expected, "nbi-1": expected}
     assert 0 < privacy["max_epsilon"] < float("inf")
@@ -242,11 +242,11 @@ def test_releases_of_an_interrupted_refresh_stay_counted_after_resume(tmp_path):
     summary = run_federation(InProcessGrid(synthetic_node_configs(4), config_to_flat(cfg)), cfg, run_dir)
     per_refresh = 1 + cfg.pagkd.kmeans_iters
     # Asked in the crashed refresh: seeds + 2 steps for nbi-0 (asked before nbi-1 crashed the server), seeds + 2 for nbi-1.
-    assert summary["privacy"]["releases"] == {"nbi-0": 2 * per_refresh, "nbi-1": 2 * per_refresh}
+    assert summary.privacy["releases"] == {"nbi-0": 2 * per_refresh, "nbi-1": 2 * per_refresh}
     # The audit log keeps the crashed refresh's messages: every knowledge message of both attempts.
     egress = json.loads((run_dir / "egress.json").read_text())
     seeds = [e for e in egress if e["kind"] == "knowledge.seeds"]
-    assert len(seeds) == 4 and len(egress) == sum(e["messages"] for e in summary["bytes"].values())
+    assert len(seeds) == 4 and len(egress) == sum(e["messages"] for e in summary.bytes.values())
 
 
 # ------------------------------------------------------------------ secure aggregation, protocol

@@ -161,24 +161,24 @@ def test_full_run_records_bytes_per_phase(full_run):
     summary, grid = full_run["summary"], full_run["grid"]
     # evaluate: the last teacher and the last student on val, the selected student on test.
     phases = {"discover": 4, "teacher": 2, "knowledge": 2 * (1 + full_run["cfg"].pagkd.kmeans_iters), "student": 2, "evaluate": 6}
-    assert set(summary["bytes"]) == set(phases)
+    assert set(summary.bytes) == set(phases)
     for phase, requests in phases.items():
-        entry = summary["bytes"][phase]
+        entry = summary.bytes[phase]
         assert entry["messages"] == 2 * requests, phase  # every request answered
         assert entry["sent"] > 0 and entry["received"] > 0, phase
-    student_bytes = summary["student_weights_bytes"]
-    assert summary["bytes"]["student"]["received"] >= 2 * student_bytes
-    assert summary["bytes"]["student"]["sent"] >= 2 * (student_bytes + summary["bank_bytes"])
-    assert 0 < summary["bank_share_of_student_upload"] < 1
-    assert sum(e["messages"] for e in summary["bytes"].values()) == len(grid.sent) + len(grid.received)
+    student_bytes = summary.student_weights_bytes
+    assert summary.bytes["student"]["received"] >= 2 * student_bytes
+    assert summary.bytes["student"]["sent"] >= 2 * (student_bytes + summary.bank_bytes)
+    assert 0 < summary.bank_share_of_student_upload < 1
+    assert sum(e["messages"] for e in summary.bytes.values()) == len(grid.sent) + len(grid.received)
 
 
 def test_full_run_times_every_exchange_with_each_sites_compute(full_run):
     summary, cfg = full_run["summary"], full_run["cfg"]
-    timing = summary["timing"]
+    timing = summary.timing
     assert [(t["phase"], t["round"]) for t in timing if t["phase"] in ("teacher", "student")] == [("teacher", 1), ("student", 1)]
     # knowledge: seeds + Lloyd steps; evaluate: teacher val, student val, student test
-    assert len(timing) == sum(1 for e in summary["bytes"].values()) + cfg.pagkd.kmeans_iters + 2
+    assert len(timing) == sum(1 for e in summary.bytes.values()) + cfg.pagkd.kmeans_iters + 2
     for entry in timing:
         assert entry["wall_s"] > 0
         assert len(entry["compute_s"]) == entry["sites"], entry  # every site declared its handler's time
@@ -214,8 +214,8 @@ def test_one_faulty_wli_site_is_dropped_and_the_run_completes(fault, tmp_path, c
     tamper, reason = FAULTS[fault]
     grid.faults[WLI0] = on_student(grid, tamper)
     summary = run_federation(grid, cfg, tmp_path / "run")
-    assert summary["student"][0]["sites"] == ["wli-1"]
-    assert summary["final"] is not None
+    assert summary.student[0]["sites"] == ["wli-1"]
+    assert summary.final is not None
     assert (tmp_path / "run" / "metrics.json").is_file()
     dropped = [r.getMessage() for r in caplog.records if "dropped site 'wli-0'" in r.getMessage()]
     assert dropped, [r.getMessage() for r in caplog.records]
@@ -260,7 +260,7 @@ def test_a_poisoned_update_is_dropped_as_a_norm_outlier(tmp_path, caplog):
 
     grid.faults[WLI2] = on_student(grid, scale)
     summary = run_federation(grid, cfg, tmp_path / "run")
-    assert sorted(summary["student"][0]["sites"]) == ["wli-0", "wli-1"]
+    assert sorted(summary.student[0]["sites"]) == ["wli-0", "wli-1"]
     messages = [r.getMessage() for r in caplog.records]
     assert any("dropped site 'wli-2'" in m and "norm" in m for m in messages), messages
     # The global model sent for evaluation is the average of the honest updates, not blown up.
@@ -289,8 +289,8 @@ def _run_with_newer_protocol_site(tmp_path):
 
 def test_a_site_speaking_another_protocol_is_dropped_at_discovery(tmp_path):
     grid, summary = _run_with_newer_protocol_site(tmp_path)
-    assert sorted(s["name"] for s in summary["sites"]) == ["nbi-0", "nbi-1", "wli-0"]
-    assert summary["student"][0]["sites"] == ["wli-0"]
+    assert sorted(s["name"] for s in summary.sites) == ["nbi-0", "nbi-1", "wli-0"]
+    assert summary.student[0]["sites"] == ["wli-0"]
     assert not [m for m in grid.sent if m.metadata.dst_node_id == WLI1 and m.metadata.message_type != MESSAGE_TYPE["discover"]]
 
 
@@ -356,8 +356,8 @@ def test_a_late_reply_is_dropped_from_its_round_and_ignored_when_it_arrives(tmp_
     grid = LateGrid(synthetic_node_configs(cfg.data.nbi_sites + cfg.data.wli_sites), config_to_flat(cfg))
     grid.faults[WLI0] = late_in_student_round(grid, 1)
     summary = run_federation(grid, cfg, tmp_path / "run")
-    assert [(e["round"], e["sites"]) for e in summary["student"]] == [(1, ["wli-1"]), (2, ["wli-0", "wli-1"])]
-    assert summary["final"] is not None
+    assert [(e["round"], e["sites"]) for e in summary.student] == [(1, ["wli-1"]), (2, ["wli-0", "wli-1"])]
+    assert summary.final is not None
     messages = [r.getMessage() for r in caplog.records]
     assert "[student] dropped site 'wli-0': no reply within 30 s (fed.round_timeout)" in messages, messages
     assert any("[student] ignored a reply from 'wli-0'" in m for m in messages), messages
@@ -365,7 +365,7 @@ def test_a_late_reply_is_dropped_from_its_round_and_ignored_when_it_arrives(tmp_
     # The stale update was never parsed nor counted: one update of wli-0 (round 2), two of wli-1.
     egress = json.loads((tmp_path / "run" / "egress.json").read_text())
     assert Counter(e["site"] for e in egress if e["kind"] == "student.update") == {"wli-0": 1, "wli-1": 2}
-    assert summary["bytes"]["student"]["messages"] == 2 * 2 + 3
+    assert summary.bytes["student"]["messages"] == 2 * 2 + 3
 
 
 # ------------------------------------------------------------------------------------ resume
@@ -429,8 +429,8 @@ def test_a_crashed_run_resumes_at_the_last_finished_round(resumed):
     assert sent[MESSAGE_TYPE["teacher.train"]] == 0, "teacher rounds were re-run"
     assert sent[MESSAGE_TYPE["knowledge.seed"]] == sent[MESSAGE_TYPE["knowledge.stats"]] == 0, "the bank was rebuilt"
     assert sent[MESSAGE_TYPE["student.train"]] == 2 * 2  # rounds 2 and 3, two WLI sites
-    assert [e["round"] for e in summary["student"]] == [1, 2, 3]
-    assert [(e["model"], e["round"], e["split"]) for e in summary["evaluation"]] == [
+    assert [e["round"] for e in summary.student] == [1, 2, 3]
+    assert [(e["model"], e["round"], e["split"]) for e in summary.evaluation] == [
         ("teacher", 1, "val"),
         ("teacher", 1, "test"),
         ("student", 1, "val"),
@@ -438,7 +438,7 @@ def test_a_crashed_run_resumes_at_the_last_finished_round(resumed):
         ("student", 3, "val"),
         ("student", 3, "test"),
     ]
-    assert len(summary["teacher"]) == 1 and len(summary["knowledge"]) == 1
+    assert len(summary.teacher) == 1 and len(summary.knowledge) == 1
     assert json.loads((run_dir / META).read_text())["progress"] == {"teacher_rounds": 1, "refreshes": 1, "student_rounds": 3}
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert [e["round"] for e in metrics["student"]] == [1, 2, 3]
@@ -457,8 +457,8 @@ def test_a_crashed_run_resumes_at_the_last_finished_round(resumed):
 def test_the_egress_log_of_a_resumed_run_lists_every_message(resumed):
     summary, run_dir = resumed["summary"], resumed["run_dir"]
     egress = json.loads((run_dir / "egress.json").read_text())
-    assert len(egress) == sum(e["messages"] for e in summary["bytes"].values())
-    assert [e["round"] for e in summary["student"]] == [1, 2, 3]
+    assert len(egress) == sum(e["messages"] for e in summary.bytes.values())
+    assert [e["round"] for e in summary.student] == [1, 2, 3]
     rounds = [e["config"].get("round") for e in egress if e["kind"] == "student.train"]
     assert sorted(set(rounds)) == [1, 2, 3]
 
@@ -467,7 +467,7 @@ def test_the_egress_log_of_a_resumed_run_lists_every_message(resumed):
 def test_a_resumed_run_ends_where_an_uninterrupted_one_does(resumed, tmp_path):
     cfg = resumed["cfg"]
     whole = run_federation(make_grid(cfg), cfg, tmp_path / "whole")
-    assert [e["pooled"] for e in whole["evaluation"]] == [e["pooled"] for e in resumed["summary"]["evaluation"]]
+    assert [e["pooled"] for e in whole.evaluation] == [e["pooled"] for e in resumed["summary"].evaluation]
     from safetensors.numpy import load_file
 
     a, b = load_file(str(tmp_path / "whole" / STUDENT_CHECKPOINT)), load_file(str(resumed["run_dir"] / STUDENT_CHECKPOINT))
@@ -648,11 +648,11 @@ def test_results_do_not_depend_on_the_order_replies_arrive_in(tmp_path):
     forward = run_federation(make_grid(cfg), cfg, tmp_path / "forward")
     backward_grid = ReversedGrid(synthetic_node_configs(cfg.data.nbi_sites + cfg.data.wli_sites), config_to_flat(cfg))
     backward = run_federation(backward_grid, cfg, tmp_path / "backward")
-    assert forward["bank_bytes"] == backward["bank_bytes"]
+    assert forward.bank_bytes == backward.bank_bytes
     a = load_checkpoint(tmp_path / "forward" / STUDENT_CHECKPOINT)[0].state_dict()
     b = load_checkpoint(tmp_path / "backward" / STUDENT_CHECKPOINT)[0].state_dict()
     assert all(np.array_equal(a[k].numpy(), b[k].numpy()) for k in a), "the student depends on reply order"
-    assert forward["final"]["auc"] == backward["final"]["auc"]
+    assert forward.final.auc == backward.final.auc
 
 
 def test_a_student_started_from_the_teacher_gets_the_federated_teacher(single_thread, tmp_path):
@@ -668,7 +668,7 @@ def test_a_student_started_from_the_teacher_gets_the_federated_teacher(single_th
     for name in teacher:
         np.testing.assert_array_equal(student[name], teacher[name], err_msg=name)
     assert not any(p.kind.startswith("knowledge") for p in sent), "no bank without distillation"
-    assert [(e["model"], e["round"], e["split"]) for e in summary["evaluation"]] == SELECTED_ONE_ROUND
+    assert [(e["model"], e["round"], e["split"]) for e in summary.evaluation] == SELECTED_ONE_ROUND
 
 
 def test_student_init_from_a_different_backbone_is_refused():
@@ -682,11 +682,11 @@ def test_the_student_of_the_best_val_round_is_selected_and_only_it_is_tested(sin
     cfg = tiny_config(**{"fed.student_rounds": 3, "pagkd.use_pro": False, "pagkd.use_den": False})
     grid = make_grid(cfg)
     summary = run_federation(grid, cfg, tmp_path / "run")
-    vals = [e for e in summary["evaluation"] if e["model"] == "student" and e["split"] == "val"]
+    vals = [e for e in summary.evaluation if e["model"] == "student" and e["split"] == "val"]
     assert [e["round"] for e in vals] == [1, 2, 3]
     keys = [selection_key(e) for e in vals]  # learned first, then AUC
     best = max(r for r, key in zip((1, 2, 3), keys) if key == max(keys))
-    assert summary["selection"]["student"]["round"] == best == summary["final"]["selected_round"]
+    assert summary.selection["student"].step == best == summary.final.selected_round
     # The global student of round r is what round r + 1's request carried (round 3's: the val evaluate).
     sent = parsed(grid.sent)
     globals_of = {
