@@ -27,6 +27,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 
 from client import policy
+from client.baselines import loss_terms, student_modalities
 from client.egress import logged
 from client.knowledge import SiteKnowledge, extract_site_knowledge, knowledge_seeds, knowledge_sums
 from client.site import SiteData, resolve_site
@@ -346,16 +347,11 @@ def _masked(sums: dict[str, np.ndarray], site: SiteData, request: Payload, local
     return secagg.mask(secagg.encode_fixed_point(sums), masks)
 
 
-def student_modalities(cfg: Config) -> tuple[str, ...]:
-    """WLI sites train the student; NBI sites too in the joint cross-modal baseline."""
-    return ("wli", "nbi") if cfg.fed.student_sites == "all" else ("wli",)
-
-
 @app.train("student")
 @handles("student.train", student_modalities)
 def student_round(request: Payload, site: SiteData, cfg: Config, dims: Dims, context: Context) -> Payload:
-    """Local student epochs with CE + GKD-Pro + GKD-Den against the NBI bank (WLI sites; the
-    FedProto-style baseline adds its prototype regulariser)."""
+    """Local student epochs with CE + GKD-Pro + GKD-Den against the NBI bank, plus the loss terms
+    of the baseline plug-ins the config turns on (:mod:`client.baselines`)."""
     student = build_student(cfg.model, dims.C, initial=False)
     head = build_query_head(cfg.model, dims.C)
     load_numpy_state(student, request.weights["student"], "student")
@@ -363,8 +359,7 @@ def student_round(request: Payload, site: SiteData, cfg: Config, dims: Dims, con
     bank = None
     if request.config["use-bank"]:
         bank = KnowledgeBank.from_statistics(request.arrays)
-    counts = torch.from_numpy(request.arrays["class_prototype_count"])
-    class_prototypes = (torch.from_numpy(request.arrays["class_prototype_sum"]) / counts.clamp_min(1)[:, None], counts > 0)
+    terms = loss_terms(cfg, request.arrays)
     # The received student is the previous round's global model: score it before training.
     scores, scored = _scores(student, site, cfg, dims, request.config["evaluate"])
     seed = site_seed(request.config["seed"], site.name)
@@ -380,22 +375,19 @@ def student_round(request: Payload, site: SiteData, cfg: Config, dims: Dims, con
         request.config["local-epochs"],
         seed,
         group_losses=request.config["group-losses"],
-        class_prototypes=class_prototypes if counts.sum() > 0 else None,
+        terms=terms,
         span=_span(request),
         optimizer_state=_kept_optimizer(context, cfg, "student"),
     )
     _keep_optimizer(context, cfg, "student", result.optimizer_state)
     losses = result.losses
-    prototypes = empty_statistics(CLASS_PROTOTYPES, dims)
-    if result.class_prototype_sum is not None:
-        prototypes = {
-            "class_prototype_sum": result.class_prototype_sum.numpy(),
-            "class_prototype_count": result.class_prototype_count.numpy(),
-        }
+    carried = empty_statistics(CLASS_PROTOTYPES, dims)  # the wire's FedProto fields, zero unless a term fills them
+    for term in terms:
+        carried.update(term.reply_arrays())
     return make(
         "student.update",
         dims,
-        arrays={**scores, **prototypes},
+        arrays={**scores, **carried},
         config={
             **scored,
             "num-examples": len(site.train),  # the images the update comes from (see teacher_round)

@@ -11,13 +11,14 @@ import logging
 import math
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
+from client.baselines import LossTerm
 from common.config import Config
 from common.data import BatchAugment, ClassBalancedBatchSampler
 from common.device import autocast, to_device
@@ -28,7 +29,6 @@ from common.losses import (
     bank_from_teacher_batch,
     group_classification_loss,
     pagkd_loss,
-    prototype_regulariser,
 )
 from common.metrics import classification_metrics, confusion_matrix
 from common.models import LesionQueryHead, PaGKDNet, group_prototypes, group_view
@@ -132,10 +132,6 @@ class ValidationSelector:
 class TrainResult:
     num_examples: int
     losses: dict[str, float]  # mean of each loss part over the steps
-    # FedProto-style baseline: per-class sums [C, D] and counts [C] of the images' mean embedded
-    # tokens over the last local epoch (None when fed.fedproto_weight is 0).
-    class_prototype_sum: torch.Tensor | None = None
-    class_prototype_count: torch.Tensor | None = None
     # The optimiser's state_dict after the last step (moments per parameter), for a caller that
     # carries it into its next call (train.keep_optimizer_state).
     optimizer_state: dict | None = None
@@ -225,7 +221,7 @@ def train_student(
     seed: int,
     first_epoch: int = 0,
     group_losses: bool | None = None,
-    class_prototypes: tuple[torch.Tensor, torch.Tensor] | None = None,
+    terms: Sequence[LossTerm] = (),
     span: Span = Span(),
     on_epoch_end: Callable[[int], None] | None = None,
     optimizer_state: dict | None = None,
@@ -234,26 +230,21 @@ def train_student(
 
     With ``bank_source`` returning None (and use_pro/use_den off) this is the WLI-only baseline.
     ``group_losses`` forces the group terms on/off; None follows ``pagkd.warmup_epochs``.
-    With ``fed.fedproto_weight`` > 0 (FedProto-style baseline) the loss adds that weight x the
-    MSE of each image's mean embedded token to ``class_prototypes`` (global means [C, D], valid
-    [C]), and the result carries this site's class sums of those embeddings. ``span``: the
+    ``terms``: the baselines' terms added to the loss (:mod:`client.baselines`, e.g. FedProto's
+    regulariser); each sees every step's tokens and labels. ``span``: the
     schedule's share this call covers; ``on_epoch_end(epoch)`` e.g. a :class:`ValidationSelector`;
     ``optimizer_state``: see :func:`_train_mode_optimizer`.
     """
     optimizer, schedule = _train_mode_optimizer(cfg, student, head, device, epochs * len(loader), span, optimizer_state)
     generator = torch.Generator().manual_seed(seed)
     meter, seen = _Mean(), 0
-    proto_weight = cfg.fed.fedproto_weight
-    num_classes = student.classifier.out_features
-    proto_sum = torch.zeros(num_classes, student.embed.out_channels, dtype=torch.float64)
-    proto_count = torch.zeros(num_classes, dtype=torch.long)
     for epoch, images, labels in _epochs(loader, epochs, first_epoch, cfg, device, seed, on_epoch_end):
         group_on = group_losses if group_losses is not None else epoch >= cfg.pagkd.warmup_epochs
         bank = bank_source()
         with autocast(device, cfg.train.amp):
             view = group_view(student, head, images, labels, cfg.pagkd, generator, grouped=cfg.pagkd.use_pro and group_on)
             out = view.out
-            terms = PaGKDTerms(
+            pagkd_terms = PaGKDTerms(
                 out.logits,
                 labels,
                 out.tokens,
@@ -262,16 +253,12 @@ def train_student(
                 view.group_labels,
                 head.classify(view.prototypes),
             )
-            loss, parts = pagkd_loss(terms, bank, cfg.pagkd, group_on)
-            if proto_weight > 0:
-                embeddings = out.tokens.float().mean(dim=1)
-                if class_prototypes is not None:
-                    reg = prototype_regulariser(embeddings, labels, *(t.to(device) for t in class_prototypes))
-                    loss = loss + proto_weight * reg
-                    parts["proto_reg"], parts["total"] = reg.item(), loss.item()
-                if epoch == first_epoch + epochs - 1:
-                    proto_sum.index_add_(0, labels.cpu(), embeddings.detach().cpu().double())
-                    proto_count += torch.bincount(labels.cpu(), minlength=num_classes)
+            loss, parts = pagkd_loss(pagkd_terms, bank, cfg.pagkd, group_on)
+            for term in terms:
+                extra, extra_parts = term(out.tokens, labels, last_epoch=epoch == first_epoch + epochs - 1)
+                if extra is not None:
+                    loss = loss + extra
+                    parts.update(extra_parts, total=loss.item())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         schedule.step()
@@ -280,8 +267,6 @@ def train_student(
         seen += len(labels)
     result = meter.result(seen)
     result.optimizer_state = optimizer.state_dict()
-    if proto_weight > 0:
-        result.class_prototype_sum, result.class_prototype_count = proto_sum.float(), proto_count
     return result
 
 

@@ -5,14 +5,13 @@ A baseline changes the student rounds through hooks of :class:`StudentPlugin`, l
 strategy variant overriding one hook of FedAvg: which sites train the student besides the WLI
 ones (:meth:`~StudentPlugin.extra_sites`), and what the server keeps from the replies after
 FedAvg (:meth:`~StudentPlugin.after_aggregation`). PaGKD itself and the WLI-only baseline need
-none: they are the config's group terms on or off. :func:`student_plugins` picks the plug-ins
-a config turns on from :data:`PLUGINS`.
+none: they are the config's group terms on or off. :func:`student_plugins` picks those the
+config turns on (:mod:`common.baselines`).
 """
 
 from __future__ import annotations
 
-from typing import Callable
-
+from common.baselines import enabled_baselines
 from common.config import Config
 from common.modality import Modality
 from common.records import CLASS_PROTOTYPES, Payload
@@ -48,13 +47,10 @@ class FedProto(StudentPlugin):
         rounds.state.class_prototypes = aggregation.sum_statistics([reply.arrays for reply in used], names)
 
 
-# Each plug-in with the config that turns it on.
-PLUGINS: dict[str, tuple[Callable[[Config], bool], type[StudentPlugin]]] = {
-    "joint": (lambda cfg: cfg.fed.student_sites == "all", JointSites),
-    "fedproto": (lambda cfg: cfg.fed.fedproto_weight > 0, FedProto),
-}
+# The server's half of each plug-in of common.baselines.ENABLED_BY.
+PLUGINS: dict[str, type[StudentPlugin]] = {"joint": JointSites, "fedproto": FedProto}
 
 
 def student_plugins(cfg: Config) -> list[StudentPlugin]:
-    """The plug-ins ``cfg`` turns on, in :data:`PLUGINS` order."""
-    return [plugin() for enabled, plugin in PLUGINS.values() if enabled(cfg)]
+    """The plug-ins ``cfg`` turns on (:func:`common.baselines.enabled_baselines`)."""
+    return [PLUGINS[name]() for name in enabled_baselines(cfg)]
