@@ -41,7 +41,6 @@ from common.device import pick_device
 from common.models import build_query_head, build_student, build_teacher
 from common.progress import configure_logging, site_log
 from common.records import (
-    CLASS_PROTOTYPES,
     EVALUATION_FIELDS,
     EVALUATION_SPLITS,
     PROTOCOL_VERSION,
@@ -381,7 +380,7 @@ def student_round(request: Payload, site: SiteData, cfg: Config, dims: Dims, con
     )
     _keep_optimizer(context, cfg, "student", result.optimizer_state)
     losses = result.losses
-    carried = empty_statistics(CLASS_PROTOTYPES, dims)  # the wire's FedProto fields, zero unless a term fills them
+    carried = {}  # what the baselines' terms send back (common.records: only what the method uses)
     for term in terms:
         carried.update(term.reply_arrays())
     return make(

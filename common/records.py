@@ -103,6 +103,9 @@ class Schema:
     arrays: tuple[ArrayField, ...] = ()
     config: tuple[tuple[str, type], ...] = ()
     weights: tuple[str, ...] = ()  # weight blocks carried, validated against reference state dicts
+    # Arrays only a baseline plug-in's messages carry (all of them or none): a message carries
+    # only what its method uses.
+    optional: tuple[ArrayField, ...] = ()
 
     def array_names(self) -> list[str]:
         return [f.name for f in self.arrays]
@@ -233,7 +236,8 @@ def statistic_means(stats: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {name: mean_of(stats[name], stats[count]) for name, count in SUM_COUNT_PAIRS}
 
 
-# FedProto-style baseline: per-class sums of the WLI students' mean embedded tokens (zeros when off).
+# FedProto-style baseline: per-class sums of the WLI students' mean embedded tokens (only its
+# student messages carry them).
 CLASS_PROTOTYPES = (
     ArrayField("class_prototype_sum", _F32, ("C", "D")),
     ArrayField("class_prototype_count", _I64, ("C",), counts=True),  # images summed
@@ -299,7 +303,8 @@ SCHEMAS: dict[str, Schema] = {
         Schema("knowledge.masked", arrays=MASKED_BANK_STATISTICS, config=(("groups", int), ("smallest-group", int))),
         Schema(
             "student.train",
-            arrays=BANK_STATISTICS + CLASS_PROTOTYPES,
+            arrays=BANK_STATISTICS,
+            optional=CLASS_PROTOTYPES,
             # "evaluate": score the received global student (the previous round's) on the val
             # split before training: the next round's request is the previous round's evaluation.
             config=_ROUND + (("local-epochs", int), ("group-losses", bool), ("use-bank", bool)) + _SPAN + _EVALUATE,
@@ -307,7 +312,8 @@ SCHEMAS: dict[str, Schema] = {
         ),
         Schema(
             "student.update",
-            arrays=EVALUATION_FIELDS + CLASS_PROTOTYPES,
+            arrays=EVALUATION_FIELDS,
+            optional=CLASS_PROTOTYPES,
             config=(("num-examples", int), ("loss", float), ("ce", float), ("den", float), ("pro", float)) + EVALUATED,
             weights=("student", "head"),
         ),
@@ -443,10 +449,15 @@ def validate(
     missing = sorted(names - set(payload.arrays))
     if missing:
         raise PayloadError(f"{where}: missing arrays {missing}")
-    extra = sorted(set(payload.arrays) - names)
+    carried = tuple(f for f in schema.optional if f.name in payload.arrays)
+    if carried and len(carried) < len(schema.optional):
+        raise PayloadError(
+            f"{where}: carries {[f.name for f in carried]} without the rest of {[f.name for f in schema.optional]} (all or none)"
+        )
+    extra = sorted(set(payload.arrays) - names - {f.name for f in carried})
     if extra:
         raise PayloadError(f"{where}: unexpected arrays {extra}; '{schema.kind}' carries {sorted(names)}")
-    for spec in schema.arrays:
+    for spec in schema.arrays + carried:
         _check_array(where, payload.arrays[spec.name], spec, dims)
     _check_config(where, payload.config, schema)
     config = payload.config

@@ -11,6 +11,8 @@ config turns on (:mod:`common.baselines`).
 
 from __future__ import annotations
 
+import numpy as np
+
 from common.baselines import enabled_baselines
 from common.config import Config
 from common.modality import Modality
@@ -25,6 +27,10 @@ class StudentPlugin:
     def extra_sites(self, rounds: Rounds, round_seed: int) -> list[int]:
         """Node ids that train the student this round besides the sampled WLI sites."""
         return []
+
+    def request_arrays(self, rounds: Rounds) -> dict[str, np.ndarray]:
+        """What the student round's request carries for this baseline besides the bank."""
+        return {}
 
     def after_aggregation(self, rounds: Rounds, used: list[Payload]) -> None:
         """Read what the ``used`` replies (the ones averaged, in site-name order) carry besides weights."""
@@ -41,6 +47,9 @@ class JointSites(StudentPlugin):
 class FedProto(StudentPlugin):
     """FedProto-style (``fed.fedproto_weight`` > 0): the global class prototypes are the summed
     class means of the embeddings the students send; they ride on the next round's request."""
+
+    def request_arrays(self, rounds: Rounds) -> dict[str, np.ndarray]:
+        return dict(rounds.state.class_prototypes)
 
     def after_aggregation(self, rounds: Rounds, used: list[Payload]) -> None:
         names = [f.name for f in CLASS_PROTOTYPES]

@@ -275,7 +275,7 @@ class Protocol:
 
     def _student_request(self, round_: int, seed: int, modality: str):
         """The student round's request to a site of ``modality``: the global student and query
-        head, the bank (and a plug-in's arrays); the student sent is round_ - 1's, so WLI sites
+        head, the bank and what the baseline plug-ins add; the student sent is round_ - 1's, so WLI sites
         score it on val (model selection; the student is a WLI model)."""
         state = self.run_state
         config = {
@@ -287,7 +287,9 @@ class Protocol:
             **self.rounds.span(round_, self.cfg.fed.student_rounds),
             "evaluate": "val" if round_ > 1 and modality == Modality.WLI else "",
         }
-        arrays = {**state.bank, **state.class_prototypes}
+        arrays = dict(state.bank)
+        for plugin in self.plugins:
+            arrays.update(plugin.request_arrays(self.rounds))
         return make(
             "student.train", self.dims, arrays=arrays, weights={"student": state.student, "head": state.head}, config=config
         )

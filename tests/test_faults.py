@@ -91,7 +91,7 @@ def test_a_claimed_example_count_outside_the_declared_one_is_dropped(claimed, tm
     name = next(k for k, v in hostile.items() if v.dtype.kind == "f" and v.ndim >= 2)
     final = Protocol(grid, cfg, tmp_path / "run")
     final.resume()
-    assert not np.array_equal(final.student[name], hostile[name])
+    assert not np.array_equal(final.run_state.student[name], hostile[name])
 
 
 def test_scaled_evaluation_histograms_are_dropped(tmp_path):

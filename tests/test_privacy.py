@@ -386,7 +386,7 @@ def seeded_site(single_thread):
         "knowledge.seed",
         dims,
         config={"round": 1, "seed": 5, "evaluate": ""},
-        weights={"teacher": proto.teacher, "head": proto.head},
+        weights={"teacher": proto.run_state.teacher, "head": proto.run_state.head},
     )
     seeds = ask(request, context)
     return {
