@@ -20,6 +20,16 @@ from common.selection import Choice
 METRICS_FILE = "metrics.json"
 
 
+class _Pooled:
+    """A :class:`Figure` attribute that reads its pooled metric of the same name."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, figure: "Figure | None", owner: type | None = None) -> Any:
+        return self if figure is None else figure.pooled[self.name]
+
+
 @dataclass
 class Figure:
     """A selected model's test figures (metrics.json's ``final`` / ``final_teacher``):
@@ -30,21 +40,8 @@ class Figure:
     confusion: list[list[int]]  # [true C, predicted C]
     selected_round: int  # the round model selection chose on val
 
-    @property
-    def auc(self) -> float:
-        return self.pooled["auc"]
-
-    @property
-    def accuracy(self) -> float:
-        return self.pooled["accuracy"]
-
-    @property
-    def sensitivity(self) -> float:
-        return self.pooled["sensitivity"]
-
-    @property
-    def specificity(self) -> float:
-        return self.pooled["specificity"]
+    # The headline metrics as attributes (read from ``pooled``).
+    auc, accuracy, sensitivity, specificity = _Pooled(), _Pooled(), _Pooled(), _Pooled()
 
     def subset(self, names: tuple[str, ...]) -> dict[str, float]:
         """The named pooled metrics, e.g. ``("auc", "accuracy")``."""
