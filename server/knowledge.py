@@ -24,8 +24,6 @@ from server.selection import ModelSelection
 
 log = logging.getLogger("fedpagkd.server")
 
-KNOWLEDGE_PHASE = 2  # the phase number of the refresh seeds (Rounds.seed)
-
 
 class KnowledgeRefresh:
     """Rebuilds the run state's ``centroids`` and ``bank`` from the NBI sites."""
@@ -39,7 +37,7 @@ class KnowledgeRefresh:
 
         With ``evaluate_teacher`` the seed replies also carry the teacher's test scores (the
         teacher the seeds come from), recorded as its evaluation."""
-        seed = self.rounds.seed(KNOWLEDGE_PHASE, refresh)
+        seed = self.rounds.seed(Phase.KNOWLEDGE, refresh)
         nodes, keys = self.seed_centroids(refresh, seed, evaluate_teacher)
         dims = self.rounds.channel.dims
         for iteration in range(1, self.cfg.pagkd.kmeans_iters + 1):

@@ -28,6 +28,9 @@ log = logging.getLogger("fedpagkd.server")
 
 Blocks = dict[str, dict[str, np.ndarray]]  # {block ("student", "head", ...): state dict}
 
+# The phases whose rounds draw seeds, numbered in the seeds (Rounds.seed).
+SEEDED_PHASES = {Phase.TEACHER: 1, Phase.KNOWLEDGE: 2, Phase.STUDENT: 3}
+
 
 class Rounds:
     """The sites of one run and the exchanges with them."""
@@ -40,9 +43,9 @@ class Rounds:
     def name(self, node_id: int) -> str:
         return self.channel.name(node_id)
 
-    def seed(self, phase: int, round_: int) -> int:
-        """The seed of round ``round_`` of a phase (1 teacher, 2 knowledge, 3 student)."""
-        return self.cfg.train.seed * 100_000 + phase * 10_000 + round_
+    def seed(self, phase: Phase, round_: int) -> int:
+        """The seed of round (or refresh) ``round_`` of ``phase``: distinct per run seed, phase and round."""
+        return self.cfg.train.seed * 100_000 + SEEDED_PHASES[phase] * 10_000 + round_
 
     @staticmethod
     def span(round_: int, rounds: int) -> dict[str, float]:

@@ -61,8 +61,6 @@ log = logging.getLogger("fedpagkd.server")
 
 __all__ = ["LEDGER", "FederationError", "Protocol", "SiteInfo", "run_federation"]
 
-TEACHER_PHASE, STUDENT_PHASE = 1, 3  # phase numbers of the round seeds (Rounds.seed); 2: knowledge
-
 
 class Protocol:
     """One FedPaGKD run: its :class:`RunState` (global models, the bank, progress, metrics;
@@ -225,7 +223,7 @@ class Protocol:
     def teacher_round(self, round_: int) -> None:
         """NBI sites train the teacher (FedAvg); their replies carry the previous global
         teacher's val evaluation."""
-        state, seed = self.run_state, self.rounds.seed(TEACHER_PHASE, round_)
+        state, seed = self.run_state, self.rounds.seed(Phase.TEACHER, round_)
         nodes = self.rounds.sample(Modality.NBI, seed)
         config = {
             "round": round_,
@@ -253,7 +251,7 @@ class Protocol:
     def student_round(self, round_: int) -> None:
         """WLI sites (and those a baseline plug-in adds) train the student against the bank
         (FedAvg); WLI replies carry the previous global student's val evaluation."""
-        state, seed = self.run_state, self.rounds.seed(STUDENT_PHASE, round_)
+        state, seed = self.run_state, self.rounds.seed(Phase.STUDENT, round_)
         nodes = self.rounds.sample(Modality.WLI, seed)
         for plugin in self.plugins:
             nodes += plugin.extra_sites(self.rounds, seed)
