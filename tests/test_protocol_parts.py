@@ -1,5 +1,6 @@
 """The pieces the protocol is made of (issue 24): the one model-selection rule, the typed run
-results, the typed modalities and the baselines' plug-ins. No federation runs here."""
+results, the typed modalities, the baselines' plug-ins and the arrays only a plug-in's messages
+carry. No federation runs here."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from client.baselines import FedProtoTerm, loss_terms, student_modalities
 from common.baselines import enabled_baselines
 from common.losses import prototype_regulariser
 from common.modality import Modality, Model, Phase
+from common.records import CLASS_PROTOTYPES, EVALUATION_FIELDS, PayloadError, dims_of, empty_statistics, make
 from common.results import Figure, RunResult
 from common.selection import Choice, prefer
 from server.baselines import FedProto, JointSites, student_plugins
@@ -117,3 +119,19 @@ def test_the_fedproto_term_is_its_weighted_regulariser_and_sums_the_last_epoch()
     np.testing.assert_allclose(sent["class_prototype_sum"][2], tokens[2].mean(dim=0).numpy(), rtol=1e-6)
     first = FedProtoTerm(0.25, {"class_prototype_sum": sums * 0, "class_prototype_count": counts * 0})
     assert first(tokens, labels, last_epoch=False) == (None, {})  # no global prototypes yet: no term
+
+
+def test_a_student_reply_carries_the_fedproto_arrays_all_or_none():
+    dims = dims_of(tiny_config())
+    config = {"num-examples": 4, "loss": 0.1, "ce": 0.1, "den": 0.0, "pro": 0.0, "eval-examples": 0, "eval-loss": 0.0}
+    weights = {"student": {"w": np.zeros(2, np.float32)}, "head": {"h": np.zeros(2, np.float32)}}
+    scores, prototypes = empty_statistics(EVALUATION_FIELDS, dims), empty_statistics(CLASS_PROTOTYPES, dims)
+    assert "class_prototype_sum" not in make("student.update", dims, arrays=scores, config=config, weights=weights).arrays
+    both = make("student.update", dims, arrays={**scores, **prototypes}, config=config, weights=weights)
+    assert set(prototypes) <= set(both.arrays)
+    with pytest.raises(PayloadError, match="class_prototype_count.*all or none"):
+        make("student.update", dims, arrays={**scores, "class_prototype_count": prototypes["class_prototype_count"]},
+             config=config, weights=weights)  # fmt: skip
+    bad = {**prototypes, "class_prototype_sum": np.zeros((dims.C, dims.D + 1), np.float32)}
+    with pytest.raises(PayloadError, match="class_prototype_sum"):  # a carried optional array is checked as any other
+        make("student.update", dims, arrays={**scores, **bad}, config=config, weights=weights)
