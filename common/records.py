@@ -33,7 +33,8 @@ from common.config import LIMITS
 
 # 2: evaluations folded into knowledge.seeds and student.update; 3: secure aggregation, class prototypes;
 # 4: learning-rate schedule spans, validation split (model selection), evaluations in teacher.update
-PROTOCOL_VERSION = 5
+# 6: FedProto's class prototypes only in its own student messages (optional arrays)
+PROTOCOL_VERSION = 6
 
 
 # Longest config string accepted (a peer roster of ~700 sites fits): a larger one is refused, not parsed.
