@@ -3,6 +3,7 @@ with every problem and its fix in one message."""
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -136,3 +137,28 @@ def test_the_app_bundle_holds_every_module_of_the_app():
     shipped = set(summary(build(REPO))["list"])
     missing = sorted(path for path in tracked if path.endswith(".py") and path not in shipped)
     assert not missing, f"not in the bundle: {missing} (check .gitignore and fab-include in pyproject.toml)"
+
+
+def test_the_launcher_reports_the_run_result_it_reads_back(tmp_path, monkeypatch, capsys):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    figure = {
+        "auc": 0.81,
+        "accuracy": 0.7,
+        "sensitivity": 0.6,
+        "specificity": 0.9,
+        "round": 2,
+        "confusion": [],
+        "selected_round": 1,
+    }
+    lost = {"wli-0": {"student": "dropped in student round 2: gone"}}
+    metrics = {"final": figure, "student_rounds": 2, "status": "degraded", "accepted": False, "site_share": 0.75,
+               "min_site_share": 1.0, "sites_lost": ["wli-0"], "site_status": lost}  # fmt: skip
+    (run_dir / "metrics.json").write_text(json.dumps(metrics))
+    monkeypatch.setattr(
+        launch, "simulate", lambda *a, **k: launch.SimulationResult("7", "finished:completed", "", run_dir, 1.0, "")
+    )
+    assert launch.main(["--quiet", "fed.student_rounds=2"]) == launch.DEGRADED_EXIT
+    out = capsys.readouterr().out
+    assert "after 2 student round(s), round 1 selected on val: AUC 0.8100  ACC 0.7000" in out
+    assert "DEGRADED (NOT accepted): 75 %" in out and "lost 'wli-0': student: dropped in student round 2: gone" in out
