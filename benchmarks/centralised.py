@@ -42,6 +42,7 @@ from client.train import (
 from common.config import Config, config_from_mapping, config_to_dict, register_hydra_schema
 from common.files import atomic_write_json
 from common.metrics import classification_metrics, confusion_matrix
+from common.modality import Modality
 from common.device import pick_device
 from common.models import build_query_head, build_student, build_teacher
 
@@ -68,24 +69,24 @@ REPORTED = ("auc", "accuracy", "sensitivity", "specificity")
 PAPER_PICCOLO_AUC = {"pagkd": 0.901, "wli_only": 0.712, "pro_only": 0.850, "den_only": 0.835}
 
 
-def pooled_data(cfg: Config) -> dict[tuple[str, str], ConcatDataset | None]:
+def pooled_data(cfg: Config) -> dict[tuple[Modality, str], ConcatDataset | None]:
     """{(modality, split): every site's split of that modality pooled}, for the federation's
     sites (embedded default or ``data.root``). A val split no site of a modality holds is None:
     as in a federated run, nothing is then selected and the last epoch is kept."""
     sites = federation_sites(cfg)
 
-    def pool(modality: str, split: str) -> ConcatDataset | None:
+    def pool(modality: Modality, split: str) -> ConcatDataset | None:
         parts = [s.split(split) for s in sites if s.modality == modality and (split != "val" or s.val is not None)]
         if not parts:
             if split == "val":
-                log.warning("no %s site holds a val split: the last epoch is kept (no model selection)", modality.upper())
+                log.warning("no %s site holds a val split: the last epoch is kept (no model selection)", modality.label)
                 return None
-            raise ValueError(f"the federation has no {modality.upper()} site with a {split} split")
+            raise ValueError(f"the federation has no {modality.label} site with a {split} split")
         data = ConcatDataset(parts)
         data.labels = np.concatenate([p.labels for p in parts])  # for the balanced sampler
         return data
 
-    return {(m, split): pool(m, split) for m in ("nbi", "wli") for split in ("train", "val", "test")}
+    return {(m, split): pool(m, split) for m in (Modality.NBI, Modality.WLI) for split in ("train", "val", "test")}
 
 
 def selector(net, val: ConcatDataset | None, cfg: Config, device) -> ValidationSelector:
@@ -140,16 +141,16 @@ def run_seed(cfg: Config, seed: int, variants: list[str], done: dict[str, Any], 
         head = copy.deepcopy(teacher_head).requires_grad_(True) if teacher_head is not None else build_query_head(cfg.model, c)
         if vcfg.distils:
             bank_source = live_teacher_bank(
-                teacher, head, balanced_loader(data["nbi", "train"], bs, seed + 2, workers), vcfg, device, seed
+                teacher, head, balanced_loader(data[Modality.NBI, "train"], bs, seed + 2, workers), vcfg, device, seed
             )
         else:
             bank_source = lambda: None  # noqa: E731
         started = time.time()
-        chooser = selector(student, data["wli", "val"], cfg, device)
+        chooser = selector(student, data[Modality.WLI, "val"], cfg, device)
         result = train_student(
             student,
             head,
-            balanced_loader(data["wli", "train"], bs, seed + 3, workers, cfg.train.sampler == "balanced"),
+            balanced_loader(data[Modality.WLI, "train"], bs, seed + 3, workers, cfg.train.sampler == "balanced"),
             bank_source,
             vcfg,
             device,
@@ -158,7 +159,7 @@ def run_seed(cfg: Config, seed: int, variants: list[str], done: dict[str, Any], 
             on_epoch_end=chooser,
         )
         chooser.restore()
-        probs, labels, _ = predict(student, eval_loader(data["wli", "test"], bs, workers), device, cfg.train.amp)
+        probs, labels, _ = predict(student, eval_loader(data[Modality.WLI, "test"], bs, workers), device, cfg.train.amp)
         record(
             variant,
             {
@@ -178,11 +179,11 @@ def _trained_teacher(cfg: Config, seed: int, data, done: dict[str, Any], record,
     teacher, teacher_head = build_teacher(cfg.model, c), build_query_head(cfg.model, c)
     started = time.time()
     # Model selection on the validation split (best epoch by pooled val AUC); test read once.
-    chooser = selector(teacher, data["nbi", "val"], cfg, device)
+    chooser = selector(teacher, data[Modality.NBI, "val"], cfg, device)
     train_teacher(
         teacher,
         teacher_head,
-        balanced_loader(data["nbi", "train"], bs, seed, workers),
+        balanced_loader(data[Modality.NBI, "train"], bs, seed, workers),
         cfg,
         device,
         cfg.train.teacher_epochs,
@@ -191,7 +192,7 @@ def _trained_teacher(cfg: Config, seed: int, data, done: dict[str, Any], record,
     )
     chooser.restore()
     if "nbi_teacher" not in done:
-        probs, labels, _ = predict(teacher, eval_loader(data["nbi", "test"], bs, workers), device, cfg.train.amp)
+        probs, labels, _ = predict(teacher, eval_loader(data[Modality.NBI, "test"], bs, workers), device, cfg.train.amp)
         record(
             "nbi_teacher",
             {
