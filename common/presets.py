@@ -42,6 +42,8 @@ import typing
 from collections.abc import Mapping
 from typing import Any, Literal
 
+from common.config import Config, _field_types
+
 SMALL_HEAD: dict[str, Any] = {
     "model.embed_dim": 32,
     "model.num_heads": 4,
@@ -277,13 +279,13 @@ def preset(name: str, **overrides: Any) -> dict[str, Any]:
     return named("preset", name, **overrides)
 
 
-def compose(preset: str = "cpu", experiment: str = "default", overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """The run config of ``experiment`` under the recipe ``preset``, then ``overrides`` on top:
+def compose(recipe: str = "cpu", experiment: str = "default", overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The run config of ``experiment`` under the preset ``recipe``, then ``overrides`` on top:
     the order of Hydra's defaults list (conf/federated.yaml). A recipe's keys win over an
     experiment's: its group weights are the ones tuned for it (module docstring)."""
-    if preset not in RECIPES:
-        raise KeyError(f"unknown recipe preset {preset!r}: choose one of {list(RECIPES)}")
-    return {**named("experiment", experiment), **named("preset", preset), **dict(overrides or {})}
+    if recipe not in RECIPES:
+        raise KeyError(f"unknown recipe preset {recipe!r}: choose one of {list(RECIPES)}")
+    return {**named("experiment", experiment), **named("preset", recipe), **dict(overrides or {})}
 
 
 # ---------------------------------------------------------------- publication to Hydra
@@ -295,8 +297,6 @@ def register_hydra_schema(name: str, extra: dict[str, Any]) -> None:
     schema Flower's run config uses; and the recipes and experiments as Hydra's ``preset`` and
     ``experiment`` groups, read from this registry (conf/ spells none of them)."""
     from hydra.core.config_store import ConfigStore
-
-    from common.config import Config
 
     store = ConfigStore.instance()
     sections = [(section, mirror, dataclasses.field(default_factory=mirror)) for section, mirror in _mirrors(Config).items()]
@@ -320,8 +320,6 @@ def nested(flat: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
 def _mirrors(config: type) -> dict[str, type]:
     """Each section of ``config`` with its ``Literal`` fields typed by their choices' type:
     OmegaConf has no ``Literal``; the choices are still checked, by :meth:`Config.validate`."""
-    from common.config import _field_types
-
     mirrors = {}
     for section, cls in _field_types(config).items():
         fields = []

@@ -154,3 +154,5 @@ def test_the_launcher_runs_a_named_experiment_under_a_recipe(monkeypatch):
         launch.main(["--experiment", "no-such-experiment"])
     with pytest.raises(SystemExit):
         launch.main(["--preset", "tiny"])  # a small-run preset is not a recipe
+    with pytest.raises(KeyError, match="unknown recipe preset 'tiny'"):
+        presets.compose("tiny")  # its method switches would override the experiment's
