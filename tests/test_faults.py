@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 from flwr.app import Error, Message
 from flwr.common.constant import ErrorCode
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
@@ -36,6 +36,7 @@ from common.data import DataError, FolderSiteDataset, discover_class_names, has_
 from common.records import CLASS_PROTOTYPES, Payload, PayloadError, empty_statistics, make, weight_shapes
 from server import launch, processes, trust
 from server.app import run_folder
+from server.discovery import declaration_warnings
 from server.state import META, RunLock, StateError
 from server.workflow import LEDGER, FederationError, Protocol, run_federation
 from tests.conftest import tiny_config
@@ -257,27 +258,47 @@ def _update(dims, weights, count, hist):
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
-    declared=st.lists(st.integers(1, 500), min_size=3, max_size=3),
-    claimed=st.one_of(st.integers(-(2**63), 2**63 - 1), st.integers(-5, 600)),
+    declared=st.lists(st.integers(1, 500), min_size=2, max_size=2),
+    lie=st.one_of(st.integers(1, 500), st.integers(1, 10**12)),
+    claimed=st.one_of(st.integers(-(2**63), 2**63 - 1), st.integers(-5, 600), st.just(None)),
     hostile=st.lists(st.floats(-1e3, 1e3), min_size=4, max_size=4),
-    honest=st.lists(st.lists(st.floats(-1, 1), min_size=4, max_size=4), min_size=2, max_size=2),
+    honest=st.lists(st.floats(-1, 1), min_size=4, max_size=4),
     test_counts=st.lists(st.integers(0, 9), min_size=3, max_size=3),
-    hist_scale=st.sampled_from([1, 1, 0, 2, 10**9]),
-    replay=st.booleans(),
+    hist_scale=st.sampled_from([1, 1, 1, 0, 2, 10**9]),
+    replay=st.sampled_from([False, False, True]),
+    nonce=st.sampled_from(["echoed", "echoed", "echoed", "missing", "stale", "foreign"]),
+    cap=st.sampled_from([0.5, 0.34, 0.8, 1.0]),
+)
+# The issue's case: a site that declares 10^6 images per class and claims them all.
+@example(
+    declared=[24, 24],
+    lie=3 * 10**6,
+    claimed=None,
+    hostile=[9.0] * 4,
+    honest=[0.0] * 4,
+    test_counts=[1, 1, 1],
+    hist_scale=1,
+    replay=False,
+    nonce="echoed",
+    cap=0.5,
 )
 def test_no_reply_moves_the_aggregate_further_than_an_honest_site_could(
-    scripted, declared, claimed, hostile, honest, test_counts, hist_scale, replay
+    scripted, declared, lie, claimed, hostile, honest, test_counts, hist_scale, replay, nonce, cap
 ):
-    """Sites 103/104 honest, 105 hostile: arbitrary count, histograms scaled or not, maybe
-    answering an older round. Whatever it sends, its weight in FedAvg is at most what its
-    declared train count gives an honest site, and the pooled evaluation counts only
+    """Sites 103/104 honest (one model between them), 105 hostile: it declares any size at
+    discovery (``lie``, up to 1e12 images), claims any count (None: the size it declared),
+    scales its histograms or not, answers an older round's message or echoes another nonce.
+    Whatever it sends, its share of FedAvg is at most what its declared count gives an honest
+    site and at most fed.max_site_share (or 1/sites), and the pooled evaluation counts only
     declared images."""
     grid, protocol, SiteInfo = scripted
     dims = protocol.dims
     nodes = [WLI0, WLI1, 105]
+    sizes = [*declared, lie]
+    protocol.cfg.fed.max_site_share = cap
     # The evaluation riding on student.train scores the val split (model selection).
     protocol.sites = {
-        n: SiteInfo(n, f"s{n}", "wli", [d, 0, 0], [5, 5, 5], "v", val_counts=test_counts) for n, d in zip(nodes, declared)
+        n: SiteInfo(n, f"s{n}", "wli", [d, 0, 0], [5, 5, 5], "v", val_counts=test_counts) for n, d in zip(nodes, sizes)
     }
     protocol.channel.names = {n: f"s{n}" for n in nodes}
     protocol.metrics["evaluation"] = []
@@ -300,15 +321,21 @@ def test_no_reply_moves_the_aggregate_further_than_an_honest_site_could(
     honest_hist = _honest_histograms(test_counts)
     stale = Message(to_recorddict(request), dst_node_id=105, message_type=MESSAGE_TYPE["student.train"])
     stale.metadata.__dict__["_message_id"] = "an-earlier-round"
+    claim = lie if claimed is None else int(np.clip(claimed, -(2**62), 2**62))
+    earlier = next(iter(protocol.channel.issued), None)  # a nonce of an earlier exchange (None in the first)
+    nonce = "foreign" if nonce == "stale" and earlier is None else nonce
 
     def script(message):
         node = message.metadata.dst_node_id
+        sent = from_recorddict(message.content).nonce
         if node == 105:
             hist = {k: v * hist_scale for k, v in honest_hist.items()}
-            clamped = int(np.clip(claimed, -(2**62), 2**62))
-            return [Message(to_recorddict(_update(dims, hostile, clamped, hist)), reply_to=stale if replay else message)]
-        i = nodes.index(node)
-        return [Message(to_recorddict(_update(dims, honest[i], declared[i], honest_hist)), reply_to=message)]
+            reply = _update(dims, hostile, claim, hist)
+            reply.nonce = {"echoed": sent, "missing": "", "stale": earlier, "foreign": uuid.uuid4().hex}[nonce]
+            return [Message(to_recorddict(reply), reply_to=stale if replay else message)]
+        reply = _update(dims, honest, sizes[nodes.index(node)], honest_hist)
+        reply.nonce = sent
+        return [Message(to_recorddict(reply), reply_to=message)]
 
     grid.script = script
     replies, dropped = protocol._exchange(
@@ -318,17 +345,25 @@ def test_no_reply_moves_the_aggregate_further_than_an_honest_site_could(
         {"student": weight_shapes(protocol.student), "head": weight_shapes(protocol.head)},
     )
     accepted = 105 in replies
-    assert accepted == (not replay and 0 < claimed <= declared[2] and (hist_scale == 1 or sum(test_counts) == 0))
+    honest_evaluation = hist_scale == 1 or sum(test_counts) == 0
+    assert accepted == (not replay and nonce == "echoed" and 0 < claim <= lie and honest_evaluation)
+    if not replay and nonce != "echoed":
+        assert "nonce" in dropped[105] or "never sent" in dropped[105] or "not this request" in dropped[105]
     protocol._record_evaluation("student", 1, replies, "eval-examples", "val")
     if protocol.metrics["evaluation"]:
         assert protocol.metrics["evaluation"][-1]["pooled"]["num_examples"] == sum(test_counts) * len(replies)
     blocks = {"student": {"w": np.zeros(4, np.float32)}, "head": {"h": np.zeros(2, np.float32)}}
     _, blocks = protocol._fedavg("student", "wli", replies, blocks)
-    n_honest = declared[0] + declared[1]
-    honest_mean = (declared[0] * np.asarray(honest[0]) + declared[1] * np.asarray(honest[1])) / n_honest
-    moved = np.linalg.norm(blocks["student"]["w"].astype(np.float64) - honest_mean)
-    bound = declared[2] / (declared[2] + n_honest) * np.linalg.norm(np.asarray(hostile) - honest_mean)
-    assert moved <= bound * (1 + 1e-5) + 1e-4
+    moved = np.linalg.norm(blocks["student"]["w"].astype(np.float64) - np.asarray(honest))
+    share = 0.0
+    if accepted:
+        share = max(cap, 1 / 3)
+        if max(declared) / (sum(declared) + claim) <= share:  # no honest site capped: none hands the hostile its excess
+            share = min(share, lie / sum(sizes))
+    assert moved <= share * np.linalg.norm(np.asarray(hostile) - np.asarray(honest)) * (1 + 1e-5) + 1e-4
+    # Discovery names a site whose declared size is over the cap, whatever the size.
+    warned = any("'s105' declares" in line for line in declaration_warnings(protocol.sites, cap))
+    assert warned == (lie / sum(sizes) > cap)
 
 
 # ----------------------------------------------------------------------------- state tampering
