@@ -54,15 +54,21 @@ def release_key(run_name: str, run_id: int) -> str:
     return run_name or f"run-id {int(run_id)}"
 
 
+class ReleaseCountError(OSError):
+    """The site's count of DP releases cannot be read or written; the message names the file and the fix."""
+
+
 def _read_releases(path: Path) -> dict[str, int]:
     if not path.is_file():
         return {}
     try:
         counts = json.loads(path.read_text())
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise OSError(f"{path} (the site's count of DP releases) is not valid JSON ({err}); restore it from a backup") from None
+        raise ReleaseCountError(
+            f"{path} (the site's count of DP releases) is not valid JSON ({err}); restore it from a backup"
+        ) from None
     if not isinstance(counts, dict) or not all(type(n) is int and n >= 0 for n in counts.values()):
-        raise OSError(f"{path} (the site's count of DP releases) is not {{run: count}}; restore it from a backup")
+        raise ReleaseCountError(f"{path} (the site's count of DP releases) is not {{run: count}}; restore it from a backup")
     return counts
 
 
@@ -75,12 +81,20 @@ def releases_made(node_config: Mapping[str, Any], key: str) -> int:
 def count_release(path: Path, key: str) -> None:
     """One more release of run ``key`` in ``path`` (locked: ClientApp processes of one site may
     overlap; written atomically: a crash leaves the old count or the new one)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_name(path.name + ".lock"), "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        counts = _read_releases(path)
-        counts[key] = counts.get(key, 0) + 1
-        atomic_write_json(path, counts)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path.with_name(path.name + ".lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            counts = _read_releases(path)
+            counts[key] = counts.get(key, 0) + 1
+            atomic_write_json(path, counts)
+    except ReleaseCountError:
+        raise
+    except OSError as err:
+        raise ReleaseCountError(
+            f"cannot update the site's count of DP releases {path} ({err.strerror or err}); make the node config's "
+            f"'{STATE_DIR_KEY}' a folder the SuperNode's user can write"
+        ) from None
 
 
 def record(path: Path, *, site: str, run_id: int, run_name: str, request: str, reply: Payload) -> None:

@@ -1311,6 +1311,22 @@ def test_a_reply_without_the_nonce_is_dropped_but_a_refusal_without_one_still_co
         assert not ok and reason in dropped[WLI0]
 
 
+def test_the_site_echoes_the_nonce_of_the_request_it_answers_even_when_it_refuses(task_identity):
+    import dataclasses
+
+    from flwr.app import ConfigRecord
+
+    request = dataclasses.replace(make("discover", _dims(), config={"protocol": 6}), nonce="ab12")
+    reply = _site_reply(request, {"partition-id": 0, "num-partitions": 4})
+    assert reply.kind == "metadata" and reply.nonce == "ab12"
+    refused = _site_reply(request, {"partition-id": -1, "num-partitions": 4})
+    assert refused.kind == "error" and refused.nonce == "ab12"
+    content = to_recorddict(request)
+    content["nonce"] = ConfigRecord({"nonce": "ab12", "other": "x"})
+    with pytest.raises(PayloadError, match="'nonce' record must hold one string"):
+        from_recorddict(content, "server")
+
+
 # ----------------------------------------------------------------------------- lies at discovery
 
 
