@@ -1514,3 +1514,13 @@ def test_files_a_site_did_not_read_are_reported_at_discovery_by_reason(tmp_path,
         "site 'site-a' did not read 3 file(s): dangling link: 1; not in a class folder (images belong in "
         "<data-path>/train/<class>/): 1; unsupported extension .tif (read: .png, .jpg, .jpeg): 1"
     ]
+
+
+def test_the_server_logs_the_unread_files_a_site_reports_by_its_name(tmp_path, caplog):
+    cfg = tiny_config(**{"fed.min_wli_sites": 3})  # discovery then stops the run: no training needed
+    grid = make_grid(cfg)
+    grid.faults[WLI0] = tampering(grid, "discover", lambda p: p.config.update({"skipped-files": '{"dangling link": 2}'}))
+    with caplog.at_level("WARNING", logger="fedpagkd.server"), pytest.raises(FederationError, match="WLI: 2 of 3"):
+        run_federation(grid, cfg, tmp_path / "run")
+    assert "[discover] site 'wli-0' did not read 2 file(s): dangling link: 2" in caplog.text
+    assert "did not read" not in caplog.text.replace("site 'wli-0' did not read", "")
