@@ -70,6 +70,8 @@ class RunResult:
     selection: dict[str, Choice] = field(default_factory=dict)  # per model: the round chosen on val
     site_status: dict[str, dict[str, str]] = field(default_factory=dict)  # {site: {phase: "took part" | "dropped in ..."}}
     wall_time_s: float = 0.0
+    # Per site: the DP releases it reported at discovery against the ledger's (server.channel.Ledger.reconcile).
+    releases_reconciled: dict[str, dict[str, int]] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)  # keys of other versions, kept as they were
     # Traffic, sizes and sites.
     bytes: dict[str, Any] = field(default_factory=dict)

@@ -111,7 +111,9 @@ class KnowledgeRefresh:
             self.rounds.require(step, Modality.NBI, len(replies), dropped)
             in_order = [replies[n].arrays for n in sorted(replies, key=name)]
             if not keys:
-                return aggregation.robust_statistics(in_order, fed.aggregation, fed.trim_fraction, fed.clip_ratio), replies
+                return aggregation.robust_statistics(
+                    in_order, fed.aggregation, fed.trim_fraction, fed.clip_ratio, fed.max_site_share
+                ), replies
             if not dropped:
                 return aggregation.unmask_bank(in_order, self.rounds.channel.dims, step), replies
             if len(replies) < 2:

@@ -125,7 +125,7 @@ class Rounds:
         used = sorted((n for n in replies if n not in outliers), key=self.name)  # order-independent sums
         self.require(phase, modality, sum(self.sites[n].modality == modality for n in used), reasons)
         states = {block: [replies[n].weights[block] for n in used] for block in blocks}
-        weights = [float(replies[n].config["num-examples"]) for n in used]
+        weights = aggregation.capped_weights([replies[n].config["num-examples"] for n in used], fed.max_site_share)
         new, scales = aggregation.aggregate_weights(states, weights, blocks, fed.aggregation, fed.trim_fraction, fed.clip_ratio)
         for block, block_scales in scales.items():
             if clipped := [self.name(n) for n, scale in zip(used, block_scales) if scale < 1]:

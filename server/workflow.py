@@ -46,7 +46,7 @@ from common.models import build_query_head, build_student, build_teacher
 from common.progress import MetricsBoard
 from common.results import RunResult
 from common.records import CLASS_PROTOTYPES, PROTOCOL_VERSION, dims_of, empty_statistics, make, weight_shapes
-from server import aggregation
+from server import aggregation, discovery
 from server.accounting import privacy_spent
 from server.baselines import student_plugins
 from server.channel import LEDGER, Channel, Ledger
@@ -55,7 +55,7 @@ from server.knowledge import KnowledgeRefresh
 from server.outputs import run_summary, write_outputs
 from server.rounds import Rounds
 from server.selection import ModelSelection
-from server.state import RunLock, RunState, check_run_folder, load_run, save_run
+from server.state import RunLock, RunState, check_run_folder, ensure_run_folder, load_run, save_run
 
 log = logging.getLogger("fedpagkd.server")
 
@@ -212,6 +212,10 @@ class Protocol:
         self.rounds.mark(Phase.DISCOVER, "discovery", self.sites, dropped)
         names = [f"{s.name} ({s.modality}, {sum(s.train_counts)} train)" for s in self.sites.values()]
         log.info("discovered %d site(s): %s", len(self.sites), ", ".join(names))
+        for warning in discovery.declaration_warnings(self.sites, self.cfg.fed.max_site_share):
+            log.warning("[discover] %s", warning)
+        reconciled = self.ledger.reconcile({s.name: s.releases for s in self.sites.values()})
+        self.metrics["releases_reconciled"] = {**self.metrics.get("releases_reconciled", {}), **reconciled}
         if missing := missing_sites(self.sites, self.cfg, self.needs_teacher):
             reasons = "; ".join(f"'{self.channel.name(n)}': {r}" for n, r in dropped.items())
             raise FederationError(
@@ -370,5 +374,5 @@ class Protocol:
 
 
 def run_federation(grid: Grid, cfg: Config, run_dir: Path, start: RunState | None = None) -> RunResult:
-    run_dir.mkdir(parents=True, exist_ok=True)
+    ensure_run_folder(run_dir)
     return Protocol(grid, cfg, run_dir, start).run()
