@@ -522,6 +522,15 @@ def _remove_stale_secrets() -> None:
             shutil.rmtree(entry, ignore_errors=True)
 
 
+def hang_up_as_terminate() -> None:
+    """SIGHUP (a closed terminal or SSH session) stops the SuperNode as SIGTERM does: Flower handles
+    only SIGINT, SIGTERM and SIGQUIT, and Python's default for SIGHUP ends the process without its
+    exit handlers, leaving its SuperExec behind. Until Flower installs its own SIGTERM handler (it
+    imports for seconds on a loaded host), SIGTERM exits through the exit handlers too."""
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    signal.signal(signal.SIGHUP, lambda signum, frame: os.kill(os.getpid(), signal.SIGTERM))
+
+
 def run_supernode(argv: Sequence[str]) -> None:
     if any(a in ("-h", "--help") for a in argv):
         print(
@@ -595,6 +604,12 @@ def run_supernode(argv: Sequence[str]) -> None:
         shutil.rmtree(folder, ignore_errors=True)
 
     atexit.register(cleanup)
+    hang_up_as_terminate()
+    from flwr.supercore.exit import add_exit_handler
+
+    # Flower's signal exit forces os._exit after a few seconds while its connection loop still
+    # retries, before atexit handlers would run: the SuperExec and the secret go first.
+    add_exit_handler(cleanup, run_before_force_exit=True)
     from flwr.supernode.cli import flower_supernode
     from flwr.supernode.nodestate.in_memory_nodestate import InMemoryNodeState
 
