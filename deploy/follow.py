@@ -19,6 +19,11 @@ import sys
 import time
 from typing import Iterable, Iterator
 
+try:  # `python deploy/follow.py` (this folder on sys.path) or `from deploy import follow`
+    import tlscheck
+except ImportError:  # pragma: no cover
+    from deploy import tlscheck
+
 DEGRADED = "run DEGRADED, "  # the start of the ServerApp's line (server/workflow.py, Protocol.finish)
 DEGRADED_EXIT = 3  # server.launch.DEGRADED_EXIT
 
@@ -66,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
                 break
             time.sleep(1.0)
     except (RuntimeError, ValueError) as err:
-        print(f"run {run_id}: status unknown: {err}", file=sys.stderr)
+        print(f"run {run_id}: status unknown: {tlscheck.explain(str(err), connection)}", file=sys.stderr)
         return 2
     if row["status"] == "finished:completed" and lost is not None:
         print(f"run {run_id}: finished:completed but {lost[0][len('run ') :]}")

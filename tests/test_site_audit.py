@@ -572,3 +572,74 @@ def test_a_stop_signal_to_the_site_supernode_ends_its_superexec_and_secret(tmp_p
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+
+
+# ----------------------------------------------------------------- TLS failures, named
+
+
+@pytest.fixture()
+def tls_server(tmp_path: Path):
+    """``serve(certs folder)`` -> ``127.0.0.1:port`` of a TLS server presenting that folder's
+    server.pem (it only completes handshakes), stopped at the end."""
+    import socket
+    import ssl
+    import threading
+
+    listeners = []
+
+    def serve(folder: Path) -> str:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(folder / "server.pem", folder / "server.key")
+        listener = socket.create_server(("127.0.0.1", 0))
+        listeners.append(listener)
+
+        def accept() -> None:
+            while True:
+                try:
+                    conn, _ = listener.accept()
+                except OSError:
+                    return
+                try:
+                    context.wrap_socket(conn, server_side=True).close()
+                except (ssl.SSLError, OSError):
+                    conn.close()
+
+        threading.Thread(target=accept, daemon=True).start()
+        return f"127.0.0.1:{listener.getsockname()[1]}"
+
+    yield serve
+    for listener in listeners:
+        listener.close()
+
+
+def test_an_expired_or_foreign_server_certificate_is_named_as_such(tmp_path: Path, tls_server, monkeypatch) -> None:
+    from deploy import tlscheck
+    from deploy.certs import make_certs
+
+    san = ["--san", "localhost,127.0.0.1"]
+    assert make_certs.main(["--out", str(tmp_path / "expired"), "--hours", "0.0005", *san]) == 0
+    assert make_certs.main(["--out", str(tmp_path / "good"), *san]) == 0
+    assert make_certs.main(["--out", str(tmp_path / "other"), *san]) == 0
+    time.sleep(2.5)
+    healthcheck = tlscheck._healthcheck()
+    ca = tmp_path / "good" / "ca.crt"
+    assert healthcheck.check_reach(tls_server(tmp_path / "good"), ca) is None
+    foreign = healthcheck.check_reach(tls_server(tmp_path / "other"), ca)
+    assert f"the SuperLink's certificate is not signed by {ca}" in foreign and "get the current ca.crt" in foreign
+    address = tls_server(tmp_path / "expired")
+    expired = healthcheck.check_reach(address, tmp_path / "expired" / "ca.crt")
+    assert "the SuperLink's certificate EXPIRED on 20" in expired and "--reuse-ca" in expired, expired
+
+    # The operator's view: the flwr config's connection, and flwr's "unavailable" explained.
+    home = tmp_path / "flwr-home"
+    home.mkdir()
+    (home / "config.toml").write_text(
+        f'[superlink]\ndefault = "fed"\n\n[superlink.fed]\naddress = "{address}"\n'
+        f'root-certificates = "{tmp_path / "expired" / "ca.crt"}"\n'
+    )
+    monkeypatch.setenv("FLWR_HOME", str(home))
+    assert tlscheck.diagnose("fed") == expired
+    unavailable = "flwr list fed --run-id 7: Connection to the SuperLink is unavailable, check address"
+    assert tlscheck.explain(unavailable, "fed") == f"{unavailable} -> {expired}"
+    assert tlscheck.explain("flwr list fed: run 7 not found", "fed") == "flwr list fed: run 7 not found"
+    assert tlscheck.main(["fed"]) == 1
