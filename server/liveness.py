@@ -20,6 +20,9 @@ from flwr.common.constant import HEARTBEAT_MAX_INTERVAL, HEARTBEAT_PATIENCE
 from flwr.serverapp import Grid
 
 POLL_S = 3.0  # what Flower's own send_and_receive waits between two pulls
+# Seconds between two reads of the node records: each read also writes (the SuperLink tags
+# offline nodes first), and SQLite has one writer at a time, shared with every heartbeat and pull.
+WATCH_EVERY_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -64,6 +67,7 @@ def send_and_watch(
     replies: list[Message] = []
     losses: dict[int, Loss] = {}
     end = time.time() + timeout
+    next_watch = time.time() + WATCH_EVERY_S
     while pending:
         got = list(grid.pull_messages(set(pending)))
         replies += got
@@ -71,11 +75,13 @@ def send_and_watch(
             pending.pop(reply.metadata.reply_to_message_id, None)
         if not pending or time.time() >= end:
             break
-        online = {node.node_id: node for node in grid.get_nodes()}
-        for message_id, node_id in list(pending.items()):
-            if loss := site_loss(before.get(node_id), online.get(node_id), time.time(), lost_after):
-                losses[node_id] = loss
-                del pending[message_id]
+        if time.time() >= next_watch:
+            next_watch = time.time() + WATCH_EVERY_S
+            online = {node.node_id: node for node in grid.get_nodes()}
+            for message_id, node_id in list(pending.items()):
+                if loss := site_loss(before.get(node_id), online.get(node_id), time.time(), lost_after):
+                    losses[node_id] = loss
+                    del pending[message_id]
         if pending:
             time.sleep(min(getattr(grid, "pull_interval", POLL_S), max(0.0, end - time.time())))
     return replies, losses

@@ -12,6 +12,7 @@ tests/test_deployment_faults.py.
 from __future__ import annotations
 
 import logging
+import re
 import time
 from pathlib import Path
 from typing import Callable
@@ -26,12 +27,20 @@ from client.wire import MESSAGE_TYPE
 from deploy import follow
 from common.config import ConfigError, config_to_flat
 from server.channel import NODE_UNAVAILABLE
+from server import liveness
 from server.liveness import last_heartbeat, site_loss
 from server.workflow import run_federation
 from tests.conftest import tiny_config
 from tests.fakes import InProcessGrid, synthetic_node_configs
 
 pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+@pytest.fixture(autouse=True)
+def watch_at_every_pull(monkeypatch):
+    """The node records read at every pull (a real run reads them every WATCH_EVERY_S)."""
+    monkeypatch.setattr(liveness, "WATCH_EVERY_S", 0.0)
+
 
 WLI0 = 103  # nbi-0, nbi-1, wli-0, wli-1 are nodes 101..104
 HEARTBEAT_S = 30.0
@@ -159,7 +168,7 @@ def test_a_restarted_site_is_asked_again_and_takes_part(tmp_path, caplog):
     "event, reason",
     [
         (go_offline, "lost: its SuperNode went offline"),
-        (fall_silent, "lost: no heartbeat from its SuperNode for 50 s (fed.site_lost_s = 40)"),
+        (fall_silent, r"lost: no heartbeat from its SuperNode for 5\d s \(fed.site_lost_s = 40\)"),
         (restart, "its SuperNode restarted"),  # with fed.resend_crashed = 0: dropped, not asked again
     ],
 )
@@ -168,8 +177,8 @@ def test_a_lost_site_is_dropped_by_name_and_the_round_goes_on(tmp_path, caplog, 
         grid, summary = watched_run(
             tmp_path, event, fed__round_timeout=600.0, fed__site_lost_s=40.0, fed__resend_crashed=0, fed__min_site_share=1.0
         )
-    assert f"[student] dropped site 'wli-0': {reason}" in caplog.text
-    assert summary["site_status"]["wli-0"]["student"].startswith(f"dropped in student round 1: {reason}")
+    assert re.search(rf"\[student\] dropped site 'wli-0': {reason}", caplog.text), caplog.text
+    assert re.match(f"dropped in student round 1: {reason}", summary["site_status"]["wli-0"]["student"])
     assert summary["student"][0]["sites"] == ["wli-1"]  # the round went on with the other site
     assert summary["status"] == "degraded" and summary["sites_lost"] == ["wli-0"] and not summary["accepted"]
     assert (tmp_path / "run" / "metrics.json").is_file()
