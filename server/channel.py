@@ -132,8 +132,9 @@ class Channel:
 
         A site whose ClientApp stopped responding (Flower's ``CLIENT_APP_CRASHED``: the process
         died, or missed its heartbeats on a loaded machine) or whose SuperNode restarted while it
-        held the request is asked the same request again, up to ``resends`` times, each with a fresh ``timeout``: nothing of it reached the server, and
-        the same request gives the same reply. Any other error is the site's answer and final.
+        held the request is asked the same request again, up to ``resends`` times, each with a
+        fresh ``timeout``: nothing of it reached the server, and the same request gives the same
+        reply. Any other error is the site's answer and final.
         ``releases``: each request asks an NBI site for statistics; every send, a resend too,
         counts one release of that site (:meth:`Ledger.count_releases`)."""
         ok, dropped, crashed = self._send(phase, requests, reference, releases)

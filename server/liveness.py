@@ -63,7 +63,9 @@ def send_and_watch(
     """Flower's ``Grid.send_and_receive`` that also stops waiting for a site lost meanwhile
     -> (the replies, the :class:`Loss` of each site given up on)."""
     before = {node.node_id: node for node in grid.get_nodes()}
-    pending = dict(zip(grid.push_messages(messages), (m.metadata.dst_node_id for m in messages)))
+    # Flower marks a message it could not push with None: no reply will come for it.
+    pushed = zip(grid.push_messages(messages), (m.metadata.dst_node_id for m in messages))
+    pending = {message_id: node_id for message_id, node_id in pushed if message_id}
     replies: list[Message] = []
     losses: dict[int, Loss] = {}
     end = time.time() + timeout
