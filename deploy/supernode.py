@@ -194,6 +194,12 @@ def run_clientapp(argv: Sequence[str]) -> None:
 
     flower.pull_task_input, flower.install_from_fab, flower.log = pull, install, quiet_log
     give_exit_handlers_time()
+    from common.lifetime import exit_with_service
+
+    # From the start, not only once the app runs (client.policy): a ClientApp started for a message
+    # it never gets (its run stopped) waits in Flower's loop, and outlived a SIGKILLed SuperNode to
+    # knock on the restarted one with a dead token (HTTP 401 tracebacks in its log).
+    exit_with_service(CLIENTAPP)
     sys.argv = [CLIENTAPP, *rest]
     flwr_clientapp()
 

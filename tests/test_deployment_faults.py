@@ -229,21 +229,23 @@ def test_a_site_answering_after_the_round_timeout_is_dropped_from_that_round(fed
 
 
 @pytest.fixture(scope="module")
-def lost(federation, resumed) -> dict[str, Any]:
-    """Run C: ``LOST``'s SuperNode SIGKILLed (the SuperNode alone) while its ClientApp trains."""
+def lost(federation) -> dict[str, Any]:
+    """Run C: ``LOST``'s SuperNode SIGKILLed (the SuperNode alone) while its ClientApp trains. Runs
+    after run B in this module (file order), alone with ``-k lost``."""
     fed = federation
     fed.supernodes[LATE].stop()  # the drill ends: the same site again, without the knob
     fed.restart_supernode(LATE, timeout=120)
     fed.wait_online([LATE])
     crash: dict[str, Any] = {}
     trained = fed.supernodes[LOST].text().count("Receiving: train.student")  # in runs A and B
+    stale = clientapps(fed)[LOST]  # idle ClientApps left by run A's stop: they must go with it too
 
     def on_poll(row: dict[str, Any] | None, fed: Loopback, log: Path) -> None:
         victim = fed.supernodes[LOST]
         if "killed" not in crash:
-            busy = clientapps(fed)[LOST]
+            busy = [p for p in clientapps(fed)[LOST] if p not in stale]
             if busy and victim.text().count("Receiving: train.student") > trained:
-                crash["clientapps"], crash["killed"] = busy, time.time()
+                crash["clientapps"], crash["killed"] = busy + stale, time.time()
                 os.kill(victim.pid, signal.SIGKILL)  # the SuperNode alone, as a crash or an OOM kill does
                 victim.popen.wait(timeout=10)  # reaped, as systemd does
             return
@@ -273,7 +275,7 @@ def lost(federation, resumed) -> dict[str, Any]:
     return crash
 
 
-def test_a_lost_site_is_noticed_by_name_and_the_run_goes_on_without_it(lost):
+def test_a_lost_site_is_noticed_by_name_and_the_run_goes_on_without_it(federation, lost):
     assert "killed" in lost, f"{LOST} never trained in run C: {lost['result'].log}"
     metrics = _completed(lost["result"])
     log = lost["result"].log.read_text(errors="replace")
