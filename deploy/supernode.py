@@ -155,6 +155,12 @@ def give_exit_handlers_time(seconds: float = CLIENTAPP_EXIT_GRACE_S) -> None:
 
 def run_clientapp(argv: Sequence[str]) -> None:
     """Flower's ``flwr-clientapp`` with the bundle checked before it is installed."""
+    from common.lifetime import exit_with_service  # stdlib only: watching starts before Flower's imports
+
+    # From the start, not only once the app runs (client.policy): a ClientApp started just as its
+    # SuperNode died, or for a message it never gets (its run stopped), waits in Flower's loop; one
+    # outlived a SIGKILLed SuperNode to knock on the restarted one with a dead token (HTTP 401).
+    exit_with_service(CLIENTAPP)
     parser = argparse.ArgumentParser(prog=f"{PROG} {CLIENTAPP}", add_help=False)
     parser.add_argument("--app-digest", required=True)
     ours, rest = parser.parse_known_args(argv)
@@ -194,12 +200,6 @@ def run_clientapp(argv: Sequence[str]) -> None:
 
     flower.pull_task_input, flower.install_from_fab, flower.log = pull, install, quiet_log
     give_exit_handlers_time()
-    from common.lifetime import exit_with_service
-
-    # From the start, not only once the app runs (client.policy): a ClientApp started for a message
-    # it never gets (its run stopped) waits in Flower's loop, and outlived a SIGKILLed SuperNode to
-    # knock on the restarted one with a dead token (HTTP 401 tracebacks in its log).
-    exit_with_service(CLIENTAPP)
     sys.argv = [CLIENTAPP, *rest]
     flwr_clientapp()
 
