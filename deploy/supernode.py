@@ -153,14 +153,32 @@ def give_exit_handlers_time(seconds: float = CLIENTAPP_EXIT_GRACE_S) -> None:
     importlib.import_module("flwr.supercore.exit.exit").FORCE_EXIT_TIMEOUT_SECONDS = seconds
 
 
+def _lifetime() -> Any:
+    """:mod:`common.lifetime` (stdlib only) loaded without the ``common`` package, whose import
+    pulls in torch (seconds on a loaded host), and registered under its name so that the app's
+    own call (client.policy) finds the watchdog already running."""
+    import importlib.util
+
+    if "common.lifetime" in sys.modules:
+        return sys.modules["common.lifetime"]
+    package = importlib.util.find_spec("common")
+    if package is None or not package.submodule_search_locations:
+        raise ImportError("the fedpagkd package (common/) is not installed beside fedpagkd-supernode")
+    path = Path(next(iter(package.submodule_search_locations))) / "lifetime.py"
+    spec = importlib.util.spec_from_file_location("common.lifetime", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["common.lifetime"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
 def run_clientapp(argv: Sequence[str]) -> None:
     """Flower's ``flwr-clientapp`` with the bundle checked before it is installed."""
-    from common.lifetime import exit_with_service  # stdlib only: watching starts before Flower's imports
-
     # From the start, not only once the app runs (client.policy): a ClientApp started just as its
     # SuperNode died, or for a message it never gets (its run stopped), waits in Flower's loop; one
     # outlived a SIGKILLed SuperNode to knock on the restarted one with a dead token (HTTP 401).
-    exit_with_service(CLIENTAPP)
+    _lifetime().exit_with_service(CLIENTAPP)
     parser = argparse.ArgumentParser(prog=f"{PROG} {CLIENTAPP}", add_help=False)
     parser.add_argument("--app-digest", required=True)
     ours, rest = parser.parse_known_args(argv)

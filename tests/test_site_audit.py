@@ -643,3 +643,16 @@ def test_an_expired_or_foreign_server_certificate_is_named_as_such(tmp_path: Pat
     assert tlscheck.explain(unavailable, "fed") == f"{unavailable} -> {expired}"
     assert tlscheck.explain("flwr list fed: run 7 not found", "fed") == "flwr list fed: run 7 not found"
     assert tlscheck.main(["fed"]) == 1
+
+
+def test_a_clientapp_watches_its_service_before_any_heavy_import() -> None:
+    """The watchdog (common.lifetime) loads without the ``common`` package (torch): a ClientApp
+    started just as its SuperNode dies must not live through seconds of imports; the app's own
+    ``from common.lifetime import exit_with_service`` (client.policy) then finds the same module."""
+    code = (
+        "import sys; sys.path.insert(0, sys.argv[1]); import supernode; m = supernode._lifetime(); "
+        "print('torch' in sys.modules); from common.lifetime import exit_with_service; "
+        "print(exit_with_service is m.exit_with_service)"
+    )
+    out = subprocess.run([sys.executable, "-c", code, str(ROOT / "deploy")], capture_output=True, text=True, timeout=120)
+    assert (out.returncode, out.stdout.split()) == (0, ["False", "True"]), out.stderr
