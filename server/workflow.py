@@ -74,7 +74,7 @@ class Protocol:
         self.cfg, self.run_dir = cfg, run_dir
         self.dims = dims_of(cfg)
         self.ledger = Ledger(path=run_dir / LEDGER)
-        self.channel = Channel(grid, self.dims, cfg.fed.round_timeout, self.ledger, cfg.fed.resend_crashed)
+        self.channel = Channel(grid, self.dims, cfg.fed.round_timeout, self.ledger, cfg.fed.resend_crashed, cfg.fed.site_lost_s)
         self.distil, self.needs_teacher = cfg.distils, cfg.needs_nbi_sites
         self.run_state = self._first_state(start)
         self.rounds = Rounds(cfg, self.channel, self.run_state)
@@ -332,8 +332,9 @@ class Protocol:
         for model, problems in result.not_learned.items():
             log.warning("the %s did not learn: %s; %s", model, "; ".join(problems), result.not_learned_fixes)
         if result.status == "degraded":
-            log.warning(
-                "run DEGRADED (%.0f %% of the sites took part throughout, fed.min_site_share = %.0f %%): lost %s",
+            log.warning(  # deploy/follow.py reads this line: the operator's exit status
+                "run DEGRADED, %s (%.0f %% of the sites took part throughout, fed.min_site_share = %.0f %%): lost %s",
+                "accepted" if result.accepted else "NOT accepted",
                 100 * result.site_share,
                 100 * result.min_site_share,
                 ", ".join(result.sites_lost),
