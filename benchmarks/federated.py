@@ -28,7 +28,7 @@ from common.presets import FAST
 # Every method spelled out in full: none depends on the shipped default run.
 _PLAIN = {"pagkd.use_pro": False, "pagkd.use_den": False, "fed.student_init": "scratch"}
 # The group terms' weights and CE-only warm-up chosen on val (benchmarks/tune.py, results/tune.json:
-# candidate "light", val AUC 0.872 on seeds 0-1 against 0.857 for the CPU preset's Den 1.0 / Pro 0.1).
+# candidate "light"; the table is in docs/results.md).
 _PAGKD = {
     "pagkd.use_pro": True,
     "pagkd.use_den": True,
@@ -39,11 +39,11 @@ _PAGKD = {
 }
 METHODS = {
     # (a) WLI-only FedAvg student (CE), with its best measured setting: each site keeps its AdamW
-    # state across rounds (+0.014 AUC over a fresh optimiser per round, README "Results" (b')).
+    # state across rounds (docs/results.md (b')).
     "fedavg_wli_only": {**_PLAIN, "train.keep_optimizer_state": True},
     # (b) FedProto-style: WLI sites only, CE + MSE to the global class prototypes (no NBI); its
-    # weight and optimiser state chosen on val (benchmarks/tune.py, results/tune_fedproto.json:
-    # 0.1 with kept AdamW, val AUC 0.877 on seeds 0-1; the old 1.0 collapsed to 0.558).
+    # weight and optimiser state chosen on val (benchmarks/tune.py, results/tune_fedproto.json;
+    # the table is in docs/results.md).
     "fedproto_wli": {**_PLAIN, "fed.fedproto_weight": 0.1, "train.keep_optimizer_state": True},
     # (c) the naive cross-modal baseline: one model FedAvg'ed over WLI and NBI sites (CE).
     # Untuned; run with a fresh AdamW per round (the Config default of the time), spelled so.
@@ -54,8 +54,8 @@ METHODS = {
     "fedpagkd_den_only": {**_PAGKD, "pagkd.use_pro": False},
     "fedpagkd_adaptive": {**_PAGKD, "pagkd.grouping": "adaptive", "pagkd.subtypes": 2},
     # The WLI student starts from the federated NBI teacher (sequential cross-modal transfer).
-    # Its setting chosen on val (results/tune.json: the AdamW state kept across rounds, val AUC 0.890
-    # on seeds 0-1 against 0.870 fresh, 0.877 at lr 1.5e-3, 0.864 at 6e-3).
+    # Its setting chosen on val (results/tune.json: the AdamW state kept across rounds; the table
+    # is in docs/results.md).
     "fedavg_teacher_init": {**_PLAIN, "fed.student_init": "teacher", "train.keep_optimizer_state": True},
     # The same run with the group terms on top (their tuned weights): what they add to it.
     "fedpagkd_teacher_init": {**_PAGKD, "fed.student_init": "teacher", "train.keep_optimizer_state": True},

@@ -107,8 +107,8 @@ SCALE: dict[str, Any] = {
     "fed.num_bins": 20,
 }
 
-# A small setting the 2-core CPU runs in ~20-40 s per federated run, in which the NBI teacher
-# reaches AUC ~0.9 and a WLI student started from it ~0.7-0.8 (tests/test_simulation.py's run):
+# A small setting a 2-core CPU runs in well under a minute per federated run, in which the NBI
+# teacher and a WLI student started from it both learn (tests/test_simulation.py's run):
 # timm test_resnet at 64 px, 192 train / 150 test images per site, 2 teacher + 6 student rounds.
 # No EVERY_PHASE: each benchmark method spells out its own switches.
 FAST: dict[str, Any] = {
@@ -127,7 +127,7 @@ FAST: dict[str, Any] = {
     "fed.num_bins": 200,
 }
 
-# FAST with the WLI student started from the NBI teacher (it learns: AUC ~0.7-0.8) and both
+# FAST with the WLI student started from the NBI teacher (so that it learns) and both
 # group terms on: the poisoning and privacy benchmarks' base.
 ROBUSTNESS: dict[str, Any] = {**FAST, "pagkd.use_pro": True, "pagkd.use_den": True, "fed.student_init": "teacher"}
 
