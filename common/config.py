@@ -167,8 +167,6 @@ class FederationConfig:
     # The default run starts from the teacher: it is the measured way NBI sites reach the WLI
     # student (docs/results.md).
     student_init: StudentInit = "teacher"
-    # Robust aggregation of weights and knowledge statistics (server/aggregation.py):
-    # mean (FedAvg / exact sums) | median | trimmed_mean (coordinate-wise, unweighted).
     # Which sites train the student: wli (FedPaGKD, FedAvg WLI-only) | all (the naive
     # cross-modal baseline: one model FedAvg'ed over WLI and NBI sites, CE only; evaluated on WLI).
     student_sites: StudentSites = "wli"
@@ -176,6 +174,8 @@ class FederationConfig:
     # the global class prototype (summed class means of the WLI sites' embeddings); 0 = off.
     # (Not pagkd.pro_weight, GKD-Pro's weight. Was fed.proto_weight, still accepted: RENAMED_KEYS.)
     fedproto_weight: float = 0.0
+    # Robust aggregation of weights and knowledge statistics (server/aggregation.py):
+    # mean (FedAvg / exact sums) | median | trimmed_mean (coordinate-wise, unweighted).
     aggregation: Aggregation = "mean"
     trim_fraction: float = 0.2  # trimmed_mean: share of sites dropped at each end, per coordinate
     # Clip each site's update (weights: from the global model; statistics: from the median of the
