@@ -39,11 +39,12 @@ from client.train import (
     train_student,
     train_teacher,
 )
-from common.config import Config, config_from_mapping, config_to_dict, register_hydra_schema
+from common.config import Config, config_from_mapping, config_to_dict
 from common.files import atomic_write_json
 from common.metrics import classification_metrics, confusion_matrix
 from common.device import pick_device
 from common.models import build_query_head, build_student, build_teacher
+from common.presets import register_hydra_schema
 
 log = logging.getLogger("fedpagkd.centralised")
 

@@ -23,43 +23,8 @@ import numpy as np
 import common  # noqa: F401
 from benchmarks.centralised import environment
 from common.config import Config, config_from_flat, config_to_flat
-from common.presets import FAST
+from common.presets import FAST, METHODS  # the methods: the registry's (common/presets.py)
 
-# Every method spelled out in full: none depends on the shipped default run.
-_PLAIN = {"pagkd.use_pro": False, "pagkd.use_den": False, "fed.student_init": "scratch"}
-# The group terms' weights and CE-only warm-up chosen on val (benchmarks/tune.py, results/tune.json:
-# candidate "light"; the table is in docs/results.md).
-_PAGKD = {
-    "pagkd.use_pro": True,
-    "pagkd.use_den": True,
-    "pagkd.den_weight": 0.3,
-    "pagkd.pro_weight": 0.01,
-    "pagkd.warmup_epochs": 8,
-    "fed.student_init": "scratch",
-}
-METHODS = {
-    # (a) WLI-only FedAvg student (CE), with its best measured setting: each site keeps its AdamW
-    # state across rounds (docs/results.md (b')).
-    "fedavg_wli_only": {**_PLAIN, "train.keep_optimizer_state": True},
-    # (b) FedProto-style: WLI sites only, CE + MSE to the global class prototypes (no NBI); its
-    # weight and optimiser state chosen on val (benchmarks/tune.py, results/tune_fedproto.json;
-    # the table is in docs/results.md).
-    "fedproto_wli": {**_PLAIN, "fed.fedproto_weight": 0.1, "train.keep_optimizer_state": True},
-    # (c) the naive cross-modal baseline: one model FedAvg'ed over WLI and NBI sites (CE).
-    # Untuned; run with a fresh AdamW per round (the Config default of the time), spelled so.
-    "fedavg_joint": {**_PLAIN, "fed.student_sites": "all", "train.keep_optimizer_state": False},
-    # (d) federated PaGKD and its ablations.
-    "fedpagkd": dict(_PAGKD),
-    "fedpagkd_pro_only": {**_PAGKD, "pagkd.use_den": False},
-    "fedpagkd_den_only": {**_PAGKD, "pagkd.use_pro": False},
-    "fedpagkd_adaptive": {**_PAGKD, "pagkd.grouping": "adaptive", "pagkd.subtypes": 2},
-    # The WLI student starts from the federated NBI teacher (sequential cross-modal transfer).
-    # Its setting chosen on val (results/tune.json: the AdamW state kept across rounds; the table
-    # is in docs/results.md).
-    "fedavg_teacher_init": {**_PLAIN, "fed.student_init": "teacher", "train.keep_optimizer_state": True},
-    # The same run with the group terms on top (their tuned weights): what they add to it.
-    "fedpagkd_teacher_init": {**_PAGKD, "fed.student_init": "teacher", "train.keep_optimizer_state": True},
-}
 REPORTED = ("auc", "accuracy", "sensitivity", "specificity")
 # Keys the teacher rounds never read: runs that differ only in these share one teacher phase
 # (teacher_snapshot). Everything else (data, model, lr, schedule, keep_optimizer_state, the

@@ -44,7 +44,7 @@ VOLATILE = ("timing", "wall_s", "wall_time_s")
 
 def method_overrides(name: str) -> dict[str, Any]:
     """The flat overrides of one named method (``default``: the Config defaults)."""
-    from benchmarks.federated import METHODS
+    from common.presets import METHODS
 
     return {**SHORT} if name == "default" else {**METHODS[name], **SHORT}
 

@@ -31,12 +31,13 @@ import numpy as np
 
 import common  # noqa: F401
 from benchmarks.centralised import environment, run_seed
-from benchmarks.federated import METHODS, REPORTED, run_config, run_once, teacher_key, teacher_snapshot
+from benchmarks.federated import REPORTED, run_config, run_once, teacher_key, teacher_snapshot
 from common.config import config_from_flat, config_from_mapping
 from common.files import atomic_write_json
 from common.metrics import paired_difference
+from common.presets import DEFAULT_METHOD, METHODS, REGIMES
 
-DEFAULT_ARM = "fedavg_teacher_init"  # the Flower run config's default (pyproject.toml): FedAvg from the NBI teacher
+DEFAULT_ARM = DEFAULT_METHOD  # the Flower run config's default (pyproject.toml): FedAvg from the NBI teacher
 BASELINE_ARM = "fedavg_wli_only"
 # Centralised counterparts (benchmarks.centralised variants), pooled images of the same sites:
 # WLI-only, the default's (a student started from the NBI teacher) and PaGKD's.
@@ -49,14 +50,6 @@ COUNTERPARTS = {"fedavg_teacher_init": "central_teacher_init", "fedpagkd": "cent
 # selection on a small val split is noisier than the arms' differences. 2 WLI sites: 500 pooled
 # val and 2,000 pooled test images.
 STUDY_SPLITS = {"data.val_per_site": 250, "data.test_per_site": 1000}
-# Data regimes: overrides on top of the default federation (WLI training size, NBI:WLI ratio).
-# In the plot's order: WLI training size ascending (48 / 96 / 384 per site), then NBI:WLI 4:1.
-REGIMES: dict[str, dict[str, Any]] = {
-    "scarce": {"data.train_per_site": 48},
-    "default": {},
-    "plentiful": {"data.train_per_site": 384, "fed.student_rounds": 5, "fed.teacher_rounds": 5},
-    "nbi_x4": {"data.nbi_train_scale": 4.0},
-}
 # The arms the regimes compare (plot and table): the default and the group terms on top of its start.
 REGIME_ARMS = (DEFAULT_ARM, "fedpagkd_teacher_init")
 

@@ -5,7 +5,7 @@ for each seed, four arms on the same images:
 
 * ``reference``: the plain CNN of :mod:`benchmarks.reference`, its recipe unchanged (the yardstick);
 * ``central``: the project's WLI-only student trained centrally (:mod:`benchmarks.centralised`);
-* ``federated``: the WLI-only FedAvg student (``benchmarks.federated.METHODS["fedavg_wli_only"]``);
+* ``federated``: the WLI-only FedAvg student (``common.presets.METHODS["fedavg_wli_only"]``);
 * ``default``: the shipped default run, nothing overridden (student from the NBI teacher).
 
 The federated arms run the real ServerApp protocol and ClientApp handlers in-process
@@ -40,11 +40,12 @@ import common  # noqa: F401  (torchvision shim before timm)
 from benchmarks import reference
 from benchmarks.centralised import environment, run_seed
 from benchmarks.families import DEFAULT_OUT, FAMILIES, family_root
-from benchmarks.federated import METHODS, run_once
+from benchmarks.federated import run_once
 from client.site import federation_sites
 from common.config import config_from_flat
 from common.files import atomic_write_json
 from common.metrics import paired_difference
+from common.presets import METHODS
 
 RESULTS = Path("benchmarks/results/suite")
 EMBEDDED = "embedded"

@@ -22,8 +22,8 @@ import numpy as np
 
 import common  # noqa: F401
 from benchmarks.centralised import environment
-from benchmarks.federated import METHODS, run_once
-from common.presets import FAST
+from benchmarks.federated import run_once
+from common.presets import FAST, METHODS
 
 PAIR = ("fedavg_teacher_init", "fedpagkd_teacher_init")
 # factor -> (label, {value: overrides}); NBI sites keep 192 training images in wli_train.

@@ -6,8 +6,8 @@
 Each tuned arm gets the same number of candidate settings (:data:`CANDIDATES`), each run on the
 same seeds and data as :mod:`benchmarks.study` (its default regime and split sizes). A candidate
 is scored by the pooled val AUC of the round model selection keeps (the study selects rounds the
-same way), averaged over the seeds; the best per arm is the one the study spells in
-``benchmarks.federated.METHODS``. Test AUCs are recorded for the record, never used to choose.
+same way), averaged over the seeds; the best per arm is the one the registry spells in
+``common.presets.METHODS``. Test AUCs are recorded for the record, never used to choose.
 Resumable: runs are named by arm, candidate and seed (``runs/tune/``), and a finished one is read
 back; writes ``benchmarks/results/tune.json`` and prints a table.
 """
@@ -25,10 +25,12 @@ import common  # noqa: F401
 from benchmarks.centralised import environment
 from benchmarks.study import STUDY_SPLITS, run_arm
 from common.files import atomic_write_json
+from common.presets import TUNED_FEDPROTO, TUNED_GROUP_TERMS
 
 # arm -> {candidate: overrides on top of the arm}; the first is the arm as it stood before tuning.
 # Each candidate spells every key its arm tunes, so it means the same after METHODS takes the
-# chosen one (benchmarks.federated.METHODS spells the chosen values).
+# chosen one; the chosen candidates are the registry's tuned values (common.presets.TUNED_*), read
+# here, and tests/test_presets.py checks that the results files still choose them.
 # Four each. PaGKD from the teacher: the group terms' weights and CE-only warm-up (the paper:
 # L_Den at 1, 0.001 on GKD-Pro, after a CE-only start). Its baseline, FedAvg from the teacher,
 # has no group terms: its four are the learning rate and the optimiser state across rounds.
@@ -36,14 +38,14 @@ CANDIDATES: dict[str, dict[str, dict[str, Any]]] = {
     "fedpagkd_teacher_init": {
         "preset": {"pagkd.den_weight": 1.0, "pagkd.pro_weight": 0.1, "pagkd.warmup_epochs": 0},
         "paper": {"pagkd.den_weight": 1.0, "pagkd.pro_weight": 0.001, "pagkd.warmup_epochs": 8},
-        "light": {"pagkd.den_weight": 0.3, "pagkd.pro_weight": 0.01, "pagkd.warmup_epochs": 8},
+        "light": dict(TUNED_GROUP_TERMS),  # chosen: the registry spells it (common/presets.py)
         "den_heavy": {"pagkd.den_weight": 3.0, "pagkd.pro_weight": 0.01, "pagkd.warmup_epochs": 8},
     },
     # FedProto-style: the regulariser's weight (1.0 collapsed it: docs/results.md), with the
     # AdamW state kept across rounds, FedAvg WLI-only's best setting that it builds on.
     "fedproto_wli": {
         "preset": {"fed.fedproto_weight": 1.0, "train.keep_optimizer_state": False},
-        "w0.1": {"fed.fedproto_weight": 0.1, "train.keep_optimizer_state": True},
+        "w0.1": dict(TUNED_FEDPROTO),  # chosen
         "w0.01": {"fed.fedproto_weight": 0.01, "train.keep_optimizer_state": True},
         "w0.001": {"fed.fedproto_weight": 0.001, "train.keep_optimizer_state": True},
     },

@@ -1,6 +1,6 @@
 """``fedpagkd``: one command for everything a user runs (the ``[project.scripts]`` entry point).
 
-    fedpagkd simulate [--supernodes N] [key=value ...]     federated run on Ray (server.launch)
+    fedpagkd simulate [--experiment E] [key=value ...]     federated run on Ray (server.launch; --preset R)
     fedpagkd experiment [hydra overrides]                   Hydra jobs of simulate (server.experiment)
     fedpagkd centralised [hydra overrides]                  centralised reference (benchmarks.centralised)
     fedpagkd reference [...]                                the plain reference CNN (benchmarks.reference)

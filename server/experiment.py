@@ -3,9 +3,10 @@
     python -m server.experiment experiment=wli_only train.seed=1
     python -m server.experiment --multirun train.seed=0,1,2 experiment=default,wli_only
 
-The composed config (``conf/federated.yaml`` + preset + experiment) is validated by the same
-typed schema as Flower's run config (:func:`common.config.config_from_mapping`): an unknown key
-or a bad value stops here, before Ray starts. Each job's run folder is its Hydra output folder.
+The composed config (``conf/federated.yaml`` + experiment + preset, both read from the registry
+:mod:`common.presets`) is validated by the same typed schema as Flower's run config
+(:func:`common.config.config_from_mapping`): an unknown key or a bad value stops here, before Ray
+starts. Each job's run folder is its Hydra output folder.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 import common  # noqa: F401
-from common.config import config_from_mapping, config_to_flat, register_hydra_schema
+from common.config import config_from_mapping, config_to_flat
+from common.presets import register_hydra_schema
 from server.launch import simulate
 
 log = logging.getLogger("fedpagkd.experiment")

@@ -4,7 +4,8 @@
 command on a machine-wide port. This launcher gives each call its own ``FLWR_HOME`` and a
 free port, submits the run, streams its log (progress per round), reads the final status with
 ``flwr list``, stops the SuperLink it started by its process group, and raises when the run did
-not complete. CLI: ``fedpagkd simulate [--supernodes N] [key=value ...]`` (= ``python -m server.launch``).
+not complete. CLI: ``fedpagkd simulate [--supernodes N] [--experiment E] [--preset P] [key=value ...]``
+(= ``python -m server.launch``; E and P are named configurations of the registry, :mod:`common.presets`).
 The process lifecycle itself (environment, ports, the ``flwr`` CLI, process groups) is
 :mod:`server.processes`, shared with the loopback deployment harness.
 
@@ -408,8 +409,12 @@ def _submit_and_follow(
 
 
 def main(argv: list[str] | None = None) -> int:
+    from common.presets import EXPERIMENTS, RECIPES, compose
+
     parser = argparse.ArgumentParser(prog="fedpagkd simulate", description=__doc__.split("\n\n")[0])
     parser.add_argument("overrides", nargs="*", help="run-config overrides, e.g. fed.student_rounds=5 data.image_size=64")
+    parser.add_argument("--experiment", default="default", choices=list(EXPERIMENTS), help="a method (common/presets.py)")
+    parser.add_argument("--preset", default="cpu", choices=list(RECIPES), help="a recipe, applied after the experiment")
     parser.add_argument("--supernodes", type=int, default=None, help="default: data.nbi_sites + data.wli_sites (or sites.toml)")
     parser.add_argument("--cpus-per-client", type=int, default=1)
     parser.add_argument("--gpus-per-client", type=float, default=0.0)
@@ -424,7 +429,7 @@ def main(argv: list[str] | None = None) -> int:
         bad = [item for item in args.overrides if "=" not in item]
         if bad:
             raise ConfigError(f"{bad} are not key=value run-config overrides (e.g. fed.student_rounds=5)")
-        overrides = dict(item.split("=", 1) for item in args.overrides)
+        overrides = compose(args.preset, args.experiment, dict(item.split("=", 1) for item in args.overrides))
         cfg = config_from_flat(overrides)  # fail here, with a clear message, before Ray starts
         supernodes = args.supernodes or (
             len(read_sites_file(cfg.data.root)) if cfg.data.root else cfg.data.nbi_sites + cfg.data.wli_sites

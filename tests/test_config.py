@@ -249,7 +249,9 @@ def test_pyproject_run_config_covers_every_key_and_validates():
 
 
 def test_pyproject_defaults_equal_the_dataclass_defaults():
-    """One source of truth: `flwr run .` and every Python entry point start from the same values."""
+    """One source of truth: `flwr run .` and every Python entry point start from the same values.
+    Every key of the run config equals its Config default as written, type included (no coercion
+    between them: ``1`` for ``1.0`` or ``"true"`` for ``true`` would fail here)."""
     import tomllib
     from pathlib import Path
 
@@ -258,7 +260,9 @@ def test_pyproject_defaults_equal_the_dataclass_defaults():
     from common.config import Config, config_to_flat
 
     app = tomllib.loads((Path(__file__).resolve().parent.parent / "pyproject.toml").read_text())["tool"]["flwr"]["app"]
-    assert config_to_flat(config_from_flat(flatten_dict(app["config"]))) == config_to_flat(Config())
+    written, defaults = flatten_dict(app["config"]), config_to_flat(Config())
+    assert written == defaults
+    assert {key: type(value) for key, value in written.items()} == {key: type(value) for key, value in defaults.items()}
 
 
 def test_a_renamed_key_is_still_read_under_its_old_name():

@@ -49,16 +49,21 @@ def test_the_paper_preset_runs_every_federated_phase_at_its_shapes(tmp_path, sin
     weights = tmp_path / "resnet50.safetensors"
     backbone = timm.create_model("resnet50", pretrained=False, num_classes=0)
     save_file({k: v.contiguous() for k, v in backbone.state_dict().items()}, str(weights))
-    # The method switched on by key: experiment=pagkd would also bring the CPU recipe's tuned
-    # group weights (Den 0.3 / Pro 0.01 / warm-up 8) over the paper's (1.0 / 0.001 / 5).
-    method = ["pagkd.use_pro=true", "pagkd.use_den=true", "fed.student_init=scratch"]
-    overrides = ["preset=paper", *method, *SMOKE, f"model.teacher_weights={weights}", f"model.student_weights={weights}"]
+    # The paper's method under the paper's recipe: the recipe keeps its own group weights.
+    overrides = [
+        "preset=paper",
+        "experiment=pagkd",
+        *SMOKE,
+        f"model.teacher_weights={weights}",
+        f"model.student_weights={weights}",
+    ]
     with initialize_config_dir(config_dir=CONF, version_base=None):
         tree = OmegaConf.to_container(compose(config_name="federated", overrides=overrides), resolve=True)
     tree.pop("sim")
     cfg = config_from_mapping(tree)
     assert (cfg.model.student, cfg.model.teacher, cfg.data.image_size, cfg.model.num_heads) == ("resnet50", "resnet50", 448, 16)
-    assert (cfg.train.augment, cfg.pagkd.pro_weight, cfg.train.lr) == ("rotate", 0.001, 1e-4)
+    assert (cfg.train.augment, cfg.pagkd.pro_weight, cfg.pagkd.den_weight, cfg.train.lr) == ("rotate", 0.001, 1.0, 1e-4)
+    assert cfg.pagkd.use_pro and cfg.pagkd.use_den and cfg.fed.student_init == "scratch"
 
     net = build_student(cfg.model, cfg.data.num_classes).eval()
     with torch.no_grad():
