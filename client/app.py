@@ -27,7 +27,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 
 from client import policy
-from client.egress import logged
+from client.egress import logged, release_key, releases_made
 from client.knowledge import SiteKnowledge, extract_site_knowledge, knowledge_seeds, knowledge_sums
 from client.site import SiteData, resolve_site
 from client.train import Span, balanced_loader, eval_loader, predict, train_student, train_teacher
@@ -122,6 +122,7 @@ def handles(
             configure_logging(site_log.name)
             site_name = str(context.node_config.get("site-name", f"partition-{context.node_config.get('partition-id', '?')}"))
             policy.guard_process()  # a deployment ClientApp ends with its SuperNode
+            nonce = ""  # the request's, echoed by the reply (an error too) so the server can bind it
             try:
                 if delay := drill_delays().get(kind, 0.0):
                     log.warning(
@@ -130,7 +131,9 @@ def handles(
                     time.sleep(delay)
                 cfg = policy.site_config(config_from_flat(context.run_config), context.node_config, site_name)
                 dims = dims_of(cfg)
-                request = validate(from_recorddict(message.content, "server"), dims, sender="server")
+                request = from_recorddict(message.content, "server")
+                nonce = request.nonce
+                validate(request, dims, sender="server")
                 if request.kind != kind:
                     raise PayloadError(f"expected a '{kind}' request, got '{request.kind}'")
                 site = resolve_site(context.node_config, cfg)
@@ -165,6 +168,7 @@ def handles(
                 run_name=str(context.run_config.get("fed.run_name", "")),
                 request=kind,
             )
+            reply.nonce = nonce  # a refusal by logged() too
             return Message(to_recorddict(reply, compute_s=time.perf_counter() - started), reply_to=message)
 
         # Not functools.wraps: Flower inspects the (message, context) signature of what it registers.
@@ -188,9 +192,11 @@ def _class_counts(labels: np.ndarray, num_classes: int) -> np.ndarray:
 @app.query("discover")
 @handles("discover", ("nbi", "wli"))
 def discover(request: Payload, site: SiteData, cfg: Config, dims: Dims, context: Context) -> Payload:
-    """Metadata only: modality, class names and counts, software version. The names go even
-    when they differ from the run's: the server compares every site's and says what to fix."""
+    """Metadata only: modality, class names and counts, software version, the statistics
+    releases this site counted for the run and the files it did not read (by reason). The names
+    go even when they differ from the run's: the server compares every site's and says what to fix."""
     classes = len(site.class_names)
+    run = release_key(str(context.run_config.get("fed.run_name", "")), context.run_id)
     return make(
         "metadata",
         dims,
@@ -205,8 +211,22 @@ def discover(request: Payload, site: SiteData, cfg: Config, dims: Dims, context:
             "version": VERSION,
             "protocol": PROTOCOL_VERSION,
             "class-names": json.dumps(list(site.class_names)),
+            "releases": releases_made(context.node_config, run),
+            "skipped-files": json.dumps(_skipped_files(site)),
         },
     )
+
+
+def _skipped_files(site: SiteData) -> dict[str, int]:
+    """{reason: files} the site's splits did not read (:attr:`common.data.FolderSiteDataset.skipped`;
+    none for the built-in data), the site's folder written as ``<data-path>``: its path stays here."""
+    counts: dict[str, int] = {}
+    for split in (site.train, site.val, site.test):
+        root = str(getattr(split, "root", ""))
+        for reason, files in getattr(split, "skipped", {}).items():
+            key = reason.replace(root, "<data-path>") if root else reason
+            counts[key] = counts.get(key, 0) + len(files)
+    return counts
 
 
 def _teacher_and_head(request: Payload, cfg: Config, dims: Dims):

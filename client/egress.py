@@ -6,6 +6,11 @@ id, run name, site, the request it answers, and :func:`common.egress.describe` o
 (kind, bytes, array keys with dtype and shape, weight blocks, scalar config such as group counts).
 No array values are written. Without ``state-dir`` nothing is written.
 
+Beside it, ``<state-dir>/releases.json`` counts the statistics releases the site sent
+(:data:`common.records.RELEASE_KINDS`) per run ({run name: count}), each before it leaves; the
+site reports its count at discovery, so a coordinator whose run folder was rolled back to an
+older copy cannot undercount the site's DP budget (:meth:`server.channel.Ledger.reconcile`).
+
 CLI (site or operator)::
 
     python -m client.egress compare --site-log /var/lib/fedpagkd-site/egress.jsonl \\
@@ -19,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -28,16 +34,67 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from common.egress import compare, describe, read_coordinator_log, read_site_log
-from common.records import Payload
+from common.files import atomic_write_json
+from common.records import RELEASE_KINDS, Payload
 
 log = logging.getLogger(__name__)
 SITE_LOG = "egress.jsonl"
+RELEASES = "releases.json"
 STATE_DIR_KEY = "state-dir"  # node config key
 
 
-def site_log_path(node_config: Mapping[str, Any]) -> Path | None:
+def site_log_path(node_config: Mapping[str, Any], name: str = SITE_LOG) -> Path | None:
+    """``<state-dir>/<name>`` (the egress log by default), None without a state folder."""
     folder = str(node_config.get(STATE_DIR_KEY, "") or "")
-    return Path(folder) / SITE_LOG if folder else None
+    return Path(folder) / name if folder else None
+
+
+def release_key(run_name: str, run_id: int) -> str:
+    """The run a release counts for: its name (a resumed run keeps it), else its Flower run id."""
+    return run_name or f"run-id {int(run_id)}"
+
+
+class ReleaseCountError(OSError):
+    """The site's count of DP releases cannot be read or written; the message names the file and the fix."""
+
+
+def _read_releases(path: Path) -> dict[str, int]:
+    if not path.is_file():
+        return {}
+    try:
+        counts = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ReleaseCountError(
+            f"{path} (the site's count of DP releases) is not valid JSON ({err}); restore it from a backup"
+        ) from None
+    if not isinstance(counts, dict) or not all(type(n) is int and n >= 0 for n in counts.values()):
+        raise ReleaseCountError(f"{path} (the site's count of DP releases) is not {{run: count}}; restore it from a backup")
+    return counts
+
+
+def releases_made(node_config: Mapping[str, Any], key: str) -> int:
+    """The statistics releases this site counted for run ``key`` (0 without a state folder)."""
+    path = site_log_path(node_config, RELEASES)
+    return _read_releases(path).get(key, 0) if path is not None else 0
+
+
+def count_release(path: Path, key: str) -> None:
+    """One more release of run ``key`` in ``path`` (locked: ClientApp processes of one site may
+    overlap; written atomically: a crash leaves the old count or the new one)."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path.with_name(path.name + ".lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            counts = _read_releases(path)
+            counts[key] = counts.get(key, 0) + 1
+            atomic_write_json(path, counts)
+    except ReleaseCountError:
+        raise
+    except OSError as err:
+        raise ReleaseCountError(
+            f"cannot update the site's count of DP releases {path} ({err.strerror or err}); make the node config's "
+            f"'{STATE_DIR_KEY}' a folder the SuperNode's user can write"
+        ) from None
 
 
 def record(path: Path, *, site: str, run_id: int, run_name: str, request: str, reply: Payload) -> None:
@@ -68,13 +125,16 @@ def record(path: Path, *, site: str, run_id: int, run_name: str, request: str, r
 
 
 def logged(reply: Payload, node_config: Mapping[str, Any], **meta: Any) -> Payload:
-    """``reply`` after recording it in the site's egress log (when ``state-dir`` is set). If the
-    record cannot be written, the reply is replaced by an error naming the log: no record, no
-    statistics (that error is recorded too when possible)."""
+    """``reply`` after recording it in the site's egress log (when ``state-dir`` is set), and a
+    statistics release in the site's count of releases. If either cannot be written, the reply
+    is replaced by an error naming the file: no record, no statistics (that error is recorded
+    too when possible)."""
     path = site_log_path(node_config)
     if path is None:
         return reply
     try:
+        if reply.kind in RELEASE_KINDS:
+            count_release(path.with_name(RELEASES), release_key(meta["run_name"], meta["run_id"]))
         record(path, **meta, reply=reply)
         return reply
     except OSError as err:

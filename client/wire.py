@@ -5,6 +5,8 @@ Layout of a RecordDict: ``config`` (ConfigRecord: ``kind`` plus the scalar confi
 ``arrays`` (ArrayRecord of statistics) and ``weights.<block>`` (ArrayRecord per state dict).
 A reply may also carry ``timing`` (MetricRecord ``compute-s``: the seconds its handler ran),
 transport metadata outside the payload, which the server reads for its per-phase timings.
+``nonce`` (ConfigRecord ``nonce``) holds :attr:`common.records.Payload.nonce`: a request's
+one-time token, echoed by its reply.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ MESSAGE_TYPE = {
 
 _WEIGHTS = "weights."
 _TIMING = "timing"
+_NONCE = "nonce"
 
 
 def to_recorddict(payload: Payload, compute_s: float | None = None) -> RecordDict:
@@ -36,6 +39,8 @@ def to_recorddict(payload: Payload, compute_s: float | None = None) -> RecordDic
     if compute_s is not None:
         content[_TIMING] = MetricRecord({"compute-s": float(compute_s)})
     content["config"] = ConfigRecord({"kind": payload.kind, **payload.config})
+    if payload.nonce:
+        content[_NONCE] = ConfigRecord({_NONCE: payload.nonce})
     if payload.arrays:
         content["arrays"] = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in payload.arrays.items()})
     for block, weights in payload.weights.items():
@@ -60,12 +65,15 @@ def from_recorddict(content: RecordDict, sender: str = "message") -> Payload:
         raise PayloadError(f"{sender}: message has no 'config' record with a 'kind'")
     # Every record is read or refused, as unexpected array records are: an extra ConfigRecord or
     # MetricRecord was ignored silently, so a sender could carry anything beside its payload.
-    extra = sorted(set(config_records) - {"config"}) + sorted(set(content.metric_records) - {_TIMING})
+    extra = sorted(set(config_records) - {"config", _NONCE}) + sorted(set(content.metric_records) - {_TIMING})
     if extra:
         raise PayloadError(
-            f"{sender}: unexpected record(s) {extra}; a message carries 'config', 'arrays', 'weights.<block>' and "
-            f"'{_TIMING}' only (same FedPaGKD version on server and sites?)"
+            f"{sender}: unexpected record(s) {extra}; a message carries 'config', 'arrays', 'weights.<block>', "
+            f"'{_NONCE}' and '{_TIMING}' only (same FedPaGKD version on server and sites?)"
         )
+    nonce = dict(config_records[_NONCE]) if _NONCE in config_records else {_NONCE: ""}
+    if set(nonce) != {_NONCE} or not isinstance(nonce[_NONCE], str):
+        raise PayloadError(f"{sender}: the '{_NONCE}' record must hold one string '{_NONCE}', got {sorted(nonce)}")
     config = dict(config_records["config"])
     kind = config.pop("kind")
     if not isinstance(kind, str):
@@ -83,7 +91,7 @@ def from_recorddict(content: RecordDict, sender: str = "message") -> Payload:
                 raise PayloadError(f"{sender}: unexpected array record '{name}'")
     except (ValueError, TypeError) as err:  # undecodable array bytes
         raise PayloadError(f"{sender}: an array could not be decoded ({err})") from err
-    return Payload(kind, arrays, config, weights)
+    return Payload(kind, arrays, config, weights, nonce=nonce[_NONCE])
 
 
 def state_to_numpy(module: torch.nn.Module) -> dict[str, np.ndarray]:

@@ -159,6 +159,11 @@ class Config:
                 "in [0, 1] (1 = every discovered site must take part throughout)",
             ),
             (
+                "fed.max_site_share",
+                0 < self.fed.max_site_share <= 1,
+                "in (0, 1] (1 = no cap; 0.5: no site outweighs all the others together)",
+            ),
+            (
                 "fed.run_name",
                 run_name_ok(self.fed.run_name),
                 "one folder name inside fed.run_dir: letters, digits, '.', '_', '-', not starting with '.' (no '/', no '..')",

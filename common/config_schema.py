@@ -171,6 +171,11 @@ class FederationConfig:
     # A run that lost a discovered site (dropped in any phase) is reported "degraded"; it is
     # accepted (launcher exit 0) only while the share of sites never dropped is >= this.
     min_site_share: float = 1.0
+    # The largest share of a weighted aggregate (FedAvg weights, the bank's statistics) one site
+    # may hold, whatever size it declares (nothing can check one), or 1/sites when that is
+    # larger; 1 = off. At 0.5 no site outweighs all the others together, and sites of similar
+    # size (each under half) aggregate exactly as without a cap.
+    max_site_share: float = 0.5
 
 
 @dataclass

@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -32,8 +33,10 @@ import numpy as np
 from common.config import LIMITS
 
 # 2: evaluations folded into knowledge.seeds and student.update; 3: secure aggregation, class prototypes;
-# 4: learning-rate schedule spans, validation split (model selection), evaluations in teacher.update
-PROTOCOL_VERSION = 5
+# 4: learning-rate schedule spans, validation split (model selection), evaluations in teacher.update;
+# 6: every request carries a nonce its reply echoes (Payload.nonce), metadata reports the site's DP
+# releases and the files it did not read
+PROTOCOL_VERSION = 6
 
 
 # Longest config string accepted (a peer roster of ~700 sites fits): a larger one is refused, not parsed.
@@ -55,7 +58,16 @@ INT_RANGES: dict[str, tuple[int, int, str]] = {
     "local-epochs": (1, _most("train.local_epochs"), "train.local_epochs"),
     "iteration": (1, _most("pagkd.kmeans_iters"), "Lloyd steps count from 1 to pagkd.kmeans_iters"),
     "attempt": (0, _most("data.nbi_sites"), "a restarted step counts attempts from 0, at most one per NBI site"),
+    "releases": (0, 2**53, "the statistics releases a site counted for this run (client.egress)"),
 }
+
+# Replies that release knowledge statistics: each is one DP release of its site (server.accounting
+# counts them as asked, the site as sent: client.egress.count_release).
+RELEASE_KINDS = ("knowledge.seeds", "knowledge.sums", "knowledge.masked")
+# A request's nonce (Payload.nonce): what the server accepts as one, at most this long.
+NONCE_RE = re.compile(r"[0-9a-f]{0,64}")
+# At most this many reasons for unread files in a site's metadata ("skipped-files").
+MAX_SKIP_REASONS = 100
 
 
 class PayloadError(ValueError):
@@ -110,10 +122,16 @@ class Schema:
 
 @dataclass
 class Payload:
+    """``nonce``: a request's one-time token (random hex, :class:`server.channel.Channel` draws
+    one per request sent), echoed by the reply that answers it: a reply recorded in another run
+    or answering an earlier round carries another one and is dropped. Transport metadata: not in
+    the schemas, not counted in :meth:`num_bytes`; '' where none was given."""
+
     kind: str
     arrays: dict[str, np.ndarray] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
     weights: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+    nonce: str = ""
 
     def num_bytes(self) -> int:
         """Bytes of array data plus config values (what dominates the wire size)."""
@@ -273,7 +291,17 @@ SCHEMAS: dict[str, Schema] = {
             # "class-names": JSON list of the site's class names in label order; its length is
             # the C of this reply's counts (see metadata_class_names), so a site whose classes
             # differ from the run's can still say which it has and the server can list them.
-            config=(("site-name", str), ("modality", str), ("version", str), ("protocol", int), ("class-names", str)),
+            # "releases": the statistics releases the site counted for this run (its DP budget; 0 without
+            # a state folder); "skipped-files": JSON {reason: files} of the files it did not read.
+            config=(
+                ("site-name", str),
+                ("modality", str),
+                ("version", str),
+                ("protocol", int),
+                ("class-names", str),
+                ("releases", int),
+                ("skipped-files", str),
+            ),
         ),
         # The received teacher is the previous round's global one: "evaluate" scores it (val).
         Schema("teacher.train", config=_ROUND + (("local-epochs", int),) + _SPAN + _EVALUATE, weights=("teacher", "head")),
@@ -434,6 +462,8 @@ def validate(
     is checked for finiteness only. ``sender`` names the site in error messages.
     """
     where = f"{sender} ({payload.kind})"
+    if not isinstance(payload.nonce, str) or not NONCE_RE.fullmatch(payload.nonce):
+        raise PayloadError(f"{where}: nonce {str(payload.nonce)[:80]!r} is not at most 64 lowercase hex digits")
     if payload.kind == "metadata" and "class-names" in payload.config:  # a site's counts are over its own classes
         dims = dataclasses.replace(dims, C=len(metadata_class_names(payload, sender)))
     schema = SCHEMAS.get(payload.kind)
@@ -449,6 +479,8 @@ def validate(
     for spec in schema.arrays:
         _check_array(where, payload.arrays[spec.name], spec, dims)
     _check_config(where, payload.config, schema)
+    if payload.kind == "metadata":
+        metadata_skipped(payload, sender)
     config = payload.config
     if "evaluate" in config and config["evaluate"] not in ("", *EVALUATION_SPLITS):
         raise PayloadError(
@@ -487,6 +519,23 @@ def metadata_class_names(payload: Payload, sender: str = "message") -> tuple[str
     if not isinstance(names, list) or len(names) < 2 or not all(isinstance(n, str) for n in names):
         raise PayloadError(f"{sender} (metadata): config 'class-names' = {text!r} should be a JSON list of >= 2 class names")
     return tuple(names)
+
+
+def metadata_skipped(payload: Payload, sender: str = "message") -> dict[str, int]:
+    """The files a ``metadata`` reply says its site did not read ({reason: files}, its
+    ``skipped-files`` JSON object of at most :data:`MAX_SKIP_REASONS` counts >= 0)."""
+    text = payload.config.get("skipped-files")
+    try:
+        skipped = json.loads(text) if isinstance(text, str) else None
+    except json.JSONDecodeError:
+        skipped = None
+    ok = isinstance(skipped, dict) and len(skipped) <= MAX_SKIP_REASONS
+    if not ok or not all(type(n) is int and 0 <= n < 2**53 for n in skipped.values()):
+        raise PayloadError(
+            f"{sender} (metadata): config 'skipped-files' = {str(text)[:200]!r} should be a JSON object of at most "
+            f"{MAX_SKIP_REASONS} reasons, each with a count >= 0"
+        )
+    return skipped
 
 
 def make(kind: str, dims: Dims, *, arrays=None, config=None, weights=None) -> Payload:

@@ -51,6 +51,41 @@ def weighted_average(states: Sequence[Mapping[str, np.ndarray]], weights: Sequen
     return out
 
 
+def _cap(w: np.ndarray, max_share: float) -> float:
+    """The share cap for weights ``w`` [n]: ``max_share``, or 1/m for m sites of weight > 0 if larger."""
+    if len(w) == 0 or (w < 0).any() or w.sum() <= 0:
+        raise ValueError(f"site weights {w.tolist()} must be >= 0 and sum to > 0")
+    return max(float(max_share), 1.0 / int((w > 0).sum()))
+
+
+def capped_weights(weights: Sequence[float], max_share: float) -> list[float]:
+    """The FedAvg weights [n] with no site's share over the cap: ``weights`` themselves when no
+    share is over it (sites of similar size aggregate exactly as without a cap), else
+    :func:`capped_shares`."""
+    w = np.asarray(weights, dtype=np.float64)
+    if not (w / w.sum() > _cap(w, max_share)).any():
+        return [float(x) for x in weights]
+    return capped_shares(w, max_share).tolist()
+
+
+def capped_shares(weights: Sequence[float], max_share: float) -> np.ndarray:
+    """Each site's share of a weighted aggregate: ``weights`` [n] (>= 0, the sites' own counts)
+    normalised, with no share over ``max(max_share, 1/m)`` (m sites of weight > 0): a capped
+    site's excess goes to the others in proportion to their weights. Shares already under the
+    cap come back as ``weights / sum(weights)``. Returns [n] float64 summing to 1."""
+    w = np.asarray(weights, dtype=np.float64)
+    cap = _cap(w, max_share)
+    capped = np.zeros(len(w), dtype=bool)
+    while True:  # each pass caps at least one more site, so at most n passes
+        free_mass = 1.0 - cap * capped.sum()
+        free = w * ~capped
+        shares = np.where(capped, cap, free * (free_mass / free.sum()) if free.sum() > 0 else 0.0)
+        over = ~capped & (shares > cap * (1 + 1e-12))
+        if not over.any():
+            return shares
+        capped |= over
+
+
 def update_norm(state: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray]) -> float:
     """L2 norm of (state - reference) over the floating tensors."""
     squares = sum(
@@ -274,7 +309,22 @@ def _robust_slot(means: np.ndarray, counts: np.ndarray, method: str, trim_fracti
     return _combine(means, method, trim_fraction, weights=counts)
 
 
-def robust_statistics(replies: Sequence[Mapping[str, np.ndarray]], method: str, trim_fraction: float, clip_ratio: float) -> State:
+def _site_scales(replies: Sequence[Mapping[str, np.ndarray]], max_share: float) -> np.ndarray | None:
+    """Per site [n], the factor its counts are weighted by so that its share of the bank's
+    images (``image_count``, summed over classes) is at most :func:`capped_shares`'s; None when
+    no site is over the cap (the bank is then the exact sums)."""
+    images = np.array([float(reply["image_count"].sum()) for reply in replies])
+    if images.sum() <= 0:
+        return None
+    raw = images / images.sum()
+    if not (raw > _cap(images, max_share)).any():
+        return None
+    return np.divide(capped_shares(images, max_share), raw, out=np.ones_like(raw), where=raw > 0)
+
+
+def robust_statistics(
+    replies: Sequence[Mapping[str, np.ndarray]], method: str, trim_fraction: float, clip_ratio: float, max_share: float = 1.0
+) -> State:
     """The knowledge bank from per-site :data:`common.records.BANK_STATISTICS`, robustly.
 
     prototype_sum [C, S, M, D] with prototype_count [C, S]; foreground_sum /
@@ -286,12 +336,17 @@ def robust_statistics(replies: Sequence[Mapping[str, np.ndarray]], method: str, 
     combined: "mean" count-weighted, "median" / "trimmed_mean" unweighted (see :data:`ROBUST`).
     The result is written back as combined_mean x total count, so counts stay the exact sums and
     the bank keeps its schema and sum / count reading. Slots with no count anywhere stay zero.
+
+    ``max_share`` (``fed.max_site_share``): a site holding more than that share of the bank's
+    images has its counts down-weighted in every count-weighted mean (:func:`_site_scales`);
+    with no site over it, the result is as without the cap.
     """
     _check_method(method, trim_fraction)
     if not replies:
         raise ValueError("robust_statistics needs at least one reply")
     out = bank_statistics(replies)  # exact counts (and sums, overwritten below unless plain mean)
-    if method == "mean" and clip_ratio <= 0:
+    scales = _site_scales(replies, max_share)
+    if method == "mean" and clip_ratio <= 0 and scales is None:
         return out
     for sum_name, count_name in SUM_COUNT_PAIRS:
         dtype = replies[0][sum_name].dtype
@@ -305,7 +360,8 @@ def robust_statistics(replies: Sequence[Mapping[str, np.ndarray]], method: str, 
                 continue
             slot_counts = counts[(slice(None),) + slot][have].astype(np.float64)  # [n']
             slot_means = means[(slice(None),) + slot][have]  # [n', *F]
-            combined = _robust_slot(slot_means.reshape(len(slot_counts), -1), slot_counts, method, trim_fraction, clip_ratio)
+            weights = slot_counts if scales is None else slot_counts * scales[have]
+            combined = _robust_slot(slot_means.reshape(len(slot_counts), -1), weights, method, trim_fraction, clip_ratio)
             result[slot] = combined.reshape(slot_means.shape[1:]) * slot_counts.sum()
         out[sum_name] = result.astype(dtype)
     return out

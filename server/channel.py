@@ -1,6 +1,12 @@
 """The server's line to the sites: :class:`Channel` sends validated payloads over a Flower
 ``Grid`` and returns the valid replies (dropping, with the reason, every error, malformed,
-misaddressed, duplicate or late one), and :class:`Ledger` records every exchange.
+misaddressed, duplicate, late or stale one), and :class:`Ledger` records every exchange.
+
+Every request sent carries a fresh random nonce (:attr:`common.records.Payload.nonce`, 128
+bits: unique across rounds, resends and runs), and a reply counts only when it echoes the
+nonce of the request it answers. Matching by message id (below) already ignores a reply
+addressed to another request; the nonce also drops a reply whose *content* was recorded
+earlier (another run's, or an earlier round's re-sent as the answer to this one).
 
 The ledger holds bytes and messages per phase (both directions), the egress log of every
 message (keys, shapes, bytes: what a site logs of its own), each exchange's wall time with the
@@ -11,8 +17,10 @@ its DP budget is spent on, :mod:`server.accounting`). It is written, sealed with
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
+import secrets
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +35,7 @@ from common.data import SITE_NAME_RE
 from common.egress import describe
 from common.files import atomic_write_json
 from common.records import Dims, Payload, PayloadError, reply_kind, validate
-from server.state import StateError, read_json, seal, state_key, unseal
+from server.state import StateError, read_json, run_folder_io, seal, state_key, unseal
 
 log = logging.getLogger("fedpagkd.server")
 # A site's SuperNode refusing a bundle (deploy/supernode.py, before any app code runs) answers with a
@@ -58,7 +66,8 @@ class Ledger:
         if self.path is not None:
             self.seq += 1
             body = {"bytes": self.bytes, "egress": self.egress, "timing": self.timing, "releases": self.releases, "seq": self.seq}
-            atomic_write_json(self.path, seal(body, state_key(self.path.parent)))
+            with run_folder_io(self.path.parent):
+                atomic_write_json(self.path, seal(body, state_key(self.path.parent)))
 
     def load(self, saved_seq: int, saved_releases: dict[str, int]) -> None:
         """Restore from ``path``, which must be this run's (keyed digest), at least as recent as
@@ -69,7 +78,8 @@ class Ledger:
                 f"{self.path} (the run's traffic, egress audit and DP releases) is missing; restore it from a "
                 "backup or start a new run with another fed.run_name: a run without it would undercount epsilon"
             )
-        saved = unseal(read_json(self.path), state_key(self.path.parent), self.path)
+        with run_folder_io(self.path.parent):
+            saved = unseal(read_json(self.path), state_key(self.path.parent), self.path)
         short = {site: n for site, n in saved_releases.items() if saved["releases"].get(site, 0) < n}
         if saved["seq"] < saved_seq or short:
             raise StateError(
@@ -93,6 +103,25 @@ class Ledger:
         for site in sites:
             self.releases[site] = self.releases.get(site, 0) + 1
 
+    def reconcile(self, counted_by_sites: dict[str, int]) -> dict[str, dict[str, int]]:
+        """Take each site's own count of its releases for this run where it exceeds the ledger's
+        (the run folder was restored from an older copy: the releases made since then were lost
+        with it) -> {site: {"ledger": before, "site": taken}}, each one logged by site name."""
+        raised = {}
+        for site, count in sorted(counted_by_sites.items()):
+            if count > self.releases.get(site, 0):
+                raised[site] = {"ledger": self.releases.get(site, 0), "site": count}
+                self.releases[site] = count
+                log.warning(
+                    "[discover] site '%s' counts %d statistics release(s) for this run, the run's ledger %d (its folder "
+                    "restored from an older copy?): the privacy report counts the site's %d",
+                    site,
+                    count,
+                    raised[site]["ledger"],
+                    count,
+                )
+        return raised
+
     def snapshot(self) -> dict[str, Any]:
         """What the run state records of the ledger (its write count pins this ledger's version)."""
         return {
@@ -115,9 +144,25 @@ class Channel:
     def __init__(self, grid: Grid, dims: Dims, timeout: float, ledger: Ledger, resends: int = 0):
         self.grid, self.dims, self.timeout, self.ledger, self.resends = grid, dims, timeout, ledger, resends
         self.names: dict[int, str] = {}
+        self.issued: dict[str, str] = {}  # every nonce this run sent -> which request carried it (for drop reasons)
 
     def name(self, node_id: int) -> str:
         return self.names.get(node_id, f"node {node_id}")
+
+    def _bind(self, node_id: int, payload: Payload) -> Payload:
+        """``payload`` with a fresh nonce for ``node_id`` (remembered, to name what a stale reply answers)."""
+        nonce = secrets.token_hex(16)
+        round_ = payload.config.get("round")
+        self.issued[nonce] = f"'{payload.kind}' request{f' of round {round_}' if round_ else ''} sent to '{self.name(node_id)}'"
+        return dataclasses.replace(payload, nonce=nonce)
+
+    def _unbound(self, nonce: str) -> str:
+        """Why a reply echoing ``nonce`` is not the answer to the request it came back to."""
+        if not nonce:
+            return "its reply echoes no nonce, so it cannot be bound to this request (a site older than protocol 6? upgrade it)"
+        if nonce in self.issued:
+            return f"its reply answers the {self.issued[nonce]}, not this request (a stale or replayed reply)"
+        return "its reply answers a request this run never sent (recorded in another run, or before the server restarted)"
 
     def exchange(
         self, phase: str, requests: dict[int, Payload], reference: dict[str, dict] | None = None, releases: bool = False
@@ -157,6 +202,7 @@ class Channel:
         whose ClientApp crashed)."""
         if releases:
             self.ledger.count_releases(self.name(n) for n in requests)
+        requests = {node_id: self._bind(node_id, payload) for node_id, payload in requests.items()}
         messages = []
         for node_id, payload in requests.items():
             self.ledger.add(phase, "to_site", self.name(node_id), payload)
@@ -213,14 +259,19 @@ class Channel:
                     named = str(payload.config.get("site-name") or "")
                     if SITE_NAME_RE.fullmatch(named):  # a refusal before discovery names the site (a safe name only)
                         self.names.setdefault(node_id, named)
-                    dropped[node_id] = payload.config["reason"]
+                    # A site that could not read the request's nonce refuses without one: still its answer.
+                    stale = payload.nonce not in ("", requests[node_id].nonce)
+                    dropped[node_id] = self._unbound(payload.nonce) if stale else payload.config["reason"]
                     continue
                 expected = reply_kind(requests[node_id])
                 if payload.kind != expected:
                     raise PayloadError(
                         f"site '{site}': replied '{payload.kind}' to '{requests[node_id].kind}', expected '{expected}'"
                     )
-                ok[node_id] = validate(payload, self.dims, reference, sender=f"site '{site}'")
+                validate(payload, self.dims, reference, sender=f"site '{site}'")
+                if payload.nonce != requests[node_id].nonce:
+                    raise PayloadError(self._unbound(payload.nonce))
+                ok[node_id] = payload
             except (PayloadError, KeyError) as err:
                 dropped[node_id] = str(err)
         for node_id in requests:

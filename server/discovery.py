@@ -2,10 +2,12 @@
 meet before anything else is asked of it.
 
 A ``metadata`` reply becomes a :class:`SiteInfo` (modality, class names, class counts per split,
-version) unless its name, protocol or modality is wrong (:func:`refusal`); sites sharing one name are
+version, its count of statistics releases, the files it did not read) unless its name, protocol or modality is wrong (:func:`refusal`); sites sharing one name are
 all dropped (:func:`duplicate_names`); the run needs enough sites per modality
 (:func:`missing_sites`) and one list of class names all sites share (:func:`agreed_class_names`).
-Every refusal says which sites and what to fix. Nothing here talks to the grid.
+Every refusal says which sites and what to fix. :func:`declaration_warnings` names each site
+that did not read some of its files and each whose declared size is out of line with the
+others'. Nothing here talks to the grid.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from client.site import run_class_names
 from common.config import Config, parse_class_names
 from common.data import SITE_NAME_RE
 from common.data.base import SITE_NAME_RULE
-from common.records import PROTOCOL_VERSION, Payload, metadata_class_names
+from common.records import PROTOCOL_VERSION, Payload, metadata_class_names, metadata_skipped
 
 log = logging.getLogger("fedpagkd.server")
 
@@ -36,6 +38,8 @@ class SiteInfo:
     version: str
     val_counts: list[int] = field(default_factory=list)
     class_names: list[str] = field(default_factory=list)
+    releases: int = 0  # statistics releases the site counted for this run (0: it keeps no count)
+    skipped_files: dict[str, int] = field(default_factory=dict)  # {reason: files} it did not read
 
     def declared(self) -> dict[str, list[int]]:
         """[C] class counts per split (``train``, ``test``...), as declared at discovery."""
@@ -52,7 +56,33 @@ class SiteInfo:
             version=reply.config["version"],
             val_counts=reply.arrays["val_class_counts"].tolist(),
             class_names=list(metadata_class_names(reply)),
+            releases=reply.config["releases"],
+            skipped_files=metadata_skipped(reply),
         )
+
+
+def declaration_warnings(sites: dict[int, SiteInfo], max_share: float) -> list[str]:
+    """One line per site that did not read some of its files (they change the class counts it
+    declares) and per site whose declared training images are over ``max_share`` of its
+    modality's: nothing can check a declared size, so its weight in every aggregate is capped
+    there (``fed.max_site_share``, :func:`server.aggregation.capped_shares`)."""
+    lines = []
+    for info in sites.values():
+        if info.skipped_files:
+            reasons = "; ".join(f"{reason}: {n}" for reason, n in sorted(info.skipped_files.items()))
+            lines.append(f"site '{info.name}' did not read {sum(info.skipped_files.values())} file(s): {reasons}")
+    for modality in ("nbi", "wli"):
+        same = [s for s in sites.values() if s.modality == modality]
+        total = sum(sum(s.train_counts) for s in same)
+        for info in same:
+            share = sum(info.train_counts) / total if total else 0.0
+            if len(same) > 1 and share > max_share:
+                lines.append(
+                    f"site '{info.name}' declares {sum(info.train_counts)} training image(s), {share:.0%} of the "
+                    f"{modality.upper()} sites' {total}: its weight in every aggregate is capped at "
+                    f"fed.max_site_share = {max_share:.0%} (or 1/sites, whichever is larger)"
+                )
+    return lines
 
 
 def refusal(reply: Payload, info: SiteInfo) -> str | None:

@@ -26,10 +26,14 @@ Records that cannot be lost or forged:
   (a deleted ``state.json`` must not start the run over on top of its metrics and ledger).
 * :class:`RunLock` holds an ``fcntl`` lock on ``<run>/.lock`` while a run uses the folder:
   a second run with the same ``fed.run_name`` is refused while the first is alive.
+
+An OS error reading or writing the folder (no permission, a full disk) is a :class:`StateError`
+naming the folder and the fix (:func:`run_folder_io`); the last saved round stays intact.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import hmac
@@ -38,7 +42,7 @@ import os
 import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 from safetensors.numpy import load_file, save_file
@@ -55,6 +59,26 @@ RUN_FILES = (TENSORS, "ledger.json", "metrics.json", "egress.json", "config.json
 
 class StateError(RuntimeError):
     """A checkpoint that cannot be trusted or does not belong to this run."""
+
+
+@contextlib.contextmanager
+def run_folder_io(run_dir: Path) -> Iterator[None]:
+    """An OS error while reading or writing ``run_dir`` (no permission, a full disk) as a
+    :class:`StateError` naming the folder and the fix (instead of a bare PermissionError)."""
+    try:
+        yield
+    except OSError as err:
+        raise StateError(
+            f"run folder {run_dir}: {err.strerror or err} ({err.filename or run_dir}). Make {run_dir} and its files "
+            f"readable and writable by this user (ls -ld {run_dir}) and free space on its disk (df -h {run_dir}), then "
+            "start the same run again: it resumes from its last saved round"
+        ) from err
+
+
+def ensure_run_folder(run_dir: Path) -> None:
+    """Create ``run_dir`` (and its parents), or a :class:`StateError` saying why not and the fix."""
+    with run_folder_io(run_dir):
+        run_dir.mkdir(parents=True, exist_ok=True)
 
 
 State = dict[str, np.ndarray]
@@ -174,13 +198,14 @@ def state_key(run_dir: Path) -> bytes:
     if os.environ.get(KEY_ENV):
         return os.environ[KEY_ENV].encode()
     path = run_dir.parent / KEY_FILE
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as handle:
-            handle.write(secrets.token_hex(32))
-    except FileExistsError:
-        pass
-    key = path.read_text().strip()
+    with run_folder_io(run_dir.parent):
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as handle:
+                handle.write(secrets.token_hex(32))
+        except FileExistsError:
+            pass
+        key = path.read_text().strip()
     if not key:
         raise StateError(f"{path} (the key of the run folders' digests) is empty; restore it from a backup, or set ${KEY_ENV}")
     return key.encode()
@@ -238,15 +263,21 @@ def check_run_folder(run_dir: Path) -> None:
 def save_state(run_dir: Path, blocks: Mapping[str, Mapping[str, np.ndarray]], meta: Mapping[str, Any]) -> None:
     """Write tensors then metadata, each atomically; metadata records the tensors' digest
     and is sealed with the run's key."""
-    atomic_write(run_dir / TENSORS, lambda tmp: save_file(flatten_blocks(blocks), tmp))
-    data = (run_dir / TENSORS).read_bytes()
-    sealed = seal({**meta, "tensors_sha256": hashlib.sha256(data).hexdigest()}, state_key(run_dir))
-    atomic_write_json(run_dir / META, sealed)
+    with run_folder_io(run_dir):
+        atomic_write(run_dir / TENSORS, lambda tmp: save_file(flatten_blocks(blocks), tmp))
+        data = (run_dir / TENSORS).read_bytes()
+        sealed = seal({**meta, "tensors_sha256": hashlib.sha256(data).hexdigest()}, state_key(run_dir))
+        atomic_write_json(run_dir / META, sealed)
 
 
 def load_state(run_dir: Path) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, Any]] | None:
     """The last finished state of a run folder, or None when there is none yet (a folder
     with a run's other files but no state is refused: :func:`check_run_folder`)."""
+    with run_folder_io(run_dir):
+        return _load_state(run_dir)
+
+
+def _load_state(run_dir: Path) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, Any]] | None:
     check_run_folder(run_dir)
     meta_path, tensor_path = run_dir / META, run_dir / TENSORS
     if not meta_path.exists():
@@ -271,8 +302,9 @@ class RunLock:
         self.handle = None
 
     def __enter__(self) -> "RunLock":
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        handle = open(self.path, "a+")
+        ensure_run_folder(self.path.parent)
+        with run_folder_io(self.path.parent):
+            handle = open(self.path, "a+")
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -15,8 +15,11 @@ screens refuse a well-formed one whose numbers contradict the site's own discove
 * a reply that evaluates when it was not asked to carries nothing (all zero).
 
 A failed screen raises :class:`TrustError`; the workflow drops that site's reply with the
-reason, as it does a malformed one. Replies are bound to their request by message id in
-:class:`server.workflow.Channel` (a reply to another round's request is ignored).
+reason, as it does a malformed one. Replies are bound to their request by message id and by
+the request's nonce in :class:`server.channel.Channel` (a reply to another round's or another
+run's request is dropped). Declared sizes themselves cannot be checked: whatever a site declares,
+its share of any weighted aggregate is capped (``fed.max_site_share``,
+:func:`server.aggregation.capped_shares`).
 """
 
 from __future__ import annotations

@@ -46,12 +46,12 @@ from common.metrics import ScoreHistogram, histogram_metrics, learning_problems,
 from common.models import build_query_head, build_student, build_teacher
 from common.progress import MetricsBoard
 from common.records import CLASS_PROTOTYPES, PROTOCOL_VERSION, Payload, dims_of, empty_statistics, make, weight_shapes
-from server import aggregation, trust
+from server import aggregation, discovery, trust
 from server.accounting import privacy_spent
 from server.channel import LEDGER, Channel, Ledger
 from server.discovery import FederationError, SiteInfo, agreed_class_names, duplicate_names, missing_sites, refusal
 from server.outputs import run_summary, write_outputs
-from server.state import RunLock, RunState, check_run_folder, load_run, save_run
+from server.state import RunLock, RunState, check_run_folder, ensure_run_folder, load_run, save_run
 
 log = logging.getLogger("fedpagkd.server")
 
@@ -197,6 +197,10 @@ class Protocol:
         self._mark("discover", "discovery", self.sites, dropped)
         names = [f"{s.name} ({s.modality}, {sum(s.train_counts)} train)" for s in self.sites.values()]
         log.info("discovered %d site(s): %s", len(self.sites), ", ".join(names))
+        for warning in discovery.declaration_warnings(self.sites, self.cfg.fed.max_site_share):
+            log.warning("[discover] %s", warning)
+        reconciled = self.ledger.reconcile({s.name: s.releases for s in self.sites.values()})
+        self.metrics["releases_reconciled"] = {**self.metrics.get("releases_reconciled", {}), **reconciled}
         if missing := missing_sites(self.sites, self.cfg, self.needs_teacher):
             reasons = "; ".join(f"'{self.channel.name(n)}': {r}" for n, r in dropped.items())
             raise FederationError(
@@ -435,7 +439,9 @@ class Protocol:
             self._require(step, "nbi", len(replies), dropped)
             in_order = [replies[n].arrays for n in sorted(replies, key=self.channel.name)]
             if not keys:
-                return aggregation.robust_statistics(in_order, fed.aggregation, fed.trim_fraction, fed.clip_ratio), replies
+                return aggregation.robust_statistics(
+                    in_order, fed.aggregation, fed.trim_fraction, fed.clip_ratio, fed.max_site_share
+                ), replies
             if not dropped:
                 return aggregation.unmask_bank(in_order, self.dims, step), replies
             if len(replies) < 2:
@@ -534,7 +540,7 @@ class Protocol:
         used = sorted((n for n in replies if n not in outliers), key=self.channel.name)  # order-independent sums
         self._require(phase, modality, sum(self.sites[n].modality == modality for n in used), reasons)
         states = {block: [replies[n].weights[block] for n in used] for block in blocks}
-        weights = [float(replies[n].config["num-examples"]) for n in used]
+        weights = aggregation.capped_weights([replies[n].config["num-examples"] for n in used], fed.max_site_share)
         new, scales = aggregation.aggregate_weights(states, weights, blocks, fed.aggregation, fed.trim_fraction, fed.clip_ratio)
         for block, block_scales in scales.items():
             if clipped := [self.channel.name(n) for n, scale in zip(used, block_scales) if scale < 1]:
@@ -650,5 +656,5 @@ class Protocol:
 
 
 def run_federation(grid: Grid, cfg: Config, run_dir: Path, start: RunState | None = None) -> dict[str, Any]:
-    run_dir.mkdir(parents=True, exist_ok=True)
+    ensure_run_folder(run_dir)
     return Protocol(grid, cfg, run_dir, start).run()

@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 from flwr.app import Error, Message
 from flwr.common.constant import ErrorCode
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
@@ -36,6 +36,7 @@ from common.data import DataError, FolderSiteDataset, discover_class_names, has_
 from common.records import CLASS_PROTOTYPES, Payload, PayloadError, empty_statistics, make, weight_shapes
 from server import launch, processes, trust
 from server.app import run_folder
+from server.discovery import declaration_warnings
 from server.state import META, RunLock, StateError
 from server.workflow import LEDGER, FederationError, Protocol, run_federation
 from tests.conftest import tiny_config
@@ -257,27 +258,47 @@ def _update(dims, weights, count, hist):
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
-    declared=st.lists(st.integers(1, 500), min_size=3, max_size=3),
-    claimed=st.one_of(st.integers(-(2**63), 2**63 - 1), st.integers(-5, 600)),
+    declared=st.lists(st.integers(1, 500), min_size=2, max_size=2),
+    lie=st.one_of(st.integers(1, 500), st.integers(1, 10**12)),
+    claimed=st.one_of(st.integers(-(2**63), 2**63 - 1), st.integers(-5, 600), st.just(None)),
     hostile=st.lists(st.floats(-1e3, 1e3), min_size=4, max_size=4),
-    honest=st.lists(st.lists(st.floats(-1, 1), min_size=4, max_size=4), min_size=2, max_size=2),
+    honest=st.lists(st.floats(-1, 1), min_size=4, max_size=4),
     test_counts=st.lists(st.integers(0, 9), min_size=3, max_size=3),
-    hist_scale=st.sampled_from([1, 1, 0, 2, 10**9]),
-    replay=st.booleans(),
+    hist_scale=st.sampled_from([1, 1, 1, 0, 2, 10**9]),
+    replay=st.sampled_from([False, False, True]),
+    nonce=st.sampled_from(["echoed", "echoed", "echoed", "missing", "stale", "foreign"]),
+    cap=st.sampled_from([0.5, 0.34, 0.8, 1.0]),
+)
+# The issue's case: a site that declares 10^6 images per class and claims them all.
+@example(
+    declared=[24, 24],
+    lie=3 * 10**6,
+    claimed=None,
+    hostile=[9.0] * 4,
+    honest=[0.0] * 4,
+    test_counts=[1, 1, 1],
+    hist_scale=1,
+    replay=False,
+    nonce="echoed",
+    cap=0.5,
 )
 def test_no_reply_moves_the_aggregate_further_than_an_honest_site_could(
-    scripted, declared, claimed, hostile, honest, test_counts, hist_scale, replay
+    scripted, declared, lie, claimed, hostile, honest, test_counts, hist_scale, replay, nonce, cap
 ):
-    """Sites 103/104 honest, 105 hostile: arbitrary count, histograms scaled or not, maybe
-    answering an older round. Whatever it sends, its weight in FedAvg is at most what its
-    declared train count gives an honest site, and the pooled evaluation counts only
+    """Sites 103/104 honest (one model between them), 105 hostile: it declares any size at
+    discovery (``lie``, up to 1e12 images), claims any count (None: the size it declared),
+    scales its histograms or not, answers an older round's message or echoes another nonce.
+    Whatever it sends, its share of FedAvg is at most what its declared count gives an honest
+    site and at most fed.max_site_share (or 1/sites), and the pooled evaluation counts only
     declared images."""
     grid, protocol, SiteInfo = scripted
     dims = protocol.dims
     nodes = [WLI0, WLI1, 105]
+    sizes = [*declared, lie]
+    protocol.cfg.fed.max_site_share = cap
     # The evaluation riding on student.train scores the val split (model selection).
     protocol.sites = {
-        n: SiteInfo(n, f"s{n}", "wli", [d, 0, 0], [5, 5, 5], "v", val_counts=test_counts) for n, d in zip(nodes, declared)
+        n: SiteInfo(n, f"s{n}", "wli", [d, 0, 0], [5, 5, 5], "v", val_counts=test_counts) for n, d in zip(nodes, sizes)
     }
     protocol.channel.names = {n: f"s{n}" for n in nodes}
     protocol.metrics["evaluation"] = []
@@ -300,15 +321,21 @@ def test_no_reply_moves_the_aggregate_further_than_an_honest_site_could(
     honest_hist = _honest_histograms(test_counts)
     stale = Message(to_recorddict(request), dst_node_id=105, message_type=MESSAGE_TYPE["student.train"])
     stale.metadata.__dict__["_message_id"] = "an-earlier-round"
+    claim = lie if claimed is None else int(np.clip(claimed, -(2**62), 2**62))
+    earlier = next(iter(protocol.channel.issued), None)  # a nonce of an earlier exchange (None in the first)
+    nonce = "foreign" if nonce == "stale" and earlier is None else nonce
 
     def script(message):
         node = message.metadata.dst_node_id
+        sent = from_recorddict(message.content).nonce
         if node == 105:
             hist = {k: v * hist_scale for k, v in honest_hist.items()}
-            clamped = int(np.clip(claimed, -(2**62), 2**62))
-            return [Message(to_recorddict(_update(dims, hostile, clamped, hist)), reply_to=stale if replay else message)]
-        i = nodes.index(node)
-        return [Message(to_recorddict(_update(dims, honest[i], declared[i], honest_hist)), reply_to=message)]
+            reply = _update(dims, hostile, claim, hist)
+            reply.nonce = {"echoed": sent, "missing": "", "stale": earlier, "foreign": uuid.uuid4().hex}[nonce]
+            return [Message(to_recorddict(reply), reply_to=stale if replay else message)]
+        reply = _update(dims, honest, sizes[nodes.index(node)], honest_hist)
+        reply.nonce = sent
+        return [Message(to_recorddict(reply), reply_to=message)]
 
     grid.script = script
     replies, dropped = protocol._exchange(
@@ -318,17 +345,25 @@ def test_no_reply_moves_the_aggregate_further_than_an_honest_site_could(
         {"student": weight_shapes(protocol.student), "head": weight_shapes(protocol.head)},
     )
     accepted = 105 in replies
-    assert accepted == (not replay and 0 < claimed <= declared[2] and (hist_scale == 1 or sum(test_counts) == 0))
+    honest_evaluation = hist_scale == 1 or sum(test_counts) == 0
+    assert accepted == (not replay and nonce == "echoed" and 0 < claim <= lie and honest_evaluation)
+    if not replay and nonce != "echoed":
+        assert "nonce" in dropped[105] or "never sent" in dropped[105] or "not this request" in dropped[105]
     protocol._record_evaluation("student", 1, replies, "eval-examples", "val")
     if protocol.metrics["evaluation"]:
         assert protocol.metrics["evaluation"][-1]["pooled"]["num_examples"] == sum(test_counts) * len(replies)
     blocks = {"student": {"w": np.zeros(4, np.float32)}, "head": {"h": np.zeros(2, np.float32)}}
     _, blocks = protocol._fedavg("student", "wli", replies, blocks)
-    n_honest = declared[0] + declared[1]
-    honest_mean = (declared[0] * np.asarray(honest[0]) + declared[1] * np.asarray(honest[1])) / n_honest
-    moved = np.linalg.norm(blocks["student"]["w"].astype(np.float64) - honest_mean)
-    bound = declared[2] / (declared[2] + n_honest) * np.linalg.norm(np.asarray(hostile) - honest_mean)
-    assert moved <= bound * (1 + 1e-5) + 1e-4
+    moved = np.linalg.norm(blocks["student"]["w"].astype(np.float64) - np.asarray(honest))
+    share = 0.0
+    if accepted:
+        share = max(cap, 1 / 3)
+        if max(declared) / (sum(declared) + claim) <= share:  # no honest site capped: none hands the hostile its excess
+            share = min(share, lie / sum(sizes))
+    assert moved <= share * np.linalg.norm(np.asarray(hostile) - np.asarray(honest)) * (1 + 1e-5) + 1e-4
+    # Discovery names a site whose declared size is over the cap, whatever the size.
+    warned = any("'s105' declares" in line for line in declaration_warnings(protocol.sites, cap))
+    assert warned == (lie / sum(sizes) > cap)
 
 
 # ----------------------------------------------------------------------------- state tampering
@@ -1202,3 +1237,290 @@ def test_a_student_that_did_not_learn_is_named_in_metrics_and_on_the_final_line(
     lines = "\n".join(launch.outcome_lines(summary))
     assert "WARNING: the student did not learn" in lines and "at chance" in lines
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["not_learned"]["student"] == problems
+
+
+# ----------------------------------------------------------------------------- replies bound to their request
+
+
+def _replaying(grid: InProcessGrid, recorded: list, kind: str = "student.train", replay_from: int = 0):
+    """A fault hook recording the content of every genuine reply to ``kind``, and answering the
+    ``replay_from``-th request on (0: every one) with the first recorded content, addressed as
+    this request's answer (only the content is old)."""
+    asked: list[int] = []
+
+    def fault(node_id: int, message: Message) -> Message | None:
+        if message.metadata.message_type != MESSAGE_TYPE[kind]:
+            return grid.deliver(node_id, message)
+        asked.append(node_id)
+        if recorded and len(asked) > replay_from:
+            return Message(recorded[0], reply_to=message)
+        reply = grid.deliver(node_id, message)
+        recorded.append(reply.content)
+        return reply
+
+    return fault
+
+
+def test_a_reply_recorded_in_another_run_is_dropped_with_the_reason(tmp_path, caplog):
+    """A reply recorded in one run was accepted as the same site's reply in another run."""
+    cfg = tiny_config()
+    recorded: list = []
+    first = make_grid(cfg)
+    first.faults[WLI0] = _replaying(first, recorded)
+    run_federation(first, cfg, tmp_path / "a")
+    second = make_grid(cfg)
+    second.faults[WLI0] = _replaying(second, recorded)  # replays run a's reply from the first request on
+    with caplog.at_level("WARNING", logger="fedpagkd.server"):
+        summary = run_federation(second, cfg, tmp_path / "b")
+    assert "answers a request this run never sent" in summary["site_status"]["wli-0"]["student"]
+    assert re.search(r"dropped site 'wli-0': its reply answers a request this run never sent", caplog.text)
+    assert summary["student"][-1]["sites"] == ["wli-1"]
+
+
+def test_a_round_1_reply_replayed_in_round_2_is_dropped_even_without_a_val_split(tmp_path, caplog):
+    """Without a val split nothing in a round-1 reply told it from a round-2 one: it was accepted."""
+    cfg = tiny_config(**{"fed.student_rounds": 2, "data.val_per_site": 0})
+    grid = make_grid(cfg)
+    grid.faults[WLI0] = _replaying(grid, [], replay_from=1)
+    with caplog.at_level("WARNING", logger="fedpagkd.server"):
+        summary = run_federation(grid, cfg, tmp_path / "run")
+    status = summary["site_status"]["wli-0"]["student"]
+    assert status.startswith("dropped in student round 2") and "'student.train' request of round 1 sent to 'wli-0'" in status
+    assert "not this request (a stale or replayed reply)" in caplog.text
+    assert [r["sites"] for r in summary["student"]] == [["wli-0", "wli-1"], ["wli-1"]]
+
+
+def test_a_reply_without_the_nonce_is_dropped_but_a_refusal_without_one_still_counts():
+    """A site that could not read the request's nonce still refuses with its own reason."""
+    from server.channel import Channel, Ledger
+
+    class Echo(InProcessGrid):
+        def __init__(self, answer):
+            super().__init__({WLI0: {}}, {})
+            self.answer = answer
+
+        def send_and_receive(self, messages, *, timeout=None):
+            return [Message(to_recorddict(self.answer), reply_to=m) for m in messages]
+
+    evaluation = Payload("evaluation", arrays=_honest_histograms([1, 1, 1]), config={"num-examples": 3, "loss": 0.1})
+    refusal = Payload("error", config={"site-name": "wli-0", "reason": "cannot read /data/x.png"})
+    request = make("evaluate", _dims(), config={"model": "student", "split": "test"}, weights={"net": {}})
+    for answer, reason in [(evaluation, "echoes no nonce"), (refusal, "cannot read /data/x.png")]:
+        channel = Channel(Echo(answer), _dims(), 1.0, Ledger())
+        ok, dropped = channel.exchange("evaluate", {WLI0: request})
+        assert not ok and reason in dropped[WLI0]
+
+
+def test_the_site_echoes_the_nonce_of_the_request_it_answers_even_when_it_refuses(task_identity):
+    import dataclasses
+
+    from flwr.app import ConfigRecord
+
+    request = dataclasses.replace(make("discover", _dims(), config={"protocol": 6}), nonce="ab12")
+    reply = _site_reply(request, {"partition-id": 0, "num-partitions": 4})
+    assert reply.kind == "metadata" and reply.nonce == "ab12"
+    refused = _site_reply(request, {"partition-id": -1, "num-partitions": 4})
+    assert refused.kind == "error" and refused.nonce == "ab12"
+    content = to_recorddict(request)
+    content["nonce"] = ConfigRecord({"nonce": "ab12", "other": "x"})
+    with pytest.raises(PayloadError, match="'nonce' record must hold one string"):
+        from_recorddict(content, "server")
+
+
+# ----------------------------------------------------------------------------- lies at discovery
+
+
+def test_a_site_that_lies_at_discovery_holds_at_most_its_capped_share_of_fedavg(tmp_path, caplog):
+    """Declaring 10^6 training images per class and claiming 3x10^6 examples steered FedAvg to
+    within 2e-6 of the liar's upload; capping the claim by the declaration did not stop it."""
+    cfg = tiny_config()
+    grid = make_grid(cfg)
+    lie = 10**6
+
+    def liar(node_id: int, message: Message) -> Message | None:
+        reply = grid.deliver(node_id, message)
+        payload = from_recorddict(reply.content)
+        if payload.kind == "metadata":
+            payload.arrays["train_class_counts"] = np.full_like(payload.arrays["train_class_counts"], lie)
+        elif payload.kind == "student.update":
+            payload.config["num-examples"] = lie * cfg.data.num_classes
+        return Message(to_recorddict(payload), reply_to=message)
+
+    grid.faults[WLI0] = liar
+    with caplog.at_level("WARNING", logger="fedpagkd.server"):
+        summary = run_federation(grid, cfg, tmp_path / "run")
+    assert summary["student"][-1]["sites"] == ["wli-0", "wli-1"]  # accepted: it is its own word
+    assert re.search(
+        r"site 'wli-0' declares 3000000 training image\(s\), 100% of the WLI.*capped at fed.max_site_share = 50%", caplog.text
+    )
+    hostile, honest = student_weights_of(grid, WLI0), student_weights_of(grid, WLI1)
+    final = Protocol(grid, cfg, tmp_path / "run")
+    final.resume()
+    name = next(k for k, v in hostile.items() if v.dtype.kind == "f" and v.ndim >= 2)
+    spread = np.linalg.norm(honest[name] - hostile[name])
+    assert np.linalg.norm(final.student[name] - hostile[name]) == pytest.approx(spread / 2, rel=1e-3)
+
+
+def test_shares_under_the_cap_aggregate_as_without_one_and_the_cap_holds_otherwise():
+    from server.aggregation import capped_shares, capped_weights
+
+    assert capped_weights([24, 24], 0.5) == [24.0, 24.0]  # today's runs: exactly the same weights
+    assert capped_weights([24, 24, 48], 0.5) == [24.0, 24.0, 48.0]  # at the cap is not over it
+    assert capped_shares([3e6, 24, 48], 0.5).tolist() == pytest.approx([0.5, 1 / 6, 2 / 6])
+    assert capped_shares([5, 1, 0], 0.1).tolist() == pytest.approx([0.5, 0.5, 0.0])  # never under 1/sites
+    assert capped_shares([9, 1, 1, 1], 1.0).tolist() == pytest.approx([0.75, 1 / 12, 1 / 12, 1 / 12])  # 1 = off
+    with pytest.raises(ValueError, match="must be >= 0"):
+        capped_shares([3, -1], 0.5)
+
+
+def test_a_site_that_claims_most_of_the_bank_holds_at_most_its_capped_share():
+    from common.records import BANK_STATISTICS, mean_of
+    from server.aggregation import bank_statistics, robust_statistics
+
+    dims = _dims()
+    sites = []
+    for value, images in ((1.0, 20), (-1.0, 20), (9.0, 10**6)):  # two honest sites, one that claims 10^6 images
+        stats = empty_statistics(BANK_STATISTICS, dims)
+        stats["foreground_sum"][0, 0] = value * images
+        stats["foreground_count"][0, 0] = images
+        stats["image_count"][0] = images
+        sites.append(stats)
+    assert all(
+        np.array_equal(a, b)
+        for a, b in zip(robust_statistics(sites[:2], "mean", 0.2, 0.0, 0.5).values(), bank_statistics(sites[:2]).values())
+    )
+    capped = robust_statistics(sites, "mean", 0.2, 0.0, 0.5)
+    assert mean_of(capped["foreground_sum"], capped["foreground_count"])[0, 0] == pytest.approx(np.full(dims.D, 4.5))
+    assert capped["foreground_count"][0, 0] == 10**6 + 40  # counts stay the exact sums
+    uncapped = robust_statistics(sites, "mean", 0.2, 0.0, 1.0)
+    assert mean_of(uncapped["foreground_sum"], uncapped["foreground_count"])[0, 0] == pytest.approx(
+        np.full(dims.D, 9.0), abs=1e-3
+    )
+
+
+@pytest.mark.parametrize("value", [0.0, -0.5, 1.5])
+def test_the_share_cap_is_bounded_on_both_sides(value):
+    with pytest.raises(ConfigError, match="fed.max_site_share"):
+        tiny_config(**{"fed.max_site_share": value})
+
+
+# ----------------------------------------------------------------------------- records rolled back
+
+
+def test_a_run_folder_restored_from_an_older_copy_counts_the_releases_the_sites_made(tmp_path, caplog):
+    """Restoring a copy of the run folder taken mid-run resumed silently and the privacy report
+    counted fewer DP releases than the sites had made."""
+    import shutil
+
+    cfg = tiny_config(**{"fed.student_rounds": 2, "fed.bank_refresh_every": 1, "fed.run_name": "run"})
+    nodes = {n: {**c, "state-dir": str(tmp_path / f"site-{n}")} for n, c in synthetic_node_configs(4).items()}
+    run_dir, copy = tmp_path / "runs" / "run", tmp_path / "copy"
+    grid = InProcessGrid(nodes, config_to_flat(cfg))
+
+    def snapshot(node_id: int, message: Message) -> Message | None:
+        if message.metadata.message_type == MESSAGE_TYPE["student.train"] and not copy.exists():
+            shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns(".lock"))  # after the first refresh
+        return grid.deliver(node_id, message)
+
+    grid.faults[WLI0] = snapshot
+    first = run_federation(grid, cfg, run_dir)["privacy"]["releases"]
+    shutil.rmtree(run_dir)
+    shutil.copytree(copy, run_dir)
+    with caplog.at_level("WARNING", logger="fedpagkd.server"):
+        summary = run_federation(InProcessGrid(nodes, config_to_flat(cfg)), cfg, run_dir)
+    counted = {
+        name: json.loads((tmp_path / f"site-{n}" / "releases.json").read_text())["run"]
+        for n, name in ((NBI0, "nbi-0"), (NBI1, "nbi-1"))
+    }
+    assert summary["privacy"]["releases"] == counted  # every release the sites made, none lost with the old copy
+    assert all(counted[site] > first[site] for site in counted)  # the re-run's refresh came on top
+    assert set(summary["releases_reconciled"]) == {"nbi-0", "nbi-1"}
+    assert all(r["ledger"] < r["site"] == first[s] for s, r in summary["releases_reconciled"].items())
+    assert "site 'nbi-0' counts" in caplog.text and "restored from an older copy" in caplog.text
+
+
+def test_a_site_that_cannot_count_a_release_sends_no_statistics(tmp_path):
+    from client.egress import logged
+
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "releases.json").write_text("{not json")
+    reply = Payload("knowledge.sums", config={"groups": 1, "smallest-group": 2})
+    out = logged(reply, {"state-dir": str(state)}, site="nbi-0", run_id=1, run_name="run", request="knowledge.stats")
+    assert out.kind == "error" and "releases.json" in out.config["reason"] and "restore it from a backup" in out.config["reason"]
+
+
+def test_a_run_folder_that_cannot_be_written_mid_run_names_the_folder_and_the_fix(tmp_path, monkeypatch):
+    """A run folder made unwritable mid-run ended in a raw PermissionError with no fix."""
+    import errno
+
+    cfg = tiny_config()
+    run_dir = tmp_path / "run"
+    grid, full = make_grid(cfg), []
+    real_replace = os.replace
+
+    def replace(src, dst):
+        if full and Path(dst).parent == run_dir:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_replace(src, dst)
+
+    def fill_disk(node_id: int, message: Message) -> Message | None:
+        if message.metadata.message_type == MESSAGE_TYPE["student.train"]:
+            full.append(True)
+        return grid.deliver(node_id, message)
+
+    monkeypatch.setattr(os, "replace", replace)
+    grid.faults[WLI0] = fill_disk
+    with pytest.raises(StateError) as raised:
+        run_federation(grid, cfg, run_dir)
+    message = str(raised.value)
+    assert message.startswith(f"run folder {run_dir}: No space left on device ({run_dir}/")
+    assert f"df -h {run_dir}" in message and "resumes from its last saved round" in message
+    full.clear()  # space freed: the same run resumes and finishes
+    assert run_federation(make_grid(cfg), cfg, run_dir)["status"] == "completed"
+
+
+def test_a_run_folder_that_cannot_be_created_names_the_folder_and_the_fix(tmp_path):
+    (tmp_path / "runs").write_text("a file where the runs folder should be")
+    grid = make_grid(tiny_config())
+    with pytest.raises(StateError, match=rf"run folder {tmp_path}/runs/run: .*Make .* writable by this user"):
+        run_federation(grid, tiny_config(), tmp_path / "runs" / "run")
+    assert not grid.sent
+
+
+# ----------------------------------------------------------------------------- unread files at discovery
+
+
+def test_files_a_site_did_not_read_are_reported_at_discovery_by_reason(tmp_path, task_identity, caplog):
+    """Check-site counted unread files; discovery did not: the server never heard of them."""
+    from server.discovery import SiteInfo
+
+    root = _folder_site(tmp_path / "site")
+    (root / "train" / "x" / "gone.png").symlink_to(tmp_path / "nowhere.png")
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(root / "test" / "x" / "scan.tif")
+    (root / "train" / "notes.txt").write_text("not an image")
+    cfg = tiny_config(**{"data.class_names": "x,y"})
+    node = {"site-name": "site-a", "modality": "nbi", "data-path": str(root)}
+    reply = _site_reply(make("discover", _dims(), config={"protocol": 6}), node, cfg)
+    skipped = json.loads(reply.config["skipped-files"])
+    assert skipped == {
+        "dangling link": 1,
+        "unsupported extension .tif (read: .png, .jpg, .jpeg)": 1,
+        "not in a class folder (images belong in <data-path>/train/<class>/)": 1,
+    }
+    assert str(tmp_path) not in reply.config["skipped-files"]  # the site's folder stays at the site
+    warnings = declaration_warnings({7: SiteInfo.from_metadata(7, reply)}, 0.5)
+    assert warnings == [
+        "site 'site-a' did not read 3 file(s): dangling link: 1; not in a class folder (images belong in "
+        "<data-path>/train/<class>/): 1; unsupported extension .tif (read: .png, .jpg, .jpeg): 1"
+    ]
+
+
+def test_the_server_logs_the_unread_files_a_site_reports_by_its_name(tmp_path, caplog):
+    cfg = tiny_config(**{"fed.min_wli_sites": 3})  # discovery then stops the run: no training needed
+    grid = make_grid(cfg)
+    grid.faults[WLI0] = tampering(grid, "discover", lambda p: p.config.update({"skipped-files": '{"dangling link": 2}'}))
+    with caplog.at_level("WARNING", logger="fedpagkd.server"), pytest.raises(FederationError, match="WLI: 2 of 3"):
+        run_federation(grid, cfg, tmp_path / "run")
+    assert "[discover] site 'wli-0' did not read 2 file(s): dangling link: 2" in caplog.text
+    assert "did not read" not in caplog.text.replace("site 'wli-0' did not read", "")

@@ -79,6 +79,7 @@ def CLASS_NAMES_JSON(dims: Dims) -> str:
 # Config keys whose valid values are narrower than their type.
 SPECIAL_VALUES = {
     "class-names": CLASS_NAMES_JSON,
+    "skipped-files": lambda dims: json.dumps({"dangling link": 2}),
     "evaluate": lambda dims: "val",
     "schedule-start": lambda dims: 0.25,
     "schedule-end": lambda dims: 0.5,
@@ -502,6 +503,24 @@ def test_metadata_counts_are_over_the_sites_own_class_names():
     payload.config["class-names"] = json.dumps(["a", "b", "c"])  # 3 names, 2 counts
     with pytest.raises(PayloadError, match="train_class_counts"):
         validate(payload, DIMS)
+
+
+@pytest.mark.parametrize(
+    "text", ["x", "[]", '{"a": -1}', '{"a": 1.5}', '{"a": true}', json.dumps({str(i): 1 for i in range(101)})]
+)
+def test_metadata_refuses_skipped_files_that_are_not_counts_by_reason(text):
+    payload = valid_payload("metadata")
+    payload.config["skipped-files"] = text
+    with pytest.raises(PayloadError, match="skipped-files"):
+        validate(payload, DIMS)
+
+
+@pytest.mark.parametrize("nonce", ["ABC", "g" * 8, "a" * 65, "a b"])
+def test_a_nonce_that_is_not_short_lowercase_hex_is_refused(nonce):
+    payload = valid_payload("evaluation")
+    validate(dataclasses.replace(payload, nonce="0123abcd" * 8), DIMS)  # 64 hex digits: fine
+    with pytest.raises(PayloadError, match="nonce"):
+        validate(dataclasses.replace(payload, nonce=nonce), DIMS)
 
 
 @pytest.mark.parametrize("text", ["x", "[]", '["only"]', "[1, 2]", '{"a": 1}'])

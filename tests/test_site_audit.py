@@ -78,6 +78,10 @@ def test_unwritable_site_log_turns_the_reply_into_an_error(tmp_path: Path) -> No
     blocker = tmp_path / "file"
     blocker.write_text("")
     reply = site_egress.logged(_payload(), {"state-dir": str(blocker)}, site="nbi-a", run_id=1, run_name="", request="x")
+    # Statistics are a DP release: their count is written first, so that is the file named.
+    assert reply.kind == "error" and "count of DP releases" in reply.config["reason"] and "state-dir" in reply.config["reason"]
+    metadata = Payload("error", config={"site-name": "nbi-a", "reason": "no data"})
+    reply = site_egress.logged(metadata, {"state-dir": str(blocker)}, site="nbi-a", run_id=1, run_name="", request="x")
     assert reply.kind == "error" and "egress log" in reply.config["reason"] and "state-dir" in reply.config["reason"]
     assert site_egress.logged(_payload(), {}, site="s", run_id=1, run_name="", request="x").kind == "knowledge.sums"
 
