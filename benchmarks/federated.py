@@ -41,7 +41,7 @@ TEACHER_READS = ("pagkd.group_size", "pagkd.min_group_size")
 # Keys that never change what a run computes, only how a deployment recovers (an in-process run
 # never sees a crashed ClientApp): left out of teacher_key, so the runs from before such a key
 # existed and those after it share one teacher phase.
-RECOVERY_KEYS = ("fed.resend_crashed",)
+RECOVERY_KEYS = ("fed.resend_crashed", "fed.site_lost_s")
 
 
 def _student_phase(key: str) -> bool:

@@ -32,6 +32,7 @@ from common.config_schema import (
     DataConfig,
     FederationConfig,
     LIMITS,
+    MIN_SITE_LOST_S,
     Grouping,
     ModelConfig,
     PaGKDConfig,
@@ -153,6 +154,11 @@ class Config:
             ("fed.fraction_train", 0 < self.fed.fraction_train <= 1, "in (0, 1]"),
             ("fed.round_timeout", self.fed.round_timeout > 0, "> 0"),
             ("fed.resend_crashed", self.fed.resend_crashed >= 0, ">= 0"),
+            (
+                "fed.site_lost_s",
+                self.fed.site_lost_s >= MIN_SITE_LOST_S,
+                f">= {MIN_SITE_LOST_S:.0f} (a SuperNode's heartbeats come ~24 s apart)",
+            ),
             (
                 "fed.min_site_share",
                 0 <= self.fed.min_site_share <= 1,

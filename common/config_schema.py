@@ -131,6 +131,11 @@ class TrainConfig:
     sampler: Sampler = "balanced"
 
 
+# A SuperNode sends a heartbeat every ~0.8 x 30 s (Flower's HEARTBEAT_DEFAULT_INTERVAL, jittered by
+# +-10 %): a shorter fed.site_lost_s would drop live sites between two heartbeats.
+MIN_SITE_LOST_S = 30.0
+
+
 @dataclass
 class FederationConfig:
     teacher_rounds: int = 10
@@ -144,6 +149,11 @@ class FederationConfig:
     # CLIENT_APP_CRASHED: its process died or missed its heartbeats), each with a fresh
     # round_timeout; 0 = drop that site at once. Any other error is final.
     resend_crashed: int = 1
+    # Seconds without a heartbeat from a site's SuperNode (one every ~24 s) after which the server
+    # stops waiting for its reply: the site is dropped from that exchange (server/liveness.py).
+    # Flower itself reports such a node unavailable after 60 s; a restarted SuperNode is noticed
+    # at once, whatever this value, and asked again (fed.resend_crashed).
+    site_lost_s: float = 60.0
     num_bins: int = 200  # score-histogram bins for federated evaluation
     max_norm_ratio: float = 100.0  # a reply's update norm above this x the median is dropped
     # scratch | teacher: start the WLI student from the federated NBI teacher (same backbone;
@@ -236,6 +246,7 @@ LIMITS: dict[str, tuple[float, str]] = {
     "fed.min_wli_sites": (10_000, "sites"),
     "fed.round_timeout": (7 * 86_400, "seconds: one week"),
     "fed.resend_crashed": (100, "resends"),
+    "fed.site_lost_s": (7 * 86_400, "seconds: one week"),
     "fed.num_bins": (100_000, "histogram bins"),
     "fed.max_norm_ratio": (1e12, "multiple of the median norm"),
     "fed.fedproto_weight": (1e6, "loss weight"),

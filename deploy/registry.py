@@ -32,6 +32,11 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+try:  # `python deploy/registry.py` (this folder on sys.path) or `from deploy import registry`
+    import tlscheck
+except ImportError:  # pragma: no cover
+    from deploy import tlscheck
+
 DEFAULT_REGISTRY = Path(__file__).resolve().parent / "certs" / "out" / "registry.json"
 FlwrJson = Callable[..., dict]
 FlwrNodes = Callable[[str], list]  # connection -> the SuperLink's nodes, each with its public key
@@ -243,7 +248,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 for row in rows:
                     print("  ".join(str(row[c]).ljust(widths[c]) for c in cols))
     except RegistryError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {tlscheck.explain(str(err), args.connection)}", file=sys.stderr)
         return 1
     return 0
 

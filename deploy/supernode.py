@@ -153,8 +153,32 @@ def give_exit_handlers_time(seconds: float = CLIENTAPP_EXIT_GRACE_S) -> None:
     importlib.import_module("flwr.supercore.exit.exit").FORCE_EXIT_TIMEOUT_SECONDS = seconds
 
 
+def _lifetime() -> Any:
+    """:mod:`common.lifetime` (stdlib only) loaded without the ``common`` package, whose import
+    pulls in torch (seconds on a loaded host), and registered under its name so that the app's
+    own call (client.policy) finds the watchdog already running."""
+    import importlib.util
+
+    if "common.lifetime" in sys.modules:
+        return sys.modules["common.lifetime"]
+    package = importlib.util.find_spec("common")
+    if package is None or not package.submodule_search_locations:
+        raise ImportError("the fedpagkd package (common/) is not installed beside fedpagkd-supernode")
+    path = Path(next(iter(package.submodule_search_locations))) / "lifetime.py"
+    spec = importlib.util.spec_from_file_location("common.lifetime", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["common.lifetime"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
 def run_clientapp(argv: Sequence[str]) -> None:
     """Flower's ``flwr-clientapp`` with the bundle checked before it is installed."""
+    # From the start, not only once the app runs (client.policy): a ClientApp started just as its
+    # SuperNode died, or for a message it never gets (its run stopped), waits in Flower's loop; one
+    # outlived a SIGKILLed SuperNode to knock on the restarted one with a dead token (HTTP 401).
+    _lifetime().exit_with_service(CLIENTAPP)
     parser = argparse.ArgumentParser(prog=f"{PROG} {CLIENTAPP}", add_help=False)
     parser.add_argument("--app-digest", required=True)
     ours, rest = parser.parse_known_args(argv)
@@ -522,6 +546,15 @@ def _remove_stale_secrets() -> None:
             shutil.rmtree(entry, ignore_errors=True)
 
 
+def hang_up_as_terminate() -> None:
+    """SIGHUP (a closed terminal or SSH session) stops the SuperNode as SIGTERM does: Flower handles
+    only SIGINT, SIGTERM and SIGQUIT, and Python's default for SIGHUP ends the process without its
+    exit handlers, leaving its SuperExec behind. Until Flower installs its own SIGTERM handler (it
+    imports for seconds on a loaded host), SIGTERM exits through the exit handlers too."""
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    signal.signal(signal.SIGHUP, lambda signum, frame: os.kill(os.getpid(), signal.SIGTERM))
+
+
 def run_supernode(argv: Sequence[str]) -> None:
     if any(a in ("-h", "--help") for a in argv):
         print(
@@ -595,6 +628,12 @@ def run_supernode(argv: Sequence[str]) -> None:
         shutil.rmtree(folder, ignore_errors=True)
 
     atexit.register(cleanup)
+    hang_up_as_terminate()
+    from flwr.supercore.exit import add_exit_handler
+
+    # Flower's signal exit forces os._exit after a few seconds while its connection loop still
+    # retries, before atexit handlers would run: the SuperExec and the secret go first.
+    add_exit_handler(cleanup, run_before_force_exit=True)
     from flwr.supernode.cli import flower_supernode
     from flwr.supernode.nodestate.in_memory_nodestate import InMemoryNodeState
 

@@ -35,6 +35,7 @@ from common.data import SITE_NAME_RE
 from common.egress import describe
 from common.files import atomic_write_json
 from common.records import Dims, Payload, PayloadError, reply_kind, validate
+from server.liveness import Loss, send_and_watch
 from server.state import StateError, read_json, run_folder_io, seal, state_key, unseal
 
 log = logging.getLogger("fedpagkd.server")
@@ -42,6 +43,7 @@ log = logging.getLogger("fedpagkd.server")
 # Flower ClientApp error "<class '...UntrustedBundle'>:<'site 'NAME' REFUSES app bundle ...'>": its name.
 SITE_REFUSAL_RE = re.compile(r":<'site '([A-Za-z0-9._-]+)' REFUSES app bundle ")  # a safe name only (SITE_NAME_RE)
 LEDGER = "ledger.json"  # the run's traffic and releases, written after every exchange
+NODE_UNAVAILABLE = "lost: its SuperNode missed its heartbeats (Flower: Node Unavailable)"
 
 
 @dataclass
@@ -141,8 +143,12 @@ class Ledger:
 class Channel:
     """Sends validated payloads to sites and returns the valid replies, dropping the rest."""
 
-    def __init__(self, grid: Grid, dims: Dims, timeout: float, ledger: Ledger, resends: int = 0):
+    def __init__(self, grid: Grid, dims: Dims, timeout: float, ledger: Ledger, resends: int = 0, lost_after: float = 60.0):
+        """``lost_after``: seconds without a heartbeat after which a site's SuperNode is taken as
+        lost (``fed.site_lost_s``, :mod:`server.liveness`); a grid that answers in-process
+        (``grid.in_process``) has no SuperNodes to watch."""
         self.grid, self.dims, self.timeout, self.ledger, self.resends = grid, dims, timeout, ledger, resends
+        self.lost_after = lost_after
         self.names: dict[int, str] = {}
         self.issued: dict[str, str] = {}  # every nonce this run sent -> which request carried it (for drop reasons)
 
@@ -170,9 +176,10 @@ class Channel:
         """-> (valid replies by node, reason by node for each dropped site).
 
         A site whose ClientApp stopped responding (Flower's ``CLIENT_APP_CRASHED``: the process
-        died, or missed its heartbeats on a loaded machine) is asked the same request again, up
-        to ``resends`` times, each with a fresh ``timeout``: nothing of it reached the server, and
-        the same request gives the same reply. Any other error is the site's answer and final.
+        died, or missed its heartbeats on a loaded machine) or whose SuperNode restarted while it
+        held the request is asked the same request again, up to ``resends`` times, each with a
+        fresh ``timeout``: nothing of it reached the server, and the same request gives the same
+        reply. Any other error is the site's answer and final.
         ``releases``: each request asks an NBI site for statistics; every send, a resend too,
         counts one release of that site (:meth:`Ledger.count_releases`)."""
         ok, dropped, crashed = self._send(phase, requests, reference, releases)
@@ -209,7 +216,7 @@ class Channel:
             messages.append(Message(to_recorddict(payload), dst_node_id=node_id, message_type=MESSAGE_TYPE[payload.kind]))
         self.ledger.write()  # before sending: a crash while waiting keeps what was asked of the sites
         started = time.perf_counter()
-        replies = list(self.grid.send_and_receive(messages, timeout=self.timeout))
+        replies, losses = self._send_and_receive(messages)
         first = next(iter(requests.values()), None)
         timing = {
             "phase": phase,
@@ -249,7 +256,8 @@ class Channel:
                     self.names.setdefault(node_id, named.group(1))  # a refusal before discovery
                 if reply.error.code == ErrorCode.CLIENT_APP_CRASHED:
                     crashed.add(node_id)
-                dropped[node_id] = f"ClientApp error: {reply.error.reason}"
+                lost = reply.error.code == ErrorCode.NODE_UNAVAILABLE
+                dropped[node_id] = NODE_UNAVAILABLE if lost else f"ClientApp error: {reply.error.reason}"
                 continue
             try:
                 payload = from_recorddict(reply.content, f"site '{site}'")
@@ -274,8 +282,19 @@ class Channel:
                 ok[node_id] = payload
             except (PayloadError, KeyError) as err:
                 dropped[node_id] = str(err)
+        for node_id, loss in losses.items():
+            if node_id not in ok and node_id not in dropped:
+                dropped[node_id] = loss.reason
+                if loss.restarted:
+                    crashed.add(node_id)
         for node_id in requests:
             if node_id not in ok and node_id not in dropped:
                 dropped[node_id] = f"no reply within {self.timeout:.0f} s (fed.round_timeout)"
         self.ledger.write()
         return ok, dropped, crashed
+
+    def _send_and_receive(self, messages: list[Message]) -> tuple[list[Message], dict[int, Loss]]:
+        """-> (the replies, each site given up on as lost or restarted while it was waited for)."""
+        if getattr(self.grid, "in_process", False):
+            return list(self.grid.send_and_receive(messages, timeout=self.timeout)), {}
+        return send_and_watch(self.grid, messages, self.timeout, self.lost_after)

@@ -17,6 +17,8 @@ Fault = Callable[[int, Message], "Message | None"]
 
 
 class InProcessGrid(Grid):
+    in_process = True  # every reply is in when send_and_receive returns: no SuperNode to watch (server.channel)
+
     def __init__(self, node_configs: dict[int, dict], run_config: dict, faults: dict[int, Fault] | None = None):
         self.contexts = {
             node_id: Context(run_id=1, node_id=node_id, node_config=dict(cfg), state=RecordDict(), run_config=dict(run_config))

@@ -91,6 +91,7 @@ RESUME_IGNORES = frozenset(
         "fed.student_rounds",
         "fed.round_timeout",
         "fed.resend_crashed",
+        "fed.site_lost_s",
         "fed.run_dir",
         "fed.run_name",
         "fed.min_site_share",

@@ -78,7 +78,7 @@ class Protocol:
         self.cfg, self.run_dir, self.grid = cfg, run_dir, grid
         self.dims = dims_of(cfg)
         self.ledger = Ledger(path=run_dir / LEDGER)
-        self.channel = Channel(grid, self.dims, cfg.fed.round_timeout, self.ledger, cfg.fed.resend_crashed)
+        self.channel = Channel(grid, self.dims, cfg.fed.round_timeout, self.ledger, cfg.fed.resend_crashed, cfg.fed.site_lost_s)
         self.distil, self.needs_teacher = cfg.distils, cfg.needs_nbi_sites
         torch.manual_seed(cfg.train.seed)
         c = cfg.data.num_classes
@@ -363,8 +363,9 @@ class Protocol:
         for model, problems in summary["not_learned"].items():
             log.warning("the %s did not learn: %s; %s", model, "; ".join(problems), summary["not_learned_fixes"])
         if summary["status"] == "degraded":
-            log.warning(
-                "run DEGRADED (%.0f %% of the sites took part throughout, fed.min_site_share = %.0f %%): lost %s",
+            log.warning(  # deploy/follow.py reads this line: the operator's exit status
+                "run DEGRADED, %s (%.0f %% of the sites took part throughout, fed.min_site_share = %.0f %%): lost %s",
+                "accepted" if summary["accepted"] else "NOT accepted",
                 100 * summary["site_share"],
                 100 * summary["min_site_share"],
                 ", ".join(summary["sites_lost"]),

@@ -16,7 +16,13 @@ One federation (SuperLink, 1 NBI + 2 WLI SuperNodes) and two Flower runs of ONE 
 * (resume) run B says "resuming", metrics.json lists student rounds 1 and 2 exactly once, and the
   egress log keeps run A's messages;
 * (late) round 2 went on without ``wli-1``, the server log names it and the timeout, and its late
-  reply (sent while run B was still running) was never counted.
+  reply (sent while run B was still running) was never counted;
+* (lost) run C (another ``fed.run_name``, ``wli-1`` back without the drill): ``wli-0``'s SuperNode
+  alone is SIGKILLed while its ClientApp trains (a crash, not restarted during the run): the server
+  drops it as lost (no heartbeat for ``fed.site_lost_s``), by name, long before
+  ``fed.round_timeout``; the round goes on with ``wli-1``; the orphaned ClientApp is gone within
+  seconds; the run ends degraded and ``deploy/follow.py`` exits 3 with the reason; the site
+  restarted afterwards logs no traceback.
 
 The run is the smallest that has student rounds: ``test_resnet`` at 32 px, no distillation (no
 teacher, no bank: discovery, student rounds, evaluation). Slow: each ClientApp message is a fresh
@@ -26,6 +32,10 @@ Python process. Timings are printed (``pytest -s``).
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -47,6 +57,9 @@ LATE = "wli-1"
 LATE_BY_S = ROUND_TIMEOUT_S + 10.0  # the drill delay: its reply comes >= 10 s after the server stopped waiting
 RUN_NAME = "faults"
 RUN_TIMEOUT_S = 600.0
+LOST = "wli-0"
+LOST_AFTER_S = 40.0  # fed.site_lost_s of run C
+LOST_RUN = {"fed.run_name": "lost", "fed.student_rounds": 1, "fed.round_timeout": 400.0, "fed.site_lost_s": LOST_AFTER_S}
 CONFIG: dict[str, Any] = {
     "model.student": "test_resnet",
     "model.teacher": "test_resnet",
@@ -210,3 +223,81 @@ def test_a_site_answering_after_the_round_timeout_is_dropped_from_that_round(fed
     assert "Sent successfully" in pushed, pushed
     # The honest sites were never dropped.
     assert "dropped site 'wli-0'" not in log and "dropped site 'nbi-0'" not in log
+
+
+# --------------------------------------------------------------------------- lost site
+
+
+@pytest.fixture(scope="module")
+def lost(federation) -> dict[str, Any]:
+    """Run C: ``LOST``'s SuperNode SIGKILLed (the SuperNode alone) while its ClientApp trains. Runs
+    after run B in this module (file order), alone with ``-k lost``."""
+    fed = federation
+    fed.supernodes[LATE].stop()  # the drill ends: the same site again, without the knob
+    fed.restart_supernode(LATE, timeout=120)
+    fed.wait_online([LATE])
+    crash: dict[str, Any] = {}
+    trained = fed.supernodes[LOST].text().count("Receiving: train.student")  # in runs A and B
+    stale = clientapps(fed)[LOST]  # idle ClientApps left by run A's stop: they must go with it too
+
+    def on_poll(row: dict[str, Any] | None, fed: Loopback, log: Path) -> None:
+        victim = fed.supernodes[LOST]
+        if "killed" not in crash:
+            busy = [p for p in clientapps(fed)[LOST] if p not in stale]
+            if busy and victim.text().count("Receiving: train.student") > trained:
+                crash["clientapps"], crash["killed"] = busy + stale, time.time()
+                os.kill(victim.pid, signal.SIGKILL)  # the SuperNode alone, as a crash or an OOM kill does
+                victim.popen.wait(timeout=10)  # reaped, as systemd does
+            return
+        if "orphans_gone_s" not in crash and not [p for p in crash["clientapps"] if loopback._state(p) not in ("", "Z")]:
+            crash["orphans_gone_s"] = time.time() - crash["killed"]
+        if "noticed_s" not in crash and f"dropped site '{LOST}'" in log.read_text(errors="replace"):
+            crash["noticed_s"] = time.time() - crash["killed"]
+
+    crash["result"] = result = fed.run(LOST_RUN, timeout=RUN_TIMEOUT_S, on_poll=on_poll)
+    env = {**fed.env("cli"), "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    crash["follow"] = subprocess.run(
+        [sys.executable, str(loopback.REPO / "deploy" / "follow.py"), result.run_id, loopback.CONNECTION],
+        env=env,
+        cwd=fed.work,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    restarted = fed.restart_supernode(LOST, timeout=180)
+    time.sleep(15.0)  # a stray ClientApp of the dead SuperNode would knock on the new one by now
+    crash["restarted_log"] = restarted.text()
+    print(
+        f"\nrun C {result.run_id}: {result.status} after {result.wall_s:.0f} s wall; {LOST} killed, noticed after "
+        f"{crash.get('noticed_s', float('nan')):.0f} s (log line seen), orphaned ClientApp(s) {crash.get('clientapps')} "
+        f"gone after {crash.get('orphans_gone_s', float('nan')):.0f} s; follow.py exit {crash['follow'].returncode}"
+    )
+    return crash
+
+
+def test_a_lost_site_is_noticed_by_name_and_the_run_goes_on_without_it(federation, lost):
+    assert "killed" in lost, f"{LOST} never trained in run C: {lost['result'].log}"
+    metrics = _completed(lost["result"])
+    log = lost["result"].log.read_text(errors="replace")
+    dropped = next((line for line in log.splitlines() if f"[student] dropped site '{LOST}'" in line), "")
+    # Noticed from its missing heartbeats (or Flower's Node Unavailable, which says the same), not
+    # after fed.round_timeout.
+    assert ": lost: " in dropped, log[-3000:]
+    assert lost["noticed_s"] < LOST_RUN["fed.round_timeout"], lost["noticed_s"]
+    assert [sorted(e["sites"]) for e in metrics["student"]] == [[LATE]]
+    assert metrics["status"] == "degraded" and metrics["sites_lost"] == [LOST] and not metrics["accepted"]
+    assert lost.get("orphans_gone_s") is not None, f"orphaned ClientApp(s) {lost['clientapps']} outlived the run"
+
+
+def test_follow_exits_non_zero_for_the_degraded_run_with_the_reason(lost):
+    follow = lost["follow"]
+    assert follow.returncode == 3, (follow.returncode, follow.stdout[-2000:], follow.stderr[-2000:])
+    last = follow.stdout.strip().splitlines()[-1]
+    assert last.startswith(f"run {lost['result'].run_id}: finished:completed but DEGRADED, NOT accepted"), last
+    assert last.endswith(f"lost {LOST}"), last
+
+
+def test_a_site_restarted_after_a_crash_logs_no_traceback(lost):
+    text = lost["restarted_log"]
+    assert "SuperNode ID:" in text, text[-3000:]
+    assert "Traceback" not in text and "401" not in text, text[-3000:]

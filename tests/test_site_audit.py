@@ -8,6 +8,8 @@ import hashlib
 import importlib
 import io
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -504,16 +506,157 @@ def test_lifetime_watches_the_superexec_and_its_service(tmp_path: Path) -> None:
         service.wait()
 
 
-@pytest.mark.parametrize(("status", "code"), [("finished:completed", 0), ("finished:failed", 1)])
-def test_follow_exits_with_the_run_outcome(tmp_path: Path, monkeypatch, capsys, status: str, code: int) -> None:
+DEGRADED_LINE = "WARNING :   run DEGRADED, {} (50 % of the sites took part throughout, fed.min_site_share = {} %): lost wli-0"
+
+
+@pytest.mark.parametrize(
+    ("status", "log", "code", "last"),
+    [
+        ("finished:completed", "streaming", 0, "run 42: finished:completed (why)"),
+        ("finished:failed", "streaming", 1, "run 42: finished:failed (why)"),
+        (
+            "finished:completed",
+            DEGRADED_LINE.format("NOT accepted", 100),
+            3,
+            "run 42: finished:completed but DEGRADED, NOT accepted (50 % of the sites took part throughout, "
+            "fed.min_site_share = 100 %): lost wli-0",
+        ),
+        (
+            "finished:completed",
+            DEGRADED_LINE.format("accepted", 50),
+            0,
+            "run 42: finished:completed but DEGRADED, accepted (50 % of the sites took part throughout, "
+            "fed.min_site_share = 50 %): lost wli-0",
+        ),
+    ],
+)
+def test_follow_exits_with_the_run_outcome(
+    tmp_path: Path, monkeypatch, capsys, status: str, log: str, code: int, last: str
+) -> None:
     from deploy import follow
 
     fake = tmp_path / "flwr"
     fake.write_text(
         '#!/bin/sh\nif [ "$1" = list ]; then echo \'{"success": true, "runs": [{"status": "%s", '
-        '"status-details": "why"}]}\'; else echo streaming; fi\n' % status
+        '"status-details": "why"}]}\'; else echo "%s"; fi\n' % (status, log)
     )
     fake.chmod(0o755)
     monkeypatch.setenv("PATH", f"{tmp_path}:{__import__('os').environ['PATH']}")
     assert follow.main(["42", "conn"]) == code
-    assert f"run 42: {status} (why)" in capsys.readouterr().out
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == log and out[-1] == last  # the log streamed, then the outcome
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=lambda s: s.name)
+def test_a_stop_signal_to_the_site_supernode_ends_its_superexec_and_secret(tmp_path: Path, signum: int) -> None:
+    """SIGHUP (a closed terminal or SSH session) stops ``fedpagkd-supernode`` as SIGTERM does: its
+    SuperExec child ends and its secret folder goes (the exit handlers ran), nothing left."""
+    from server.processes import cmdline, descendants, free_port, process_state
+
+    env = {**os.environ, "FLWR_HOME": str(tmp_path / "home"), "TMPDIR": str(tmp_path), "PYTHONPATH": str(ROOT)}
+    # No SuperLink listens there: the SuperNode keeps retrying, as one whose coordinator is down.
+    cmd = [sys.executable, str(ROOT / "deploy" / "supernode.py"), "--app-digest", "any", "--insecure"]
+    cmd += ["--superlink", f"127.0.0.1:{free_port()}", "--port", str(free_port())]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline, superexec = time.time() + 120, []
+        while time.time() < deadline and not (superexec and list(tmp_path.glob(f"{supernode.SECRET_PREFIX}*"))):
+            superexec = [p for p in descendants(proc.pid) if supernode.SUPEREXEC in cmdline(p)]
+            time.sleep(0.5)
+        assert superexec, "the SuperNode started no SuperExec"
+        time.sleep(3.0)  # past Flower's start-up, into its connection retries
+        os.kill(proc.pid, signum)
+        proc.wait(timeout=60)
+        deadline = time.time() + 30
+        while time.time() < deadline and [p for p in superexec if process_state(p) not in ("", "Z")]:
+            time.sleep(0.5)
+        assert [p for p in superexec if process_state(p) not in ("", "Z")] == []
+        assert list(tmp_path.glob(f"{supernode.SECRET_PREFIX}*")) == [], f"the exit handlers did not run: {proc.stderr.read()}"
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+# ----------------------------------------------------------------- TLS failures, named
+
+
+@pytest.fixture()
+def tls_server(tmp_path: Path):
+    """``serve(certs folder)`` -> ``127.0.0.1:port`` of a TLS server presenting that folder's
+    server.pem (it only completes handshakes), stopped at the end."""
+    import socket
+    import ssl
+    import threading
+
+    listeners = []
+
+    def serve(folder: Path) -> str:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(folder / "server.pem", folder / "server.key")
+        listener = socket.create_server(("127.0.0.1", 0))
+        listeners.append(listener)
+
+        def accept() -> None:
+            while True:
+                try:
+                    conn, _ = listener.accept()
+                except OSError:
+                    return
+                try:
+                    context.wrap_socket(conn, server_side=True).close()
+                except (ssl.SSLError, OSError):
+                    conn.close()
+
+        threading.Thread(target=accept, daemon=True).start()
+        return f"127.0.0.1:{listener.getsockname()[1]}"
+
+    yield serve
+    for listener in listeners:
+        listener.close()
+
+
+def test_an_expired_or_foreign_server_certificate_is_named_as_such(tmp_path: Path, tls_server, monkeypatch) -> None:
+    from deploy import tlscheck
+    from deploy.certs import make_certs
+
+    san = ["--san", "localhost,127.0.0.1"]
+    assert make_certs.main(["--out", str(tmp_path / "expired"), "--hours", "0.0005", *san]) == 0
+    assert make_certs.main(["--out", str(tmp_path / "good"), *san]) == 0
+    assert make_certs.main(["--out", str(tmp_path / "other"), *san]) == 0
+    time.sleep(2.5)
+    healthcheck = tlscheck._healthcheck()
+    ca = tmp_path / "good" / "ca.crt"
+    assert healthcheck.check_reach(tls_server(tmp_path / "good"), ca) is None
+    foreign = healthcheck.check_reach(tls_server(tmp_path / "other"), ca)
+    assert f"the SuperLink's certificate is not signed by {ca}" in foreign and "get the current ca.crt" in foreign
+    address = tls_server(tmp_path / "expired")
+    expired = healthcheck.check_reach(address, tmp_path / "expired" / "ca.crt")
+    assert "the SuperLink's certificate EXPIRED on 20" in expired and "--reuse-ca" in expired, expired
+
+    # The operator's view: the flwr config's connection, and flwr's "unavailable" explained.
+    home = tmp_path / "flwr-home"
+    home.mkdir()
+    (home / "config.toml").write_text(
+        f'[superlink]\ndefault = "fed"\n\n[superlink.fed]\naddress = "{address}"\n'
+        f'root-certificates = "{tmp_path / "expired" / "ca.crt"}"\n'
+    )
+    monkeypatch.setenv("FLWR_HOME", str(home))
+    assert tlscheck.diagnose("fed") == expired
+    unavailable = "flwr list fed --run-id 7: Connection to the SuperLink is unavailable, check address"
+    assert tlscheck.explain(unavailable, "fed") == f"{unavailable} -> {expired}"
+    assert tlscheck.explain("flwr list fed: run 7 not found", "fed") == "flwr list fed: run 7 not found"
+    assert tlscheck.main(["fed"]) == 1
+
+
+def test_a_clientapp_watches_its_service_before_any_heavy_import() -> None:
+    """The watchdog (common.lifetime) loads without the ``common`` package (torch): a ClientApp
+    started just as its SuperNode dies must not live through seconds of imports; the app's own
+    ``from common.lifetime import exit_with_service`` (client.policy) then finds the same module."""
+    code = (
+        "import sys; sys.path.insert(0, sys.argv[1]); import supernode; m = supernode._lifetime(); "
+        "print('torch' in sys.modules); from common.lifetime import exit_with_service; "
+        "print(exit_with_service is m.exit_with_service)"
+    )
+    out = subprocess.run([sys.executable, "-c", code, str(ROOT / "deploy")], capture_output=True, text=True, timeout=120)
+    assert (out.returncode, out.stdout.split()) == (0, ["False", "True"]), out.stderr

@@ -27,6 +27,7 @@ import socket
 import ssl
 import sys
 from pathlib import Path
+from typing import Any
 
 
 def check_health_server(address: str) -> str | None:
@@ -100,6 +101,46 @@ def check_certificate(path: Path, min_days: float) -> str | None:
     return None
 
 
+# OpenSSL verify codes (X509_V_ERR_*) a person can act on, each with what it means here.
+EXPIRED, NOT_YET_VALID = 10, 9
+UNKNOWN_ISSUER = (2, 18, 19, 20, 21)  # unable to get (local) issuer, self-signed (in chain), cannot verify leaf
+NAME_MISMATCH = (62, 64)  # hostname mismatch, IP address mismatch
+
+
+def _peer_certificate(host: str, port: int) -> Any:
+    """The server's certificate, fetched without verifying it (only to name what is wrong with it)."""
+    from cryptography import x509
+
+    context = ssl.create_default_context()
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    with socket.create_connection((host, port), timeout=5) as raw, context.wrap_socket(raw, server_hostname=host) as tls:
+        return x509.load_der_x509_certificate(tls.getpeercert(binary_form=True))
+
+
+def verify_failure(err: ssl.SSLCertVerificationError, host: str, port: int, ca: Path | None) -> str:
+    """What a failed verification of the server's certificate means and what fixes it."""
+    code, renew = err.verify_code, "renew it with the same CA: make_certs.py --reuse-ca --force --san ..., restart the SuperLink"
+    if code in (EXPIRED, NOT_YET_VALID):
+        try:
+            cert = _peer_certificate(host, port)
+            when = (
+                f"{cert.not_valid_after_utc:%Y-%m-%d %H:%M}" if code == EXPIRED else f"{cert.not_valid_before_utc:%Y-%m-%d %H:%M}"
+            )
+        except (OSError, ValueError):
+            when = "?"
+        if code == EXPIRED:
+            return f"the SuperLink's certificate EXPIRED on {when} UTC: {renew}"
+        return f"the SuperLink's certificate is not valid before {when} UTC: check this machine's clock"
+    if code in UNKNOWN_ISSUER:
+        return (
+            f"the SuperLink's certificate is not signed by {ca or 'a CA this machine trusts'} (a wrong or old ca.crt, or "
+            "the coordinator's certificates were regenerated): get the current ca.crt from the coordinator"
+        )
+    if code in NAME_MISMATCH:
+        return f"'{host}' is not a name in the SuperLink's certificate: use a name of its --san, or re-issue it with this one"
+    return err.verify_message
+
+
 def check_reach(address: str, ca: Path | None) -> str | None:
     host, _, port = address.rpartition(":")
     host = host.strip("[]")
@@ -108,7 +149,10 @@ def check_reach(address: str, ca: Path | None) -> str | None:
         with socket.create_connection((host, int(port)), timeout=5) as raw, context.wrap_socket(raw, server_hostname=host):
             return None
     except ssl.SSLCertVerificationError as err:
-        return f"coordinator {address}: TLS verification failed ({err.verify_message}); see deploy/README.md, Troubleshooting"
+        why = verify_failure(err, host, int(port), ca)
+        return (
+            f"coordinator {address}: TLS verification failed ({err.verify_message}): {why}; see deploy/README.md, Troubleshooting"
+        )
     except (OSError, ValueError) as err:
         return f"coordinator {address} unreachable ({err}); check the coordinator is up, the address, DNS and the firewall"
 
