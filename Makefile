@@ -14,7 +14,7 @@ UV_ARGS = --python $(PY) --compile-bytecode $(if $(FIND_LINKS),--find-links $(FI
 
 .PHONY: install demo test test-fast lint format centralised clean-runs
 
-# uv (pinned in the lock) installs in ~1 min what pip resolves in 5-12 on this machine; the
+# uv (pinned in the lock) installs far faster than pip resolves (docs/results.md); the
 # bytecode is compiled at install because sandboxes often set PYTHONDONTWRITEBYTECODE, and every
 # ClientApp message starts a fresh Python process. pip is the fallback when uv cannot be had.
 $(STAMP): pyproject.toml constraints-cpu.txt

@@ -27,7 +27,7 @@ vessels    3       160 px tortuosity and branching of drawn vessels     blue, im
     python -m benchmarks.families write --families spots --out /tmp/fam
     python -m benchmarks.families grid                  # docs/families.png: a sample grid
 
-A family the project never sees judges the result (kept outside the repository; README).
+A family the project never sees judges the result (kept outside the repository; docs/families.md).
 """
 
 from __future__ import annotations

@@ -48,8 +48,8 @@ ARMS = [*METHODS, *CENTRALISED]
 # WLI-only that federation keeps (issue 12, item 5), over the seeds both pairs have.
 COUNTERPARTS = {"fedavg_teacher_init": "central_teacher_init", "fedpagkd": "central_pagkd"}
 # Split sizes of every study and tuning run: synthetic val and test images are free, and model
-# selection on 64 pooled val images (the Config default 32 per site) is noisier than the arms'
-# differences. 2 WLI sites: 500 pooled val and 2,000 pooled test images.
+# selection on a small val split is noisier than the arms' differences. 2 WLI sites: 500 pooled
+# val and 2,000 pooled test images.
 STUDY_SPLITS = {"data.val_per_site": 250, "data.test_per_site": 1000}
 # The arms the regimes compare (plot and table): the default and the group terms on top of its start.
 REGIME_ARMS = (DEFAULT_ARM, "fedpagkd_teacher_init")
@@ -212,7 +212,7 @@ def study_file(regime: str) -> Path:
 
 
 def markdown_pair(d: dict[str, Any] | None) -> str:
-    """A paired difference (:func:`common.metrics.paired_difference`) as a README table cell; "" for none."""
+    """A paired difference (:func:`common.metrics.paired_difference`) as a docs/results.md table cell; "" for none."""
     return f"{d['mean']:+.4f} [{d['ci95'][0]:+.4f}, {d['ci95'][1]:+.4f}], p = {d['p']:.3f} (n = {d['seeds']})" if d else ""
 
 
@@ -287,7 +287,7 @@ def main(argv: list[str] | None = None) -> dict:
         default=[],
         help="study JSON files of other processes (same regime and overrides) to take runs from",
     )
-    parser.add_argument("--markdown", action="store_true", help="also print the table as the README's markdown")
+    parser.add_argument("--markdown", action="store_true", help="also print the table as markdown (docs/results.md)")
     parser.add_argument("--plot", type=Path, default=None, help="only plot the regimes' study files to this PNG")
     parser.add_argument(
         "--reuse",
@@ -363,7 +363,7 @@ def main(argv: list[str] | None = None) -> dict:
                 f"{d['mean']:+.4f} [{d['ci95'][0]:+.4f}, {d['ci95'][1]:+.4f}] p={d['p']:.3f} n={d['seeds']}" if d else ""
             )
         print(f"{arm:<24}{len(row['auc']):>3}{row['mean']:>10.4f}{row['std']:>8.4f}   {cells[0]:<44}{cells[1]}")
-    if args.markdown:  # the README's table
+    if args.markdown:  # docs/results.md's table
         print(f"\n| arm | seeds | AUC mean +/- std | vs {BASELINE_ARM}: mean [95 % CI], Wilcoxon p | {DEFAULT_ARM} vs arm |")
         print("|---|---|---|---|---|")
         for arm, row in table.items():

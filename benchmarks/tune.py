@@ -41,7 +41,7 @@ CANDIDATES: dict[str, dict[str, dict[str, Any]]] = {
         "light": dict(TUNED_GROUP_TERMS),  # chosen: the registry spells it (common/presets.py)
         "den_heavy": {"pagkd.den_weight": 3.0, "pagkd.pro_weight": 0.01, "pagkd.warmup_epochs": 8},
     },
-    # FedProto-style: the regulariser's weight (1.0 collapsed it: 0.598 AUC on seed 0), with the
+    # FedProto-style: the regulariser's weight (1.0 collapsed it: docs/results.md), with the
     # AdamW state kept across rounds, FedAvg WLI-only's best setting that it builds on.
     "fedproto_wli": {
         "preset": {"fed.fedproto_weight": 1.0, "train.keep_optimizer_state": False},

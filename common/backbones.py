@@ -1,8 +1,8 @@
 """Small CPU backbones registered in timm's model registry.
 
 An 11 M-parameter ResNet trained from scratch on a few hundred 64-px images learns little on a
-2-core CPU (README "Training recipe": resnet18 0.75 AUC vs a 300 k-parameter CNN's 0.87 on the
-same images). These backbones are the CPU default; because they are registered with
+2-core CPU, where a small CNN on the same images learns (docs/results.md, "Training recipe").
+These backbones are the CPU default; because they are registered with
 :func:`timm.models.register_model`, ``timm.create_model(name, features_only=True)`` builds them
 like any timm model and every timm name keeps working in ``model.teacher`` / ``model.student``.
 

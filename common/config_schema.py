@@ -38,11 +38,10 @@ class DataConfig:
     nbi_sites: int = 2
     wli_sites: int = 2
     train_per_site: int = 96
-    # Synthetic val and test images are free. Model selection on 64 pooled val images (32 per
-    # site) was noisier than the differences it chose between (one seed's student selected at
-    # round 5 of 10, README "Results" (b')); 250 per site is the study's split (benchmarks/study.py
-    # STUDY_SPLITS), and 1,000 test images per site give the printed pooled WLI AUC a standard
-    # error of ~0.007: the default run is then seed 0 of the study's default arm, image for image.
+    # Synthetic val and test images are free. A small val split was noisier than the differences
+    # model selection chose between (docs/results.md, (b')); 250 per site is the study's split
+    # (benchmarks/study.py STUDY_SPLITS), and 1,000 test images per site give the printed pooled WLI
+    # AUC a standard error of ~0.007: the default run is then seed 0 of the study's default arm.
     val_per_site: int = 250
     test_per_site: int = 1000
     # Site sizes: each site's train size is train_per_site * a Pareto(size_tail) factor (0 = all equal).
@@ -80,8 +79,8 @@ class ModelConfig:
 
 @dataclass
 class PaGKDConfig:
-    # Off in the default run: with the current recipe the group terms cost WLI AUC (README
-    # "Results": FedPaGKD -0.03 / -0.08 vs FedAvg on seeds 0 / 1); experiment=pagkd turns both on.
+    # Off in the default run: the group terms add nothing measurable to the WLI student on the
+    # embedded default (docs/results.md, the powered study); experiment=pagkd turns both on.
     use_pro: bool = False  # GKD-Pro: group classification + query-matched contrastive
     use_den: bool = False  # GKD-Den: relation-masked cross attention to NBI tokens/codebook
     den_weight: float = 1.0
@@ -112,8 +111,8 @@ class TrainConfig:
     local_epochs: int = 4  # federated: local epochs per round (x rounds = the centralised epochs)
     # federated: a site keeps its AdamW moments from one round to its next (Flower context state,
     # never sent) instead of starting each round with a fresh optimiser. Chosen on val for the
-    # default run (benchmarks/tune.py, README "The powered study": val AUC 0.890 vs 0.870 fresh on
-    # seeds 0-1) and the best measured setting of FedAvg WLI-only (+0.014 AUC, README (b')).
+    # default run (benchmarks/tune.py) and the best measured setting of FedAvg WLI-only
+    # (docs/results.md: the tuning table and (b')).
     keep_optimizer_state: bool = True
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -123,7 +122,7 @@ class TrainConfig:
     flips: bool = True
     # Brightness / contrast / saturation jitter, off by default: faint WLI evidence can be no more
     # than a few percent of contrast or a tint, and a +-10 % jitter erased it on another image
-    # family (issue 21: the student stayed at chance, AUC 0.47, where 0 gave 0.885; docs/families.md).
+    # family (issue 21: the student stayed at chance where 0 learned; docs/families.md).
     color_jitter: float = 0.0
     channels_last: bool = True  # on CUDA
     # The WLI student's training batches: balanced (~batch_size / C images of each class, the
@@ -160,11 +159,9 @@ class FederationConfig:
     # scratch | teacher: start the WLI student from the federated NBI teacher (same backbone;
     # the server holds both, so nothing more leaves a site). Teacher rounds then run even
     # without distillation: that is the sequential NBI -> WLI transfer baseline.
-    # The default run starts from the teacher: it matches WLI-only FedAvg (0.853 vs 0.856, seed 0)
-    # and is the measured way NBI sites reach the WLI student (README "Results").
+    # The default run starts from the teacher: it is the measured way NBI sites reach the WLI
+    # student (docs/results.md).
     student_init: StudentInit = "teacher"
-    # Robust aggregation of weights and knowledge statistics (server/aggregation.py):
-    # mean (FedAvg / exact sums) | median | trimmed_mean (coordinate-wise, unweighted).
     # Which sites train the student: wli (FedPaGKD, FedAvg WLI-only) | all (the naive
     # cross-modal baseline: one model FedAvg'ed over WLI and NBI sites, CE only; evaluated on WLI).
     student_sites: StudentSites = "wli"
@@ -172,6 +169,8 @@ class FederationConfig:
     # the global class prototype (summed class means of the WLI sites' embeddings); 0 = off.
     # (Not pagkd.pro_weight, GKD-Pro's weight. Was fed.proto_weight, still accepted: RENAMED_KEYS.)
     fedproto_weight: float = 0.0
+    # Robust aggregation of weights and knowledge statistics (server/aggregation.py):
+    # mean (FedAvg / exact sums) | median | trimmed_mean (coordinate-wise, unweighted).
     aggregation: Aggregation = "mean"
     trim_fraction: float = 0.2  # trimmed_mean: share of sites dropped at each end, per coordinate
     # Clip each site's update (weights: from the global model; statistics: from the median of the

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from common.config import PaGKDConfig
 from common.records import KNOWLEDGE_STATISTICS, STATISTICS, mean_of
 
-# Token labels of the semantic relation (DESIGN.md section 2).
+# Token labels of the semantic relation (docs/method.md, GKD-Den).
 BACKGROUND, FOREGROUND, UNCERTAIN = 0, 1, 2
 
 

@@ -209,7 +209,7 @@ _PLAIN = {"pagkd.use_pro": False, "pagkd.use_den": False, "fed.student_init": "s
 _PAGKD = {**EVERY_PHASE, **TUNED_GROUP_TERMS}
 METHODS: dict[str, dict[str, Any]] = {
     # (a) WLI-only FedAvg student (CE), with its best measured setting: each site keeps its AdamW
-    # state across rounds (README "Results" (b')).
+    # state across rounds (docs/results.md (b')).
     "fedavg_wli_only": {**_PLAIN, "train.keep_optimizer_state": True},
     # (b) FedProto-style: WLI sites only, CE + MSE to the global class prototypes (no NBI).
     "fedproto_wli": {**_PLAIN, **TUNED_FEDPROTO},

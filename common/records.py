@@ -169,7 +169,7 @@ class Statistic:
     centroids); a point has shape ``point``. The wire carries, per class and slot, the sum of
     the points (``<name>_sum`` [C, slots, *point]) and their count (``<name>_count`` [C, slots]).
     (Sums of squares, the bank's spread, were sent until protocol 5 and read by nothing: they
-    are no longer computed, noised or sent; README "Results", issue 12.) The k-means
+    are no longer computed, noised or sent; docs/method.md, issue 12.) The k-means
     seeds carry the same sums and counts under ``<name>_seed_sum`` / ``<name>_seed_count``, and
     the server's Lloyd step sends the current ``<name>_centroids`` [C, slots, *point].
     """

@@ -391,8 +391,8 @@ def crash_on(grid: InProcessGrid, message_type: str, nth: int):
 
 # A fresh AdamW per round: the moments a site keeps (train.keep_optimizer_state, the default) live
 # in the Flower context of one run and do not survive a restart, so only a run without them
-# resumes bit for bit; with them a resumed run restarts the sites' moments (README "Privacy and
-# failure handling").
+# resumes bit for bit; with them a resumed run restarts the sites' moments (docs/privacy.md,
+# the state and resume).
 RESUME_CFG = {"fed.student_rounds": 3, "train.keep_optimizer_state": False}
 
 

@@ -1,4 +1,4 @@
-"""Site datasets for FedPaGKD (DESIGN.md section 5), one module per concern:
+"""Site datasets for FedPaGKD (docs/usage.md, own data), one module per concern:
 
 * :mod:`common.data.base`: :class:`DataError`, the names (modalities, splits, default class
   names, ImageNet mean/std, a real site's file names), the checks and :class:`SiteData` (one

@@ -200,7 +200,7 @@ _LOOKS: dict[str, _Look] = {
     # WLI: pink/orange mucosa, vessels only slightly redder, pits faint; soft optics, more
     # noise and large specular highlights that hide part of the lesion. Pattern amplitude is
     # about half of NBI's: at a quarter (the first version) a CNN trained on a few hundred
-    # WLI images stayed at chance (AUC 0.55), i.e. WLI showed nothing rather than "faint".
+    # WLI images stayed at chance (docs/results.md), i.e. WLI showed nothing rather than "faint".
     "wli": _Look(
         mucosa=(0.86, 0.50, 0.42),
         lesion=(0.88, 0.44, 0.38),
