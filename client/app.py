@@ -43,6 +43,7 @@ from common.progress import configure_logging, site_log
 from common.records import (
     EVALUATION_FIELDS,
     EVALUATION_SPLITS,
+    IMAGE_COUNT,
     PROTOCOL_VERSION,
     Dims,
     Payload,
@@ -377,6 +378,10 @@ def student_round(request: Payload, site: SiteData, cfg: Config, dims: Dims, con
     load_numpy_state(head, request.weights["head"], "head")
     bank = None
     if request.config["use-bank"]:
+        if IMAGE_COUNT not in request.arrays:  # the schema lets a student request go without the bank
+            raise PayloadError(
+                "student.train: use-bank is set but the request carries no bank: run one release at coordinator and sites"
+            )
         bank = KnowledgeBank.from_statistics(request.arrays)
     terms = loss_terms(cfg, request.arrays)
     # The received student is the previous round's global model: score it before training.

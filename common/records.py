@@ -123,12 +123,16 @@ class Schema:
     arrays: tuple[ArrayField, ...] = ()
     config: tuple[tuple[str, type], ...] = ()
     weights: tuple[str, ...] = ()  # weight blocks carried, validated against reference state dicts
-    # Arrays only a baseline plug-in's messages carry (all of them or none): a message carries
-    # only what its method uses.
-    optional: tuple[ArrayField, ...] = ()
+    # Groups of arrays a message carries only when its method uses them (each group all or none):
+    # the bank only to a student that distils from it, a baseline plug-in's arrays only in its runs.
+    optional: tuple[tuple[ArrayField, ...], ...] = ()
 
     def array_names(self) -> list[str]:
         return [f.name for f in self.arrays]
+
+    def every_array(self) -> tuple[ArrayField, ...]:
+        """The arrays a message of this kind may carry: the required ones, then every optional group's."""
+        return self.arrays + tuple(f for group in self.optional for f in group)
 
 
 @dataclass
@@ -231,8 +235,7 @@ SCHEMAS: dict[str, Schema] = {
         Schema("knowledge.masked", arrays=MASKED_BANK_STATISTICS, config=(("groups", int), ("smallest-group", int))),
         Schema(
             "student.train",
-            arrays=BANK_STATISTICS,
-            optional=CLASS_PROTOTYPES,
+            optional=(BANK_STATISTICS, CLASS_PROTOTYPES),  # the bank: when use-bank is set
             # "evaluate": score the received global student (the previous round's) on the val
             # split before training: the next round's request is the previous round's evaluation.
             config=_ROUND + (("local-epochs", int), ("group-losses", bool), ("use-bank", bool)) + _SPAN + _EVALUATE,
@@ -241,7 +244,7 @@ SCHEMAS: dict[str, Schema] = {
         Schema(
             "student.update",
             arrays=EVALUATION_FIELDS,
-            optional=CLASS_PROTOTYPES,
+            optional=(CLASS_PROTOTYPES,),
             config=(("num-examples", int), ("loss", float), ("ce", float), ("den", float), ("pro", float)) + EVALUATED,
             weights=("student", "head"),
         ),
@@ -379,11 +382,14 @@ def validate(
     missing = sorted(names - set(payload.arrays))
     if missing:
         raise PayloadError(f"{where}: missing arrays {missing}")
-    carried = tuple(f for f in schema.optional if f.name in payload.arrays)
-    if carried and len(carried) < len(schema.optional):
-        raise PayloadError(
-            f"{where}: carries {[f.name for f in carried]} without the rest of {[f.name for f in schema.optional]} (all or none)"
-        )
+    carried: tuple[ArrayField, ...] = ()
+    for group in schema.optional:
+        present = tuple(f for f in group if f.name in payload.arrays)
+        if present and len(present) < len(group):
+            raise PayloadError(
+                f"{where}: carries {[f.name for f in present]} without the rest of {[f.name for f in group]} (all or none)"
+            )
+        carried += present
     extra = sorted(set(payload.arrays) - names - {f.name for f in carried})
     if extra:
         raise PayloadError(f"{where}: unexpected arrays {extra}; '{schema.kind}' carries {sorted(names)}")

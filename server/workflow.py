@@ -289,7 +289,7 @@ class Protocol:
             **self.rounds.span(round_, self.cfg.fed.student_rounds),
             "evaluate": "val" if round_ > 1 and modality == Modality.WLI else "",
         }
-        arrays = dict(state.bank)
+        arrays = dict(state.bank) if self.distil else {}  # the bank goes only to a student that distils from it
         for plugin in self.plugins:
             arrays.update(plugin.request_arrays(self.rounds))
         return make(

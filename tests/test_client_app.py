@@ -22,6 +22,7 @@ from common.config import config_to_flat
 from common.data import SyntheticSiteSpec, write_image_folder
 from common.models import build_query_head, build_student, build_teacher
 from common.records import (
+    BANK_STATISTICS,
     CLASS_PROTOTYPES,
     PROTOCOL_VERSION,
     REPLY_KIND,
@@ -266,6 +267,16 @@ def test_student_train_on_wli_returns_changed_finite_weights(globals_, knowledge
     assert reply.config["ce"] > 0
     if use_bank:
         assert reply.config["den"] > 0, "with an NBI bank the GKD-Den term must be active"
+
+
+def test_a_student_request_without_the_bank_trains_unless_it_asks_to_distil(globals_):
+    """The bank is an optional group of student.train: a CE-only student gets none (its method does
+    not read it); a request that sets use-bank without it is refused by the site, named."""
+    plain = student_request(globals_, {}, use_bank=False)
+    assert not set(plain.arrays) & {f.name for f in BANK_STATISTICS}
+    assert send(plain, new_context(node(WLI))).kind == "student.update"
+    distil = student_request(globals_, {}, use_bank=True)
+    assert_error(send(distil, new_context(node(WLI))), "wli-0", "use-bank", "no bank")
 
 
 def _optimizer_steps(context: Context, role: str) -> int:

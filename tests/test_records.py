@@ -63,7 +63,7 @@ def valid_payload(kind: str, dims: Dims = DIMS, seed: int = 0) -> Payload:
     rng = np.random.default_rng(seed)
     return Payload(
         kind,
-        arrays={spec.name: _fill(spec, dims, rng) for spec in schema.arrays},
+        arrays={spec.name: _fill(spec, dims, rng) for spec in schema.every_array()},  # optional groups too
         config={
             key: SPECIAL_VALUES[key](dims) if key in SPECIAL_VALUES else CONFIG_VALUES[kind_] for key, kind_ in schema.config
         },
@@ -121,7 +121,7 @@ def test_dims_are_the_six_run_sizes():
 @pytest.mark.parametrize("kind", KINDS)
 def test_no_schema_has_a_per_image_dimension(kind):
     allowed = {f.name for f in dataclasses.fields(Dims)}
-    for spec in SCHEMAS[kind].arrays:
+    for spec in SCHEMAS[kind].every_array():  # optional arrays leave a site too
         assert spec.shape, f"{kind}.{spec.name} is a scalar"
         for dim in spec.shape:
             # Only the run's fixed sizes: never a literal or a name that could be an image count.
@@ -188,7 +188,7 @@ Corruption = Callable[[Payload], tuple[Payload, str]]
 
 
 def _first(kind: str, pred: Callable[[ArrayField], bool]) -> ArrayField | None:
-    return next((s for s in SCHEMAS[kind].arrays if pred(s)), None)
+    return next((s for s in SCHEMAS[kind].every_array() if pred(s)), None)
 
 
 def _cases() -> list[tuple[str, str, Any]]:
@@ -199,7 +199,7 @@ def _cases() -> list[tuple[str, str, Any]]:
         cases.append((kind, "extra_array", "bogus_array"))
         cases.append((kind, "extra_config", "bogus-key"))
         cases.append((kind, "wrong_weight_blocks", None))
-        for spec in schema.arrays:
+        for spec in schema.every_array():  # an optional array missing from its group is refused too
             cases.append((kind, "missing_array", spec.name))
             cases.append((kind, "wrong_dtype", spec.name))
             cases.append((kind, "wrong_shape", spec.name))
@@ -372,11 +372,11 @@ def test_referenced_weights_with_complex_dtype_are_refused():
 
 # --------------------------------------------------------------------------- fuzz
 
-_ARRAY_NAMES = sorted({s.name for schema in SCHEMAS.values() for s in schema.arrays})
+_ARRAY_NAMES = sorted({s.name for schema in SCHEMAS.values() for s in schema.every_array()})
 _CONFIG_KEYS = sorted({k for schema in SCHEMAS.values() for k, _ in schema.config})
 _BLOCKS = ["teacher", "student", "head", "net"]
 _DTYPES = [np.float32, np.float64, np.float16, np.int64, np.int32, np.uint8, np.bool_, np.complex64]
-_SHAPES = sorted({DIMS.resolve(s.shape) for schema in SCHEMAS.values() for s in schema.arrays})
+_SHAPES = sorted({DIMS.resolve(s.shape) for schema in SCHEMAS.values() for s in schema.every_array()})
 
 
 @st.composite
@@ -456,7 +456,7 @@ def test_fuzz_validate_raises_only_payload_error(capsys):
             outcomes["accepted"] += 1
             assert payload.kind in SCHEMAS
             # whatever is accepted is finite and well-typed
-            for spec in SCHEMAS[payload.kind].arrays:
+            for spec in (s for s in SCHEMAS[payload.kind].every_array() if s.name in payload.arrays):
                 array = payload.arrays[spec.name]
                 assert array.dtype == np.dtype(spec.dtype) and array.shape == DIMS.resolve(spec.shape)
                 if array.dtype.kind == "f":

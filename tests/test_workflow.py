@@ -396,6 +396,19 @@ def crash_on(grid: InProcessGrid, message_type: str, nth: int):
 RESUME_CFG = {"fed.student_rounds": 3, "train.keep_optimizer_state": False}
 
 
+def test_a_student_that_does_not_distil_is_sent_no_bank(full_run, tmp_path):
+    """A student message carries only what its method uses: the bank goes to students that
+    distil from it (the full run), not to a CE-only student (its requests are smaller by the bank)."""
+    distilling = [p for p in parsed(full_run["grid"].sent) if p.kind == "student.train"]
+    assert distilling and all(p.config["use-bank"] and "image_count" in p.arrays for p in distilling)
+    cfg = tiny_config(pagkd__use_pro=False, pagkd__use_den=False)
+    grid = make_grid(cfg)
+    summary = run_federation(grid, cfg, tmp_path / "run")
+    plain = [p for p in parsed(grid.sent) if p.kind == "student.train"]
+    assert plain and all(not p.config["use-bank"] and p.arrays == {} for p in plain)
+    assert summary.bytes["student"]["sent"] < full_run["summary"].bytes["student"]["sent"] - summary.bank_bytes
+
+
 @pytest.fixture(scope="module")
 def resumed(single_thread, tmp_path_factory):
     """A run that crashes in student round 2 (on the 2nd student.train to wli-0), then the same
