@@ -23,7 +23,7 @@ class Modality(StrEnum):
 
 
 class Phase(StrEnum):
-    """A step of the protocol (DESIGN.md section 3); the keys of metrics.json's per-phase lists
+    """A step of the protocol (docs/method.md, "The federated protocol"); the keys of metrics.json's per-phase lists
     and of each site's status."""
 
     DISCOVER = "discover"

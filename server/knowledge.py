@@ -1,4 +1,4 @@
-"""The server side of a knowledge refresh (DESIGN.md section 3, step 3); the site side is
+"""The server side of a knowledge refresh (docs/method.md, "The federated protocol"); the site side is
 :mod:`client.knowledge`.
 
 :meth:`KnowledgeRefresh.run`: the NBI sites send k-means seeds (their own cluster statistics),

@@ -1,4 +1,4 @@
-"""The FedPaGKD protocol (DESIGN.md section 3), over a Flower ``Grid``: :class:`Protocol`.
+"""The FedPaGKD protocol (docs/method.md, "The federated protocol"), over a Flower ``Grid``: :class:`Protocol`.
 
 :meth:`Protocol.run` reads like a strategy's ``start()``: discover -> teacher phase (NBI
 FedAvg, then the selected teacher) -> student phase (the first bank, student rounds against it
